@@ -1,0 +1,1 @@
+"""Configuration: YAML → typed models → one immutable compiled snapshot."""

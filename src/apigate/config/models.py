@@ -1,0 +1,300 @@
+"""Typed configuration: what a YAML file may say, validated before anything runs.
+
+Cross-field checks that need more than one model (upstream names, policy names and their
+configs) live in ``semantic_issues`` so that every problem is reported with its field path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from apigate.config.units import ByteSize, Duration
+
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+_PARAM = re.compile(r"^\{[A-Za-z_][A-Za-z0-9_]*\}$")
+_HOST = re.compile(r"^(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:\d+)?$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo must not silently disable a setting."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        return default
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    try:
+        return int(raw) if raw else default
+    except ValueError:
+        return default
+
+
+def check_http_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must be an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError("must name a host, for example http://127.0.0.1:9000")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as exc:
+        raise ValueError("has an invalid port") from exc
+    if parts.query or parts.fragment:
+        raise ValueError("must not carry a query string or fragment")
+    return url
+
+
+class ListenConfig(Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_short_form(cls, value: Any) -> Any:
+        """Accepts ``8000``, ``":8000"``, ``"127.0.0.1:8000"`` and ``"[::1]:8000"``."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {"port": value}
+        if isinstance(value, str) and value.strip().isdigit():
+            return {"port": int(value)}
+        if isinstance(value, str):
+            host, sep, port = value.rpartition(":")
+            if not sep or not port.isdigit():
+                raise ValueError("expected host:port, :port or a port number")
+            return {"host": host.strip("[]") or "0.0.0.0", "port": int(port)}
+        return value
+
+
+class TargetConfig(Strict):
+    url: str
+    weight: int = Field(default=1, ge=0, le=10000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_url(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+    _check_url = field_validator("url")(classmethod(lambda cls, v: check_http_url(v)))
+
+
+class PoolConfig(Strict):
+    max_connections: int = Field(default=512, ge=1, description="open connections per target")
+    idle_timeout: Duration = Field(default=60.0, description="idle pooled connections are closed after this")
+
+
+class UpstreamConfig(Strict):
+    targets: list[TargetConfig] = Field(min_length=1)
+    pool: PoolConfig = PoolConfig()
+
+
+class TimeoutsConfig(Strict):
+    connect: Duration = 5.0
+    read: Duration = Field(default=60.0, description="longest wait for the upstream's next bytes")
+    keepalive: Duration = Field(default=75.0, description="idle client connections are closed after this")
+    drain: Duration = Field(default=30.0, description="how long SIGTERM waits for in-flight requests")
+
+
+class LimitsConfig(Strict):
+    max_header_bytes: ByteSize = Field(default=32 * 1024, ge=1024)
+    max_body_size: ByteSize | None = Field(default=None, description="default request body limit")
+
+
+class EndpointsConfig(Strict):
+    """The built-in endpoints on the proxy listener (the seed's /health, /routes, /stats)."""
+
+    health: str | None = "/health"
+    routes: str | None = "/routes"
+    stats: str | None = "/stats"
+    token: SecretStr | None = Field(default=None, description="bearer token required for routes and stats")
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+
+class RouteConfig(Strict):
+    name: str | None = None
+    path: str
+    host: list[str] | None = None
+    methods: list[str] | None = None
+    headers: dict[str, str] | None = Field(default=None, description='header conditions; "*" = present')
+    target: str | None = None
+    upstream: str | None = None
+    strip_prefix: bool = False
+    rewrite: str | None = Field(default=None, description="upstream path template: {param}, {path}")
+    preserve_host: bool = False
+    timeout: Duration = Field(default_factory=lambda: _env_float("DEFAULT_TIMEOUT", 30.0))
+    retries: int = Field(default_factory=lambda: _env_int("MAX_RETRIES", 2), ge=0, le=10)
+    max_body_size: ByteSize | None = None
+    policies: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
+    # Shorthands from the seed's routes.yaml, mapped onto policies when those are available.
+    auth: str | None = None
+    rate_limit: str | None = None
+    cache: str | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError("must start with /")
+        segments = path.split("/")[1:]
+        for index, segment in enumerate(segments):
+            if "*" in segment and (segment != "*" or index != len(segments) - 1):
+                raise ValueError("* is allowed only as the whole last segment, as in /api/*")
+            if ("{" in segment or "}" in segment) and not _PARAM.match(segment):
+                raise ValueError(f"segment {segment!r} must be a whole parameter such as {{id}}")
+        names = [s[1:-1] for s in segments if _PARAM.match(s)]
+        if len(names) != len(set(names)):
+            raise ValueError("parameter names must be unique within a path")
+        return path
+
+    @field_validator("host", mode="before")
+    @classmethod
+    def _host_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("host")
+    @classmethod
+    def _check_hosts(cls, hosts: list[str] | None) -> list[str] | None:
+        if hosts is None:
+            return None
+        for host in hosts:
+            if not _HOST.match(host):
+                raise ValueError(f"{host!r} is not a host name or *.domain pattern")
+        return [h.lower() for h in hosts]
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _method_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("methods")
+    @classmethod
+    def _check_methods(cls, methods: list[str] | None) -> list[str] | None:
+        if methods is None:
+            return None
+        upper = [m.upper() for m in methods]
+        unknown = [m for m in upper if m not in HTTP_METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}")
+        return upper
+
+    @field_validator("headers")
+    @classmethod
+    def _check_header_names(cls, headers: dict[str, str] | None) -> dict[str, str] | None:
+        if headers is None:
+            return None
+        for name in headers:
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+        return {name.lower(): value for name, value in headers.items()}
+
+    @field_validator("target")
+    @classmethod
+    def _check_target(cls, target: str | None) -> str | None:
+        return None if target is None else check_http_url(target)
+
+    @field_validator("rewrite")
+    @classmethod
+    def _check_rewrite(cls, rewrite: str | None) -> str | None:
+        if rewrite is not None and not rewrite.startswith("/"):
+            raise ValueError("must start with /")
+        return rewrite
+
+    @model_validator(mode="after")
+    def _one_destination(self) -> RouteConfig:
+        if (self.target is None) == (self.upstream is None):
+            raise ValueError("a route needs exactly one of target or upstream")
+        if self.strip_prefix and not self.path.endswith("/*"):
+            raise ValueError("strip_prefix applies to prefix paths ending in /*")
+        if self.rewrite:
+            known = {s[1:-1] for s in self.path.split("/") if _PARAM.match(s)} | {"path"}
+            for name in re.findall(r"\{([^}]*)\}", self.rewrite):
+                if name not in known:
+                    raise ValueError(f"rewrite uses {{{name}}}, which the path does not define")
+        return self
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.path
+
+
+class GatewayConfig(Strict):
+    listen: ListenConfig = Field(default_factory=lambda: ListenConfig(port=_env_int("PORT", 8000)))
+    workers: int = Field(default=1, ge=1, le=256)
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    endpoints: EndpointsConfig = EndpointsConfig()
+    upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
+    policies: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
+    routes: list[RouteConfig] = Field(default_factory=list)
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _strict_networks(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [ipaddress.ip_network(v, strict=False) if isinstance(v, str) else v for v in value]
+        return value
+
+
+class ConfigIssue(BaseModel):
+    """One problem with a config, located by its field path (and line, once the loader knows it)."""
+
+    loc: tuple[str | int, ...]
+    message: str
+    line: int | None = None
+
+    def path(self) -> str:
+        out = ""
+        for part in self.loc:
+            out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        return out or "(top level)"
+
+    def __str__(self) -> str:
+        where = f"line {self.line}: " if self.line else ""
+        return f"{where}{self.path()}: {self.message}"
+
+
+def semantic_issues(config: GatewayConfig) -> list[ConfigIssue]:
+    """Checks that span models: upstream references, route names, policy names and configs."""
+    from apigate.policies.registry import validate_policy_config
+
+    issues: list[ConfigIssue] = []
+    seen_names: dict[str, int] = {}
+    for index, route in enumerate(config.routes):
+        loc: tuple[str | int, ...] = ("routes", index)
+        if route.upstream is not None and route.upstream not in config.upstreams:
+            issues.append(
+                ConfigIssue(loc=(*loc, "upstream"), message=f"no upstream named {route.upstream!r}")
+            )
+        if route.name is not None:
+            if route.name in seen_names:
+                issues.append(
+                    ConfigIssue(
+                        loc=(*loc, "name"),
+                        message=f"route name {route.name!r} is already used by "
+                        f"routes[{seen_names[route.name]}]",
+                    )
+                )
+            seen_names.setdefault(route.name, index)
+        for name, raw in route.policies.items():
+            issues.extend(validate_policy_config(name, raw, (*loc, "policies", name)))
+    for name, raw in config.policies.items():
+        issues.extend(validate_policy_config(name, raw, ("policies", name)))
+    return issues

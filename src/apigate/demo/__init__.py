@@ -1,0 +1,1 @@
+"""The embedded demo: a bundled example config and a tiny upstream, so `apigate run` answers at once."""

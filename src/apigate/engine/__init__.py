@@ -1,0 +1,1 @@
+"""The data plane: listener, exchanges, upstream pool and router. Knows no policy."""

@@ -1,0 +1,303 @@
+"""The client side: one asyncio Protocol per accepted connection, parsing with llhttp (httptools).
+
+Pipelined requests are parsed as they arrive but answered strictly in order: the first
+exchange in ``queue`` is active, later ones wait (their bodies buffered, reading paused).
+Flow control is a set of pause reasons so that independent causes never resume each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+from apigate.engine import wire
+from apigate.engine.exchange import Exchange
+
+if TYPE_CHECKING:
+    from apigate.engine.server import Gateway
+
+
+class HeadersTooLarge(Exception):
+    pass
+
+
+class ClientConnection(asyncio.Protocol):
+    PAUSE_BODY = 1  # request body waiting for an upstream connection
+    PAUSE_PIPELINE = 2  # a pipelined request waits behind the active one
+    PAUSE_UPSTREAM = 4  # the upstream socket is not taking more request body
+
+    __slots__ = (
+        "closed",
+        "draining",
+        "gateway",
+        "header_bytes",
+        "headers",
+        "last_activity",
+        "parser",
+        "parsing",
+        "peer_ip",
+        "peer_ip_bytes",
+        "peer_trusted",
+        "queue",
+        "read_pauses",
+        "transport",
+        "tunnel",
+        "url",
+        "write_paused",
+    )
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: deque[Exchange] = deque()
+        self.parsing: Exchange | None = None
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.header_bytes = 0
+        self.read_pauses = 0
+        self.write_paused = False
+        self.closed = False
+        self.draining = gateway.draining
+        self.tunnel: Exchange | None = None
+        self.peer_ip = ""
+        self.peer_ip_bytes = b""
+        self.peer_trusted = False
+        self.last_activity = time.monotonic()
+
+    # -- transport events ------------------------------------------------------------------------
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
+        self.peer_ip_bytes = self.peer_ip.encode()
+        self.peer_trusted = self.gateway.is_trusted(self.peer_ip)
+        self.gateway.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.gateway.connections.discard(self)
+        tunnel = self.tunnel
+        if tunnel is not None:
+            self.tunnel = None
+            tunnel.abort()
+        while self.queue:
+            exchange = self.queue.popleft()
+            if not exchange.finished:
+                exchange.abort()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        if self.tunnel is not None:
+            self.tunnel.tunnel_to_upstream(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            exchange = self.parsing
+            rest = data[upgrade.args[0] :]
+            if exchange is not None:
+                self.parsing = None
+                exchange.request_done = True
+                self.tunnel = exchange
+                if rest:
+                    exchange.tunnel_to_upstream(rest)
+                # Nothing is parsed on this connection after an upgrade request.
+                self.set_read_paused(self.PAUSE_PIPELINE, True)
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, HeadersTooLarge):
+                self.refuse(431, "request headers are too large")
+            else:
+                self.refuse(400, "malformed HTTP request")
+
+    def eof_received(self) -> bool:
+        # A half-closed client may still wait for its answers; keep the socket open for them.
+        return bool(self.queue)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        exchange = self.tunnel or (self.queue[0] if self.queue else None)
+        if exchange is not None and exchange.upstream is not None:
+            exchange.upstream.pause_reading(True)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        exchange = self.tunnel or (self.queue[0] if self.queue else None)
+        if exchange is not None and exchange.upstream is not None:
+            exchange.upstream.pause_reading(False)
+
+    # -- llhttp callbacks ---------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.header_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.header_bytes += len(url)
+        if self.header_bytes > self.gateway.max_header_bytes:
+            raise HeadersTooLarge
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > self.gateway.max_header_bytes:
+            raise HeadersTooLarge
+        self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        method = wire.METHODS.get(parser.get_method())
+        path, query = split_target(self.url)
+        exchange = Exchange(
+            self,
+            method or parser.get_method().decode("latin-1"),
+            path or "/",
+            query,
+            self.headers,
+            parser.get_http_version(),
+            parser.should_keep_alive(),
+            parser.should_upgrade(),
+        )
+        self.parsing = exchange
+        self.queue.append(exchange)
+        if method is None or path is None:
+            exchange.close_after = True
+            if len(self.queue) == 1:
+                exchange.fail(400 if path is None else 501, "unsupported request target or method")
+            return
+        if len(self.queue) == 1:
+            exchange.begin()
+        else:
+            self.set_read_paused(self.PAUSE_PIPELINE, True)
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.parsing
+        if exchange is not None and not exchange.finished:
+            exchange.on_request_body(body)
+
+    def on_message_complete(self) -> None:
+        exchange = self.parsing
+        self.parsing = None
+        if exchange is not None:
+            exchange.on_request_end()
+            if (
+                exchange.finished
+                and exchange.close_after is False
+                and self.queue
+                and self.queue[0] is exchange
+            ):
+                self._next()
+
+    # -- used by exchanges ----------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def set_read_paused(self, reason: int, paused: bool) -> None:
+        before = self.read_pauses
+        after = before | reason if paused else before & ~reason
+        self.read_pauses = after
+        if self.closed or self.transport is None:
+            return
+        if before == 0 and after != 0:
+            self.transport.pause_reading()
+        elif before != 0 and after == 0:
+            self.transport.resume_reading()
+
+    def start_tunnel(self, exchange: Exchange) -> None:
+        self.tunnel = exchange
+        self.set_read_paused(self.PAUSE_PIPELINE, False)
+
+    def exchange_finished(self, exchange: Exchange) -> None:
+        if exchange is self.tunnel:
+            self.tunnel = None
+            self.close()
+            return
+        if exchange.close_after or (self.draining and len(self.queue) <= 1):
+            self.close()
+            return
+        if exchange is self.parsing:
+            return  # its request body is still arriving; _next runs when it is complete
+        if self.queue and self.queue[0] is exchange:
+            self._next()
+
+    def _next(self) -> None:
+        self.queue.popleft()
+        if self.queue:
+            following = self.queue[0]
+            if len(self.queue) == 1:
+                self.set_read_paused(self.PAUSE_PIPELINE, False)
+            following.begin()
+        else:
+            self.set_read_paused(self.PAUSE_PIPELINE, False)
+
+    def refuse(self, status: int, message: str) -> None:
+        """A request that cannot be parsed: answer once and close, as nothing after it can be trusted."""
+        if self.closed:
+            return
+        active = self.queue[0] if self.queue else None
+        if active is not None and not active.finished:
+            # Earlier requests still get their answers; the bad one ends the connection after them.
+            self.parser = httptools.HttpRequestParser(self)
+            self.set_read_paused(self.PAUSE_PIPELINE, True)
+            active.close_after = True
+            return
+        self.gateway.stats.count_error(status)
+        request_id = self.gateway.next_request_id()
+        body = wire.error_body(message, request_id)
+        self.write(
+            wire.status_line(status)
+            + b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body)
+            + b"x-request-id: %s\r\nconnection: close\r\n\r\n" % request_id.encode()
+            + body
+        )
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def idle(self) -> bool:
+        return not self.queue and self.tunnel is None
+
+
+def split_target(url: bytes) -> tuple[str | None, bytes]:
+    """Path and query of a request target; None for a target the gateway does not accept.
+
+    Dot segments and percent-encoded dots are resolved before routing, so that
+    ``/public/../admin`` cannot reach a route that ``/admin`` would not.
+    """
+    if url[:1] != b"/":
+        if url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
+            parsed = httptools.parse_url(url)
+            url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
+        else:
+            return None, b""
+    path, _, query = url.partition(b"?")
+    text = path.decode("latin-1")
+    if "%" in text or "/." in text or "//" in text:
+        text = normalize_path(text)
+    return text, query
+
+
+def normalize_path(path: str) -> str:
+    """RFC 3986 §5.2.4 dot-segment removal after decoding %2E/%2F-free unreserved escapes; // collapsed."""
+    decoded = path.replace("%2e", ".").replace("%2E", ".")
+    output: list[str] = []
+    for segment in decoded.split("/"):
+        if segment == "..":
+            if output:
+                output.pop()
+        elif segment not in (".", ""):
+            output.append(segment)
+    result = "/" + "/".join(output)
+    if decoded.endswith(("/", "/.", "/..")) and result != "/":
+        result += "/"
+    return result

@@ -1,0 +1,611 @@
+"""One request and its response, from the client's head to the last byte back.
+
+An Exchange is what policies see: method, path, headers, client IP, route, params, and a
+``state`` dict for policies to talk to each other. It also drives the proxying: it picks a
+target, borrows a pooled upstream connection, streams the body both ways with backpressure,
+retries when that is safe, and turns failures into JSON errors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from apigate.engine import wire
+from apigate.engine.router import MethodNotAllowed
+from apigate.engine.upstream import PoolTimeout, UpstreamConnection
+
+if TYPE_CHECKING:
+    from apigate.config.compile import CompiledRoute, Snapshot, Target
+    from apigate.engine.client import ClientConnection
+
+# Request headers the proxy regenerates or consumes itself, besides the hop-by-hop ones.
+_REQUEST_OWN = wire.HOP_BY_HOP | {
+    b"host",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-request-id",
+    b"expect",
+}
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+# A body this small is kept so the request can be replayed on another connection.
+REPLAY_LIMIT = 64 * 1024
+# Pending request body above this pauses reading from the client until the upstream takes it.
+BODY_HIGH_WATER = 256 * 1024
+
+
+class Reply:
+    """An answer made by the gateway itself (an error, a policy's early answer, a built-in endpoint)."""
+
+    __slots__ = ("body", "content_type", "headers", "status")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: list[tuple[bytes, bytes]] | None = None,
+        content_type: bytes = b"application/json",
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers or []
+        self.content_type = content_type
+
+
+def json_reply(status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None) -> Reply:
+    return Reply(status, orjson.dumps(payload), headers)
+
+
+class ProxyError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Exchange:
+    __slots__ = (
+        "attempt",
+        "body_pending",
+        "body_pending_size",
+        "body_replay",
+        "bytes_in",
+        "bytes_out",
+        "client",
+        "client_ip",
+        "close_after",
+        "connection_tokens",
+        "consumer",
+        "content_length",
+        "deadline",
+        "expect_continue",
+        "finished",
+        "forwarded_host",
+        "forwarded_proto",
+        "headers",
+        "host",
+        "keep_alive",
+        "last_activity",
+        "method",
+        "params",
+        "path",
+        "prefix",
+        "query",
+        "remainder",
+        "request_chunked",
+        "request_done",
+        "request_id",
+        "response_chunked",
+        "response_headers",
+        "response_started",
+        "response_status",
+        "response_until_eof",
+        "reused",
+        "route",
+        "snapshot",
+        "state",
+        "t_connected",
+        "t_end",
+        "t_first_byte",
+        "t_start",
+        "target",
+        "tenant",
+        "upgrade",
+        "upstream",
+        "upstream_keep_alive",
+        "version",
+        "xff",
+    )
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        method: str,
+        path: str,
+        query: bytes,
+        headers: list[tuple[bytes, bytes]],
+        version: str,
+        keep_alive: bool,
+        upgrade: bool,
+    ) -> None:
+        self.client = client
+        self.snapshot: Snapshot = client.gateway.snapshot
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.version = version
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.t_start = time.monotonic()
+        self.t_connected = self.t_first_byte = self.t_end = 0.0
+        self.last_activity = self.t_start
+        self.deadline = 0.0
+        self.state: dict[str, Any] | None = None
+        self.consumer: Any = None
+        self.tenant: str | None = None
+        self.route: CompiledRoute | None = None
+        self.params: dict[str, str] = {}
+        self.remainder = self.prefix = None
+        self.target: Target | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.attempt = 0
+        self.reused = False
+        self.body_pending: list[bytes] = []
+        self.body_pending_size = 0
+        self.body_replay: list[bytes] | None = []
+        self.bytes_in = self.bytes_out = 0
+        self.request_done = False
+        self.response_started = False
+        self.response_status = 0
+        self.response_headers: list[tuple[bytes, bytes]] = []
+        self.response_chunked = False
+        self.response_until_eof = False
+        self.upstream_keep_alive = False
+        self.close_after = False
+        self.finished = False
+
+        # One pass over the headers for what the proxy itself needs.
+        host = xff = rid = proto = fwd_host = None
+        content_length: int | None = None
+        chunked = expect = False
+        tokens: set[bytes] | None = None
+        for name, value in headers:
+            if name == b"host":
+                host = value
+            elif name == b"content-length":
+                content_length = int(value)  # llhttp already refused malformed and conflicting ones
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"x-forwarded-for":
+                xff = value if xff is None else xff + b", " + value
+            elif name == b"x-request-id":
+                rid = value
+            elif name == b"expect":
+                expect = value.lower() == b"100-continue"
+            elif name == b"connection":
+                found = wire.connection_tokens(value)
+                tokens = found if tokens is None else tokens | found
+            elif name == b"x-forwarded-proto":
+                proto = value
+            elif name == b"x-forwarded-host":
+                fwd_host = value
+        self.host = host.decode("latin-1") if host is not None else None
+        self.content_length = content_length
+        self.request_chunked = chunked
+        self.expect_continue = expect and version == "1.1"
+        self.connection_tokens = tokens
+        self.xff = xff
+        gateway = client.gateway
+        self.request_id = (
+            rid.decode("latin-1") if rid is not None and _sane_id(rid) else gateway.next_request_id()
+        )
+        trusted = client.peer_trusted
+        self.client_ip = (
+            gateway.client_ip_from(client.peer_ip, xff, self.snapshot) if trusted and xff else client.peer_ip
+        )
+        self.forwarded_proto = proto if trusted and proto else b"http"
+        self.forwarded_host = fwd_host if trusted and fwd_host else host
+
+    # -- what policies use ---------------------------------------------------------------------
+    def header(self, name: bytes) -> bytes | None:
+        """First value of a request header; ``name`` in lowercase."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def vars(self) -> dict[str, Any]:
+        """Per-request scratch space shared by policies (allocated on first use)."""
+        if self.state is None:
+            self.state = {}
+        return self.state
+
+    # -- request phase ---------------------------------------------------------------------------
+    def begin(self) -> None:
+        """Route, run request policies, then go upstream. Called when this exchange is first in line."""
+        snapshot = self.snapshot
+        builtin = self.client.gateway.builtins.get(self.path)
+        if builtin is not None and self.method in ("GET", "HEAD"):
+            self.reply(builtin(self))
+            return
+        match = snapshot.router.match(self.method, self.path, self.host, self.headers)
+        if match is None:
+            self.fail(404, "no route matches this request")
+            return
+        if isinstance(match, MethodNotAllowed):
+            allow = ", ".join(match.allowed).encode()
+            self.reply(
+                Reply(405, wire.error_body("method not allowed", self.request_id), [(b"allow", allow)])
+            )
+            return
+        route: CompiledRoute = match.payload  # type: ignore[assignment]
+        self.route = route
+        self.params = match.params
+        self.remainder = match.remainder
+        self.prefix = match.prefix
+        limit = route.max_body_size
+        if limit is not None and self.content_length is not None and self.content_length > limit:
+            self.close_after = True
+            self.fail(413, f"request body exceeds the route's limit of {limit} bytes")
+            return
+        if route.request_hooks_async:
+            self.client.gateway.spawn(self._run_request_hooks_async(route))
+            return
+        for hook in route.request_hooks:
+            early = hook(self)
+            if early is not None:
+                self.reply(early)
+                return
+        self.go_upstream()
+
+    async def _run_request_hooks_async(self, route: CompiledRoute) -> None:
+        try:
+            for hook in route.request_hooks:
+                early = hook(self)
+                if isinstance(early, Awaitable):
+                    early = await early
+                if early is not None:
+                    self.reply(early)
+                    return
+        except Exception:
+            self.client.gateway.log_exception("policy failed", self)
+            self.fail(500, "a policy failed while handling this request")
+            return
+        if not self.finished and not self.client.closed:
+            self.go_upstream()
+
+    def go_upstream(self) -> None:
+        if self.expect_continue and not self.request_done:
+            self.client.write(wire.CONTINUE_100)
+        route = self.route
+        assert route is not None
+        target = route.upstream.pick(self.target if self.attempt else None)
+        self.target = target
+        self.attempt += 1
+        conn = target.pool.take_idle()
+        if conn is not None:
+            self.attach(conn, reused=True)
+        else:
+            self.client.gateway.spawn(self._connect(target))
+
+    async def _connect(self, target: Target) -> None:
+        timeouts = self.snapshot.config.timeouts
+        try:
+            conn = await target.pool.connect(timeouts.connect)
+        except (PoolTimeout, TimeoutError):
+            self.retry_or_fail(504, "upstream connect timed out")
+            return
+        except OSError:
+            self.retry_or_fail(502, "upstream refused the connection or could not be resolved")
+            return
+        if self.finished or self.client.closed:
+            target.pool.release(conn)
+            return
+        self.attach(conn, reused=False)
+
+    def retry_or_fail(self, status: int, message: str, sent: bool = False) -> None:
+        """Try again on another connection when that cannot repeat a side effect, else answer an error.
+
+        A request that never reached an upstream is always safe to retry; one that was sent is
+        retried only when its method is idempotent (RFC 9110 §9.2.2). A pooled connection that
+        the upstream had closed while idle fails before answering and does not use up a retry.
+        """
+        route = self.route
+        if sent and self.reused:
+            self.attempt -= 1
+        if (
+            route is not None
+            and not self.response_started
+            and self.attempt <= route.retries
+            and self.body_replay is not None
+            and not self.finished
+            and (not sent or self.method in _IDEMPOTENT)
+        ):
+            self.client.gateway.stats.retries += 1
+            self.go_upstream()
+            return
+        self.fail(status, message)
+
+    def attach(self, conn: UpstreamConnection, reused: bool) -> None:
+        self.upstream = conn
+        conn.exchange = self
+        conn.head_only = self.method == "HEAD"
+        now = time.monotonic()
+        self.t_connected = now
+        self.last_activity = now
+        route = self.route
+        assert route is not None
+        self.deadline = self.t_start + route.timeout
+        self.client.gateway.active.add(self)
+        head = self._upstream_head(route)
+        self.reused = reused
+        replay = self.body_replay
+        # A retry resends the whole kept body; a first attempt sends what arrived so far.
+        body = b"".join(replay if self.attempt > 1 and replay is not None else self.body_pending)
+        self.body_pending = []
+        self.body_pending_size = 0
+        if self.request_chunked and body:
+            body = wire.chunk(body)
+        if self.request_chunked and self.request_done:
+            body += wire.LAST_CHUNK
+        conn.send(head + body if body else head)
+        self.client.set_read_paused(self.client.PAUSE_BODY, False)
+
+    def _upstream_head(self, route: CompiledRoute) -> bytes:
+        target = self.target
+        assert target is not None
+        path = route.upstream_path(self.path, self.params, self.remainder, self.prefix)
+        if self.query:
+            path = f"{path}?{self.query.decode('latin-1')}"
+        host = self.host.encode("latin-1") if route.preserve_host and self.host else target.host_header
+        out = [
+            b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (self.method.encode(), path.encode("latin-1"), host),
+        ]
+        tokens = self.connection_tokens
+        for name, value in self.headers:
+            if name in _REQUEST_OWN or (tokens is not None and name in tokens):
+                continue
+            out.append(b"%s: %s\r\n" % (name, value))
+        peer = self.client.peer_ip_bytes
+        xff = self.xff + b", " + peer if self.xff else peer
+        out.append(
+            b"x-forwarded-for: %s\r\nx-forwarded-proto: %s\r\n"
+            b"via: 1.1 apigate\r\nx-request-id: %s\r\n"
+            % (xff, self.forwarded_proto, self.request_id.encode())
+        )
+        if self.forwarded_host is not None:
+            out.append(b"x-forwarded-host: %s\r\n" % self.forwarded_host)
+        if self.upgrade:
+            out.append(b"connection: upgrade\r\nupgrade: %s\r\n" % (self.header(b"upgrade") or b""))
+        elif self.request_chunked:
+            out.append(b"transfer-encoding: chunked\r\n")
+        out.append(b"\r\n")
+        return b"".join(out)
+
+    # -- request body from the client ---------------------------------------------------------------
+    def on_request_body(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        route = self.route
+        if route is not None and route.max_body_size is not None and self.bytes_in > route.max_body_size:
+            self.close_after = True
+            self.fail(413, f"request body exceeds the route's limit of {route.max_body_size} bytes")
+            return
+        replay = self.body_replay
+        if replay is not None:
+            if self.bytes_in <= REPLAY_LIMIT:
+                replay.append(data)
+            else:
+                self.body_replay = None
+        conn = self.upstream
+        if conn is not None and not self.finished:
+            conn.send(wire.chunk(data) if self.request_chunked else data)
+            return
+        self.body_pending.append(data)
+        self.body_pending_size += len(data)
+        if self.body_pending_size > BODY_HIGH_WATER:
+            self.client.set_read_paused(self.client.PAUSE_BODY, True)
+
+    def on_request_end(self) -> None:
+        self.request_done = True
+        conn = self.upstream
+        if conn is not None and self.request_chunked and not self.finished and not self.upgrade:
+            conn.send(wire.LAST_CHUNK)
+
+    def upstream_write_paused(self, paused: bool) -> None:
+        self.client.set_read_paused(self.client.PAUSE_UPSTREAM, paused)
+
+    # -- response from the upstream -------------------------------------------------------------------
+    def upstream_activity(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+        self.t_first_byte = time.monotonic()
+        self.response_status = status
+        self.upstream_keep_alive = keep_alive
+        client = self.client
+        tokens: set[bytes] | None = None
+        length_known = False
+        chunked = False
+        kept: list[tuple[bytes, bytes]] = []
+        for pair in headers:
+            name = pair[0]
+            if name in wire.HOP_BY_HOP:
+                if name == b"connection":
+                    tokens = wire.connection_tokens(pair[1])
+                elif name == b"transfer-encoding":
+                    chunked = True
+                continue
+            if name == b"content-length":
+                length_known = True
+            kept.append(pair)
+        if tokens:
+            kept = [pair for pair in kept if pair[0] not in tokens]
+        kept.append((b"x-request-id", self.request_id.encode()))
+        self.response_headers = kept
+        route = self.route
+        if route is not None:
+            for hook in route.response_hooks:
+                hook(self)
+        no_body = self.method == "HEAD" or status in (204, 304)
+        if status == 101:
+            out = [wire.status_line(101), wire.serialize_headers(self.response_headers)]
+            out.append(b"connection: upgrade\r\nupgrade: %s\r\n\r\n" % (self.header(b"upgrade") or b""))
+            self.response_started = True
+            client.write(b"".join(out))
+            client.start_tunnel(self)
+            return
+        if self.upgrade:  # the upstream declined the upgrade: answer, then close
+            self.close_after = True
+        self.response_until_eof = not length_known and not chunked and not no_body
+        trailer = b""
+        if (chunked or self.response_until_eof) and not no_body:
+            if self.version == "1.1":
+                self.response_chunked = True
+                trailer = b"transfer-encoding: chunked\r\n"
+            else:
+                self.close_after = True  # an HTTP/1.0 client learns the end by the close
+        if self.close_after or not self.keep_alive or client.draining:
+            trailer += b"connection: close\r\n"
+            self.close_after = True
+        elif self.version == "1.0":
+            trailer += b"connection: keep-alive\r\n"
+        self.response_started = True
+        client.write(
+            wire.status_line(status) + wire.serialize_headers(self.response_headers) + trailer + b"\r\n"
+        )
+
+    def on_response_body(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.client.write(wire.chunk(data) if self.response_chunked else data)
+
+    def on_response_end(self) -> None:
+        if self.finished:
+            return
+        if self.response_chunked:
+            self.client.write(wire.LAST_CHUNK)
+        conn = self.upstream
+        self.upstream = None
+        if conn is not None:
+            if self.upstream_keep_alive and self.request_done and not self.response_until_eof:
+                conn.pool.release(conn)
+            else:
+                conn.exchange = None
+                conn.close()
+        self.finish()
+
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        if self.upstream is not conn or self.finished:
+            return
+        self.upstream = None
+        if self.response_started:
+            if self.response_until_eof:
+                self.on_response_end()
+            else:
+                self.abort()
+            return
+        self.retry_or_fail(502, "upstream closed the connection before answering", sent=True)
+
+    def upstream_protocol_error(self, conn: UpstreamConnection) -> None:
+        self.upstream = None
+        conn.exchange = None
+        if self.response_started:
+            self.abort()
+        else:
+            self.fail(502, "upstream sent an invalid HTTP response")
+
+    def timed_out(self, now: float) -> None:
+        self.client.gateway.stats.timeouts += 1
+        if self.response_started:
+            self.abort()
+        else:
+            self.fail(504, "upstream timed out")
+
+    # -- websocket and other upgrades ----------------------------------------------------------------
+    def tunnel_to_client(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        self.client.write(data)
+
+    def tunnel_to_upstream(self, data: bytes) -> None:
+        conn = self.upstream
+        if conn is not None:
+            self.last_activity = time.monotonic()
+            conn.send(data)
+        else:
+            self.body_pending.append(data)
+
+    # -- endings ---------------------------------------------------------------------------------------
+    def reply(self, reply: Reply) -> None:
+        """Send a response the gateway made itself."""
+        if self.finished:
+            return
+        self.response_status = reply.status
+        self.response_headers = [*reply.headers, (b"x-request-id", self.request_id.encode())]
+        if self.route is not None:
+            for hook in self.route.response_hooks:
+                hook(self)
+        if not self.request_done:
+            # Unread request body would be taken for the next request: close instead.
+            self.close_after = True
+        closing = self.close_after or not self.keep_alive or self.client.draining
+        body = b"" if self.method == "HEAD" else reply.body
+        head = (
+            wire.status_line(reply.status)
+            + b"content-type: %s\r\ncontent-length: %d\r\n" % (reply.content_type, len(reply.body))
+            + wire.serialize_headers(self.response_headers)
+            + (b"connection: close\r\n\r\n" if closing else b"\r\n")
+        )
+        self.close_after = closing
+        self.response_started = True
+        self.bytes_out += len(body)
+        self.client.write(head + body)
+        self.finish()
+
+    def fail(self, status: int, message: str) -> None:
+        """Answer with a JSON error if nothing was sent yet; otherwise cut the connection."""
+        conn = self.upstream
+        if conn is not None:
+            self.upstream = None
+            conn.exchange = None
+            conn.close()
+        if self.response_started:
+            self.abort()
+            return
+        self.client.gateway.stats.count_error(status)
+        self.reply(Reply(status, wire.error_body(message, self.request_id)))
+
+    def abort(self) -> None:
+        """The response cannot be completed: close both sides so the client sees a truncated reply."""
+        conn = self.upstream
+        if conn is not None:
+            self.upstream = None
+            conn.exchange = None
+            conn.close()
+        self.close_after = True
+        self.finish()
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.t_end = time.monotonic()
+        gateway = self.client.gateway
+        gateway.active.discard(self)
+        gateway.stats.count(self)
+        route = self.route
+        if route is not None:
+            for hook in route.log_hooks:
+                try:
+                    hook(self)
+                except Exception:
+                    gateway.log_exception("log hook failed", self)
+        self.client.exchange_finished(self)
+
+
+def _sane_id(value: bytes) -> bool:
+    """Propagate a client's request id only if it is short printable ASCII (it ends up in logs)."""
+    return 0 < len(value) <= 200 and all(33 <= b < 127 for b in value)

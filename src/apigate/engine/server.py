@@ -1,0 +1,135 @@
+"""The gateway in one process: the listener, the current snapshot, pools, counters and timers.
+
+Reload swaps ``snapshot`` (one reference); exchanges keep the snapshot they started with.
+Timeouts are checked by one periodic sweep instead of a timer per request, which keeps the
+hot path free of timer handles; their resolution is ``SWEEP_INTERVAL``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from apigate.config.compile import Snapshot, compile_snapshot
+from apigate.config.models import GatewayConfig
+from apigate.engine import builtin
+from apigate.engine.client import ClientConnection
+from apigate.engine.exchange import Exchange, Reply
+from apigate.engine.stats import Stats
+from apigate.engine.upstream import PoolManager
+
+log = logging.getLogger("apigate")
+
+SWEEP_INTERVAL = 0.1
+SLOW_SWEEP_EVERY = 10  # pools and idle clients are checked once a second
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop or asyncio.get_running_loop()
+        self.pools = PoolManager(self.loop)
+        self.stats = Stats()
+        self.connections: set[ClientConnection] = set()
+        self.active: set[Exchange] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.draining = False
+        self.server: asyncio.AbstractServer | None = None
+        self._id_prefix = os.urandom(8).hex()
+        self._id_counter = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweeps = 0
+        self.snapshot: Snapshot
+        self.builtins: dict[str, Callable[[Exchange], Reply]] = {}
+        self.max_header_bytes = 0
+        self.apply(config)
+
+    # -- configuration ------------------------------------------------------------------------------
+    def apply(self, config: GatewayConfig) -> None:
+        """Compile and swap in a new config; raises (and keeps the old one) if compiling fails."""
+        snapshot = compile_snapshot(config, self.pools)
+        self.snapshot = snapshot
+        self.builtins = builtin.endpoints(self, snapshot)
+        self.max_header_bytes = config.limits.max_header_bytes
+        for name, inactive in snapshot.inactive.items():
+            log.warning(
+                "route %s: %s not active yet (no such policy in this version)", name, ", ".join(inactive)
+            )
+
+    def is_trusted(self, ip: str) -> bool:
+        proxies = self.snapshot.trusted_proxies
+        if not proxies:
+            return False
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in network for network in proxies)
+
+    def client_ip_from(self, peer: str, xff: bytes, snapshot: Snapshot) -> str:
+        """The first address from the right of X-Forwarded-For that is not a trusted proxy."""
+        hops = [h.strip() for h in xff.decode("latin-1").split(",") if h.strip()]
+        for hop in reversed(hops):
+            try:
+                address = ipaddress.ip_address(hop)
+            except ValueError:
+                return peer  # a forged or broken entry: trust nothing left of it
+            if not any(address in network for network in snapshot.trusted_proxies):
+                return hop
+        return hops[0] if hops else peer
+
+    def next_request_id(self) -> str:
+        self._id_counter += 1
+        return f"{self._id_prefix}{self._id_counter:016x}"
+
+    # -- running ---------------------------------------------------------------------------------
+    async def serve(self, sock: socket.socket) -> None:
+        self.server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=2048)
+        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def log_exception(self, message: str, exchange: Exchange | None = None) -> None:
+        request_id = exchange.request_id if exchange is not None else "-"
+        log.exception("%s (request %s)", message, request_id)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        read_timeout = self.snapshot.config.timeouts.read
+        for exchange in list(self.active):
+            if now > exchange.deadline or now - exchange.last_activity > read_timeout:
+                exchange.timed_out(now)
+        self._sweeps += 1
+        if self._sweeps % SLOW_SWEEP_EVERY == 0:
+            self.pools.sweep(now)
+            keepalive = self.snapshot.config.timeouts.keepalive
+            for conn in list(self.connections):
+                if conn.idle() and now - conn.last_activity > keepalive:
+                    conn.close()
+        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, let in-flight requests finish (up to ``timeout``), then close everything."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            conn.draining = True
+            if conn.idle():
+                conn.close()
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self.pools.close_idle()

@@ -1,0 +1,52 @@
+"""What a policy is: a config model, a name, an order and hooks for the phases of a request.
+
+The engine calls only the hooks a policy overrides, so an unused phase costs nothing.
+Phases, in the order a request meets them:
+
+- ``on_request(exchange)``: after the route matched, before the upstream is chosen. Returns
+  ``None`` to continue or a ``Reply`` to answer early (401, 429, a cached response...). May be
+  ``async def`` when it must await (a Redis decision, a JWKS fetch, a leaky-bucket delay).
+- ``on_response(exchange)``: the upstream's status and headers arrived; edit
+  ``exchange.response_headers`` before they are sent. Runs in reverse order.
+- ``on_log(exchange)``: the exchange is finished (status, timings, bytes are known).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    from apigate.engine.exchange import Exchange, Reply
+
+
+class PolicyConfig(BaseModel):
+    """Base for policy config models: unknown keys are errors, values are frozen once compiled."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Policy:
+    name: ClassVar[str]
+    order: ClassVar[int]
+    """Request hooks run in ascending order (auth ~1000, limits ~2000, transforms ~5000)."""
+    Config: ClassVar[type[PolicyConfig]]
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def on_request(self, exchange: Exchange) -> Reply | Awaitable[Reply | None] | None:
+        return None
+
+    def on_response(self, exchange: Exchange) -> None:
+        return None
+
+    def on_log(self, exchange: Exchange) -> None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """What /routes shows of this policy; secrets stay masked."""
+        return self.config.model_dump(mode="json")

@@ -1,0 +1,52 @@
+"""Policies registered by name. Adding a policy means adding a module and one line to BUILTIN."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from pydantic import ValidationError
+
+from apigate.config.models import ConfigIssue
+from apigate.policies.base import Policy
+
+# Modules that define the built-in policies; each registers itself on import.
+BUILTIN = ("apigate.policies.headers",)
+
+_registry: dict[str, type[Policy]] = {}
+
+
+def register(cls: type[Policy]) -> type[Policy]:
+    if cls.name in _registry and _registry[cls.name] is not cls:
+        raise ValueError(f"policy name {cls.name!r} is registered twice")
+    _registry[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Policy]]:
+    if not _registry:
+        for module in BUILTIN:
+            importlib.import_module(module)
+    return _registry
+
+
+def validate_policy_config(
+    name: str, raw: dict[str, Any] | None, loc: tuple[str | int, ...]
+) -> list[ConfigIssue]:
+    cls = registry().get(name)
+    if cls is None:
+        known = ", ".join(sorted(registry())) or "none"
+        return [ConfigIssue(loc=loc, message=f"unknown policy {name!r} (available: {known})")]
+    try:
+        cls.Config.model_validate(raw or {})
+    except ValidationError as exc:
+        return [
+            ConfigIssue(loc=(*loc, *err["loc"]), message=err["msg"])
+            for err in exc.errors(include_input=False, include_url=False)
+        ]
+    return []
+
+
+def build_policy(name: str, raw: dict[str, Any] | None) -> Policy:
+    cls = registry()[name]
+    return cls(cls.Config.model_validate(raw or {}))

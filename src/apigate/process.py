@@ -1,0 +1,188 @@
+"""Processes: bind the listener once, run one gateway per worker, reload on SIGHUP or file change,
+drain on SIGTERM. Workers are forked children sharing the parent's listening socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvloop
+
+from apigate.config.loader import ConfigError, load_config
+from apigate.config.models import GatewayConfig
+from apigate.engine.server import Gateway
+
+log = logging.getLogger("apigate")
+
+WATCH_INTERVAL = 1.0
+
+
+@dataclass
+class ConfigSource:
+    """Where the config comes from, so a reload reads the same place again."""
+
+    path: Path | None
+    environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+
+    def load(self) -> GatewayConfig:
+        if self.path is None:
+            text = (Path(__file__).parent / "demo" / "example.yaml").read_text()
+            return load_config(text=text, environ=self.environ)
+        return load_config(self.path, environ=self.environ)
+
+    def mtime(self) -> float:
+        if self.path is None:
+            return 0.0
+        try:
+            return self.path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def run(source: ConfigSource, workers: int | None) -> int:
+    """Run the gateway until SIGTERM/SIGINT; returns the process exit code."""
+    demo_sock = None
+    if source.path is None:
+        from apigate.demo.upstream import bind_demo_socket
+
+        demo_sock = bind_demo_socket()
+        source.environ["DEMO_UPSTREAM_PORT"] = str(demo_sock.getsockname()[1])
+    try:
+        config = source.load()
+    except ConfigError as exc:
+        print(f"apigate: the config is not valid:\n{exc}", file=sys.stderr)
+        return 2
+    count = workers or config.workers
+    try:
+        sock = bind(config.listen.host, config.listen.port)
+    except OSError as exc:
+        print(f"apigate: cannot listen on {config.listen.host}:{config.listen.port}: {exc}", file=sys.stderr)
+        return 1
+    host, port = sock.getsockname()[:2]
+    shown_host = f"[{host}]" if ":" in host else host
+    where = f"config {source.path}" if source.path else "the embedded demo (GET /api/v1/hello)"
+    print(f"apigate listening on http://{shown_host}:{port} with {count} worker(s), {where}", flush=True)
+    if count == 1:
+        return _worker(source, config, sock, demo_sock)
+    return _supervise(source, config, sock, demo_sock, count)
+
+
+def _worker(
+    source: ConfigSource, config: GatewayConfig, sock: socket.socket, demo_sock: socket.socket | None
+) -> int:
+    uvloop.install()
+    return asyncio.run(_serve(source, config, sock, demo_sock))
+
+
+async def _serve(
+    source: ConfigSource, config: GatewayConfig, sock: socket.socket, demo_sock: socket.socket | None
+) -> int:
+    loop = asyncio.get_running_loop()
+    gateway = Gateway(config, loop)
+    if demo_sock is not None:
+        from apigate.demo.upstream import serve_demo
+
+        await serve_demo(demo_sock)
+    await gateway.serve(sock)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(gateway, source, "SIGHUP"))
+    watcher = loop.create_task(_watch(gateway, source))
+    await stop.wait()
+    watcher.cancel()
+    log.info("draining (up to %.0fs)", gateway.snapshot.config.timeouts.drain)
+    await gateway.drain(gateway.snapshot.config.timeouts.drain)
+    return 0
+
+
+def _reload(gateway: Gateway, source: ConfigSource, why: str) -> None:
+    try:
+        config = source.load()
+        gateway.apply(config)
+    except ConfigError as exc:
+        log.error("reload (%s) refused, the running config stays:\n%s", why, exc)
+        return
+    except Exception:
+        log.exception("reload (%s) failed, the running config stays", why)
+        return
+    log.info("reloaded config (%s): %d routes", why, len(config.routes))
+
+
+async def _watch(gateway: Gateway, source: ConfigSource) -> None:
+    """Reload when the file changes (mtime polled once a second: portable and cheap)."""
+    seen = source.mtime()
+    while True:
+        await asyncio.sleep(WATCH_INTERVAL)
+        current = source.mtime()
+        if current != seen:
+            seen = current
+            _reload(gateway, source, "file changed")
+
+
+def _supervise(
+    source: ConfigSource,
+    config: GatewayConfig,
+    sock: socket.socket,
+    demo_sock: socket.socket | None,
+    count: int,
+) -> int:
+    children: dict[int, int] = {}  # pid -> worker slot
+    stopping = False
+
+    def start(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            code = 1
+            try:
+                code = _worker(source, config, sock, demo_sock)
+            finally:
+                os._exit(code)
+        children[pid] = slot
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for slot in range(count):
+        start(slot)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        slot = children.pop(pid, None)
+        if slot is not None and not stopping:
+            log.error("worker %d exited (status %d); starting a new one", pid, status)
+            time.sleep(0.2)
+            start(slot)
+    return 0
