@@ -37,6 +37,7 @@ class ClientConnection(asyncio.Protocol):
         "header_bytes",
         "headers",
         "last_activity",
+        "out",
         "parser",
         "parsing",
         "peer_ip",
@@ -61,6 +62,7 @@ class ClientConnection(asyncio.Protocol):
         self.header_bytes = 0
         self.read_pauses = 0
         self.write_paused = False
+        self.out: list[bytes] | None = None
         self.closed = False
         self.draining = gateway.draining
         self.tunnel: Exchange | None = None
@@ -131,12 +133,7 @@ class ClientConnection(asyncio.Protocol):
         if exchange is not None and exchange.upstream is not None:
             exchange.upstream.pause_reading(False)
 
-    # -- llhttp callbacks ---------------------------------------------------------------------------
-    def on_message_begin(self) -> None:
-        self.url = b""
-        self.headers = []
-        self.header_bytes = 0
-
+    # -- llhttp callbacks (no on_message_begin: state is reset when a head completes) -------------
     def on_url(self, url: bytes) -> None:
         self.url += url
         self.header_bytes += len(url)
@@ -151,18 +148,23 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self.parser
-        method = wire.METHODS.get(parser.get_method())
-        path, query = split_target(self.url)
+        raw_method = parser.get_method()
+        method = wire.METHODS.get(raw_method)
+        path, raw_path, query = split_target(self.url)
         exchange = Exchange(
             self,
-            method or parser.get_method().decode("latin-1"),
+            method or raw_method.decode("latin-1"),
             path or "/",
+            raw_path,
             query,
             self.headers,
             parser.get_http_version(),
             parser.should_keep_alive(),
             parser.should_upgrade(),
         )
+        self.url = b""
+        self.headers = []
+        self.header_bytes = 0
         self.parsing = exchange
         self.queue.append(exchange)
         if method is None or path is None:
@@ -195,8 +197,23 @@ class ClientConnection(asyncio.Protocol):
 
     # -- used by exchanges ----------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
-        if not self.closed:
+        out = self.out
+        if out is not None:
+            out.append(data)
+        elif not self.closed:
             self.transport.write(data)  # type: ignore[union-attr]
+
+    def cork(self) -> None:
+        """Collect writes until uncork(): a response head and body then leave in one send()."""
+        if self.out is None:
+            self.out = []
+
+    def uncork(self) -> None:
+        out = self.out
+        if out is not None:
+            self.out = None
+            if out and not self.closed:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[union-attr]
 
     def set_read_paused(self, reason: int, paused: bool) -> None:
         before = self.read_pauses
@@ -227,14 +244,12 @@ class ClientConnection(asyncio.Protocol):
             self._next()
 
     def _next(self) -> None:
-        self.queue.popleft()
-        if self.queue:
-            following = self.queue[0]
-            if len(self.queue) == 1:
-                self.set_read_paused(self.PAUSE_PIPELINE, False)
-            following.begin()
-        else:
+        queue = self.queue
+        queue.popleft()
+        if len(queue) <= 1 and self.read_pauses & self.PAUSE_PIPELINE:
             self.set_read_paused(self.PAUSE_PIPELINE, False)
+        if queue:
+            queue[0].begin()
 
     def refuse(self, status: int, message: str) -> None:
         """A request that cannot be parsed: answer once and close, as nothing after it can be trusted."""
@@ -244,22 +259,24 @@ class ClientConnection(asyncio.Protocol):
         if active is not None and not active.finished:
             # Earlier requests still get their answers; the bad one ends the connection after them.
             self.parser = httptools.HttpRequestParser(self)
+            self.url, self.headers, self.header_bytes = b"", [], 0
             self.set_read_paused(self.PAUSE_PIPELINE, True)
             active.close_after = True
             return
         self.gateway.stats.count_error(status)
         request_id = self.gateway.next_request_id()
-        body = wire.error_body(message, request_id)
+        body = wire.error_body(message, request_id.decode())
         self.write(
             wire.status_line(status)
             + b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body)
-            + b"x-request-id: %s\r\nconnection: close\r\n\r\n" % request_id.encode()
+            + b"x-request-id: %s\r\nconnection: close\r\n\r\n" % request_id
             + body
         )
         self.close()
 
     def close(self) -> None:
         if not self.closed:
+            self.uncork()
             self.closed = True
             if self.transport is not None:
                 self.transport.close()
@@ -268,8 +285,8 @@ class ClientConnection(asyncio.Protocol):
         return not self.queue and self.tunnel is None
 
 
-def split_target(url: bytes) -> tuple[str | None, bytes]:
-    """Path and query of a request target; None for a target the gateway does not accept.
+def split_target(url: bytes) -> tuple[str | None, bytes, bytes]:
+    """Path (as text and as bytes) and query of a request target; None for a target not accepted.
 
     Dot segments and percent-encoded dots are resolved before routing, so that
     ``/public/../admin`` cannot reach a route that ``/admin`` would not.
@@ -279,12 +296,13 @@ def split_target(url: bytes) -> tuple[str | None, bytes]:
             parsed = httptools.parse_url(url)
             url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
         else:
-            return None, b""
+            return None, b"", b""
     path, _, query = url.partition(b"?")
     text = path.decode("latin-1")
     if "%" in text or "/." in text or "//" in text:
         text = normalize_path(text)
-    return text, query
+        path = text.encode("latin-1")
+    return text, path, query
 
 
 def normalize_path(path: str) -> str:

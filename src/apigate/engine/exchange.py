@@ -31,6 +31,17 @@ _REQUEST_OWN = wire.HOP_BY_HOP | {
     b"x-request-id",
     b"expect",
 }
+_SPECIAL = {
+    b"host": 0,
+    b"content-length": 1,
+    b"transfer-encoding": 2,
+    b"x-forwarded-for": 3,
+    b"x-request-id": 4,
+    b"expect": 5,
+    b"connection": 6,
+    b"x-forwarded-proto": 7,
+    b"x-forwarded-host": 8,
+}
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 # A body this small is kept so the request can be replayed on another connection.
 REPLAY_LIMIT = 64 * 1024
@@ -95,10 +106,11 @@ class Exchange:
         "path",
         "prefix",
         "query",
+        "raw_path",
         "remainder",
         "request_chunked",
         "request_done",
-        "request_id",
+        "rid",
         "response_chunked",
         "response_headers",
         "response_started",
@@ -126,6 +138,7 @@ class Exchange:
         client: ClientConnection,
         method: str,
         path: str,
+        raw_path: bytes,
         query: bytes,
         headers: list[tuple[bytes, bytes]],
         version: str,
@@ -136,6 +149,7 @@ class Exchange:
         self.snapshot: Snapshot = client.gateway.snapshot
         self.method = method
         self.path = path
+        self.raw_path = raw_path
         self.query = query
         self.headers = headers
         self.version = version
@@ -169,30 +183,34 @@ class Exchange:
         self.close_after = False
         self.finished = False
 
-        # One pass over the headers for what the proxy itself needs.
+        # One pass over the headers for what the proxy itself needs (one dict probe per header).
         host = xff = rid = proto = fwd_host = None
         content_length: int | None = None
         chunked = expect = False
         tokens: set[bytes] | None = None
         for name, value in headers:
-            if name == b"host":
+            kind = _SPECIAL.get(name)
+            if kind is None:
+                continue
+            if kind == 0:
                 host = value
-            elif name == b"content-length":
+            elif kind == 1:
                 content_length = int(value)  # llhttp already refused malformed and conflicting ones
-            elif name == b"transfer-encoding":
+            elif kind == 2:
                 chunked = True
-            elif name == b"x-forwarded-for":
+            elif kind == 3:
                 xff = value if xff is None else xff + b", " + value
-            elif name == b"x-request-id":
+            elif kind == 4:
                 rid = value
-            elif name == b"expect":
+            elif kind == 5:
                 expect = value.lower() == b"100-continue"
-            elif name == b"connection":
+            elif kind == 6:
                 found = wire.connection_tokens(value)
-                tokens = found if tokens is None else tokens | found
-            elif name == b"x-forwarded-proto":
+                if found:
+                    tokens = found if tokens is None else tokens | found
+            elif kind == 7:
                 proto = value
-            elif name == b"x-forwarded-host":
+            else:
                 fwd_host = value
         self.host = host.decode("latin-1") if host is not None else None
         self.content_length = content_length
@@ -201,9 +219,7 @@ class Exchange:
         self.connection_tokens = tokens
         self.xff = xff
         gateway = client.gateway
-        self.request_id = (
-            rid.decode("latin-1") if rid is not None and _sane_id(rid) else gateway.next_request_id()
-        )
+        self.rid = rid if rid is not None and _sane_id(rid) else gateway.next_request_id()
         trusted = client.peer_trusted
         self.client_ip = (
             gateway.client_ip_from(client.peer_ip, xff, self.snapshot) if trusted and xff else client.peer_ip
@@ -212,6 +228,10 @@ class Exchange:
         self.forwarded_host = fwd_host if trusted and fwd_host else host
 
     # -- what policies use ---------------------------------------------------------------------
+    @property
+    def request_id(self) -> str:
+        return self.rid.decode("latin-1")
+
     def header(self, name: bytes) -> bytes | None:
         """First value of a request header; ``name`` in lowercase."""
         for key, value in self.headers:
@@ -335,9 +355,7 @@ class Exchange:
         self.upstream = conn
         conn.exchange = self
         conn.head_only = self.method == "HEAD"
-        now = time.monotonic()
-        self.t_connected = now
-        self.last_activity = now
+        self.t_connected = self.last_activity = time.monotonic()
         route = self.route
         assert route is not None
         self.deadline = self.t_start + route.timeout
@@ -354,29 +372,31 @@ class Exchange:
         if self.request_chunked and self.request_done:
             body += wire.LAST_CHUNK
         conn.send(head + body if body else head)
-        self.client.set_read_paused(self.client.PAUSE_BODY, False)
+        client = self.client
+        if client.read_pauses & client.PAUSE_BODY:
+            client.set_read_paused(client.PAUSE_BODY, False)
 
     def _upstream_head(self, route: CompiledRoute) -> bytes:
         target = self.target
         assert target is not None
-        path = route.upstream_path(self.path, self.params, self.remainder, self.prefix)
+        if route.rewrite is None and not route.prefix_strip:
+            path = self.raw_path
+        else:
+            path = route.upstream_path(self.path, self.params, self.remainder, self.prefix).encode("latin-1")
         if self.query:
-            path = f"{path}?{self.query.decode('latin-1')}"
+            path += b"?" + self.query
         host = self.host.encode("latin-1") if route.preserve_host and self.host else target.host_header
-        out = [
-            b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (self.method.encode(), path.encode("latin-1"), host),
-        ]
+        out = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (self.method.encode(), path, host)]
         tokens = self.connection_tokens
-        for name, value in self.headers:
+        for pair in self.headers:
+            name = pair[0]
             if name in _REQUEST_OWN or (tokens is not None and name in tokens):
                 continue
-            out.append(b"%s: %s\r\n" % (name, value))
+            out.append(b"%s: %s\r\n" % pair)
         peer = self.client.peer_ip_bytes
-        xff = self.xff + b", " + peer if self.xff else peer
         out.append(
-            b"x-forwarded-for: %s\r\nx-forwarded-proto: %s\r\n"
-            b"via: 1.1 apigate\r\nx-request-id: %s\r\n"
-            % (xff, self.forwarded_proto, self.request_id.encode())
+            b"x-forwarded-for: %s\r\nx-forwarded-proto: %s\r\nvia: 1.1 apigate\r\nx-request-id: %s\r\n"
+            % (self.xff + b", " + peer if self.xff else peer, self.forwarded_proto, self.rid)
         )
         if self.forwarded_host is not None:
             out.append(b"x-forwarded-host: %s\r\n" % self.forwarded_host)
@@ -445,7 +465,7 @@ class Exchange:
             kept.append(pair)
         if tokens:
             kept = [pair for pair in kept if pair[0] not in tokens]
-        kept.append((b"x-request-id", self.request_id.encode()))
+        kept.append((b"x-request-id", self.rid))
         self.response_headers = kept
         route = self.route
         if route is not None:
@@ -544,7 +564,7 @@ class Exchange:
         if self.finished:
             return
         self.response_status = reply.status
-        self.response_headers = [*reply.headers, (b"x-request-id", self.request_id.encode())]
+        self.response_headers = [*reply.headers, (b"x-request-id", self.rid)]
         if self.route is not None:
             for hook in self.route.response_hooks:
                 hook(self)
@@ -597,7 +617,7 @@ class Exchange:
         gateway.active.discard(self)
         gateway.stats.count(self)
         route = self.route
-        if route is not None:
+        if route is not None and route.log_hooks:
             for hook in route.log_hooks:
                 try:
                     hook(self)

@@ -40,7 +40,7 @@ class Gateway:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.draining = False
         self.server: asyncio.AbstractServer | None = None
-        self._id_prefix = os.urandom(8).hex()
+        self._id_prefix = os.urandom(8).hex().encode()
         self._id_counter = 0
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweeps = 0
@@ -83,9 +83,10 @@ class Gateway:
                 return hop
         return hops[0] if hops else peer
 
-    def next_request_id(self) -> str:
+    def next_request_id(self) -> bytes:
+        """32 hex digits: a random per-process prefix and a counter (unique, and cheap to make)."""
         self._id_counter += 1
-        return f"{self._id_prefix}{self._id_counter:016x}"
+        return self._id_prefix + b"%016x" % self._id_counter
 
     # -- running ---------------------------------------------------------------------------------
     async def serve(self, sock: socket.socket) -> None:

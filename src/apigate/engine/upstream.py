@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from time import monotonic as _monotonic
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -70,7 +71,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             exchange.tunnel_to_client(data)
             return
-        exchange.upstream_activity()
+        exchange.last_activity = _monotonic()
+        client = exchange.client
+        client.cork()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -82,6 +85,8 @@ class UpstreamConnection(asyncio.Protocol):
             if self.exchange is not None:
                 self.exchange.upstream_protocol_error(self)
             self.close()
+        finally:
+            client.uncork()
         if self.reset_parser:
             # llhttp cannot be told a response answers HEAD, so it would wait for a body that
             # never comes; a fresh parser starts the next response cleanly.
@@ -96,21 +101,20 @@ class UpstreamConnection(asyncio.Protocol):
         if self.exchange is not None:
             self.exchange.upstream_write_paused(False)
 
-    # -- llhttp callbacks ----------------------------------------------------------------------
-    def on_message_begin(self) -> None:
-        self.headers = []
-
+    # -- llhttp callbacks (headers reset once handed over: no on_message_begin) ------------
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
+        headers = self.headers
+        self.headers = []
         if 100 <= status < 200 and status != 101:
             self.interim = True  # 1xx interim answers are consumed here, not forwarded
             return
         exchange = self.exchange
         if exchange is not None:
-            exchange.on_response_head(status, self.headers, self.parser.should_keep_alive())
+            exchange.on_response_head(status, headers, self.parser.should_keep_alive())
             if self.head_only and self.exchange is exchange:
                 self.reset_parser = True
                 exchange.on_response_end()

@@ -45,8 +45,13 @@ def serialize_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
     return b"".join([b"%s: %s\r\n" % pair for pair in headers])
 
 
-def connection_tokens(value: bytes) -> set[bytes]:
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"})
+
+
+def connection_tokens(value: bytes) -> set[bytes] | None:
     """Field names listed in a Connection header (lowercased), minus the keep-alive/close words."""
+    if value in _PLAIN_CONNECTION:
+        return None
     return {t.strip().lower() for t in value.split(b",")} - {b"close", b"keep-alive", b""}
 
 

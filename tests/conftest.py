@@ -1,0 +1,35 @@
+"""Shared fixtures: real upstream servers and real gateway processes on free ports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.gateway import GatewayProcess
+from tests.support.upstream import UpstreamServer
+
+
+@pytest.fixture
+def upstream() -> Iterator[UpstreamServer]:
+    server = UpstreamServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """Call with a config dict (and optionally workers=, env=) to get a running gateway."""
+    started: list[GatewayProcess] = []
+
+    def start(config: dict, workers: int | None = None, env: dict | None = None) -> GatewayProcess:
+        directory = tmp_path / f"gw{len(started)}"
+        directory.mkdir()
+        gateway = GatewayProcess(directory, config, workers=workers, env=env).start()
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()

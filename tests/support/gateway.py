@@ -1,0 +1,87 @@
+"""Start a real `apigate run` process on a free port for a test, and stop it afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
+
+
+class GatewayProcess:
+    """`python -m apigate run -c <file>`; ``config`` is a dict written as YAML (listen is filled in)."""
+
+    def __init__(self, tmp: Path, config: dict, workers: int | None = None, env: dict | None = None) -> None:
+        self.port = free_port()
+        config = {"listen": f"127.0.0.1:{self.port}", **config}
+        self.config_path = tmp / "apigate.yaml"
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.log_path = tmp / "gateway.log"
+        self.workers = workers
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> GatewayProcess:
+        args = [sys.executable, "-m", "apigate", "run", "-c", str(self.config_path)]
+        if self.workers:
+            args += ["--workers", str(self.workers)]
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        try:
+            wait_for_port(self.port, self.proc)
+        except Exception as exc:
+            self.stop()
+            raise RuntimeError(f"gateway did not start: {exc}\n{self.output()}") from exc
+        return self
+
+    def write_config(self, config: dict) -> None:
+        config = {"listen": f"127.0.0.1:{self.port}", **config}
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+        return self.proc.returncode

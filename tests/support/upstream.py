@@ -1,0 +1,226 @@
+"""A real HTTP/1.1 upstream for tests, on its own thread and event loop.
+
+Behaviour is chosen by path, so one server covers most cases:
+  /echo...           JSON of method, path, query, headers, body length and sha256
+  /status/{code}     answers with that status
+  /delay/{ms}        answers after a delay
+  /chunked/{n}       n chunks of "chunk-i\\n" with Transfer-Encoding: chunked
+  /bytes/{n}         n bytes with Content-Length, written in 64 KiB pieces with backpressure
+  /eof/{n}           n bytes, no length, ended by closing the connection
+  /sse/{n}           n server-sent events, 50 ms apart, without Content-Length
+  /close             closes the connection without answering
+  /garbage           answers something that is not HTTP
+  /hop               answers with hop-by-hop headers that must not reach the client
+Every request is also recorded in ``requests`` (method, path, headers dict, body length).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import httptools
+import orjson
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body_length: int = 0
+    connection_id: int = 0
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key == name.lower():
+                return value
+        return None
+
+
+@dataclass
+class UpstreamServer:
+    host: str = "127.0.0.1"
+    port: int = 0
+    requests: list[Seen] = field(default_factory=list)
+    connections: int = 0
+    loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _server: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> UpstreamServer:
+        ready = threading.Event()
+
+        def main() -> None:
+            self.loop = asyncio.new_event_loop()
+            sock = socket.socket()
+            sock.bind((self.host, 0))
+            sock.listen(256)
+            self.port = sock.getsockname()[1]
+            self._server = self.loop.run_until_complete(
+                self.loop.create_server(lambda: _Handler(self), sock=sock)
+            )
+            ready.set()
+            self.loop.run_forever()
+
+        self._thread = threading.Thread(target=main, daemon=True)
+        self._thread.start()
+        ready.wait(5)
+        return self
+
+    def stop(self) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+class _Handler(asyncio.Protocol):
+    def __init__(self, server: UpstreamServer) -> None:
+        self.server = server
+        server.connections += 1
+        self.connection_id = server.connections
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.url = b""
+        self.headers: list[tuple[str, str]] = []
+        self.body = hashlib.sha256()
+        self.body_length = 0
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass
+        except httptools.HttpParserError:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.can_write.set()
+
+    def on_message_begin(self) -> None:
+        self.url, self.headers, self.body, self.body_length = b"", [], hashlib.sha256(), 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+
+    def on_body(self, body: bytes) -> None:
+        self.body.update(body)
+        self.body_length += len(body)
+
+    def on_message_complete(self) -> None:
+        method = self.parser.get_method().decode()
+        path, _, query = self.url.decode("latin-1").partition("?")
+        seen = Seen(method, path, list(self.headers), self.body_length, self.connection_id)
+        self.server.requests.append(seen)
+        keep_alive = self.parser.should_keep_alive()
+        asyncio.ensure_future(self.respond(seen, query, self.body.hexdigest(), keep_alive))
+
+    def send(self, status: int, body: bytes, headers: list[tuple[str, str]] = (), keep_alive: bool = True) -> None:
+        head = f"HTTP/1.1 {status} X\r\ncontent-length: {len(body)}\r\ncontent-type: application/json\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers)
+        if not keep_alive:
+            head += "connection: close\r\n"
+        self.transport.write(head.encode() + b"\r\n" + body)
+        if not keep_alive:
+            self.transport.close()
+
+    async def respond(self, seen: Seen, query: str, digest: str, keep_alive: bool) -> None:
+        path = seen.path
+        parts = path.strip("/").split("/")
+        kind, arg = parts[0], (parts[1] if len(parts) > 1 else "")
+        t = self.transport
+        if kind == "status":
+            self.send(int(arg), orjson.dumps({"status": int(arg)}), keep_alive=keep_alive)
+        elif kind == "delay":
+            await asyncio.sleep(int(arg) / 1000)
+            self.send(200, b'{"delayed":true}', keep_alive=keep_alive)
+        elif kind == "chunked":
+            t.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: text/plain\r\n\r\n")
+            for i in range(int(arg)):
+                piece = f"chunk-{i}\n".encode()
+                t.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await asyncio.sleep(0)
+            t.write(b"0\r\n\r\n")
+        elif kind in ("bytes", "eof"):
+            total = int(arg)
+            framing = f"content-length: {total}\r\n" if kind == "bytes" else "connection: close\r\n"
+            t.write(f"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n{framing}\r\n".encode())
+            block = b"x" * 65536
+            sent = 0
+            while sent < total:
+                await self.can_write.wait()
+                piece = block[: min(65536, total - sent)]
+                t.write(piece)
+                sent += len(piece)
+            if kind == "eof":
+                t.close()
+        elif kind == "sse":
+            t.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n")
+            for i in range(int(arg or 3)):
+                event = f"data: event-{i}\n\n".encode()
+                t.write(b"%x\r\n%s\r\n" % (len(event), event))
+                await asyncio.sleep(0.05)
+            t.write(b"0\r\n\r\n")
+        elif kind == "close":
+            t.close()
+        elif kind == "garbage":
+            t.write(b"this is not http\r\n\r\n")
+            t.close()
+        elif kind == "hop":
+            self.send(
+                200,
+                b"{}",
+                [("connection", "x-secret-hop"), ("x-secret-hop", "1"), ("keep-alive", "timeout=5"),
+                 ("proxy-authenticate", "Basic"), ("x-kept", "yes")],
+            )
+        elif kind == "ssegate":
+            # Like /sse/{n}, but events after the first wait for ``server.proxy_gate`` (a
+            # threading.Event the test attaches and sets), which proves the proxy does not buffer.
+            t.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n")
+            for i in range(int(arg or 2)):
+                if i == 1:
+                    gate = self.server.proxy_gate  # type: ignore[attr-defined]
+                    await asyncio.get_running_loop().run_in_executor(None, gate.wait, 30)
+                event = f"data: event-{i}\n\n".encode()
+                t.write(b"%x\r\n%s\r\n" % (len(event), event))
+            t.write(b"0\r\n\r\n")
+        elif kind == "sized":
+            # n bytes with Content-Length, and no body at all for HEAD (as RFC 9110 requires).
+            total = int(arg)
+            t.write(f"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {total}\r\n\r\n"
+                    .encode())
+            if seen.method != "HEAD":
+                t.write(b"s" * total)
+        else:
+            payload = {
+                "method": seen.method,
+                "path": path,
+                "query": query,
+                "headers": dict(seen.headers),
+                "body_length": seen.body_length,
+                "body_sha256": digest,
+                "connection_id": self.connection_id,
+            }
+            self.send(200, orjson.dumps(payload), keep_alive=keep_alive)
