@@ -390,10 +390,11 @@ def test_several_errors_reported_at_once_sorted_by_line(tmp_path: Path) -> None:
         (4, "routes[0].tagret"),
         (5, "routes[1].path"),
         (7, "routes[1].timeout"),
+        (9, "routes[2].upstream"),
         (10, "workers"),
     ]
-    # Only the unset variable is reported for listen, not the ":" it leaves behind. Checks
-    # that need valid fields (route-level, unknown upstream) wait until those are fixed.
+    # Only the unset variable is reported for listen, not the ":" it leaves behind; the
+    # cross-field checks (the unknown upstream) run alongside field validation.
     assert found[0][2] == "environment variable PORT_NUMBER is not set"
 
 

@@ -48,6 +48,7 @@ class UpstreamServer:
     port: int = 0
     requests: list[Seen] = field(default_factory=list)
     connections: int = 0
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
     loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _server: Any = None
@@ -133,9 +134,13 @@ class _Handler(asyncio.Protocol):
         seen = Seen(method, path, list(self.headers), self.body_length, self.connection_id)
         self.server.requests.append(seen)
         keep_alive = self.parser.should_keep_alive()
-        asyncio.ensure_future(self.respond(seen, query, self.body.hexdigest(), keep_alive))
+        task = asyncio.ensure_future(self.respond(seen, query, self.body.hexdigest(), keep_alive))
+        self.server.tasks.add(task)
+        task.add_done_callback(self.server.tasks.discard)
 
-    def send(self, status: int, body: bytes, headers: list[tuple[str, str]] = (), keep_alive: bool = True) -> None:
+    def send(
+        self, status: int, body: bytes, headers: list[tuple[str, str]] = (), keep_alive: bool = True
+    ) -> None:
         head = f"HTTP/1.1 {status} X\r\ncontent-length: {len(body)}\r\ncontent-type: application/json\r\n"
         head += "".join(f"{k}: {v}\r\n" for k, v in headers)
         if not keep_alive:

@@ -103,22 +103,24 @@ def _read(path: str | os.PathLike[str]) -> str:
 
 
 def _validate(data: dict[str, Any]) -> tuple[GatewayConfig | None, list[ConfigIssue]]:
-    """Model validation, then the cross-model checks, as issues on the data's locs."""
+    """Model validation and the cross-model checks, as issues on the data's locs; both always run."""
+    config: GatewayConfig | None = None
+    issues: list[ConfigIssue] = []
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        issues = []
         for err in exc.errors(include_input=False, include_url=False):
             loc = _data_loc(data, err["loc"], keep_last=err["type"] == "missing")
             issues.append(ConfigIssue(loc=loc, message=_scrub(_clean_msg(err["msg"]), data, loc)))
-        return None, issues
-    issues = []
-    for issue in semantic_issues(config):
+    reported = {issue.loc for issue in issues}
+    for issue in semantic_issues(data):
+        if issue.loc in reported:
+            continue
         # Policy configs may hold secrets; route and upstream names are identifiers.
         if "policies" in issue.loc:
             issue = ConfigIssue(loc=issue.loc, message=_scrub(issue.message, data, issue.loc))
         issues.append(issue)
-    return config, issues
+    return (config if not issues else None), issues
 
 
 def _clean_msg(msg: str) -> str:

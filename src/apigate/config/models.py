@@ -271,30 +271,46 @@ class ConfigIssue(BaseModel):
         return f"{where}{self.path()}: {self.message}"
 
 
-def semantic_issues(config: GatewayConfig) -> list[ConfigIssue]:
-    """Checks that span models: upstream references, route names, policy names and configs."""
+def semantic_issues(data: dict[str, Any]) -> list[ConfigIssue]:
+    """Checks that span models: upstream references, route names, policy names and configs.
+
+    Works on the raw data, so it runs even when field validation failed and a config's
+    problems are all reported at once. Values of the wrong type are left to field validation.
+    """
     from apigate.policies.registry import validate_policy_config
 
     issues: list[ConfigIssue] = []
+    upstreams = data.get("upstreams")
+    known_upstreams = set(upstreams) if isinstance(upstreams, dict) else set()
+    routes = data.get("routes")
     seen_names: dict[str, int] = {}
-    for index, route in enumerate(config.routes):
+    for index, route in enumerate(routes if isinstance(routes, list) else []):
+        if not isinstance(route, dict):
+            continue
         loc: tuple[str | int, ...] = ("routes", index)
-        if route.upstream is not None and route.upstream not in config.upstreams:
-            issues.append(
-                ConfigIssue(loc=(*loc, "upstream"), message=f"no upstream named {route.upstream!r}")
-            )
-        if route.name is not None:
-            if route.name in seen_names:
+        upstream = route.get("upstream")
+        if isinstance(upstream, str) and upstream not in known_upstreams:
+            issues.append(ConfigIssue(loc=(*loc, "upstream"), message=f"no upstream named {upstream!r}"))
+        name = route.get("name")
+        if isinstance(name, str):
+            if name in seen_names:
                 issues.append(
                     ConfigIssue(
                         loc=(*loc, "name"),
-                        message=f"route name {route.name!r} is already used by "
-                        f"routes[{seen_names[route.name]}]",
+                        message=f"route name {name!r} is already used by routes[{seen_names[name]}]",
                     )
                 )
-            seen_names.setdefault(route.name, index)
-        for name, raw in route.policies.items():
-            issues.extend(validate_policy_config(name, raw, (*loc, "policies", name)))
-    for name, raw in config.policies.items():
-        issues.extend(validate_policy_config(name, raw, ("policies", name)))
+            seen_names.setdefault(name, index)
+        issues.extend(_policy_issues(route.get("policies"), (*loc, "policies"), validate_policy_config))
+    issues.extend(_policy_issues(data.get("policies"), ("policies",), validate_policy_config))
+    return issues
+
+
+def _policy_issues(policies: Any, loc: tuple[str | int, ...], validate: Any) -> list[ConfigIssue]:
+    if not isinstance(policies, dict):
+        return []
+    issues: list[ConfigIssue] = []
+    for name, raw in policies.items():
+        if raw is None or isinstance(raw, dict):
+            issues.extend(validate(str(name), raw, (*loc, name)))
     return issues

@@ -256,6 +256,12 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         active = self.queue[0] if self.queue else None
+        if active is not None and active is self.parsing and not active.finished:
+            # The request being answered is the broken one (a bad chunk in its body, say).
+            self.parsing = None
+            active.close_after = True
+            active.fail(status, message)
+            return
         if active is not None and not active.finished:
             # Earlier requests still get their answers; the bad one ends the connection after them.
             self.parser = httptools.HttpRequestParser(self)

@@ -45,6 +45,8 @@ _SPECIAL = {
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 # A body this small is kept so the request can be replayed on another connection.
 REPLAY_LIMIT = 64 * 1024
+# An early answer keeps the connection if the unread request body is at most this big.
+DISCARD_LIMIT = 64 * 1024
 # Pending request body above this pauses reading from the client until the upstream takes it.
 BODY_HIGH_WATER = 256 * 1024
 
@@ -110,13 +112,13 @@ class Exchange:
         "remainder",
         "request_chunked",
         "request_done",
-        "rid",
         "response_chunked",
         "response_headers",
         "response_started",
         "response_status",
         "response_until_eof",
         "reused",
+        "rid",
         "route",
         "snapshot",
         "state",
@@ -568,8 +570,11 @@ class Exchange:
         if self.route is not None:
             for hook in self.route.response_hooks:
                 hook(self)
-        if not self.request_done:
-            # Unread request body would be taken for the next request: close instead.
+        if not self.request_done and (
+            self.request_chunked or (self.content_length or 0) > DISCARD_LIMIT or self.upgrade
+        ):
+            # A small unread body is read and dropped to keep the connection; a large or
+            # unbounded one would cost more than a new connection.
             self.close_after = True
         closing = self.close_after or not self.keep_alive or self.client.draining
         body = b"" if self.method == "HEAD" else reply.body

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from time import monotonic as _monotonic
 from collections import deque
+from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any
 
 import httptools
