@@ -180,8 +180,10 @@ class _Handler(asyncio.Protocol):
             if kind == "eof":
                 t.close()
         elif kind == "sse":
-            t.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
-                    b"transfer-encoding: chunked\r\n\r\n")
+            t.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
+                b"transfer-encoding: chunked\r\n\r\n"
+            )
             for i in range(int(arg or 3)):
                 event = f"data: event-{i}\n\n".encode()
                 t.write(b"%x\r\n%s\r\n" % (len(event), event))
@@ -196,14 +198,20 @@ class _Handler(asyncio.Protocol):
             self.send(
                 200,
                 b"{}",
-                [("connection", "x-secret-hop"), ("x-secret-hop", "1"), ("keep-alive", "timeout=5"),
-                 ("proxy-authenticate", "Basic"), ("x-kept", "yes")],
+                [
+                    ("connection", "x-secret-hop"),
+                    ("x-secret-hop", "1"),
+                    ("keep-alive", "timeout=5"),
+                    ("proxy-authenticate", "Basic"),
+                    ("x-kept", "yes"),
+                ],
             )
         elif kind == "ssegate":
             # Like /sse/{n}, but events after the first wait for ``server.proxy_gate`` (a
             # threading.Event the test attaches and sets), which proves the proxy does not buffer.
-            t.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                    b"transfer-encoding: chunked\r\n\r\n")
+            t.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+            )
             for i in range(int(arg or 2)):
                 if i == 1:
                     gate = self.server.proxy_gate  # type: ignore[attr-defined]
@@ -214,8 +222,9 @@ class _Handler(asyncio.Protocol):
         elif kind == "sized":
             # n bytes with Content-Length, and no body at all for HEAD (as RFC 9110 requires).
             total = int(arg)
-            t.write(f"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {total}\r\n\r\n"
-                    .encode())
+            t.write(
+                f"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {total}\r\n\r\n".encode()
+            )
             if seen.method != "HEAD":
                 t.write(b"s" * total)
         else:

@@ -100,7 +100,8 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            exchange = self.parsing
+            # llhttp has completed the upgrade request already, so it is the newest in line.
+            exchange = self.queue[-1] if self.queue else None
             rest = data[upgrade.args[0] :]
             if exchange is not None:
                 self.parsing = None

@@ -479,6 +479,8 @@ class Exchange:
             out.append(b"connection: upgrade\r\nupgrade: %s\r\n\r\n" % (self.header(b"upgrade") or b""))
             self.response_started = True
             client.write(b"".join(out))
+            # A tunnel lives as long as it is used: no total deadline, only the read (idle) timeout.
+            self.deadline = float("inf")
             client.start_tunnel(self)
             return
         if self.upgrade:  # the upstream declined the upgrade: answer, then close

@@ -127,8 +127,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self.interim:
             self.interim = False
             return
-        if self.exchange is not None:
-            self.exchange.on_response_end()
+        exchange = self.exchange
+        # llhttp completes a 101 before it reports the upgrade; the tunnel starts then.
+        if exchange is not None and exchange.response_status != 101:
+            exchange.on_response_end()
 
     # -- used by the exchange -------------------------------------------------------------------
     def send(self, data: bytes) -> None:
