@@ -95,6 +95,7 @@ class CompiledRoute:
     response_hooks: tuple[Callable[..., Any], ...]
     log_hooks: tuple[Callable[..., Any], ...]
     inactive: tuple[str, ...] = ()
+    requests: int = 0  # served by this worker since the snapshot was compiled
 
     def upstream_path(
         self, path: str, params: dict[str, str], remainder: str | None, prefix: str | None

@@ -66,7 +66,9 @@ def endpoints(gateway: Gateway, snapshot: Snapshot) -> dict[str, Callable[[Excha
         return json_reply(200, {"routes": listed})
 
     def stats(exchange: Exchange) -> Reply:
-        return json_reply(200, gateway.stats.snapshot(len(gateway.connections), len(gateway.active)))
+        in_flight = sum(1 for conn in gateway.connections if not conn.idle())
+        per_route = {route.name: route.requests for route in snapshot.routes}
+        return json_reply(200, gateway.stats.snapshot(len(gateway.connections), in_flight, per_route))
 
     table = {config.health: health, config.routes: guarded(routes), config.stats: guarded(stats)}
     return {path: handler for path, handler in table.items() if path and path not in exact_user_paths}

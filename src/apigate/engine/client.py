@@ -8,7 +8,6 @@ Flow control is a set of pause reasons so that independent causes never resume e
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +35,6 @@ class ClientConnection(asyncio.Protocol):
         "gateway",
         "header_bytes",
         "headers",
-        "last_activity",
         "out",
         "parser",
         "parsing",
@@ -44,7 +42,9 @@ class ClientConnection(asyncio.Protocol):
         "peer_ip_bytes",
         "peer_trusted",
         "queue",
+        "quiet_since",
         "read_pauses",
+        "seen",
         "transport",
         "tunnel",
         "url",
@@ -69,7 +69,8 @@ class ClientConnection(asyncio.Protocol):
         self.peer_ip = ""
         self.peer_ip_bytes = b""
         self.peer_trusted = False
-        self.last_activity = time.monotonic()
+        self.seen = True
+        self.quiet_since = 0.0
 
     # -- transport events ------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -93,7 +94,7 @@ class ClientConnection(asyncio.Protocol):
                 exchange.abort()
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = time.monotonic()
+        self.seen = True
         if self.tunnel is not None:
             self.tunnel.tunnel_to_upstream(data)
             return
@@ -287,6 +288,14 @@ class ClientConnection(asyncio.Protocol):
             self.closed = True
             if self.transport is not None:
                 self.transport.close()
+
+    def check_idle(self, now: float, keepalive: float) -> None:
+        """Close a connection that has had no request for ``keepalive`` seconds (the sweep calls this)."""
+        if self.seen or not self.quiet_since:
+            self.seen = False
+            self.quiet_since = now
+        elif now - self.quiet_since > keepalive:
+            self.close()
 
     def idle(self) -> bool:
         return not self.queue and self.tunnel is None

@@ -19,7 +19,7 @@ from apigate.engine.router import MethodNotAllowed
 from apigate.engine.upstream import PoolTimeout, UpstreamConnection
 
 if TYPE_CHECKING:
-    from apigate.config.compile import CompiledRoute, Snapshot, Target
+    from apigate.config.compile import CompiledRoute, Target
     from apigate.engine.client import ClientConnection
 
 # Request headers the proxy regenerates or consumes itself, besides the hop-by-hop ones.
@@ -81,59 +81,41 @@ class ProxyError(Exception):
 
 
 class Exchange:
-    __slots__ = (
-        "attempt",
-        "body_pending",
-        "body_pending_size",
-        "body_replay",
-        "bytes_in",
-        "bytes_out",
-        "client",
-        "client_ip",
-        "close_after",
-        "connection_tokens",
-        "consumer",
-        "content_length",
-        "deadline",
-        "expect_continue",
-        "finished",
-        "forwarded_host",
-        "forwarded_proto",
-        "headers",
-        "host",
-        "keep_alive",
-        "last_activity",
-        "method",
-        "params",
-        "path",
-        "prefix",
-        "query",
-        "raw_path",
-        "remainder",
-        "request_chunked",
-        "request_done",
-        "response_chunked",
-        "response_headers",
-        "response_started",
-        "response_status",
-        "response_until_eof",
-        "reused",
-        "rid",
-        "route",
-        "snapshot",
-        "state",
-        "t_connected",
-        "t_end",
-        "t_first_byte",
-        "t_start",
-        "target",
-        "tenant",
-        "upgrade",
-        "upstream",
-        "upstream_keep_alive",
-        "version",
-        "xff",
-    )
+    # Defaults live on the class: a request sets only what it uses, which keeps creating an
+    # Exchange cheap (it happens once per request on the hot path).
+    state: dict[str, Any] | None = None
+    consumer: Any = None
+    tenant: str | None = None
+    route: CompiledRoute | None = None
+    params: dict[str, str] = {}  # replaced, never mutated in place
+    remainder: str | None = None
+    prefix: str | None = None
+    target: Target | None = None
+    upstream: UpstreamConnection | None = None
+    attempt = 0
+    reused = False
+    body_pending: list[bytes] | None = None
+    body_pending_size = 0
+    body_replay: list[bytes] | None = None
+    replayable = True
+    bytes_in = 0
+    bytes_out = 0
+    request_done = False
+    response_started = False
+    response_status = 0
+    response_headers: list[tuple[bytes, bytes]] = []  # replaced, never mutated in place
+    response_chunked = False
+    response_until_eof = False
+    upstream_keep_alive = False
+    close_after = False
+    finished = False
+    tunnel = False
+    t_first_byte = 0.0
+    t_end = 0.0
+    # Read-timeout bookkeeping without a clock call per chunk: upstream data sets ``seen``;
+    # the gateway's sweep notes when it last found it set.
+    seen = False
+    quiet_since = 0.0
 
     def __init__(
         self,
@@ -148,7 +130,6 @@ class Exchange:
         upgrade: bool,
     ) -> None:
         self.client = client
-        self.snapshot: Snapshot = client.gateway.snapshot
         self.method = method
         self.path = path
         self.raw_path = raw_path
@@ -158,33 +139,7 @@ class Exchange:
         self.keep_alive = keep_alive
         self.upgrade = upgrade
         self.t_start = time.monotonic()
-        self.t_connected = self.t_first_byte = self.t_end = 0.0
-        self.last_activity = self.t_start
-        self.deadline = 0.0
-        self.state: dict[str, Any] | None = None
-        self.consumer: Any = None
-        self.tenant: str | None = None
-        self.route: CompiledRoute | None = None
-        self.params: dict[str, str] = {}
-        self.remainder = self.prefix = None
-        self.target: Target | None = None
-        self.upstream: UpstreamConnection | None = None
-        self.attempt = 0
-        self.reused = False
-        self.body_pending: list[bytes] = []
-        self.body_pending_size = 0
-        self.body_replay: list[bytes] | None = []
-        self.bytes_in = self.bytes_out = 0
-        self.request_done = False
-        self.response_started = False
-        self.response_status = 0
-        self.response_headers: list[tuple[bytes, bytes]] = []
-        self.response_chunked = False
-        self.response_until_eof = False
-        self.upstream_keep_alive = False
-        self.close_after = False
-        self.finished = False
-
+        self.snapshot = client.gateway.snapshot
         # One pass over the headers for what the proxy itself needs (one dict probe per header).
         host = xff = rid = proto = fwd_host = None
         content_length: int | None = None
@@ -344,7 +299,7 @@ class Exchange:
             route is not None
             and not self.response_started
             and self.attempt <= route.retries
-            and self.body_replay is not None
+            and self.replayable
             and not self.finished
             and (not sent or self.method in _IDEMPOTENT)
         ):
@@ -357,23 +312,23 @@ class Exchange:
         self.upstream = conn
         conn.exchange = self
         conn.head_only = self.method == "HEAD"
-        self.t_connected = self.last_activity = time.monotonic()
+        self.quiet_since = 0.0
         route = self.route
         assert route is not None
-        self.deadline = self.t_start + route.timeout
-        self.client.gateway.active.add(self)
         head = self._upstream_head(route)
         self.reused = reused
-        replay = self.body_replay
         # A retry resends the whole kept body; a first attempt sends what arrived so far.
-        body = b"".join(replay if self.attempt > 1 and replay is not None else self.body_pending)
-        self.body_pending = []
-        self.body_pending_size = 0
-        if self.request_chunked and body:
-            body = wire.chunk(body)
+        pieces = self.body_replay if self.attempt > 1 else self.body_pending
+        if pieces:
+            body = b"".join(pieces)
+            self.body_pending = None
+            self.body_pending_size = 0
+            if self.request_chunked:
+                body = wire.chunk(body)
+            head += body
         if self.request_chunked and self.request_done:
-            body += wire.LAST_CHUNK
-        conn.send(head + body if body else head)
+            head += wire.LAST_CHUNK
+        conn.send(head)
         client = self.client
         if client.read_pauses & client.PAUSE_BODY:
             client.set_read_paused(client.PAUSE_BODY, False)
@@ -417,17 +372,22 @@ class Exchange:
             self.close_after = True
             self.fail(413, f"request body exceeds the route's limit of {route.max_body_size} bytes")
             return
-        replay = self.body_replay
-        if replay is not None:
-            if self.bytes_in <= REPLAY_LIMIT:
-                replay.append(data)
-            else:
+        if self.replayable:
+            if self.bytes_in > REPLAY_LIMIT:
+                self.replayable = False
                 self.body_replay = None
+            elif self.body_replay is None:
+                self.body_replay = [data]
+            else:
+                self.body_replay.append(data)
         conn = self.upstream
         if conn is not None and not self.finished:
             conn.send(wire.chunk(data) if self.request_chunked else data)
             return
-        self.body_pending.append(data)
+        if self.body_pending is None:
+            self.body_pending = [data]
+        else:
+            self.body_pending.append(data)
         self.body_pending_size += len(data)
         if self.body_pending_size > BODY_HIGH_WATER:
             self.client.set_read_paused(self.client.PAUSE_BODY, True)
@@ -442,9 +402,6 @@ class Exchange:
         self.client.set_read_paused(self.client.PAUSE_UPSTREAM, paused)
 
     # -- response from the upstream -------------------------------------------------------------------
-    def upstream_activity(self) -> None:
-        self.last_activity = time.monotonic()
-
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         self.t_first_byte = time.monotonic()
         self.response_status = status
@@ -480,7 +437,7 @@ class Exchange:
             self.response_started = True
             client.write(b"".join(out))
             # A tunnel lives as long as it is used: no total deadline, only the read (idle) timeout.
-            self.deadline = float("inf")
+            self.tunnel = True
             client.start_tunnel(self)
             return
         if self.upgrade:  # the upstream declined the upgrade: answer, then close
@@ -542,6 +499,18 @@ class Exchange:
         else:
             self.fail(502, "upstream sent an invalid HTTP response")
 
+    def check_timeouts(self, now: float, read_timeout: float) -> None:
+        """Called by the gateway's sweep while an upstream is attached."""
+        if self.seen or not self.quiet_since:
+            self.seen = False
+            self.quiet_since = now
+        elif now - self.quiet_since > read_timeout:
+            self.timed_out(now)
+            return
+        route = self.route
+        if not self.tunnel and route is not None and now - self.t_start > route.timeout:
+            self.timed_out(now)
+
     def timed_out(self, now: float) -> None:
         self.client.gateway.stats.timeouts += 1
         if self.response_started:
@@ -551,14 +520,16 @@ class Exchange:
 
     # -- websocket and other upgrades ----------------------------------------------------------------
     def tunnel_to_client(self, data: bytes) -> None:
-        self.last_activity = time.monotonic()
+        self.seen = True
         self.client.write(data)
 
     def tunnel_to_upstream(self, data: bytes) -> None:
         conn = self.upstream
         if conn is not None:
-            self.last_activity = time.monotonic()
+            self.seen = True
             conn.send(data)
+        elif self.body_pending is None:
+            self.body_pending = [data]
         else:
             self.body_pending.append(data)
 
@@ -621,9 +592,12 @@ class Exchange:
         self.finished = True
         self.t_end = time.monotonic()
         gateway = self.client.gateway
-        gateway.active.discard(self)
-        gateway.stats.count(self)
+        stats = gateway.stats
+        stats.requests_total += 1
+        stats.by_status_class[self.response_status // 100 if self.response_status < 600 else 5] += 1
         route = self.route
+        if route is not None:
+            route.requests += 1
         if route is not None and route.log_hooks:
             for hook in route.log_hooks:
                 try:

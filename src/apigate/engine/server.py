@@ -36,7 +36,6 @@ class Gateway:
         self.pools = PoolManager(self.loop)
         self.stats = Stats()
         self.connections: set[ClientConnection] = set()
-        self.active: set[Exchange] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.draining = False
         self.server: asyncio.AbstractServer | None = None
@@ -104,17 +103,18 @@ class Gateway:
 
     def _sweep(self) -> None:
         now = time.monotonic()
-        read_timeout = self.snapshot.config.timeouts.read
-        for exchange in list(self.active):
-            if now > exchange.deadline or now - exchange.last_activity > read_timeout:
-                exchange.timed_out(now)
+        timeouts = self.snapshot.config.timeouts
+        slow = self._sweeps % SLOW_SWEEP_EVERY == 0
         self._sweeps += 1
-        if self._sweeps % SLOW_SWEEP_EVERY == 0:
+        for conn in list(self.connections):
+            exchange = conn.tunnel or (conn.queue[0] if conn.queue else None)
+            if exchange is not None:
+                if exchange.upstream is not None:
+                    exchange.check_timeouts(now, timeouts.read)
+            elif slow:
+                conn.check_idle(now, timeouts.keepalive)
+        if slow:
             self.pools.sweep(now)
-            keepalive = self.snapshot.config.timeouts.keepalive
-            for conn in list(self.connections):
-                if conn.idle() and now - conn.last_activity > keepalive:
-                    conn.close()
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     async def drain(self, timeout: float) -> None:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from apigate.engine.exchange import Exchange
+from typing import Any
 
 
 class Stats:
@@ -25,31 +22,22 @@ class Stats:
         self.started_at = time.time()
         self.requests_total = 0
         self.by_status_class = [0] * 6  # index = status // 100
-        self.by_route: dict[str, int] = {}
         self.errors = 0
         self.retries = 0
         self.timeouts = 0
-
-    def count(self, exchange: Exchange) -> None:
-        self.requests_total += 1
-        self.by_status_class[min(exchange.response_status // 100, 5)] += 1
-        route = exchange.route
-        if route is not None:
-            by_route = self.by_route
-            by_route[route.name] = by_route.get(route.name, 0) + 1
 
     def count_error(self, status: int) -> None:
         """A response the gateway made because something failed (4xx/5xx of its own)."""
         self.errors += 1
 
-    def snapshot(self, connections: int, active: int) -> dict[str, Any]:
+    def snapshot(self, connections: int, active: int, routes: dict[str, int]) -> dict[str, Any]:
         return {
             "requests_total": self.requests_total,
             "responses": {f"{i}xx": n for i, n in enumerate(self.by_status_class) if i},
             "errors": self.errors,
             "retries": self.retries,
             "timeouts": self.timeouts,
-            "routes": dict(self.by_route),
+            "routes": routes,
             "connections_open": connections,
             "requests_in_flight": active,
             "started_at": datetime.fromtimestamp(self.started_at, UTC).isoformat(),

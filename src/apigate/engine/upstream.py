@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -71,7 +70,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             exchange.tunnel_to_client(data)
             return
-        exchange.last_activity = _monotonic()
+        exchange.seen = True
         client = exchange.client
         client.cork()
         try:
