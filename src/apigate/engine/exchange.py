@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable
+from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -42,6 +43,9 @@ _SPECIAL = {
     b"x-forwarded-proto": 7,
     b"x-forwarded-host": 8,
 }
+# Response headers the proxy owns: hop-by-hop ones, and X-Request-ID (it sends its own).
+_RESPONSE_OWN = wire.HOP_BY_HOP | {b"x-request-id"}
+_STATUS_101 = wire.status_line(101)
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 # A body this small is kept so the request can be replayed on another connection.
 REPLAY_LIMIT = 64 * 1024
@@ -403,7 +407,7 @@ class Exchange:
 
     # -- response from the upstream -------------------------------------------------------------------
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
-        self.t_first_byte = time.monotonic()
+        self.t_first_byte = _monotonic()
         self.response_status = status
         self.upstream_keep_alive = keep_alive
         client = self.client
@@ -413,11 +417,11 @@ class Exchange:
         kept: list[tuple[bytes, bytes]] = []
         for pair in headers:
             name = pair[0]
-            if name in wire.HOP_BY_HOP:
-                if name == b"connection":
-                    tokens = wire.connection_tokens(pair[1])
-                elif name == b"transfer-encoding":
+            if name in _RESPONSE_OWN:
+                if name == b"transfer-encoding":
                     chunked = True
+                elif name == b"connection" and pair[1] not in wire.PLAIN_CONNECTION:
+                    tokens = wire.connection_tokens(pair[1])
                 continue
             if name == b"content-length":
                 length_known = True
@@ -427,21 +431,35 @@ class Exchange:
         kept.append((b"x-request-id", self.rid))
         self.response_headers = kept
         route = self.route
-        if route is not None:
+        if route is not None and route.response_hooks:
             for hook in route.response_hooks:
                 hook(self)
-        no_body = self.method == "HEAD" or status in (204, 304)
+            kept = self.response_headers
+        block = b"".join([b"%s: %s\r\n" % pair for pair in kept])
         if status == 101:
-            out = [wire.status_line(101), wire.serialize_headers(self.response_headers)]
-            out.append(b"connection: upgrade\r\nupgrade: %s\r\n\r\n" % (self.header(b"upgrade") or b""))
             self.response_started = True
-            client.write(b"".join(out))
+            client.write(
+                _STATUS_101
+                + block
+                + b"connection: upgrade\r\nupgrade: %s\r\n\r\n" % (self.header(b"upgrade") or b"")
+            )
             # A tunnel lives as long as it is used: no total deadline, only the read (idle) timeout.
             self.tunnel = True
             client.start_tunnel(self)
             return
+        self.response_started = True
+        line = wire.STATUS_LINES.get(status) or wire.status_line(status)
+        if (
+            length_known
+            and self.keep_alive
+            and self.version == "1.1"
+            and not (self.upgrade or self.close_after or client.draining)
+        ):
+            client.write(line + block + b"\r\n")  # the common case: nothing to add
+            return
         if self.upgrade:  # the upstream declined the upgrade: answer, then close
             self.close_after = True
+        no_body = self.method == "HEAD" or status in (204, 304)
         self.response_until_eof = not length_known and not chunked and not no_body
         trailer = b""
         if (chunked or self.response_until_eof) and not no_body:
@@ -455,10 +473,7 @@ class Exchange:
             self.close_after = True
         elif self.version == "1.0":
             trailer += b"connection: keep-alive\r\n"
-        self.response_started = True
-        client.write(
-            wire.status_line(status) + wire.serialize_headers(self.response_headers) + trailer + b"\r\n"
-        )
+        client.write(line + block + trailer + b"\r\n")
 
     def on_response_body(self, data: bytes) -> None:
         self.bytes_out += len(data)

@@ -30,14 +30,17 @@ METHODS = {
 }
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
-_STATUS_LINES: dict[int, bytes] = {}
+# Every registered status's line, made once; the hot path reads this dict directly.
+STATUS_LINES: dict[int, bytes] = {
+    code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()
+}
 
 
 def status_line(status: int) -> bytes:
-    line = _STATUS_LINES.get(status)
+    line = STATUS_LINES.get(status)
     if line is None:
-        line = b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))
-        _STATUS_LINES[status] = line
+        line = b"HTTP/1.1 %d Unknown\r\n" % status
+        STATUS_LINES[status] = line
     return line
 
 
@@ -45,12 +48,12 @@ def serialize_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
     return b"".join([b"%s: %s\r\n" % pair for pair in headers])
 
 
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"})
+PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"})
 
 
 def connection_tokens(value: bytes) -> set[bytes] | None:
     """Field names listed in a Connection header (lowercased), minus the keep-alive/close words."""
-    if value in _PLAIN_CONNECTION:
+    if value in PLAIN_CONNECTION:
         return None
     return {t.strip().lower() for t in value.split(b",")} - {b"close", b"keep-alive", b""}
 
