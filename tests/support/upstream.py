@@ -48,6 +48,7 @@ class UpstreamServer:
     port: int = 0
     requests: list[Seen] = field(default_factory=list)
     connections: int = 0
+    closed: int = 0
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
@@ -100,6 +101,9 @@ class _Handler(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.closed += 1
 
     def data_received(self, data: bytes) -> None:
         try:

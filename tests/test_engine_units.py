@@ -1,0 +1,57 @@
+"""Pure functions of the engine: request-target parsing and normalization, client IP behind proxies."""
+
+from __future__ import annotations
+
+import ipaddress
+from types import SimpleNamespace
+
+import pytest
+
+from apigate.engine.client import normalize_path, split_target
+from apigate.engine.server import Gateway
+
+
+@pytest.mark.parametrize(
+    ("target", "path", "query"),
+    [
+        (b"/a/b?x=1", "/a/b", b"x=1"),
+        (b"/", "/", b""),
+        (b"/public/../admin", "/admin", b""),
+        (b"/public/%2e%2e/admin", "/admin", b""),
+        (b"/a/./b//c/", "/a/b/c/", b""),
+        (b"/../../etc/passwd", "/etc/passwd", b""),
+        (b"http://example.com/x/y?q", "/x/y", b"q"),
+        (b"*", None, b""),
+        (b"example.com:443", None, b""),
+    ],
+)
+def test_split_target(target: bytes, path: str | None, query: bytes) -> None:
+    got_path, raw_path, got_query = split_target(target)
+    assert got_path == path
+    assert got_query == query
+    if path is not None:
+        assert raw_path == path.encode()
+
+
+def test_normalize_keeps_trailing_slash_and_root() -> None:
+    assert normalize_path("/a/b/..") == "/a/"
+    assert normalize_path("/..") == "/"
+    assert normalize_path("//") == "/"
+
+
+def client_ip(trusted: list[str], peer: str, xff: bytes) -> str:
+    snapshot = SimpleNamespace(trusted_proxies=tuple(ipaddress.ip_network(n) for n in trusted))
+    return Gateway.client_ip_from(None, peer, xff, snapshot)  # type: ignore[arg-type]
+
+
+def test_client_ip_is_first_untrusted_hop_from_the_right() -> None:
+    assert client_ip(["10.0.0.0/8"], "10.0.0.2", b"203.0.113.7, 10.0.0.9") == "203.0.113.7"
+    assert client_ip(["10.0.0.0/8"], "10.0.0.2", b"198.51.100.1, 203.0.113.7") == "203.0.113.7"
+
+
+def test_client_ip_when_every_hop_is_trusted_is_the_leftmost() -> None:
+    assert client_ip(["10.0.0.0/8"], "10.0.0.2", b"10.1.1.1, 10.0.0.9") == "10.1.1.1"
+
+
+def test_client_ip_stops_at_a_forged_entry() -> None:
+    assert client_ip(["10.0.0.0/8"], "10.0.0.2", b"not-an-ip, 10.0.0.9") == "10.0.0.2"

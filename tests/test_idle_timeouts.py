@@ -1,0 +1,77 @@
+"""Idle connections are closed on both sides: pooled upstream ones and keep-alive client ones."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import time
+from typing import Any
+
+from tests.support.upstream import UpstreamServer
+
+
+def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def get(port: int, path: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def test_pooled_upstream_connection_is_closed_after_idle_timeout(
+    start_gateway: Any, upstream: UpstreamServer
+) -> None:
+    gateway = start_gateway(
+        {
+            "upstreams": {"app": {"targets": [upstream.url], "pool": {"idle_timeout": "300ms"}}},
+            "routes": [{"path": "/*", "upstream": "app"}],
+        }
+    )
+    assert get(gateway.port, "/echo") == 200
+    assert upstream.connections == 1
+    wait_for(lambda: upstream.closed == 1)  # the gateway closed its idle pooled connection
+    assert get(gateway.port, "/echo") == 200
+    assert upstream.connections == 2
+
+
+def test_pooled_connection_is_reused_within_idle_timeout(
+    start_gateway: Any, upstream: UpstreamServer
+) -> None:
+    gateway = start_gateway(
+        {
+            "upstreams": {"app": {"targets": [upstream.url], "pool": {"idle_timeout": "60s"}}},
+            "routes": [{"path": "/*", "upstream": "app"}],
+        }
+    )
+    for _ in range(3):
+        assert get(gateway.port, "/echo") == 200
+    assert upstream.connections == 1
+    assert upstream.closed == 0
+
+
+def test_idle_keepalive_client_connection_is_closed(start_gateway: Any, upstream: UpstreamServer) -> None:
+    gateway = start_gateway(
+        {"timeouts": {"keepalive": "300ms"}, "routes": [{"path": "/*", "target": upstream.url}]}
+    )
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(65536)
+        assert received.startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        # Read until the gateway closes the idle connection (recv returns b"").
+        while chunk := sock.recv(65536):
+            received += chunk
+        assert time.monotonic() - started < 9
