@@ -98,6 +98,7 @@ async def _serve(
 ) -> int:
     loop = asyncio.get_running_loop()
     gateway = Gateway(config, loop)
+    await gateway.start_services()
     if demo_sock is not None:
         from apigate.demo.upstream import serve_demo
 
@@ -119,6 +120,7 @@ def _reload(gateway: Gateway, source: ConfigSource, why: str) -> None:
     try:
         config = source.load()
         gateway.apply(config)
+        gateway.spawn(_start_services(gateway))
     except ConfigError as exc:
         log.error("reload (%s) refused, the running config stays:\n%s", why, exc)
         return
@@ -126,6 +128,13 @@ def _reload(gateway: Gateway, source: ConfigSource, why: str) -> None:
         log.exception("reload (%s) failed, the running config stays", why)
         return
     log.info("reloaded config (%s): %d routes", why, len(config.routes))
+
+
+async def _start_services(gateway: Gateway) -> None:
+    try:
+        await gateway.start_services()
+    except Exception:
+        log.exception("starting services after a reload failed; policies that need them answer 503")
 
 
 async def _watch(gateway: Gateway, source: ConfigSource) -> None:

@@ -24,6 +24,7 @@ from apigate.policies.registry import build_policy, registry
 
 if TYPE_CHECKING:
     from apigate.engine.upstream import ConnectionPool, PoolManager
+    from apigate.services import Services
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -116,6 +117,7 @@ class Snapshot:
     routes: tuple[CompiledRoute, ...]
     trusted_proxies: tuple[Network, ...]
     inactive: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    needs: frozenset[str] = frozenset()  # shared services some policy of this snapshot uses
 
 
 def _compile_rewrite(template: str | None) -> tuple[tuple[bool, str], ...] | None:
@@ -142,7 +144,7 @@ def _make_target(url: str, weight: int, pool_config: Any, pools: PoolManager) ->
 
 
 def _policy_chain(
-    global_raw: dict[str, Any], route: RouteConfig
+    global_raw: dict[str, Any], route: RouteConfig, services: Services | None
 ) -> tuple[tuple[Policy, ...], tuple[str, ...]]:
     """Global policies, overridden by the route's own config for the same name; shorthands resolved."""
     raw: dict[str, Any] = dict(global_raw)
@@ -158,7 +160,9 @@ def _policy_chain(
             raw[name] = cfg
         elif name not in known:
             inactive.append(f"{key}: {value}")
-    policies = sorted((build_policy(name, cfg) for name, cfg in raw.items()), key=lambda p: (p.order, p.name))
+    policies = sorted(
+        (build_policy(name, cfg, services) for name, cfg in raw.items()), key=lambda p: (p.order, p.name)
+    )
     return tuple(policies), tuple(inactive)
 
 
@@ -168,7 +172,7 @@ def _hooks(policies: tuple[Policy, ...], phase: str) -> tuple[Callable[..., Any]
     return tuple(getattr(p, phase) for p in policies if getattr(type(p), phase) is not base)
 
 
-def compile_snapshot(config: GatewayConfig, pools: PoolManager) -> Snapshot:
+def compile_snapshot(config: GatewayConfig, pools: PoolManager, services: Services | None = None) -> Snapshot:
     groups: dict[str, UpstreamGroup] = {}
     for name, upstream in config.upstreams.items():
         groups[name] = _group(name, upstream, pools)
@@ -181,7 +185,7 @@ def compile_snapshot(config: GatewayConfig, pools: PoolManager) -> Snapshot:
             group = groups[route.upstream]
         else:
             group = _group(route.display_name, UpstreamConfig(targets=[{"url": route.target}]), pools)
-        policies, route_inactive = _policy_chain(config.policies, route)
+        policies, route_inactive = _policy_chain(config.policies, route, services)
         request_hooks = _hooks(policies, "on_request")
         max_body = route.max_body_size if route.max_body_size is not None else config.limits.max_body_size
         item = CompiledRoute(
@@ -223,6 +227,7 @@ def compile_snapshot(config: GatewayConfig, pools: PoolManager) -> Snapshot:
         routes=tuple(compiled),
         trusted_proxies=tuple(config.trusted_proxies),
         inactive=inactive,
+        needs=frozenset().union(*(p.needs for r in compiled for p in r.policies)),
     )
 
 

@@ -127,6 +127,43 @@ class EndpointsConfig(Strict):
         return None if value == "" else value
 
 
+class StoreConfig(Strict):
+    """Where durable entities live: SQLite (default, embedded) or PostgreSQL (a cluster)."""
+
+    url: str = Field(
+        default_factory=lambda: os.environ.get("APIGATE_STORE_URL", "sqlite:///apigate.db"),
+        description="sqlite:///path.db or postgresql://user@host:5432/db",
+    )
+    poll_interval: Duration = Field(default=0.5, description="how often workers look for changes")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("must start with sqlite:/// or postgresql://")
+        return url
+
+
+class DeclaredKeyConfig(Strict):
+    """An API key written in the config (for example from an environment variable)."""
+
+    key: SecretStr = Field(min_length=16)
+    scopes: list[str] = Field(default_factory=list)
+    allowed_cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
+    time_windows: list[str] = Field(default_factory=list)
+    expires_at: float | None = None
+
+
+class ConsumerConfig(Strict):
+    """A consumer declared in the config; runtime ones are created with `apigate consumers`."""
+
+    id: str = Field(min_length=1, max_length=200)
+    tenant: str | None = None
+    groups: list[str] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    keys: list[DeclaredKeyConfig] = Field(default_factory=list)
+
+
 class RouteConfig(Strict):
     name: str | None = None
     path: str
@@ -241,6 +278,8 @@ class GatewayConfig(Strict):
     timeouts: TimeoutsConfig = TimeoutsConfig()
     limits: LimitsConfig = LimitsConfig()
     endpoints: EndpointsConfig = EndpointsConfig()
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    consumers: list[ConsumerConfig] = Field(default_factory=list)
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
     policies: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)

@@ -23,6 +23,7 @@ from apigate.engine.client import ClientConnection
 from apigate.engine.exchange import Exchange, Reply
 from apigate.engine.stats import Stats
 from apigate.engine.upstream import PoolManager
+from apigate.services import Services
 
 log = logging.getLogger("apigate")
 
@@ -31,8 +32,14 @@ SLOW_SWEEP_EVERY = 10  # pools and idle clients are checked once a second
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        loop: asyncio.AbstractEventLoop | None = None,
+        services: Services | None = None,
+    ) -> None:
         self.loop = loop or asyncio.get_running_loop()
+        self.services = services or Services()
         self.pools = PoolManager(self.loop)
         self.stats = Stats()
         self.connections: set[ClientConnection] = set()
@@ -51,7 +58,7 @@ class Gateway:
     # -- configuration ------------------------------------------------------------------------------
     def apply(self, config: GatewayConfig) -> None:
         """Compile and swap in a new config; raises (and keeps the old one) if compiling fails."""
-        snapshot = compile_snapshot(config, self.pools)
+        snapshot = compile_snapshot(config, self.pools, self.services)
         self.snapshot = snapshot
         self.builtins = builtin.endpoints(self, snapshot)
         self.max_header_bytes = config.limits.max_header_bytes
@@ -88,6 +95,10 @@ class Gateway:
         return self._id_prefix + b"%016x" % self._id_counter
 
     # -- running ---------------------------------------------------------------------------------
+    async def start_services(self) -> None:
+        """Start the shared services the current snapshot's policies need (before serving)."""
+        await self.services.start(self.snapshot.config, self.snapshot.needs)
+
     async def serve(self, sock: socket.socket) -> None:
         self.server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=2048)
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
@@ -134,3 +145,4 @@ class Gateway:
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.pools.close_idle()
+        await self.services.stop()

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable
 
     from apigate.engine.exchange import Exchange, Reply
+    from apigate.services import Services
 
 
 class PolicyConfig(BaseModel):
@@ -34,9 +35,12 @@ class Policy:
     order: ClassVar[int]
     """Request hooks run in ascending order (auth ~1000, limits ~2000, transforms ~5000)."""
     Config: ClassVar[type[PolicyConfig]]
+    needs: ClassVar[frozenset[str]] = frozenset()
+    """Shared services the policy uses, e.g. {"consumers"}; the gateway starts them before serving."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, services: Services | None = None) -> None:
         self.config = config
+        self.services = services
 
     def on_request(self, exchange: Exchange) -> Reply | Awaitable[Reply | None] | None:
         return None

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from apigate.config.models import ConfigIssue
 from apigate.policies.base import Policy
+
+if TYPE_CHECKING:
+    from apigate.services import Services
 
 # Modules that define the built-in policies; each registers itself on import.
 BUILTIN = ("apigate.policies.headers",)
@@ -47,6 +50,6 @@ def validate_policy_config(
     return []
 
 
-def build_policy(name: str, raw: dict[str, Any] | None) -> Policy:
+def build_policy(name: str, raw: dict[str, Any] | None, services: Services | None = None) -> Policy:
     cls = registry()[name]
-    return cls(cls.Config.model_validate(raw or {}))
+    return cls(cls.Config.model_validate(raw or {}), services)

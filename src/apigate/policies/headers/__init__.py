@@ -16,6 +16,7 @@ from apigate.policies.registry import register
 
 if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
+    from apigate.services import Services
 
 _NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 # Headers the proxy owns; editing them would break framing or the connection.
@@ -102,8 +103,8 @@ class HeadersPolicy(Policy):
     order: ClassVar[int] = 5000
     Config: ClassVar[type[PolicyConfig]] = HeadersConfig
 
-    def __init__(self, config: HeadersConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: HeadersConfig, services: Services | None = None) -> None:
+        super().__init__(config, services)
         self.request_edits = CompiledEdits(config.request)
         self.response_edits = CompiledEdits(config.response)
 
