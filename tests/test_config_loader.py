@@ -9,31 +9,9 @@ import pytest
 
 from apigate.config.loader import ConfigError, load_config
 from apigate.config.models import GatewayConfig
+from tests.support.seed import SEED_ROUTES_YAML
 
 SECRET = "sk_live_9f8e7d6c5b4a39281706"
-
-# The blank lines between routes hold four spaces, as in the seed's file.
-SEED = """\
-routes:
-  - path: /webhooks/allegro
-    target: http://allegro-handler:8080
-    auth: webhook_secret
-    rate_limit: 100/min
-\x20\x20\x20\x20
-  - path: /webhooks/inpost
-    target: http://inpost-handler:8080
-    auth: hmac_sha256
-\x20\x20\x20\x20
-  - path: /webhooks/stripe
-    target: http://stripe-handler:8080
-    auth: stripe_signature
-\x20\x20\x20\x20
-  - path: /api/v1/*
-    target: http://backend:8080
-    auth: jwt
-    cache: 60s
-    rate_limit: 1000/min
-"""
 
 
 def write(tmp_path: Path, text: str, *, dedent: bool = True) -> Path:
@@ -226,7 +204,7 @@ def test_merge_keys_are_overridden_without_duplicate_error(tmp_path: Path) -> No
 
 
 def test_seed_config_loads_unchanged(tmp_path: Path) -> None:
-    path = write(tmp_path, SEED, dedent=False)  # dedent would empty the whitespace-only lines
+    path = write(tmp_path, SEED_ROUTES_YAML, dedent=False)  # dedent would empty the whitespace-only lines
     assert "\n    \n" in path.read_text()
     config = load_config(path, environ={})
     assert [r.path for r in config.routes] == [
@@ -245,7 +223,7 @@ def test_seed_config_reads_its_env_defaults(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("PORT", "9123")
     monkeypatch.setenv("DEFAULT_TIMEOUT", "12")
     monkeypatch.setenv("MAX_RETRIES", "5")
-    config = load_config(write(tmp_path, SEED, dedent=False))  # environ defaults to os.environ
+    config = load_config(write(tmp_path, SEED_ROUTES_YAML, dedent=False))  # environ defaults to os.environ
     assert config.listen.port == 9123
     assert all(r.timeout == 12.0 and r.retries == 5 for r in config.routes)
 

@@ -26,6 +26,7 @@ from tests.support.errors_helpers import (
     request,
 )
 from tests.support.gateway import GatewayProcess
+from tests.support.seed import SEED_ROUTES_YAML
 from tests.support.upstream import UpstreamServer
 
 API_KEY = "key-value-123456"
@@ -298,32 +299,9 @@ def test_builtin_endpoints_with_token(start_gateway: Any, upstream: UpstreamServ
 
 # --- the seed's routes.yaml ---------------------------------------------------------------------------
 
-# Exactly as the seed ships it (the blank lines between routes hold four spaces).
-SEED_ROUTES = """\
-routes:
-  - path: /webhooks/allegro
-    target: http://allegro-handler:8080
-    auth: webhook_secret
-    rate_limit: 100/min
-\x20\x20\x20\x20
-  - path: /webhooks/inpost
-    target: http://inpost-handler:8080
-    auth: hmac_sha256
-\x20\x20\x20\x20
-  - path: /webhooks/stripe
-    target: http://stripe-handler:8080
-    auth: stripe_signature
-\x20\x20\x20\x20
-  - path: /api/v1/*
-    target: http://backend:8080
-    auth: jwt
-    cache: 60s
-    rate_limit: 1000/min
-"""
-
 
 def test_seed_config_runs_unchanged_on_port_env(tmp_path: Path) -> None:
-    (tmp_path / "routes.yaml").write_text(SEED_ROUTES)
+    (tmp_path / "routes.yaml").write_text(SEED_ROUTES_YAML)
     port = free_port()
     process = Launched(
         apigate_cmd("run", "-c", "routes.yaml"), tmp_path, clean_env(PORT=str(port)), tmp_path / "log"

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
+
+from tests.support.gateway import stop_process
 
 T = TypeVar("T")
 
@@ -295,15 +296,7 @@ class Launched:
         wait_until(up, timeout, message=f"a listener on port {port}")
 
     def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
-        return self.proc.returncode
+        return stop_process(self.proc, self.log)
 
 
 def children_of(pid: int) -> set[int]:

@@ -9,8 +9,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import yaml
+
+
+def stop_process(proc: subprocess.Popen, log: IO[bytes]) -> int:
+    """SIGTERM (the gateway drains), then SIGKILL if it does not exit; returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    log.close()
+    return proc.returncode
 
 
 def free_port() -> int:
@@ -76,12 +90,4 @@ class GatewayProcess:
     def stop(self) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
-        return self.proc.returncode
+        return stop_process(self.proc, self.log)
