@@ -46,6 +46,8 @@ _SPECIAL = {
 # Response headers the proxy owns: hop-by-hop ones, and X-Request-ID (it sends its own).
 _RESPONSE_OWN = wire.HOP_BY_HOP | {b"x-request-id"}
 _STATUS_101 = wire.status_line(101)
+_NO_PARAMS: dict[str, str] = {}
+_NO_HEADERS: list[tuple[bytes, bytes]] = []
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 # A body this small is kept so the request can be replayed on another connection.
 REPLAY_LIMIT = 64 * 1024
@@ -91,7 +93,7 @@ class Exchange:
     consumer: Any = None
     tenant: str | None = None
     route: CompiledRoute | None = None
-    params: dict[str, str] = {}  # replaced, never mutated in place
+    params: dict[str, str]
     remainder: str | None = None
     prefix: str | None = None
     target: Target | None = None
@@ -107,7 +109,7 @@ class Exchange:
     request_done = False
     response_started = False
     response_status = 0
-    response_headers: list[tuple[bytes, bytes]] = []  # replaced, never mutated in place
+    response_headers: list[tuple[bytes, bytes]]
     response_chunked = False
     response_until_eof = False
     upstream_keep_alive = False
@@ -144,6 +146,8 @@ class Exchange:
         self.upgrade = upgrade
         self.t_start = time.monotonic()
         self.snapshot = client.gateway.snapshot
+        self.params = _NO_PARAMS  # shared and never mutated in place: routing replaces it
+        self.response_headers = _NO_HEADERS
         # One pass over the headers for what the proxy itself needs (one dict probe per header).
         host = xff = rid = proto = fwd_host = None
         content_length: int | None = None
