@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from apigate.config.models import GatewayConfig, RouteConfig, UpstreamConfig
 from apigate.engine.router import RouteEntry, Router
 from apigate.policies.base import Policy
-from apigate.policies.registry import build_policy, registry
+from apigate.policies.registry import build_policy, registry, validate_policy_config
 
 if TYPE_CHECKING:
     from apigate.engine.upstream import ConnectionPool, PoolManager
@@ -156,10 +156,12 @@ def _policy_chain(
         if value is None:
             continue
         name, cfg = expand(value)
-        if name in known and name not in raw:
+        if name in raw:
+            continue  # the policy is configured by name: the shorthand adds nothing
+        if name in known and not validate_policy_config(name, cfg, ()):
             raw[name] = cfg
-        elif name not in known:
-            inactive.append(f"{key}: {value}")
+        else:
+            inactive.append(f"{key}: {value}")  # no such policy yet, or it needs settings (jwt: keys)
     policies = sorted(
         (build_policy(name, cfg, services) for name, cfg in raw.items()), key=lambda p: (p.order, p.name)
     )

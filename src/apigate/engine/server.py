@@ -64,7 +64,10 @@ class Gateway:
         self.max_header_bytes = config.limits.max_header_bytes
         for name, inactive in snapshot.inactive.items():
             log.warning(
-                "route %s: %s not active yet (no such policy in this version)", name, ", ".join(inactive)
+                "route %s: %s not active (no such policy in this version, or the policy needs settings "
+                "the shorthand cannot give: configure it under policies)",
+                name,
+                ", ".join(inactive),
             )
 
     def is_trusted(self, ip: str) -> bool:

@@ -1,0 +1,629 @@
+"""The `jwt` policy: verify a bearer JWT (HS/RS/PS/ES/EdDSA) before the request goes upstream.
+
+Keys come from an HS ``secret``, a PEM ``public_key``/``public_key_file``, a ``jwks_url`` or
+OIDC ``issuer_discovery`` (see ``keys.py``). A valid token sets ``exchange.consumer`` and
+``exchange.tenant`` from claims, puts ``claims``, ``scopes`` and ``roles`` in
+``exchange.vars()`` for later policies, and can forward claims to the upstream as headers
+(a client-sent header of the same name is always replaced). Anything else is a 401 with a
+``WWW-Authenticate: Bearer`` challenge and a reason code; the token itself is never echoed.
+
+Speed: a repeated token costs a header scan, one dict lookup and one clock read. Verified
+tokens are cached (raw credential bytes -> expiry, consumer, tenant, vars, forward headers);
+a hit does no parsing, no signature check and no await. How that meets the engine:
+
+- ``check()`` is a plain method: a cache hit, and also a miss whose key is already at hand
+  (pure CPU: parse and verify), return ``None`` or a ``Reply``; only a miss that needs keys
+  from the network (first use of a JWKS, an unknown ``kid``) returns a coroutine.
+- ``on_request`` is ``async def``, because the engine picks the async runner per route at
+  compile time from ``inspect.iscoroutinefunction``, and its sync runner would pass a
+  returned coroutine to ``reply()``. It calls ``check()`` and awaits only when given an
+  awaitable, so even inside the runner's task a hit never yields to the loop.
+- The remaining cost on a hit is the engine's: one task per request on an async route. An
+  engine that ran sync hooks inline and moved to the async runner only when a hook returns
+  an awaitable would let ``on_request = check`` drop that task on every repeated token.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+import time
+import weakref
+from collections.abc import Coroutine
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import unquote_to_bytes
+
+import jwt as pyjwt
+import orjson
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from apigate.config.models import check_http_url
+from apigate.config.units import ByteSize, Duration
+from apigate.engine.exchange import Reply, json_reply
+from apigate.policies.base import Policy, PolicyConfig
+from apigate.policies.jwt.keys import (
+    ALGORITHMS,
+    HMAC_MIN_BYTES,
+    KeySet,
+    PublicKey,
+    describe_kind,
+    load_public_key,
+    shared_keyset,
+    static_key,
+)
+from apigate.policies.registry import register
+
+if TYPE_CHECKING:
+    from apigate.engine.exchange import Exchange
+    from apigate.services import Services
+
+_now = time.time  # tokens carry wall-clock times; time.time() is a single cheap C call
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_PROTECTED = {
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "host",
+    "te",
+    "trailer",
+    "keep-alive",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-request-id",
+    "cookie",
+}
+# A compact JWS: three base64url segments. Anything else (JWE, alg "none" with an empty
+# signature, spaces, non-ASCII) is refused before any decoding.
+_COMPACT_JWS = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+_UNSAFE_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_KEY_SOURCES = "secret, public_key, public_key_file, jwks_url or issuer_discovery"
+
+# reason -> (status, message). Messages say what is wrong with the token, never which part of
+# a signature check failed or anything about the keys.
+_REASONS: dict[str, tuple[int, str]] = {
+    "missing_token": (401, "a bearer token is required"),
+    "invalid_token": (401, "the bearer token is not valid"),
+    "token_expired": (401, "the bearer token has expired"),
+    "token_not_yet_valid": (401, "the bearer token is not valid yet"),
+    "invalid_issuer": (401, "the bearer token's issuer is not accepted here"),
+    "invalid_audience": (401, "the bearer token is not meant for this audience"),
+    "missing_claim": (401, "the bearer token lacks a required claim"),
+    "token_too_large": (401, "the bearer token is too large"),
+    "unknown_key": (401, "the bearer token was signed with an unknown key"),
+    "token_revoked": (401, "the bearer token has been revoked"),
+    "keys_unavailable": (503, "the keys to verify bearer tokens cannot be loaded right now"),
+}
+
+
+def _check_header_name(name: str) -> str:
+    if not _HEADER_NAME.match(name):
+        raise ValueError("is not a valid header name")
+    return name
+
+
+class JwtConfig(PolicyConfig):
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256"], min_length=1)
+    # Key sources: at least one.
+    secret: SecretStr | None = Field(default=None, description="shared secret for HS256/384/512")
+    public_key: str | None = Field(default=None, description="PEM public key or certificate")
+    public_key_file: str | None = Field(default=None, description="path to a PEM public key or certificate")
+    jwks_url: str | None = None
+    issuer_discovery: str | None = Field(
+        default=None, description="issuer URL; keys from its /.well-known/openid-configuration jwks_uri"
+    )
+    # Claims.
+    issuer: str | None = Field(default=None, description="required iss (default: issuer_discovery)")
+    audience: str | list[str] | None = Field(default=None, description="aud must contain one of these")
+    leeway: Duration = Field(default=30.0, le=3600)
+    required_claims: list[str] = Field(default_factory=lambda: ["exp"])
+    denied_jti: list[str] = Field(default_factory=list)
+    # Where the token is.
+    header: str = "Authorization"
+    cookie: str | None = None
+    query_param: str | None = None
+    # What a valid token does.
+    forward_claims: dict[str, str] = Field(default_factory=dict, description="claim -> upstream header")
+    strip_credential: bool = False
+    consumer_claim: str | None = "sub"
+    tenant_claim: str | None = "tenant"
+    # Limits and timings.
+    max_token_bytes: ByteSize = Field(default=8192, ge=64)
+    cache_size: int = Field(default=10000, ge=0)
+    jwks_refresh_interval: Duration = Field(default=600.0, ge=1)
+    jwks_min_refetch_interval: Duration = Field(default=30.0, ge=0.1)
+    jwks_timeout: Duration = Field(default=5.0, gt=0, le=60)
+    realm: str = "apigate"
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, algorithms: list[str]) -> list[str]:
+        for alg in algorithms:
+            if alg.lower() == "none":
+                raise ValueError("'none' is never accepted: tokens must be signed")
+            if alg not in ALGORITHMS:
+                raise ValueError(f"unsupported algorithm {alg!r} (supported: {', '.join(ALGORITHMS)})")
+        return list(dict.fromkeys(algorithms))
+
+    @field_validator("public_key")
+    @classmethod
+    def _public_key(cls, pem: str | None) -> str | None:
+        if pem is not None:
+            load_public_key(pem)
+        return pem
+
+    @field_validator("public_key_file")
+    @classmethod
+    def _public_key_file(cls, path: str | None) -> str | None:
+        if path is not None:
+            _read_key_file(path)
+        return path
+
+    @field_validator("jwks_url", "issuer_discovery")
+    @classmethod
+    def _url(cls, url: str | None) -> str | None:
+        return check_http_url(url) if url is not None else None
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, name: str) -> str:
+        _check_header_name(name)
+        if name.lower() in _PROTECTED:
+            raise ValueError("is managed by the proxy and cannot carry a token")
+        return name
+
+    @field_validator("cookie", "query_param")
+    @classmethod
+    def _param_name(cls, name: str | None) -> str | None:
+        if name is not None and not _HEADER_NAME.match(name):
+            raise ValueError("must be a non-empty name without spaces, '=', ';' or '&'")
+        return name
+
+    @field_validator("forward_claims")
+    @classmethod
+    def _forward(cls, pairs: dict[str, str]) -> dict[str, str]:
+        for header in pairs.values():
+            _check_header_name(header)
+            if header.lower() in _PROTECTED:
+                raise ValueError(f"{header} is managed by the proxy and cannot carry a claim")
+        lowered = [h.lower() for h in pairs.values()]
+        if len(set(lowered)) != len(lowered):
+            raise ValueError("two claims are forwarded in the same header")
+        return pairs
+
+    @field_validator("realm")
+    @classmethod
+    def _realm(cls, realm: str) -> str:
+        if not realm or any(c in realm for c in '"\\\r\n\0'):
+            raise ValueError("must be non-empty, without quotes, backslashes or line breaks")
+        return realm
+
+    @model_validator(mode="after")
+    def _keys_fit_algorithms(self) -> JwtConfig:
+        if not any(
+            (self.secret, self.public_key, self.public_key_file, self.jwks_url, self.issuer_discovery)
+        ):
+            raise ValueError(f"no key source: set one of {_KEY_SOURCES}")
+        if self.public_key is not None and self.public_key_file is not None:
+            raise ValueError("set public_key or public_key_file, not both")
+        hmac = [alg for alg in self.algorithms if ALGORITHMS[alg][0] == "oct"]
+        asymmetric = [alg for alg in self.algorithms if ALGORITHMS[alg][0] != "oct"]
+        if hmac and self.secret is None:
+            raise ValueError(f"algorithms lists {hmac[0]}, which needs a secret")
+        if self.secret is not None:
+            if not hmac:
+                raise ValueError("secret is set but algorithms lists no HS algorithm (HS256, HS384, HS512)")
+            size = len(self.secret.get_secret_value().encode())
+            for alg in hmac:
+                if size < HMAC_MIN_BYTES[alg]:
+                    raise ValueError(f"secret must be at least {HMAC_MIN_BYTES[alg]} bytes for {alg}")
+        has_public = any((self.public_key, self.public_key_file, self.jwks_url, self.issuer_discovery))
+        if asymmetric and not has_public:
+            raise ValueError(
+                f"algorithms lists {asymmetric[0]}, which needs public_key, public_key_file, "
+                "jwks_url or issuer_discovery"
+            )
+        if has_public and not asymmetric:
+            raise ValueError("a public key source is set but algorithms lists only HS algorithms")
+        pem = self.public_key if self.public_key is not None else None
+        if pem is None and self.public_key_file is not None:
+            pem = _read_key_file(self.public_key_file)
+        if pem is not None:
+            key = static_key(load_public_key(pem))
+            if not any(key.can_verify(alg) for alg in asymmetric):
+                raise ValueError(
+                    f"the public key is {describe_kind(key.kind)}, which none of algorithms can use"
+                )
+        return self
+
+
+def _read_key_file(path: str) -> str:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read the file: {exc.strerror or type(exc).__name__}") from None
+    except UnicodeDecodeError:
+        raise ValueError("is not a PEM text file") from None
+    load_public_key(text)
+    return text
+
+
+# -- the verified-token cache ------------------------------------------------------------------------
+class _Entry:
+    """What a verified token grants, precomputed so that a cache hit only copies references."""
+
+    __slots__ = ("consumer", "expires", "forward", "tenant", "vars")
+
+    def __init__(
+        self,
+        expires: float,
+        consumer: Any,
+        tenant: str | None,
+        vars: dict[str, Any],
+        forward: list[tuple[bytes, bytes]],
+    ) -> None:
+        self.expires = expires
+        self.consumer = consumer
+        self.tenant = tenant
+        self.vars = vars
+        self.forward = forward
+
+
+class _Shared:
+    """Cache and keys of one config, shared by its policy instances (a global policy is built per
+    route, and a reload with an unchanged config keeps the cache warm)."""
+
+    def __init__(self, config: JwtConfig) -> None:
+        self.cache: dict[bytes, _Entry] = {}
+        self.secret = config.secret.get_secret_value().encode() if config.secret is not None else None
+        pem = config.public_key
+        if pem is None and config.public_key_file is not None:
+            pem = Path(config.public_key_file).read_text()
+        self.static: list[PublicKey] = [static_key(load_public_key(pem))] if pem is not None else []
+        self.keyset: KeySet | None = None
+        if config.jwks_url is not None or config.issuer_discovery is not None:
+            self.keyset = shared_keyset(
+                config.jwks_url,
+                config.issuer_discovery if config.jwks_url is None else None,
+                config.jwks_refresh_interval,
+                config.jwks_min_refetch_interval,
+                config.jwks_timeout,
+            )
+            self.keyset.listeners.add(self)
+            self.keyset.start()
+
+    def keys_removed(self) -> None:
+        self.cache.clear()
+
+
+_shared: weakref.WeakValueDictionary[bytes, _Shared] = weakref.WeakValueDictionary()
+
+
+def _shared_for(config: JwtConfig) -> _Shared:
+    digest = hashlib.sha256(config.model_dump_json().encode())
+    if config.secret is not None:
+        digest.update(b"\0secret\0" + config.secret.get_secret_value().encode())
+    if config.public_key_file is not None:
+        digest.update(b"\0file\0" + Path(config.public_key_file).read_bytes())
+    key = digest.digest()
+    shared = _shared.get(key)
+    if shared is None:
+        shared = _Shared(config)
+        _shared[key] = shared
+    return shared
+
+
+# -- claims -> what the request gets --------------------------------------------------------------------
+def _names(value: Any) -> frozenset[str]:
+    """A space-separated string or a list of strings, as a set."""
+    if isinstance(value, str):
+        return frozenset(value.split())
+    if isinstance(value, list | tuple):
+        return frozenset(item for item in value if isinstance(item, str))
+    return frozenset()
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        return str(value)
+    if isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
+        return ",".join(_text(v) or "" for v in value)
+    return orjson.dumps(value).decode()
+
+
+def _header_value(value: Any) -> bytes | None:
+    """A claim as a header value, or None if it has none or would need control characters."""
+    text = _text(value)
+    if text is None:
+        return None
+    data = text.encode()
+    return None if _UNSAFE_VALUE.search(data) else data
+
+
+def _b64url(segment: bytes) -> bytes:
+    return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
+
+
+@register
+class JwtPolicy(Policy):
+    name: ClassVar[str] = "jwt"
+    order: ClassVar[int] = 1000
+    Config: ClassVar[type[PolicyConfig]] = JwtConfig
+
+    def __init__(self, config: JwtConfig, services: Services | None = None) -> None:
+        super().__init__(config, services)
+        self._state = _shared_for(config)
+        self._cache = self._state.cache
+        self._cache_size = config.cache_size
+        self._header = config.header.lower().encode()
+        self._authorization = self._header == b"authorization"
+        self._cookie = config.cookie.encode() if config.cookie else None
+        self._query = config.query_param.encode() if config.query_param else None
+        self._max_token = config.max_token_bytes
+        self._algorithms = frozenset(config.algorithms)
+        self._denied = frozenset(config.denied_jti)
+        self._forward = [(claim, header.lower().encode()) for claim, header in config.forward_claims.items()]
+        drop = {header for _, header in self._forward}
+        if config.strip_credential:
+            drop.add(self._header)
+        self._drop = frozenset(drop)
+        issuer = config.issuer if config.issuer is not None else config.issuer_discovery
+        audience = config.audience
+        self._decode_args: dict[str, Any] = {
+            "options": {"require": list(config.required_claims), "verify_aud": audience is not None},
+            "audience": audience,
+            "issuer": issuer,
+            "leeway": config.leeway,
+        }
+        self._leeway = config.leeway
+        realm = config.realm
+        self._challenge_missing = [(b"www-authenticate", f'Bearer realm="{realm}"'.encode())]
+        self._challenge_invalid = [
+            (b"www-authenticate", f'Bearer realm="{realm}", error="invalid_token"'.encode())
+        ]
+
+    # -- the request hook ----------------------------------------------------------------------------
+    async def on_request(self, exchange: Exchange) -> Reply | None:
+        result = self.check(exchange)
+        if result is None or result.__class__ is Reply:
+            return result  # type: ignore[return-value]
+        return await result  # type: ignore[misc]
+
+    def check(self, exchange: Exchange) -> Reply | Coroutine[Any, Any, Reply | None] | None:
+        """None (go on) or a Reply; a coroutine only when keys must be fetched first."""
+        name = self._header
+        value = None
+        for key, found in exchange.headers:
+            if key == name:
+                if value is not None:
+                    # Two credentials: the upstream might read the one that was not checked.
+                    return self._reject(exchange, "invalid_token")
+                value = found
+        if value is not None:
+            entry = self._cache.get(value)
+            if entry is not None and entry.expires > _now():
+                self._admit(exchange, entry)
+                return None
+        return self._miss(exchange, value)
+
+    # -- a token not in the cache ----------------------------------------------------------------------
+    def _miss(self, exchange: Exchange, value: bytes | None) -> Reply | Coroutine[Any, Any, Any] | None:
+        token: bytes | None = None
+        source = "header"
+        cache_key = value
+        if value is not None:
+            stripped = value.strip(b" \t")
+            scheme, _, rest = stripped.partition(b" ")
+            if scheme.lower() == b"bearer":
+                token = rest.strip(b" \t")
+                if not token:
+                    return self._reject(exchange, "invalid_token")
+            elif not stripped:
+                return self._reject(exchange, "invalid_token")
+            elif not self._authorization:
+                token = stripped  # a custom header may carry the bare token
+            else:
+                cache_key = None  # another scheme (Basic...): no bearer token in the header
+        if token is None and self._cookie is not None:
+            token, source = self._from_cookie(exchange), "cookie"
+            cache_key = token
+        if token is None and self._query is not None:
+            token, source = self._from_query(exchange), "query"
+            cache_key = token
+        if token is None or cache_key is None:
+            return self._reject(exchange, "missing_token")
+        if source != "header":
+            entry = self._cache.get(cache_key)
+            if entry is not None and entry.expires > _now():
+                self._admit(exchange, entry, source)
+                return None
+        if len(token) > self._max_token:
+            return self._reject(exchange, "token_too_large")
+        if not _COMPACT_JWS.fullmatch(token):
+            return self._reject(exchange, "invalid_token")
+        try:
+            header = orjson.loads(_b64url(token[: token.index(b".")]))
+        except (binascii.Error, ValueError):
+            return self._reject(exchange, "invalid_token")
+        if not isinstance(header, dict):
+            return self._reject(exchange, "invalid_token")
+        alg, kid = header.get("alg"), header.get("kid")
+        # The alg must be one this route accepts: this is what stops "none" and algorithm
+        # confusion (an HS256 token "signed" with an RSA public key on an RS256 route).
+        if (
+            alg.__class__ is not str
+            or alg not in self._algorithms
+            or (kid is not None and kid.__class__ is not str)
+        ):
+            return self._reject(exchange, "invalid_token")
+        if ALGORITHMS[alg][0] == "oct":
+            keys: list[Any] = [self._state.secret]
+        else:
+            keys = self._public_keys(kid, alg)
+            if not keys:
+                keyset = self._state.keyset
+                if keyset is None:
+                    return self._reject(exchange, "unknown_key")
+                if keyset.knows(kid):
+                    return self._reject(exchange, "invalid_token")  # that key is for another alg
+                if keyset.may_refetch(kid):
+                    return self._after_fetch(exchange, token, alg, kid, cache_key, source)
+                return self._reject(exchange, "unknown_key" if keyset.loaded else "keys_unavailable")
+        return self._verify(exchange, token, alg, keys, cache_key, source)
+
+    def _public_keys(self, kid: str | None, alg: str) -> list[Any]:
+        keyset = self._state.keyset
+        found = keyset.candidates(kid, alg) if keyset is not None else []
+        found += [key for key in self._state.static if key.can_verify(alg)]
+        return [key.key for key in found]
+
+    async def _after_fetch(
+        self, exchange: Exchange, token: bytes, alg: str, kid: str | None, cache_key: bytes, source: str
+    ) -> Reply | None:
+        keyset = self._state.keyset
+        assert keyset is not None
+        await keyset.refetch()
+        keys = self._public_keys(kid, alg)
+        if not keys:
+            if keyset.knows(kid):
+                return self._reject(exchange, "invalid_token")
+            return self._reject(exchange, "unknown_key" if keyset.loaded else "keys_unavailable")
+        return self._verify(exchange, token, alg, keys, cache_key, source)
+
+    def _verify(
+        self, exchange: Exchange, token: bytes, alg: str, keys: list[Any], cache_key: bytes, source: str
+    ) -> Reply | None:
+        claims: dict[str, Any] | None = None
+        reason = "invalid_token"
+        for key in keys:
+            try:
+                claims = pyjwt.decode(token, key, algorithms=[alg], **self._decode_args)
+                break
+            except (pyjwt.InvalidSignatureError, pyjwt.InvalidKeyError):
+                continue  # another candidate key may fit (tokens without kid)
+            except pyjwt.ExpiredSignatureError:
+                reason = "token_expired"
+            except pyjwt.ImmatureSignatureError:
+                reason = "token_not_yet_valid"
+            except pyjwt.InvalidAudienceError:
+                reason = "invalid_audience"
+            except pyjwt.InvalidIssuerError:
+                reason = "invalid_issuer"
+            except pyjwt.MissingRequiredClaimError as exc:
+                reason = {"aud": "invalid_audience", "iss": "invalid_issuer"}.get(exc.claim, "missing_claim")
+            except Exception:  # any other decoding problem, whatever raised it
+                reason = "invalid_token"
+            break
+        if claims is None:
+            return self._reject(exchange, reason)
+        jti = claims.get("jti")
+        if jti is not None and jti in self._denied:
+            return self._reject(exchange, "token_revoked")
+        entry = self._entry(claims)
+        if self._cache_size and entry.expires > _now():
+            cache = self._cache
+            if len(cache) >= self._cache_size:
+                del cache[next(iter(cache))]  # the oldest entry (dicts keep insertion order)
+            cache[cache_key] = entry
+        self._admit(exchange, entry, source)
+        return None
+
+    def _entry(self, claims: dict[str, Any]) -> _Entry:
+        config = self.config
+        try:
+            expires = int(claims["exp"]) + self._leeway if "exp" in claims else float("inf")
+        except (TypeError, ValueError, OverflowError):
+            expires = 0.0  # not cacheable; PyJWT has already judged the token itself
+        consumer = _text(claims.get(config.consumer_claim)) if config.consumer_claim else None
+        tenant = _text(claims.get(config.tenant_claim)) if config.tenant_claim else None
+        forward = []
+        for claim, header in self._forward:
+            value = _header_value(claims.get(claim))
+            if value is not None:
+                forward.append((header, value))
+        variables = {
+            "claims": MappingProxyType(claims),
+            "scopes": _names(claims.get("scope")) | _names(claims.get("scp")),
+            "roles": _names(claims.get("roles")),
+        }
+        return _Entry(expires, consumer, tenant, variables, forward)
+
+    def _admit(self, exchange: Exchange, entry: _Entry, source: str = "header") -> None:
+        exchange.consumer = entry.consumer
+        exchange.tenant = entry.tenant
+        state = exchange.state
+        if state is None:
+            exchange.state = entry.vars.copy()
+        else:
+            state.update(entry.vars)
+        drop = self._drop
+        if drop:
+            headers = [pair for pair in exchange.headers if pair[0] not in drop]
+            headers += entry.forward
+            exchange.headers = headers
+        if source != "header" and self.config.strip_credential:
+            if source == "cookie":
+                self._strip_cookie(exchange)
+            else:
+                self._strip_query(exchange)
+
+    # -- other places a token can be ----------------------------------------------------------------------
+    def _from_cookie(self, exchange: Exchange) -> bytes | None:
+        wanted = self._cookie
+        for key, value in exchange.headers:
+            if key != b"cookie":
+                continue
+            for part in value.split(b";"):
+                name, sep, found = part.strip().partition(b"=")
+                if sep and name == wanted:
+                    return found.strip(b'" ') or None
+        return None
+
+    def _strip_cookie(self, exchange: Exchange) -> None:
+        wanted = self._cookie
+        headers = []
+        for key, value in exchange.headers:
+            if key == b"cookie":
+                kept = [p for p in value.split(b";") if p.strip().partition(b"=")[0] != wanted]
+                value = b";".join(kept).strip()
+                if not value:
+                    continue
+            headers.append((key, value))
+        exchange.headers = headers
+
+    def _from_query(self, exchange: Exchange) -> bytes | None:
+        wanted = self._query
+        for part in exchange.query.split(b"&"):
+            name, sep, found = part.partition(b"=")
+            if sep and unquote_to_bytes(name) == wanted:
+                return unquote_to_bytes(found) or None
+        return None
+
+    def _strip_query(self, exchange: Exchange) -> None:
+        wanted = self._query
+        kept = [
+            p for p in exchange.query.split(b"&") if p and unquote_to_bytes(p.partition(b"=")[0]) != wanted
+        ]
+        exchange.query = b"&".join(kept)
+
+    # -- answers --------------------------------------------------------------------------------------------
+    def _reject(self, exchange: Exchange, reason: str) -> Reply:
+        status, message = _REASONS[reason]
+        if status == 503:
+            headers = [(b"retry-after", b"5")]
+        elif reason == "missing_token":
+            headers = self._challenge_missing
+        else:
+            headers = self._challenge_invalid
+        payload = {"error": message, "reason": reason, "request_id": exchange.request_id}
+        return json_reply(status, payload, headers)
