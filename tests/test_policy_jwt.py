@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from apigate.engine.exchange import Reply
 from apigate.policies.registry import build_policy
 from tests.support.errors_helpers import ClosedPort, apigate_cmd, clean_env, wait_until
 from tests.support.jwks_server import (
@@ -496,8 +497,11 @@ def _bearer(token: str) -> FakeExchange:
     return FakeExchange([(b"authorization", f"Bearer {token}".encode())])
 
 
-def _run_without_suspending(coroutine: Any) -> Any:
-    """The coroutine's result, failing if it would have yielded to the event loop."""
+def _run_without_suspending(result: Any) -> Any:
+    """The hook's decision: None or a Reply as is; an awaitable must finish without yielding."""
+    if result is None or isinstance(result, Reply):
+        return result
+    coroutine = result
     try:
         coroutine.send(None)
     except StopIteration as done:
@@ -572,7 +576,12 @@ def test_concurrent_unknown_kids_share_one_fetch(own_jwks):
             "jwt", {"algorithms": ["EdDSA"], "jwks_url": own_jwks.jwks_url, "jwks_min_refetch_interval": 60}
         )
         token = key.sign(claims())
-        return await asyncio.gather(*(policy.on_request(_bearer(token)) for _ in range(10)))
+
+        async def decide() -> Any:
+            result = policy.on_request(_bearer(token))
+            return result if result is None or isinstance(result, Reply) else await result
+
+        return await asyncio.gather(*(decide() for _ in range(10)))
 
     assert asyncio.run(main()) == [None] * 10
     assert own_jwks.jwks_fetches == 1

@@ -8,7 +8,6 @@ reference; requests already running keep the snapshot they started with.
 
 from __future__ import annotations
 
-import inspect
 import ipaddress
 import re
 import ssl
@@ -92,7 +91,6 @@ class CompiledRoute:
     max_body_size: int | None
     policies: tuple[Policy, ...]
     request_hooks: tuple[Callable[..., Any], ...]
-    request_hooks_async: bool
     response_hooks: tuple[Callable[..., Any], ...]
     log_hooks: tuple[Callable[..., Any], ...]
     inactive: tuple[str, ...] = ()
@@ -202,7 +200,6 @@ def compile_snapshot(config: GatewayConfig, pools: PoolManager, services: Servic
             max_body_size=max_body,
             policies=policies,
             request_hooks=request_hooks,
-            request_hooks_async=any(inspect.iscoroutinefunction(h) for h in request_hooks),
             response_hooks=tuple(reversed(_hooks(policies, "on_response"))),
             log_hooks=_hooks(policies, "on_log"),
             inactive=route_inactive,

@@ -238,30 +238,47 @@ class Exchange:
             self.close_after = True
             self.fail(413, f"request body exceeds the route's limit of {limit} bytes")
             return
-        if route.request_hooks_async:
-            self.client.gateway.spawn(self._run_request_hooks_async(route))
-            return
-        for hook in route.request_hooks:
-            early = hook(self)
-            if early is not None:
-                self.reply(early)
-                return
-        self.go_upstream()
-
-    async def _run_request_hooks_async(self, route: CompiledRoute) -> None:
+        # Hooks run inline; only one that hands back an awaitable (a key fetch, a Redis round
+        # trip) moves the rest of the chain into a task, so a decision made from memory costs
+        # no task and no loop iteration.
+        hooks = route.request_hooks
+        index = 0
         try:
-            for hook in route.request_hooks:
-                early = hook(self)
-                if isinstance(early, Awaitable):
-                    early = await early
-                if early is not None:
-                    self.reply(early)
+            while index < len(hooks):
+                result = hooks[index](self)
+                index += 1
+                if result is None:
+                    continue
+                if isinstance(result, Reply):
+                    self.reply(result)
                     return
+                self.client.gateway.spawn(self._finish_hooks_async(result, hooks, index))
+                return
         except Exception:
             self.client.gateway.log_exception("policy failed", self)
             self.fail(500, "a policy failed while handling this request")
             return
-        if not self.finished and not self.client.closed:
+        self.go_upstream()
+
+    async def _finish_hooks_async(
+        self, pending: Awaitable[Reply | None], hooks: tuple[Any, ...], index: int
+    ) -> None:
+        try:
+            result: Any = await pending
+            while result is None and index < len(hooks):
+                result = hooks[index](self)
+                index += 1
+                if result is not None and not isinstance(result, Reply):
+                    result = await result
+        except Exception:
+            self.client.gateway.log_exception("policy failed", self)
+            self.fail(500, "a policy failed while handling this request")
+            return
+        if self.finished or self.client.closed:
+            return
+        if result is not None:
+            self.reply(result)
+        else:
             self.go_upstream()
 
     def go_upstream(self) -> None:

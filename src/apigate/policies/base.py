@@ -4,8 +4,10 @@ The engine calls only the hooks a policy overrides, so an unused phase costs not
 Phases, in the order a request meets them:
 
 - ``on_request(exchange)``: after the route matched, before the upstream is chosen. Returns
-  ``None`` to continue or a ``Reply`` to answer early (401, 429, a cached response...). May be
-  ``async def`` when it must await (a Redis decision, a JWKS fetch, a leaky-bucket delay).
+  ``None`` to continue, a ``Reply`` to answer early (401, 429, a cached response...), or an
+  awaitable of either when it must wait (a Redis decision, a JWKS fetch, a leaky-bucket
+  delay). Answer from memory synchronously when you can: only an awaitable costs a task.
+  ``async def`` works too, but then every request pays for a coroutine and a task.
 - ``on_response(exchange)``: the upstream's status and headers arrived; edit
   ``exchange.response_headers`` before they are sent. Runs in reverse order.
 - ``on_log(exchange)``: the exchange is finished (status, timings, bytes are known).

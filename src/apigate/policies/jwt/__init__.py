@@ -14,13 +14,8 @@ a hit does no parsing, no signature check and no await. How that meets the engin
 - ``check()`` is a plain method: a cache hit, and also a miss whose key is already at hand
   (pure CPU: parse and verify), return ``None`` or a ``Reply``; only a miss that needs keys
   from the network (first use of a JWKS, an unknown ``kid``) returns a coroutine.
-- ``on_request`` is ``async def``, because the engine picks the async runner per route at
-  compile time from ``inspect.iscoroutinefunction``, and its sync runner would pass a
-  returned coroutine to ``reply()``. It calls ``check()`` and awaits only when given an
-  awaitable, so even inside the runner's task a hit never yields to the loop.
-- The remaining cost on a hit is the engine's: one task per request on an async route. An
-  engine that ran sync hooks inline and moved to the async runner only when a hook returns
-  an awaitable would let ``on_request = check`` drop that task on every repeated token.
+- ``on_request`` is ``check``: the engine runs request hooks inline and moves to a task only
+  when a hook hands back an awaitable, so a hit costs no task and no loop iteration.
 """
 
 from __future__ import annotations
@@ -393,12 +388,6 @@ class JwtPolicy(Policy):
         ]
 
     # -- the request hook ----------------------------------------------------------------------------
-    async def on_request(self, exchange: Exchange) -> Reply | None:
-        result = self.check(exchange)
-        if result is None or result.__class__ is Reply:
-            return result  # type: ignore[return-value]
-        return await result  # type: ignore[misc]
-
     def check(self, exchange: Exchange) -> Reply | Coroutine[Any, Any, Reply | None] | None:
         """None (go on) or a Reply; a coroutine only when keys must be fetched first."""
         name = self._header
@@ -416,7 +405,10 @@ class JwtPolicy(Policy):
                 return None
         return self._miss(exchange, value)
 
+    on_request = check
+
     # -- a token not in the cache ----------------------------------------------------------------------
+
     def _miss(self, exchange: Exchange, value: bytes | None) -> Reply | Coroutine[Any, Any, Any] | None:
         token: bytes | None = None
         source = "header"
