@@ -153,6 +153,13 @@ class DeclaredKeyConfig(Strict):
     time_windows: list[str] = Field(default_factory=list)
     expires_at: float | None = None
 
+    @field_validator("time_windows")
+    @classmethod
+    def _check_windows(cls, windows: list[str]) -> list[str]:
+        from apigate.consumers.windows import check_windows  # the grammar lives with the consumers
+
+        return check_windows(windows)
+
 
 class ConsumerConfig(Strict):
     """A consumer declared in the config; runtime ones are created with `apigate consumers`."""

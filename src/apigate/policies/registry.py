@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from apigate.services import Services
 
 # Modules that define the built-in policies; each registers itself on import.
-BUILTIN = ("apigate.policies.headers",)
+BUILTIN = ("apigate.policies.headers", "apigate.policies.key_auth", "apigate.policies.jwt")
 
 _registry: dict[str, type[Policy]] = {}
 

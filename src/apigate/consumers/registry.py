@@ -1,0 +1,281 @@
+"""The consumer registry: every consumer and usable API key, in memory, for the data plane.
+
+``start()`` loads the store (and the key-hash secret), then a background task polls the
+store's ``change_version`` every ``store.poll_interval`` and reloads when it moved, so a key
+created or revoked by any process on any node is seen by every worker within about one
+interval. Consumers and keys declared in the config are merged in (hashed here, never written
+to the store). A reload builds new dicts and swaps them in one assignment each; a request sees
+either the old data or the new. When the store cannot be read the last good data keeps serving.
+
+``lookup(key)`` is the hot path: one HMAC, one dict probe, no other allocation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from apigate.consumers.keys import MAX_KEY_BYTES, KeyHasher, display_prefix, load_key_secret
+from apigate.consumers.windows import Schedule
+from apigate.store.base import ApiKey, Consumer
+
+if TYPE_CHECKING:
+    from apigate.config.models import ConsumerConfig, GatewayConfig
+    from apigate.store.base import Store
+
+log = logging.getLogger("apigate.consumers")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# A store read slower than this counts as a failed poll (the next one tries again).
+REFRESH_TIMEOUT = 10.0
+# While the store keeps failing, a reminder is logged this often (the first failure at once).
+FAILURE_LOG_EVERY = 60.0
+
+
+def _header_value(text: str | None) -> bytes | None:
+    """``text`` as a header value, or None if it has none or holds control characters."""
+    if not text:
+        return None
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        return None
+    return text.encode()
+
+
+class KeyMatch:
+    """A usable key with its consumer, and what the policy checks precomputed.
+
+    ``deadline``: the earliest of expires_at and revoked_at (None if neither), so a request
+    checks the clock only for keys that have one. ``networks``/``schedule`` are None when the
+    key has no CIDR or time restriction.
+    """
+
+    __slots__ = (
+        "consumer",
+        "consumer_id_value",
+        "deadline",
+        "declared",
+        "forwards",
+        "groups_value",
+        "key",
+        "key_id_value",
+        "networks",
+        "schedule",
+        "scopes",
+        "tenant_value",
+    )
+
+    def __init__(self, key: ApiKey, consumer: Consumer, declared: bool = False) -> None:
+        self.key = key
+        self.consumer = consumer
+        self.declared = declared
+        self.scopes = frozenset(key.scopes)
+        self.networks: tuple[Network, ...] | None = (
+            tuple(ipaddress.ip_network(c, strict=False) for c in key.allowed_cidrs)
+            if key.allowed_cidrs
+            else None
+        )
+        self.schedule = Schedule.parse(key.time_windows) if key.time_windows else None
+        ends = [t for t in (key.expires_at, key.revoked_at) if t is not None]
+        self.deadline: float | None = min(ends) if ends else None
+        self.consumer_id_value = _header_value(consumer.id)
+        self.tenant_value = _header_value(consumer.tenant)
+        self.key_id_value = _header_value(key.id)
+        self.groups_value = _header_value(",".join(consumer.groups))
+        # The header pairs each key-auth configuration forwards for this key, made on first use.
+        self.forwards: dict[bytes, list[tuple[bytes, bytes]]] = {}
+
+    def allows_ip(self, ip: str) -> bool:
+        networks = self.networks
+        if networks is None:
+            return True
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in networks)
+
+    def __repr__(self) -> str:
+        return f"<KeyMatch {self.key.id} of {self.consumer.id}>"
+
+
+def _never(_key: bytes) -> bytes:
+    return b""
+
+
+class ConsumerRegistry:
+    def __init__(self, store: Store, config: GatewayConfig) -> None:
+        self.store = store
+        self.config = config
+        self.poll_interval = float(config.store.poll_interval) or 0.5
+        self.ready = False
+        self.version: int | None = None
+        self.loaded_at = 0.0  # unix time of the last successful store read
+        self._hasher: KeyHasher | None = None
+        self._digest = _never
+        self._keys: dict[bytes, KeyMatch] = {}
+        self._consumers: dict[str, Consumer] = {}
+        self._stored_consumers: list[Consumer] = []
+        self._stored_keys: list[ApiKey] = []
+        self._task: asyncio.Task[None] | None = None
+        self._failing_since: float | None = None
+        self._failure_logged = 0.0
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._hasher = KeyHasher(await load_key_secret(self.store))
+        self._digest = self._hasher.digest
+        await self.refresh()  # the version starts unknown, so this always loads
+        self.ready = True
+        self._task = asyncio.get_running_loop().create_task(self._poll(), name="consumer-registry-poll")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def apply_config(self, config: GatewayConfig) -> None:
+        """A reload: new declared consumers and poll interval; stored data stays."""
+        self.config = config
+        self.poll_interval = float(config.store.poll_interval) or 0.5
+        if self._hasher is not None:
+            self._rebuild()
+
+    # -- reading -------------------------------------------------------------------------------------
+    def lookup(self, presented_key: bytes) -> KeyMatch | None:
+        """The key's match if it is known (the caller checks deadline, CIDRs, windows, scopes)."""
+        if len(presented_key) > MAX_KEY_BYTES:
+            return None
+        return self._keys.get(self._digest(presented_key))
+
+    def consumer(self, consumer_id: str) -> Consumer | None:
+        return self._consumers.get(consumer_id)
+
+    def consumers(self) -> list[Consumer]:
+        return list(self._consumers.values())
+
+    def consumer_count(self) -> int:
+        return len(self._consumers)
+
+    def key_count(self) -> int:
+        return len(self._keys)
+
+    # -- refreshing ----------------------------------------------------------------------------------
+    async def refresh(self) -> bool:
+        """Reload from the store if its change_version moved; True if it did."""
+        version = await self.store.change_version()  # read first: a write after it triggers another load
+        if version == self.version:
+            self.loaded_at = time.time()
+            return False
+        consumers = await self.store.list_consumers()
+        keys = await self.store.list_keys()
+        self._stored_consumers = consumers
+        self._stored_keys = keys
+        self.version = version
+        self.loaded_at = time.time()
+        self._rebuild()
+        return True
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                changed = await asyncio.wait_for(self.refresh(), REFRESH_TIMEOUT)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._poll_failed(exc)
+                continue
+            if self._failing_since is not None:
+                log.warning(
+                    "consumer store readable again after %.0fs", time.monotonic() - self._failing_since
+                )
+                self._failing_since = None
+            if changed:
+                log.debug(
+                    "consumers reloaded (version %s): %d consumers, %d keys",
+                    self.version,
+                    len(self._consumers),
+                    len(self._keys),
+                )
+
+    def _poll_failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        first = self._failing_since is None
+        if first:
+            self._failing_since = now
+        if first or now - self._failure_logged >= FAILURE_LOG_EVERY:
+            self._failure_logged = now
+            log.error(
+                "cannot read the consumer store (%s: %s); serving the consumers loaded %.0fs ago",
+                type(exc).__name__,
+                exc,
+                time.time() - self.loaded_at,
+            )
+
+    def _rebuild(self) -> None:
+        """Build fresh dicts from the stored entities and the config's, then swap them in."""
+        hasher = self._hasher
+        assert hasher is not None
+        now = time.time()
+        consumers: dict[str, Consumer] = {c.id: c for c in self._stored_consumers}
+        declared = self.config.consumers
+        for item in declared:
+            if item.id in consumers:
+                log.warning(
+                    "consumer %r is declared in the config and in the store; the config wins", item.id
+                )
+            consumers[item.id] = Consumer(
+                id=item.id, tenant=item.tenant, groups=tuple(item.groups), metadata=dict(item.metadata)
+            )
+        keys: dict[bytes, KeyMatch] = {}
+        for key in self._stored_keys:
+            if key.revoked_at is not None and key.revoked_at <= now:
+                continue  # revoked: never usable again
+            if key.expires_at is not None and key.expires_at <= now:
+                continue
+            owner = consumers.get(key.consumer_id)
+            if owner is None or owner.disabled:
+                continue
+            try:
+                digest = bytes.fromhex(key.hash)
+                keys[digest] = KeyMatch(key, owner)
+            except ValueError as exc:
+                log.error("key %s of consumer %s is unusable and skipped: %s", key.id, key.consumer_id, exc)
+        for item in declared:
+            self._add_declared(item, consumers[item.id], hasher, keys)
+        self._consumers = consumers
+        self._keys = keys
+
+    @staticmethod
+    def _add_declared(
+        item: ConsumerConfig, consumer: Consumer, hasher: KeyHasher, keys: dict[bytes, KeyMatch]
+    ) -> None:
+        for index, declared in enumerate(item.keys):
+            plain = declared.key.get_secret_value()
+            digest = hasher.digest(plain.encode())
+            key = ApiKey(
+                id=f"cfg_{digest.hex()[:12]}",
+                consumer_id=item.id,
+                hash=digest.hex(),
+                prefix=display_prefix(plain),
+                scopes=tuple(declared.scopes),
+                allowed_cidrs=tuple(str(n) for n in declared.allowed_cidrs),
+                time_windows=tuple(declared.time_windows),
+                expires_at=declared.expires_at,
+            )
+            try:
+                match = KeyMatch(key, consumer, declared=True)
+            except ValueError as exc:
+                log.error("consumers[%s].keys[%d] is unusable and skipped: %s", item.id, index, exc)
+                continue
+            if digest in keys and keys[digest].consumer.id != item.id:
+                log.warning("consumers[%s].keys[%d] is also another consumer's key", item.id, index)
+            keys[digest] = match
