@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sqlite3
-import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,11 +21,11 @@ from apigate.store import ApiKey, Consumer, Store, open_store
 from apigate.store.migrations import MIGRATIONS
 from apigate.store.postgres import PostgresStore
 from apigate.store.sqlite import SqliteStore
+from tests.support.pg import fresh_database
 
 T = TypeVar("T")
 Run = Callable[[Coroutine[Any, Any, T]], T]
 
-POSTGRES_SERVER = os.environ.get("APIGATE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 LATEST_VERSIONS = [version for version, _, _ in MIGRATIONS]
 
 
@@ -42,47 +40,14 @@ def run() -> Iterator[Run]:
         yield runner.run
 
 
-async def _admin() -> asyncpg.Connection:
-    try:
-        return await asyncpg.connect(f"{POSTGRES_SERVER}/postgres", timeout=10)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        pytest.fail(
-            f"PostgreSQL is not reachable at {POSTGRES_SERVER} ({exc!r}); the store tests need it "
-            "(user postgres, trust auth). Start it, e.g. "
-            "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
-            pytrace=False,
-        )
-
-
-async def _create_database(name: str) -> None:
-    admin = await _admin()
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')  # name is ours (uuid hex): safe to quote
-    finally:
-        await admin.close()
-
-
-async def _drop_database(name: str) -> None:
-    admin = await _admin()
-    try:
-        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-    finally:
-        await admin.close()
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path, run: Run) -> Iterator[str]:
     """A URL of an empty database (not yet migrated) for each backend."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.db'}"
         return
-    name = f"apigate_test_{uuid.uuid4().hex}"
-    run(_create_database(name))
-    try:
-        yield f"{POSTGRES_SERVER}/{name}"
-    finally:
-        run(_drop_database(name))
+    with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""A fresh PostgreSQL database per test, for tests that run gateways in a cluster.
+"""A fresh PostgreSQL database per test, for the store tests and the cluster tests.
 
 The server is ``$APIGATE_TEST_POSTGRES`` (default postgresql://postgres@127.0.0.1:5432, trust
 auth), as for the store tests. Each database gets a random name and is dropped afterwards.
@@ -23,7 +23,7 @@ async def _admin() -> asyncpg.Connection:
         return await asyncpg.connect(f"{POSTGRES_SERVER}/postgres", timeout=10)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         pytest.fail(
-            f"PostgreSQL is not reachable at {POSTGRES_SERVER} ({exc!r}); the cluster tests need it "
+            f"PostgreSQL is not reachable at {POSTGRES_SERVER} ({exc!r}); these tests need it "
             "(user postgres, trust auth). Start it, e.g. "
             "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
             pytrace=False,

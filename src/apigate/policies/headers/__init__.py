@@ -6,11 +6,11 @@ rename can target a name that `remove` cleared and `add` always appends.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import Field, field_validator
 
+from apigate.config.headernames import check_header_name
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.registry import register
 
@@ -18,26 +18,9 @@ if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
     from apigate.services import Services
 
-_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-# Headers the proxy owns; editing them would break framing or the connection.
-_PROTECTED = {
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "upgrade",
-    "host",
-    "te",
-    "trailer",
-    "keep-alive",
-}
-
 
 def _check_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise ValueError(f"{name!r} is not a valid header name")
-    if name.lower() in _PROTECTED:
-        raise ValueError(f"{name!r} is managed by the proxy and cannot be changed by a policy")
-    return name
+    return check_header_name(name)
 
 
 def _check_value(value: str) -> str:

@@ -36,6 +36,7 @@ import jwt as pyjwt
 import orjson
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from apigate.config.headernames import HEADER_NAME, check_header_name
 from apigate.config.models import check_http_url
 from apigate.config.units import ByteSize, Duration
 from apigate.engine.exchange import Reply, json_reply
@@ -58,22 +59,8 @@ if TYPE_CHECKING:
 
 _now = time.time  # tokens carry wall-clock times; time.time() is a single cheap C call
 
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_PROTECTED = {
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "upgrade",
-    "host",
-    "te",
-    "trailer",
-    "keep-alive",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-request-id",
-    "cookie",
-}
+# Besides the headers the proxy owns, a token never travels in Cookie as a whole header.
+_NOT_FOR_TOKENS = frozenset({"cookie"})
 # A compact JWS: three base64url segments. Anything else (JWE, alg "none" with an empty
 # signature, spaces, non-ASCII) is refused before any decoding.
 _COMPACT_JWS = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
@@ -95,12 +82,6 @@ _REASONS: dict[str, tuple[int, str]] = {
     "token_revoked": (401, "the bearer token has been revoked"),
     "keys_unavailable": (503, "the keys to verify bearer tokens cannot be loaded right now"),
 }
-
-
-def _check_header_name(name: str) -> str:
-    if not _HEADER_NAME.match(name):
-        raise ValueError("is not a valid header name")
-    return name
 
 
 class JwtConfig(PolicyConfig):
@@ -168,15 +149,12 @@ class JwtConfig(PolicyConfig):
     @field_validator("header")
     @classmethod
     def _header(cls, name: str) -> str:
-        _check_header_name(name)
-        if name.lower() in _PROTECTED:
-            raise ValueError("is managed by the proxy and cannot carry a token")
-        return name
+        return check_header_name(name, "carry a token", _NOT_FOR_TOKENS)
 
     @field_validator("cookie", "query_param")
     @classmethod
     def _param_name(cls, name: str | None) -> str | None:
-        if name is not None and not _HEADER_NAME.match(name):
+        if name is not None and not HEADER_NAME.match(name):
             raise ValueError("must be a non-empty name without spaces, '=', ';' or '&'")
         return name
 
@@ -184,9 +162,7 @@ class JwtConfig(PolicyConfig):
     @classmethod
     def _forward(cls, pairs: dict[str, str]) -> dict[str, str]:
         for header in pairs.values():
-            _check_header_name(header)
-            if header.lower() in _PROTECTED:
-                raise ValueError(f"{header} is managed by the proxy and cannot carry a claim")
+            check_header_name(header, "carry a claim", _NOT_FOR_TOKENS)
         lowered = [h.lower() for h in pairs.values()]
         if len(set(lowered)) != len(lowered):
             raise ValueError("two claims are forwarded in the same header")

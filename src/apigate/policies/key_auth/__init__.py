@@ -16,6 +16,7 @@ from urllib.parse import unquote_to_bytes
 
 from pydantic import Field, field_validator, model_validator
 
+from apigate.config.headernames import check_header_name
 from apigate.engine.exchange import Reply, json_reply
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.registry import register
@@ -25,37 +26,14 @@ if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
     from apigate.services import Services
 
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _PARAM_NAME = re.compile(r"^[A-Za-z0-9._~-]+$")
 _REALM = re.compile(r'^[^"\\\x00-\x1f\x7f]*$')
-# Headers the proxy manages; a policy must not read credentials from them or overwrite them.
-_PROTECTED = frozenset(
-    {
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "upgrade",
-        "te",
-        "trailer",
-        "keep-alive",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "x-request-id",
-        "expect",
-    }
-)
 
 
 def _check_header(name: str | None) -> str | None:
     if name is None:
         return None
-    if not _HEADER_NAME.match(name):
-        raise ValueError(f"{name!r} is not a valid header name")
-    if name.lower() in _PROTECTED:
-        raise ValueError(f"{name!r} is managed by the proxy and cannot be used here")
-    return name
+    return check_header_name(name, "be used here")
 
 
 class ForwardHeaders(PolicyConfig):
