@@ -57,26 +57,28 @@ class HeadersConfig(PolicyConfig):
 
 
 class CompiledEdits:
-    """The edits as lowercase byte strings, applied to a header list in one pass plus appends."""
+    """The edits as lowercase byte strings, applied to a header list in one comprehension."""
 
-    __slots__ = ("add", "drop", "empty", "rename", "set")
+    __slots__ = ("appended", "drop", "empty", "rename")
 
     def __init__(self, edits: HeaderEdits) -> None:
         self.rename = {a.lower().encode(): b.lower().encode() for a, b in edits.rename.items()}
-        self.set = [(k.lower().encode(), v.encode()) for k, v in edits.set.items()]
-        self.add = [(k.lower().encode(), v.encode()) for k, v in edits.add.items()]
-        self.drop = frozenset(n.lower().encode() for n in edits.remove) | {k for k, _ in self.set}
-        self.empty = not (self.rename or self.set or self.add or self.drop)
+        set_pairs = [(k.lower().encode(), v.encode()) for k, v in edits.set.items()]
+        add_pairs = [(k.lower().encode(), v.encode()) for k, v in edits.add.items()]
+        # "set" is "drop every old value, then append"; "add" only appends.
+        self.appended = set_pairs + add_pairs
+        self.drop = frozenset(n.lower().encode() for n in edits.remove) | {k for k, _ in set_pairs}
+        self.empty = not (self.rename or self.appended or self.drop)
 
     def apply(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        drop, rename = self.drop, self.rename
-        out = []
-        for name, value in headers:
-            if name in drop:
-                continue
-            out.append((rename.get(name, name), value) if rename else (name, value))
-        out.extend(self.set)
-        out.extend(self.add)
+        drop = self.drop
+        if self.rename:
+            rename = self.rename
+            out = [(rename.get(name, name), value) for name, value in headers if name not in drop]
+        else:
+            out = [pair for pair in headers if pair[0] not in drop]
+        if self.appended:
+            out += self.appended
         return out
 
 
