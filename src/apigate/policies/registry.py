@@ -14,7 +14,12 @@ if TYPE_CHECKING:
     from apigate.services import Services
 
 # Modules that define the built-in policies; each registers itself on import.
-BUILTIN = ("apigate.policies.headers", "apigate.policies.key_auth", "apigate.policies.jwt")
+BUILTIN = (
+    "apigate.policies.headers",
+    "apigate.policies.key_auth",
+    "apigate.policies.jwt",
+    "apigate.policies.authorize",
+)
 
 _registry: dict[str, type[Policy]] = {}
 

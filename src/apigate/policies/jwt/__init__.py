@@ -116,6 +116,11 @@ class JwtConfig(PolicyConfig):
     jwks_min_refetch_interval: Duration = Field(default=30.0, ge=0.1)
     jwks_timeout: Duration = Field(default=5.0, gt=0, le=60)
     realm: str = "apigate"
+    required: bool = Field(
+        default=True,
+        description="false: a request without a token goes on unidentified (for another auth policy "
+        "or `authorize` to judge); a token that is present must still be valid",
+    )
 
     @field_validator("algorithms")
     @classmethod
@@ -348,6 +353,8 @@ class JwtPolicy(Policy):
         if config.strip_credential:
             drop.add(self._header)
         self._drop = frozenset(drop)
+        self._forwarded = frozenset(header for _, header in self._forward)
+        self._required = config.required
         issuer = config.issuer if config.issuer is not None else config.issuer_discovery
         audience = config.audience
         self._decode_args: dict[str, Any] = {
@@ -409,7 +416,12 @@ class JwtPolicy(Policy):
             token, source = self._from_query(exchange), "query"
             cache_key = token
         if token is None or cache_key is None:
-            return self._reject(exchange, "missing_token")
+            if self._required:
+                return self._reject(exchange, "missing_token")
+            if self._forward:  # no token: claim headers a client sent must not reach the upstream
+                forwarded = self._forwarded
+                exchange.headers = [pair for pair in exchange.headers if pair[0] not in forwarded]
+            return None
         if source != "header":
             entry = self._cache.get(cache_key)
             if entry is not None and entry.expires > _now():

@@ -56,6 +56,11 @@ class KeyAuthConfig(PolicyConfig):
     hide_credentials: bool = Field(default=True, description="remove the key before proxying")
     forward_headers: ForwardHeaders = ForwardHeaders()
     realm: str = "apigate"
+    required: bool = Field(
+        default=True,
+        description="false: a request without a key goes on unidentified (for another auth policy "
+        "or `authorize` to judge); a key that is present must still be valid",
+    )
 
     _header = field_validator("header")(classmethod(lambda cls, v: _check_header(v)))
 
@@ -116,6 +121,7 @@ class KeyAuthPolicy(Policy):
         # Headers the scan reacts to: the key's, and the forwarded ones (a client may not send them).
         self.watched = self.forwarded | {self.key_header}
         self.hide = config.hide_credentials
+        self.key_required = config.required
         self.query_prefix = config.query_param.encode() + b"=" if config.query_param else None
         self.required = frozenset(config.required_scopes)
         self.required_list = sorted(self.required)
@@ -140,6 +146,9 @@ class KeyAuthPolicy(Policy):
     def _missing(self, exchange: Exchange) -> Reply:
         return self._deny(exchange, 401, "missing_key", "an API key is required", self.challenge_missing)
 
+    def _unavailable(self, exchange: Exchange) -> Reply:
+        return self._deny(exchange, 503, "unavailable", "consumer registry is not ready, try again")
+
     def _invalid(self, exchange: Exchange) -> Reply:
         return self._deny(exchange, 401, "invalid_key", "the API key is not valid", self.challenge_invalid)
 
@@ -147,8 +156,8 @@ class KeyAuthPolicy(Policy):
     def on_request(self, exchange: Exchange) -> Reply | None:
         services = self.services
         registry = services.consumers if services is not None else None
-        if registry is None:
-            return self._deny(exchange, 503, "unavailable", "consumer registry is not ready, try again")
+        if registry is None and self.key_required:
+            return self._unavailable(exchange)
         headers = exchange.headers
         key_header = self.key_header
         watched = self.watched
@@ -167,8 +176,14 @@ class KeyAuthPolicy(Policy):
         elif self.query_prefix is not None and self.hide:
             self._from_query(exchange)  # the key came in the header: still strip a query copy
         if not presented:
-            return self._missing(exchange)
+            if self.key_required:
+                return self._missing(exchange)
+            if rebuild:  # no key, but client-sent forwarded headers: the upstream trusts those
+                exchange.headers = [pair for pair in headers if pair[0] not in self.forwarded]
+            return None
 
+        if registry is None:  # not required, and a key to check
+            return self._unavailable(exchange)
         match = registry.lookup(presented)
         if match is None:
             return self._invalid(exchange)
