@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.gateway import GatewayProcess
+from tests.support.proxy_http import running_upstream
 from tests.support.upstream import UpstreamServer
 
 
@@ -16,6 +17,13 @@ def upstream() -> Iterator[UpstreamServer]:
     server = UpstreamServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_upstream() -> Iterator[UpstreamServer]:
+    """One upstream for a whole test module, for tests that do not count its connections."""
+    with running_upstream() as server:
+        yield server
 
 
 @pytest.fixture

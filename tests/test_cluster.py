@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
+from tests.support.cli import apigate_json, seconds_until
 from tests.support.errors_helpers import request
 from tests.support.gateway import GatewayProcess
 from tests.support.pg import fresh_database
@@ -27,24 +24,7 @@ def pg_url() -> Iterator[str]:
 
 
 def cli(cwd: Path, store: str, *args: str) -> Any:
-    done = subprocess.run(
-        [sys.executable, "-m", "apigate", *args, "--store", store, "--json"],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    return orjson.loads(done.stdout)
-
-
-def seconds_until(condition: Callable[[], bool], limit: float = 10.0) -> float:
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > limit:
-            raise AssertionError(f"condition not met within {limit}s")
-        time.sleep(0.02)
-    return time.monotonic() - start
+    return apigate_json(cwd, store, *args)
 
 
 def test_two_gateways_on_one_postgres_see_cli_changes_within_a_second(

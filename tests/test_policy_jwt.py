@@ -34,7 +34,7 @@ from tests.support.jwks_server import (
     hs_sign_joserfc,
     unsigned,
 )
-from tests.support.proxy_http import RawConnection, running_gateway, running_upstream
+from tests.support.proxy_http import RawConnection, running_gateway
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "apigate-tests"
@@ -59,12 +59,6 @@ def jwks(keys):
     server.serve(*keys.values())
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def shared_upstream():
-    with running_upstream() as server:
-        yield server
 
 
 def _route(prefix: str, target: str, jwt: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import pytest
 
 from apigate.consumers.service import ConsumerService
 from apigate.store import open_store
+from tests.support.cli import apigate_json, seconds_until
 from tests.support.errors_helpers import Client, Response, request
 from tests.support.gateway import GatewayProcess
 from tests.support.proxy_http import find_request, running_gateway, running_upstream
@@ -143,26 +144,7 @@ def call(
 
 
 def cli(env: Env, *args: str) -> Any:
-    """`python -m apigate ... --store URL --json` as an operator would run it; returns its JSON."""
-    done = subprocess.run(
-        [sys.executable, "-m", "apigate", *args, "--store", env.store_url, "--json"],
-        cwd=env.cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    return orjson.loads(done.stdout)
-
-
-def seconds_until(condition: Callable[[], bool], limit: float = 10.0) -> float:
-    """Polls ``condition`` until it holds; returns how long that took (fails after ``limit``)."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > limit:
-            raise AssertionError(f"condition not met within {limit}s")
-        time.sleep(0.02)
-    return time.monotonic() - start
+    return apigate_json(env.cwd, env.store_url, *args)
 
 
 def all_workers(env: Env, key: str, status: int, tries: int = 8) -> bool:

@@ -12,18 +12,11 @@ from tests.support.proxy_http import (
     WebSocketEcho,
     find_request,
     running_gateway,
-    running_upstream,
 )
 
 
 def proxy_config(upstream_url: str, **route: object) -> dict:
     return {"routes": [{"path": "/*", "target": upstream_url, **route}]}
-
-
-@pytest.fixture(scope="module")
-def shared_upstream():
-    with running_upstream() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,9 @@ import re
 
 import pytest
 
-from tests.support.proxy_http import RawConnection, find_request, running_gateway, running_upstream
+from tests.support.proxy_http import RawConnection, find_request, running_gateway
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
-
-
-@pytest.fixture(scope="module")
-def shared_upstream():
-    with running_upstream() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from tests.support.proxy_http import (
     bytes_read,
     find_request,
     running_gateway,
-    running_upstream,
     wait_until_steady,
 )
 
@@ -27,12 +26,6 @@ MiB = 1 << 20
 # The gateway (python + uvloop + pydantic) sits at ~40-50 MB; buffering even a tenth of a
 # 1 GiB body would go far past this.
 RSS_LIMIT = 150 * MiB
-
-
-@pytest.fixture(scope="module")
-def shared_upstream():
-    with running_upstream() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

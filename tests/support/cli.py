@@ -1,0 +1,35 @@
+"""Helpers for tests that drive the `apigate` command line and wait for what it changes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+
+def apigate_json(cwd: Path, store_url: str, *args: str) -> Any:
+    """`python -m apigate ... --store URL --json` as an operator would run it; returns its JSON."""
+    done = subprocess.run(
+        [sys.executable, "-m", "apigate", *args, "--store", store_url, "--json"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return orjson.loads(done.stdout)
+
+
+def seconds_until(condition: Callable[[], bool], limit: float = 10.0) -> float:
+    """Polls ``condition`` until it holds; returns how long that took (fails after ``limit``)."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > limit:
+            raise AssertionError(f"condition not met within {limit}s")
+        time.sleep(0.02)
+    return time.monotonic() - start
