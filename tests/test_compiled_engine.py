@@ -1,0 +1,106 @@
+"""The engine as `pip install .` builds it (mypyc-compiled modules) proxies like the sources do.
+
+mypyc checks annotations at run time, so a wrong one that plain Python ignores would break only
+the installed build; this runs a real gateway from a compiled build through the main paths.
+The build is cached by source hash, so only the first run after an engine change compiles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from tests.support.gateway import GatewayProcess
+from tests.support.upstream import UpstreamServer
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "apigate-test-builds"
+
+
+def compiled_build() -> Path:
+    digest = hashlib.sha256()
+    for path in [*sorted((ROOT / "src" / "apigate").rglob("*.py")), ROOT / "setup.py"]:
+        digest.update(path.read_bytes())
+    build = CACHE / digest.hexdigest()[:16]
+    if (build / "apigate").is_dir():
+        return build
+    staging = CACHE / f"staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    done = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(staging)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    shutil.copytree(ROOT / "src" / "apigate", staging / "apigate", dirs_exist_ok=True)
+    try:
+        staging.rename(build)
+    except OSError:  # another test process finished the same build first
+        shutil.rmtree(staging, ignore_errors=True)
+    return build
+
+
+def test_compiled_engine_serves_the_main_paths(tmp_path: Path, upstream: UpstreamServer) -> None:
+    build = compiled_build()
+    env = {"PYTHONPATH": str(build)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import apigate.engine.exchange as m; print(m.__file__)"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert where.endswith(".so"), f"the engine was not compiled: {where}"
+
+    gateway = GatewayProcess(
+        tmp_path,
+        {
+            "routes": [
+                {"path": "/api/*", "target": upstream.url, "strip_prefix": True, "methods": ["GET", "POST"]},
+                {"path": "/users/{id}", "target": upstream.url, "rewrite": "/echo/{id}"},
+            ]
+        },
+        env=env,
+    ).start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+        conn.request("GET", "/api/echo?x=1")
+        response = conn.getresponse()
+        echoed = orjson.loads(response.read())
+        assert response.status == 200
+        assert echoed["path"] == "/echo" and echoed["query"] == "x=1"
+        assert response.getheader("x-request-id") == echoed["headers"]["x-request-id"]
+
+        conn.request("POST", "/api/echo", body=b"z" * 100_000)
+        response = conn.getresponse()
+        assert orjson.loads(response.read())["body_length"] == 100_000
+
+        conn.request("GET", "/api/chunked/5")
+        response = conn.getresponse()
+        assert response.read() == b"".join(f"chunk-{i}\n".encode() for i in range(5))
+
+        conn.request("GET", "/users/42")
+        response = conn.getresponse()
+        assert orjson.loads(response.read())["path"] == "/echo/42"
+
+        conn.request("DELETE", "/api/echo")
+        response = conn.getresponse()
+        assert response.status == 405 and "request_id" in orjson.loads(response.read())
+
+        conn.request("GET", "/nowhere")
+        response = conn.getresponse()
+        assert response.status == 404
+        response.read()
+        conn.close()
+    finally:
+        assert gateway.stop() == 0, gateway.output()
