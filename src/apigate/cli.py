@@ -61,6 +61,26 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    """Print a basic-auth password hash for a consumer's `password_hash` in the config."""
+    from apigate.consumers.passwords import hash_password
+
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("apigate: the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    if not password:
+        print("apigate: the password is empty", file=sys.stderr)
+        return 1
+    print(hash_password(password))
+    return 0
+
+
 # -- consumers and keys ------------------------------------------------------------------------------
 class CliError(Exception):
     """A problem to report in one line (exit 1), without a traceback."""
@@ -327,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config file and report every problem")
     check.add_argument("-c", "--config", help="YAML config to check")
     check.set_defaults(func=cmd_check)
+
+    hashing = commands.add_parser(
+        "hash-password", help="read a password (stdin, or a prompt) and print its basic-auth hash"
+    )
+    hashing.set_defaults(func=cmd_hash_password)
     _add_store_commands(commands)
     return parser
 

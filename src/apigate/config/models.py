@@ -169,6 +169,18 @@ class ConsumerConfig(Strict):
     groups: list[str] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)
     keys: list[DeclaredKeyConfig] = Field(default_factory=list)
+    password_hash: str | None = Field(
+        default=None, description="for basic-auth (username = id): output of `apigate hash-password`"
+    )
+
+    @field_validator("password_hash")
+    @classmethod
+    def _check_password_hash(cls, value: str | None) -> str | None:
+        if value is not None:
+            from apigate.consumers.passwords import parse_hash  # the format lives with the consumers
+
+            parse_hash(value)
+        return value
 
 
 class RouteConfig(Strict):

@@ -37,6 +37,8 @@ class Policy:
     order: ClassVar[int]
     """Request hooks run in ascending order (auth ~1000, limits ~2000, transforms ~5000)."""
     Config: ClassVar[type[PolicyConfig]]
+    challenge: bytes | None = None
+    """An authentication policy's WWW-Authenticate value for a missing credential (others: None)."""
     needs: ClassVar[frozenset[str]] = frozenset()
     """Shared services the policy uses, e.g. {"consumers"}; the gateway starts them before serving."""
 

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 BUILTIN = (
     "apigate.policies.headers",
     "apigate.policies.key_auth",
+    "apigate.policies.hmac_auth",
+    "apigate.policies.basic_auth",
     "apigate.policies.jwt",
     "apigate.policies.authorize",
 )

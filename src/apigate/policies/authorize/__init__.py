@@ -205,12 +205,10 @@ class AuthorizePolicy(Policy):
         """The route's auth policies' challenges, found on the first 401 (a policy serves one route)."""
         challenges = self._challenges
         if challenges is None:
-            found: list[tuple[bytes, bytes]] = []
-            route = exchange.route
-            for policy in getattr(route, "policies", ()):
-                if policy.name == "key-auth":
-                    found.append((b"www-authenticate", policy.challenge_missing))
-                elif policy.name == "jwt":
-                    found += policy._challenge_missing
+            found = [
+                (b"www-authenticate", policy.challenge)
+                for policy in getattr(exchange.route, "policies", ())
+                if policy.challenge is not None
+            ]
             challenges = self._challenges = found or _DEFAULT_CHALLENGE
         return challenges

@@ -365,7 +365,8 @@ class JwtPolicy(Policy):
         }
         self._leeway = config.leeway
         realm = config.realm
-        self._challenge_missing = [(b"www-authenticate", f'Bearer realm="{realm}"'.encode())]
+        self.challenge = f'Bearer realm="{realm}"'.encode()
+        self._challenge_missing = [(b"www-authenticate", self.challenge)]
         self._challenge_invalid = [
             (b"www-authenticate", f'Bearer realm="{realm}", error="invalid_token"'.encode())
         ]

@@ -128,7 +128,7 @@ class KeyAuthPolicy(Policy):
         challenge = f'ApiKey realm="{config.realm}", header="{config.header}"'
         if config.query_param:
             challenge += f', query="{config.query_param}"'
-        self.challenge_missing = challenge.encode()
+        self.challenge = challenge.encode()
         self.challenge_invalid = (challenge + ', error="invalid_key"').encode()
 
     # -- answers --------------------------------------------------------------------------------
@@ -144,7 +144,7 @@ class KeyAuthPolicy(Policy):
         return json_reply(status, payload, headers)
 
     def _missing(self, exchange: Exchange) -> Reply:
-        return self._deny(exchange, 401, "missing_key", "an API key is required", self.challenge_missing)
+        return self._deny(exchange, 401, "missing_key", "an API key is required", self.challenge)
 
     def _unavailable(self, exchange: Exchange) -> Reply:
         return self._deny(exchange, 503, "unavailable", "consumer registry is not ready, try again")

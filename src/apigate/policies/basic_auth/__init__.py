@@ -1,0 +1,265 @@
+"""The `basic-auth` policy: identify the consumer by HTTP Basic credentials (RFC 7617).
+
+The username is the consumer's id; its password hash is the consumer's ``password_hash`` in the
+config (``apigate hash-password`` makes one). scrypt takes ~50 ms, so a verification runs in the
+default executor (the request hook returns an awaitable only then), and a success is cached for
+``cache_ttl`` seconds under sha256 of the credentials: a repeated credential costs one hash and
+one dict probe, inline. The cache is emptied when the registry reloads (config or store change).
+Unknown users and wrong passwords get the same 401 ``invalid_credentials`` after the same work.
+Forwarded headers behave as key-auth's: removed from the client's request, set on success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import functools
+import hashlib
+from time import monotonic
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import Field, field_validator, model_validator
+
+from apigate.consumers.passwords import PasswordHash, hash_password, parse_hash
+from apigate.consumers.registry import _header_value
+from apigate.engine.exchange import Reply, json_reply
+from apigate.policies.base import Policy, PolicyConfig
+from apigate.policies.key_auth import _REALM, ForwardHeaders
+from apigate.policies.registry import register
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    from apigate.engine.exchange import Exchange
+    from apigate.services import Services
+    from apigate.store.base import Consumer
+
+AUTHORIZATION = b"authorization"
+MAX_AUTHORIZATION = 4096  # bytes of header value; longer is malformed
+
+
+@functools.cache
+def _dummy() -> PasswordHash:
+    """A hash to verify against for unknown users, so they cost what a wrong password costs."""
+    return parse_hash(hash_password(b"apigate-basic-auth-dummy"))
+
+
+class BasicAuthConfig(PolicyConfig):
+    realm: str = "apigate"
+    hide_credentials: bool = Field(default=True, description="remove Authorization before proxying")
+    forward_headers: ForwardHeaders = ForwardHeaders()
+    required: bool = Field(
+        default=True,
+        description="false: a request without Basic credentials goes on unidentified; "
+        "credentials that are present must still be valid",
+    )
+    cache_ttl: float = Field(
+        default=60.0, ge=0, description="seconds a verified credential is cached (0: off)"
+    )
+    cache_size: int = Field(default=10_000, ge=1, le=1_000_000)
+
+    @field_validator("realm")
+    @classmethod
+    def _check_realm(cls, realm: str) -> str:
+        if not _REALM.match(realm):
+            raise ValueError("realm cannot contain quotes, backslashes or control characters")
+        return realm
+
+    @model_validator(mode="after")
+    def _checks(self) -> BasicAuthConfig:
+        if self.forward_headers.key_id is not None:
+            raise ValueError("basic-auth has no key id to forward (forward_headers.key_id must be null)")
+        forwarded = [n.lower() for n in self.forward_headers.model_dump().values() if n is not None]
+        if len(forwarded) != len(set(forwarded)):
+            raise ValueError("forward_headers names must differ from each other")
+        if "authorization" in forwarded:
+            raise ValueError("Authorization cannot be a forwarded header")
+        return self
+
+
+def _check(stored: PasswordHash | None, password: bytes) -> bool:
+    """In the executor: verify, or burn the same time for an unknown user (and say no)."""
+    if stored is None:
+        _dummy().verify(password)
+        return False
+    return stored.verify(password)
+
+
+class _Malformed(Exception):
+    pass
+
+
+def parse_basic(value: bytes) -> tuple[str, bytes] | None:
+    """(username, password) from an Authorization value; None if the scheme is not Basic.
+
+    Raises _Malformed for Basic credentials that cannot be read."""
+    scheme, _, token = value.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    if len(value) > MAX_AUTHORIZATION:
+        raise _Malformed
+    try:
+        decoded = binascii.a2b_base64(token.strip(), strict_mode=True)
+        text = decoded.decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise _Malformed from None
+    username, colon, password = text.partition(":")
+    if not colon:
+        raise _Malformed
+    return username, password.encode()
+
+
+@register
+class BasicAuthPolicy(Policy):
+    name: ClassVar[str] = "basic-auth"
+    order: ClassVar[int] = 1000
+    Config: ClassVar[type[PolicyConfig]] = BasicAuthConfig
+    needs: ClassVar[frozenset[str]] = frozenset({"consumers"})
+
+    def __init__(self, config: BasicAuthConfig, services: Services | None = None) -> None:
+        super().__init__(config, services)
+        forward = config.forward_headers
+        self.h_consumer, self.h_tenant, self.h_groups = (
+            name.lower().encode() if name is not None else None
+            for name in (forward.consumer_id, forward.tenant, forward.groups)
+        )
+        self.forwarded = frozenset(h for h in (self.h_consumer, self.h_tenant, self.h_groups) if h)
+        self.watched = self.forwarded | {AUTHORIZATION}
+        self.hide = config.hide_credentials
+        self.auth_required = config.required
+        self.ttl = config.cache_ttl
+        self.cache_size = config.cache_size
+        challenge = f'Basic realm="{config.realm}", charset="UTF-8"'.encode()
+        self.challenge = challenge
+        self._challenge = [(b"www-authenticate", challenge)]
+        # Derived from the registry; rebuilt (and the cache emptied) when it reloads.
+        self._source: tuple[Any, Any] | None = None
+        self._users: dict[str, PasswordHash] = {}
+        self._forwards: dict[str, list[tuple[bytes, bytes]]] = {}
+        self._cache: dict[bytes, tuple[float, str]] = {}
+
+    # -- answers --------------------------------------------------------------------------------
+    def _deny(self, exchange: Exchange, reason: str, message: str) -> Reply:
+        payload = {"error": message, "reason": reason, "request_id": exchange.request_id}
+        return json_reply(401, payload, self._challenge)
+
+    def _unavailable(self, exchange: Exchange) -> Reply:
+        payload = {
+            "error": "consumer registry is not ready, try again",
+            "reason": "unavailable",
+            "request_id": exchange.request_id,
+        }
+        return json_reply(503, payload, [(b"retry-after", b"1")])
+
+    def _invalid(self, exchange: Exchange) -> Reply:
+        return self._deny(exchange, "invalid_credentials", "the username or password is not valid")
+
+    # -- the registry's view ------------------------------------------------------------------------
+    def _sync(self, registry: Any) -> None:
+        source = (registry.config, registry.version)
+        current = self._source
+        if current is not None and current[0] is source[0] and current[1] == source[1]:
+            return
+        users: dict[str, PasswordHash] = {}
+        for item in registry.config.consumers:
+            if item.password_hash is not None:
+                users[item.id] = parse_hash(item.password_hash)
+        self._users = users
+        self._forwards = {}
+        self._cache = {}
+        self._source = source
+
+    # -- the request hook --------------------------------------------------------------------------
+    def on_request(self, exchange: Exchange) -> Reply | Awaitable[Reply | None] | None:
+        services = self.services
+        registry = services.consumers if services is not None else None
+        headers = exchange.headers
+        found: tuple[bytes, bytes] | None = None
+        rebuild = False  # client-sent forwarded headers, or Authorization twice
+        for pair in headers:
+            if pair[0] in self.watched:
+                if pair[0] == AUTHORIZATION and found is None:
+                    found = pair
+                else:
+                    rebuild = True
+        try:
+            credentials = parse_basic(found[1]) if found is not None else None
+        except _Malformed:
+            return self._deny(exchange, "malformed_authorization", "the Authorization header cannot be read")
+        if credentials is None:
+            if self.auth_required:
+                if registry is None:
+                    return self._unavailable(exchange)
+                return self._deny(exchange, "missing_credentials", "a username and password are required")
+            if rebuild:
+                exchange.headers = [pair for pair in headers if pair[0] not in self.forwarded]
+            return None
+        if registry is None:
+            return self._unavailable(exchange)
+        self._sync(registry)
+        username, password = credentials
+        digest = hashlib.sha256(username.encode() + b"\x00" + password).digest()
+        entry = self._cache.get(digest)
+        if entry is not None:
+            if entry[0] > monotonic():
+                return self._accept(exchange, registry, entry[1], found, rebuild)
+            del self._cache[digest]
+        stored = self._users.get(username)
+        return self._verify(exchange, registry, username, password, stored, digest, found, rebuild)
+
+    async def _verify(
+        self,
+        exchange: Exchange,
+        registry: Any,
+        username: str,
+        password: bytes,
+        stored: PasswordHash | None,
+        digest: bytes,
+        found: tuple[bytes, bytes] | None,
+        rebuild: bool,
+    ) -> Reply | None:
+        source = self._source
+        ok = await asyncio.get_running_loop().run_in_executor(None, _check, stored, password)
+        if not ok or stored is None:
+            return self._invalid(exchange)
+        if self.ttl > 0 and self._source is source:
+            cache = self._cache
+            while len(cache) >= self.cache_size:
+                del cache[next(iter(cache))]  # the oldest
+            cache[digest] = (monotonic() + self.ttl, username)
+        return self._accept(exchange, registry, username, found, rebuild)
+
+    def _accept(
+        self,
+        exchange: Exchange,
+        registry: Any,
+        username: str,
+        found: tuple[bytes, bytes] | None,
+        rebuild: bool,
+    ) -> Reply | None:
+        consumer: Consumer | None = registry.consumer(username)
+        if consumer is None or consumer.disabled:
+            return self._invalid(exchange)
+        headers = exchange.headers
+        if rebuild:
+            drop = self.watched if self.hide else self.forwarded
+            headers = [pair for pair in headers if pair[0] not in drop]
+            exchange.headers = headers
+        elif self.hide and found is not None:
+            headers.remove(found)  # by identity
+        forwards = self._forwards.get(username)
+        if forwards is None:
+            forwards = self._forwards[username] = self._forward_pairs(consumer)
+        if forwards:
+            headers += forwards
+        exchange.consumer = consumer
+        exchange.tenant = consumer.tenant
+        return None
+
+    def _forward_pairs(self, consumer: Consumer) -> list[tuple[bytes, bytes]]:
+        pairs = [
+            (self.h_consumer, _header_value(consumer.id)),
+            (self.h_tenant, _header_value(consumer.tenant)),
+            (self.h_groups, _header_value(",".join(consumer.groups))),
+        ]
+        return [(name, value) for name, value in pairs if name is not None and value is not None]
