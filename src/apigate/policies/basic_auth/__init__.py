@@ -18,13 +18,14 @@ import hashlib
 from time import monotonic
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from apigate.consumers.passwords import PasswordHash, hash_password, parse_hash
 from apigate.consumers.registry import _header_value
 from apigate.engine.exchange import Reply, json_reply
+from apigate.policies.authconfig import AuthConfig, check_forwarded_names
 from apigate.policies.base import Policy, PolicyConfig
-from apigate.policies.key_auth import _REALM, ForwardHeaders
+from apigate.policies.key_auth import ForwardHeaders
 from apigate.policies.registry import register
 
 if TYPE_CHECKING:
@@ -44,36 +45,19 @@ def _dummy() -> PasswordHash:
     return parse_hash(hash_password(b"apigate-basic-auth-dummy"))
 
 
-class BasicAuthConfig(PolicyConfig):
-    realm: str = "apigate"
+class BasicAuthConfig(AuthConfig):
     hide_credentials: bool = Field(default=True, description="remove Authorization before proxying")
     forward_headers: ForwardHeaders = ForwardHeaders()
-    required: bool = Field(
-        default=True,
-        description="false: a request without Basic credentials goes on unidentified; "
-        "credentials that are present must still be valid",
-    )
     cache_ttl: float = Field(
         default=60.0, ge=0, description="seconds a verified credential is cached (0: off)"
     )
     cache_size: int = Field(default=10_000, ge=1, le=1_000_000)
 
-    @field_validator("realm")
-    @classmethod
-    def _check_realm(cls, realm: str) -> str:
-        if not _REALM.match(realm):
-            raise ValueError("realm cannot contain quotes, backslashes or control characters")
-        return realm
-
     @model_validator(mode="after")
     def _checks(self) -> BasicAuthConfig:
         if self.forward_headers.key_id is not None:
             raise ValueError("basic-auth has no key id to forward (forward_headers.key_id must be null)")
-        forwarded = [n.lower() for n in self.forward_headers.model_dump().values() if n is not None]
-        if len(forwarded) != len(set(forwarded)):
-            raise ValueError("forward_headers names must differ from each other")
-        if "authorization" in forwarded:
-            raise ValueError("Authorization cannot be a forwarded header")
+        check_forwarded_names(self.forward_headers, "Authorization")
         return self
 
 

@@ -33,6 +33,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from apigate.config.headernames import check_header_name
 from apigate.engine.exchange import Reply, json_reply
+from apigate.policies.authconfig import AuthConfig, check_forwarded_names
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.registry import register
 
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 
 Algorithm = Literal["hmac-sha256", "hmac-sha384", "hmac-sha512"]
 _DIGESTS = {"hmac-sha256": hashlib.sha256, "hmac-sha384": hashlib.sha384, "hmac-sha512": hashlib.sha512}
-_REALM = re.compile(r'^[^"\\\x00-\x1f\x7f]*$')
 _USERNAME = re.compile(r'^[^"\\\x00-\x1f\x7f]{1,200}$')
 # One `name="value"` parameter of the Authorization header, then a comma or the end.
 _PARAM = re.compile(rb'[ \t]*([A-Za-z]+)[ \t]*=[ \t]*"([^"\\\x00-\x1f\x7f]*)"[ \t]*(?:,|$)')
@@ -77,7 +77,7 @@ class HmacForwardHeaders(PolicyConfig):
         return None if name is None else check_header_name(name, "be used here")
 
 
-class HmacAuthConfig(PolicyConfig):
+class HmacAuthConfig(AuthConfig):
     credentials: dict[str, HmacCredential] = Field(
         default_factory=dict, description="username -> {secret, consumer}"
     )
@@ -92,12 +92,6 @@ class HmacAuthConfig(PolicyConfig):
     hide_credentials: bool = Field(default=True, description="remove Authorization before proxying")
     forward_headers: HmacForwardHeaders = HmacForwardHeaders()
     replay_cache_size: int = Field(default=100_000, ge=100, description="signatures remembered per worker")
-    realm: str = "apigate"
-    required: bool = Field(
-        default=True,
-        description="false: a request without an hmac Authorization goes on unidentified; "
-        "a signature that is present must still be valid",
-    )
 
     @field_validator("credentials")
     @classmethod
@@ -120,20 +114,9 @@ class HmacAuthConfig(PolicyConfig):
             out.append(name.lower())
         return out
 
-    @field_validator("realm")
-    @classmethod
-    def _check_realm(cls, realm: str) -> str:
-        if not _REALM.match(realm):
-            raise ValueError("realm cannot contain quotes, backslashes or control characters")
-        return realm
-
     @model_validator(mode="after")
     def _distinct(self) -> HmacAuthConfig:
-        forwarded = [n.lower() for n in self.forward_headers.model_dump().values() if n is not None]
-        if len(forwarded) != len(set(forwarded)):
-            raise ValueError("forward_headers names must differ from each other")
-        if "authorization" in forwarded:
-            raise ValueError("Authorization cannot be a forwarded header")
+        check_forwarded_names(self.forward_headers, "Authorization")
         return self
 
 

@@ -40,6 +40,7 @@ from apigate.config.headernames import HEADER_NAME, check_header_name
 from apigate.config.models import check_http_url
 from apigate.config.units import ByteSize, Duration
 from apigate.engine.exchange import Reply, json_reply
+from apigate.policies.authconfig import AuthConfig
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.jwt.keys import (
     ALGORITHMS,
@@ -84,7 +85,7 @@ _REASONS: dict[str, tuple[int, str]] = {
 }
 
 
-class JwtConfig(PolicyConfig):
+class JwtConfig(AuthConfig):
     algorithms: list[str] = Field(default_factory=lambda: ["RS256"], min_length=1)
     # Key sources: at least one.
     secret: SecretStr | None = Field(default=None, description="shared secret for HS256/384/512")
@@ -115,12 +116,6 @@ class JwtConfig(PolicyConfig):
     jwks_refresh_interval: Duration = Field(default=600.0, ge=1)
     jwks_min_refetch_interval: Duration = Field(default=30.0, ge=0.1)
     jwks_timeout: Duration = Field(default=5.0, gt=0, le=60)
-    realm: str = "apigate"
-    required: bool = Field(
-        default=True,
-        description="false: a request without a token goes on unidentified (for another auth policy "
-        "or `authorize` to judge); a token that is present must still be valid",
-    )
 
     @field_validator("algorithms")
     @classmethod
@@ -172,13 +167,6 @@ class JwtConfig(PolicyConfig):
         if len(set(lowered)) != len(lowered):
             raise ValueError("two claims are forwarded in the same header")
         return pairs
-
-    @field_validator("realm")
-    @classmethod
-    def _realm(cls, realm: str) -> str:
-        if not realm or any(c in realm for c in '"\\\r\n\0'):
-            raise ValueError("must be non-empty, without quotes, backslashes or line breaks")
-        return realm
 
     @model_validator(mode="after")
     def _keys_fit_algorithms(self) -> JwtConfig:

@@ -18,6 +18,7 @@ from pydantic import Field, field_validator, model_validator
 
 from apigate.config.headernames import check_header_name
 from apigate.engine.exchange import Reply, json_reply
+from apigate.policies.authconfig import AuthConfig, check_forwarded_names
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.registry import register
 
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
     from apigate.services import Services
 
 _PARAM_NAME = re.compile(r"^[A-Za-z0-9._~-]+$")
-_REALM = re.compile(r'^[^"\\\x00-\x1f\x7f]*$')
 
 
 def _check_header(name: str | None) -> str | None:
@@ -49,18 +49,12 @@ class ForwardHeaders(PolicyConfig):
     )
 
 
-class KeyAuthConfig(PolicyConfig):
+class KeyAuthConfig(AuthConfig):
     header: str = Field(default="X-API-Key", description="request header that carries the key")
     query_param: str | None = Field(default=None, description="also accept ?<name>=<key> (off by default)")
     required_scopes: list[str] = Field(default_factory=list, description="the key must have all of them")
     hide_credentials: bool = Field(default=True, description="remove the key before proxying")
     forward_headers: ForwardHeaders = ForwardHeaders()
-    realm: str = "apigate"
-    required: bool = Field(
-        default=True,
-        description="false: a request without a key goes on unidentified (for another auth policy "
-        "or `authorize` to judge); a key that is present must still be valid",
-    )
 
     _header = field_validator("header")(classmethod(lambda cls, v: _check_header(v)))
 
@@ -79,20 +73,9 @@ class KeyAuthConfig(PolicyConfig):
                 raise ValueError(f"scope {scope!r} must be non-empty and without spaces")
         return scopes
 
-    @field_validator("realm")
-    @classmethod
-    def _check_realm(cls, realm: str) -> str:
-        if not _REALM.match(realm):
-            raise ValueError("realm cannot contain quotes, backslashes or control characters")
-        return realm
-
     @model_validator(mode="after")
     def _distinct(self) -> KeyAuthConfig:
-        forwarded = [n.lower() for n in self.forward_headers.model_dump().values() if n is not None]
-        if len(forwarded) != len(set(forwarded)):
-            raise ValueError("forward_headers names must differ from each other")
-        if self.header.lower() in forwarded:
-            raise ValueError("the key header cannot also be a forwarded header")
+        check_forwarded_names(self.forward_headers, self.header)
         return self
 
 
