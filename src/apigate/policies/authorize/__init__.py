@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from apigate.engine.exchange import Reply, json_reply
 from apigate.policies.base import Policy, PolicyConfig
@@ -75,25 +75,10 @@ class AuthorizeConfig(PolicyConfig):
                 raise ValueError(f"{method!r} is not an HTTP method")
         return [m.upper() for m in methods]
 
-    @field_validator("scopes")
+    @field_validator("scopes", "roles", "groups", "tenants")
     @classmethod
-    def _scopes(cls, values: list[str]) -> list[str]:
-        return _names(values, "scope")
-
-    @field_validator("roles")
-    @classmethod
-    def _roles(cls, values: list[str]) -> list[str]:
-        return _names(values, "role")
-
-    @field_validator("groups")
-    @classmethod
-    def _groups(cls, values: list[str]) -> list[str]:
-        return _names(values, "group")
-
-    @field_validator("tenants")
-    @classmethod
-    def _tenants(cls, values: list[str]) -> list[str]:
-        return _names(values, "tenant")
+    def _listed_names(cls, values: list[str], info: ValidationInfo) -> list[str]:
+        return _names(values, (info.field_name or "name").removesuffix("s"))
 
     @field_validator("claims")
     @classmethod
