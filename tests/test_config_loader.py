@@ -248,14 +248,14 @@ ROUTE = "routes:\n  - path: /a\n"  # line 2 is the route; add its keys from line
         ),
         pytest.param(
             ROUTE + "    auth: jwt\n",
-            [(2, "routes[0]", "a route needs exactly one of target or upstream")],
+            [(2, "routes[0]", "a route needs a target or an upstream (or a policy that answers itself)")],
             id="no-target",
         ),
         pytest.param(
             "upstreams:\n  u: {targets: [http://u:1]}\n"
             + ROUTE.replace("/a", "/b")
             + "    target: http://a:80\n    upstream: u\n",
-            [(4, "routes[0]", "a route needs exactly one of target or upstream")],
+            [(4, "routes[0]", "a route takes one of target or upstream, not both")],
             id="target-and-upstream",
         ),
         pytest.param(

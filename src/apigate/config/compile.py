@@ -82,7 +82,7 @@ class UpstreamGroup:
 class CompiledRoute:
     name: str
     config: RouteConfig
-    upstream: UpstreamGroup
+    upstream: UpstreamGroup | None  # None: a terminal policy answers every request
     prefix_strip: bool
     rewrite: tuple[tuple[bool, str], ...] | None
     preserve_host: bool
@@ -93,6 +93,8 @@ class CompiledRoute:
     request_hooks: tuple[Callable[..., Any], ...]
     response_hooks: tuple[Callable[..., Any], ...]
     log_hooks: tuple[Callable[..., Any], ...]
+    body_hooks: tuple[Callable[..., Any], ...] = ()
+    body_limit: int = 0  # largest body the body hooks buffer
     inactive: tuple[str, ...] = ()
     requests: int = 0  # served by this worker since the snapshot was compiled
 
@@ -181,13 +183,18 @@ def compile_snapshot(config: GatewayConfig, pools: PoolManager, services: Servic
     entries: list[RouteEntry] = []
     inactive: dict[str, tuple[str, ...]] = {}
     for order, route in enumerate(config.routes):
+        group: UpstreamGroup | None = None
         if route.upstream is not None:
             group = groups[route.upstream]
-        else:
+        elif route.target is not None:
             group = _group(route.display_name, UpstreamConfig(targets=[{"url": route.target}]), pools)
         policies, route_inactive = _policy_chain(config.policies, route, services)
         request_hooks = _hooks(policies, "on_request")
+        body_hooks = _hooks(policies, "on_body")
         max_body = route.max_body_size if route.max_body_size is not None else config.limits.max_body_size
+        body_limit = max((p.body_limit for p in policies if p.on_body in body_hooks), default=0)
+        if max_body is not None:
+            body_limit = min(body_limit, max_body)
         item = CompiledRoute(
             name=route.display_name,
             config=route,
@@ -202,6 +209,8 @@ def compile_snapshot(config: GatewayConfig, pools: PoolManager, services: Servic
             request_hooks=request_hooks,
             response_hooks=tuple(reversed(_hooks(policies, "on_response"))),
             log_hooks=_hooks(policies, "on_log"),
+            body_hooks=body_hooks,
+            body_limit=body_limit,
             inactive=route_inactive,
         )
         if route_inactive:

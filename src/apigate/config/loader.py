@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from apigate.config.models import ConfigIssue, GatewayConfig, semantic_issues
+from apigate.policies.registry import load_plugins
 
 __all__ = ["ConfigError", "load_config"]
 
@@ -105,7 +106,9 @@ def _read(path: str | os.PathLike[str]) -> str:
 def _validate(data: dict[str, Any]) -> tuple[GatewayConfig | None, list[ConfigIssue]]:
     """Model validation and the cross-model checks, as issues on the data's locs; both always run."""
     config: GatewayConfig | None = None
-    issues: list[ConfigIssue] = []
+    plugins = data.get("plugins")
+    # Plugins register policies, so they are imported before anything names those policies.
+    issues: list[ConfigIssue] = load_plugins(plugins) if isinstance(plugins, list) else []
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:

@@ -274,8 +274,10 @@ class RouteConfig(Strict):
 
     @model_validator(mode="after")
     def _one_destination(self) -> RouteConfig:
-        if (self.target is None) == (self.upstream is None):
-            raise ValueError("a route needs exactly one of target or upstream")
+        if self.target is not None and self.upstream is not None:
+            raise ValueError("a route takes one of target or upstream, not both")
+        if self.target is None and self.upstream is None and not _answers_itself(self.policies):
+            raise ValueError("a route needs a target or an upstream (or a policy that answers itself)")
         if self.strip_prefix and not self.path.endswith("/*"):
             raise ValueError("strip_prefix applies to prefix paths ending in /*")
         if self.rewrite:
@@ -300,6 +302,9 @@ class GatewayConfig(Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)
     consumers: list[ConsumerConfig] = Field(default_factory=list)
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
+    plugins: list[str] = Field(
+        default_factory=list, description="importable modules that register policies of your own"
+    )
     policies: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
 
@@ -362,6 +367,13 @@ def semantic_issues(data: dict[str, Any]) -> list[ConfigIssue]:
         issues.extend(_policy_issues(route.get("policies"), (*loc, "policies"), validate_policy_config))
     issues.extend(_policy_issues(data.get("policies"), ("policies",), validate_policy_config))
     return issues
+
+
+def _answers_itself(policies: Any) -> bool:
+    from apigate.policies.registry import registry
+
+    known = registry()
+    return isinstance(policies, dict) and any(name in known and known[name].terminal for name in policies)
 
 
 def _policy_issues(policies: Any, loc: tuple[str | int, ...], validate: Any) -> list[ConfigIssue]:

@@ -45,6 +45,8 @@ _SPECIAL = {
 }
 # Response headers the proxy owns: hop-by-hop ones, and X-Request-ID (it sends its own).
 _RESPONSE_OWN = wire.HOP_BY_HOP | {b"x-request-id"}
+# A buffered body is sent with its own Content-Length (a body hook may have replaced it).
+_REQUEST_OWN_BUFFERED = _REQUEST_OWN | {b"content-length"}
 _STATUS_101 = wire.status_line(101)
 _NO_PARAMS: dict[str, str] = {}
 _NO_HEADERS: list[tuple[bytes, bytes]] = []
@@ -104,6 +106,8 @@ class Exchange:
     body_pending_size = 0
     body_replay: list[bytes] | None = None
     replayable = True
+    body: bytes | None = None  # the whole request body, once a body hook made the engine buffer it
+    buffering = False
     bytes_in = 0
     bytes_out = 0
     request_done = False
@@ -238,38 +242,37 @@ class Exchange:
             self.close_after = True
             self.fail(413, f"request body exceeds the route's limit of {limit} bytes")
             return
-        # Hooks run inline; only one that hands back an awaitable (a key fetch, a Redis round
-        # trip) moves the rest of the chain into a task, so a decision made from memory costs
-        # no task and no loop iteration.
-        hooks = route.request_hooks
-        index = 0
+        self._run_hooks(route.request_hooks, 0, False)
+
+    def _run_hooks(self, hooks: tuple[Any, ...], index: int, body_phase: bool) -> None:
+        """Run a phase's hooks from ``index``; an early answer ends the exchange, passing moves on.
+
+        Hooks run inline; only one that hands back an awaitable (a key fetch, a Redis round
+        trip) moves the rest of the chain into a task, so a decision made from memory costs
+        no task and no loop iteration.
+        """
         try:
             while index < len(hooks):
-                result = hooks[index](self)
+                result = hooks[index](self, self.body) if body_phase else hooks[index](self)
                 index += 1
                 if result is None:
                     continue
                 if isinstance(result, Reply):
                     self.reply(result)
                     return
-                self.client.gateway.spawn(self._finish_hooks_async(result, hooks, index))
+                self.client.gateway.spawn(self._finish_hooks_async(result, hooks, index, body_phase))
                 return
         except Exception:
             self.client.gateway.log_exception("policy failed", self)
             self.fail(500, "a policy failed while handling this request")
             return
-        self.go_upstream()
+        self._hooks_passed(body_phase)
 
     async def _finish_hooks_async(
-        self, pending: Awaitable[Reply | None], hooks: tuple[Any, ...], index: int
+        self, pending: Awaitable[Reply | None], hooks: tuple[Any, ...], index: int, body_phase: bool
     ) -> None:
         try:
             result: Any = await pending
-            while result is None and index < len(hooks):
-                result = hooks[index](self)
-                index += 1
-                if result is not None and not isinstance(result, Reply):
-                    result = await result
         except Exception:
             self.client.gateway.log_exception("policy failed", self)
             self.fail(500, "a policy failed while handling this request")
@@ -279,14 +282,65 @@ class Exchange:
         if result is not None:
             self.reply(result)
         else:
+            self._run_hooks(hooks, index, body_phase)
+
+    def _hooks_passed(self, body_phase: bool) -> None:
+        route = self.route
+        assert route is not None
+        if body_phase:
+            self._send_buffered_body()
+        elif route.body_hooks:
+            self._start_buffering(route)
+        else:
             self.go_upstream()
+
+    # -- buffered bodies, for policies that read the whole body (signatures, token endpoints) --
+    def _start_buffering(self, route: CompiledRoute) -> None:
+        limit = route.body_limit
+        if (self.content_length or 0) > limit or self.bytes_in > limit:
+            self.close_after = True
+            self.fail(413, f"request body exceeds the limit of {limit} bytes")
+            return
+        self.buffering = True
+        if self.request_done:
+            self._body_complete()
+            return
+        client = self.client
+        if self.expect_continue:
+            self.expect_continue = False
+            client.write(wire.CONTINUE_100)
+        if client.read_pauses & client.PAUSE_BODY:
+            client.set_read_paused(client.PAUSE_BODY, False)
+
+    def _body_complete(self) -> None:
+        self.buffering = False
+        pieces = self.body_pending
+        self.body = b"".join(pieces) if pieces else b""
+        self.body_pending = None
+        self.body_pending_size = 0
+        route = self.route
+        assert route is not None
+        self._run_hooks(route.body_hooks, 0, True)
+
+    def _send_buffered_body(self) -> None:
+        # The whole body is in memory, so any attempt can resend it, whatever its size.
+        body = self.body or b""
+        self.request_chunked = False
+        self.body_pending = [body] if body else None
+        self.body_replay = self.body_pending
+        self.replayable = True
+        self.go_upstream()
 
     def go_upstream(self) -> None:
         if self.expect_continue and not self.request_done:
             self.client.write(wire.CONTINUE_100)
         route = self.route
         assert route is not None
-        target = route.upstream.pick(self.target if self.attempt else None)
+        group = route.upstream
+        if group is None:
+            self.fail(500, "this route has no upstream and no policy answered the request")
+            return
+        target = group.pick(self.target if self.attempt else None)
         self.target = target
         self.attempt += 1
         conn = target.pool.take_idle()
@@ -370,11 +424,14 @@ class Exchange:
         host = self.host.encode("latin-1") if route.preserve_host and self.host else target.host_header
         out = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (self.method.encode(), path, host)]
         tokens = self.connection_tokens
+        own = _REQUEST_OWN if self.body is None else _REQUEST_OWN_BUFFERED
         for pair in self.headers:
             name = pair[0]
-            if name in _REQUEST_OWN or (tokens is not None and name in tokens):
+            if name in own or (tokens is not None and name in tokens):
                 continue
             out.append(b"%s: %s\r\n" % pair)
+        if self.body is not None:
+            out.append(b"content-length: %d\r\n" % len(self.body))
         peer = self.client.peer_ip_bytes
         out.append(
             b"x-forwarded-for: %s\r\nx-forwarded-proto: %s\r\nvia: 1.1 apigate\r\nx-request-id: %s\r\n"
@@ -414,11 +471,19 @@ class Exchange:
         else:
             self.body_pending.append(data)
         self.body_pending_size += len(data)
-        if self.body_pending_size > BODY_HIGH_WATER:
+        if self.buffering:
+            assert route is not None
+            if self.bytes_in > route.body_limit:
+                self.close_after = True
+                self.fail(413, f"request body exceeds the limit of {route.body_limit} bytes")
+        elif self.body_pending_size > BODY_HIGH_WATER:
             self.client.set_read_paused(self.client.PAUSE_BODY, True)
 
     def on_request_end(self) -> None:
         self.request_done = True
+        if self.buffering and not self.finished:
+            self._body_complete()
+            return
         conn = self.upstream
         if conn is not None and self.request_chunked and not self.finished and not self.upgrade:
             conn.send(wire.LAST_CHUNK)

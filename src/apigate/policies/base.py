@@ -8,6 +8,11 @@ Phases, in the order a request meets them:
   awaitable of either when it must wait (a Redis decision, a JWKS fetch, a leaky-bucket
   delay). Answer from memory synchronously when you can: only an awaitable costs a task.
   ``async def`` works too, but then every request pays for a coroutine and a task.
+- ``on_body(exchange, body)``: the whole request body, exactly as the client sent it (chunked
+  framing removed). Declaring this hook makes the engine buffer the body, up to the policy's
+  ``body_limit`` (larger bodies get 413), once every ``on_request`` hook has passed; the others
+  stream. Same return values as ``on_request``. A hook may replace ``exchange.body``: the
+  upstream then receives the new bytes with a matching Content-Length.
 - ``on_response(exchange)``: the upstream's status and headers arrived; edit
   ``exchange.response_headers`` before they are sent. Runs in reverse order.
 - ``on_log(exchange)``: the exchange is finished (status, timings, bytes are known).
@@ -41,12 +46,19 @@ class Policy:
     """An authentication policy's WWW-Authenticate value for a missing credential (others: None)."""
     needs: ClassVar[frozenset[str]] = frozenset()
     """Shared services the policy uses, e.g. {"consumers"}; the gateway starts them before serving."""
+    terminal: ClassVar[bool] = False
+    """The policy always answers itself (a token endpoint, a webhook intake): its route needs no upstream."""
+    body_limit: ClassVar[int] = 1 << 20
+    """Largest request body ``on_body`` accepts; the route's ``max_body_size`` may lower it."""
 
     def __init__(self, config: Any, services: Services | None = None) -> None:
         self.config = config
         self.services = services
 
     def on_request(self, exchange: Exchange) -> Reply | Awaitable[Reply | None] | None:
+        return None
+
+    def on_body(self, exchange: Exchange, body: bytes) -> Reply | Awaitable[Reply | None] | None:
         return None
 
     def on_response(self, exchange: Exchange) -> None:

@@ -40,6 +40,20 @@ def registry() -> dict[str, type[Policy]]:
     return _registry
 
 
+def load_plugins(modules: list[Any]) -> list[ConfigIssue]:
+    """Import modules that register policies of their own (``plugins:`` in the config)."""
+    issues: list[ConfigIssue] = []
+    registry()  # built-ins first, so a plugin that reuses a built-in name is refused
+    for index, module in enumerate(modules):
+        if not isinstance(module, str):
+            continue  # field validation reports the type
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # any import failure is a config error, never a crash
+            issues.append(ConfigIssue(loc=("plugins", index), message=f"cannot import {module!r}: {exc}"))
+    return issues
+
+
 def validate_policy_config(
     name: str, raw: dict[str, Any] | None, loc: tuple[str | int, ...]
 ) -> list[ConfigIssue]:
