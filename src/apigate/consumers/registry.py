@@ -137,7 +137,11 @@ class ConsumerRegistry:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
+            # On 3.11, asyncio.wait_for can swallow a cancellation that races with its inner
+            # result and the poll loop would go on: cancel until the task has really ended.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.1)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
