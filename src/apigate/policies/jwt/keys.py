@@ -5,8 +5,8 @@ built. A ``KeySet`` holds the keys of a JWKS document fetched over HTTP, directl
 ``jwks_url`` or through OIDC discovery (``{issuer}/.well-known/openid-configuration`` names
 the ``jwks_uri``). A KeySet:
 
-- fetches asynchronously (a small asyncio + httptools client; nothing blocks the data plane),
-  one fetch at a time: concurrent requests that need keys wait for the same fetch;
+- fetches asynchronously (the pooled ``apigate.outbound`` client; nothing blocks the data
+  plane), one fetch at a time: concurrent requests that need keys wait for the same fetch;
 - refreshes every ``refresh`` seconds on a loop timer, and on a ``kid`` it does not know, at
   most once per ``min_refetch`` seconds (a flood of made-up kids costs one fetch per interval);
 - tells its listeners when a key was removed or replaced, so verified-token caches drop
@@ -22,20 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 import weakref
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
-import httptools
 import jwt
 import orjson
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+from apigate.outbound import HttpClient, OutboundError, default_tls_context
 
 log = logging.getLogger("apigate.jwt")
 
@@ -170,96 +169,23 @@ class FetchError(Exception):
     pass
 
 
-_tls: ssl.SSLContext | None = None
-
-
-def tls_context() -> ssl.SSLContext:
-    """One client TLS context per process (building one reads the CA store: ~50 ms, so never per fetch)."""
-    global _tls
-    if _tls is None:
-        _tls = ssl.create_default_context()
-    return _tls
-
-
-class _Response:
-    """httptools callbacks collecting one response, with a bound on the body size."""
-
-    def __init__(self) -> None:
-        self.body = bytearray()
-        self.headers_done = False
-        self.framed = False  # Content-Length or chunked: the parser knows where the body ends
-        self.done = False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() in (b"content-length", b"transfer-encoding"):
-            self.framed = True
-
-    def on_headers_complete(self) -> None:
-        self.headers_done = True
-
-    def on_body(self, body: bytes) -> None:
-        self.body += body
-        if len(self.body) > MAX_DOCUMENT_BYTES:
-            raise FetchError("document too large")
-
-    def on_message_complete(self) -> None:
-        self.done = True
+# Key sets and discovery documents of every jwt policy in the process share these pooled
+# connections; refreshes are minutes apart, so idle connections close long before the next one.
+_client = HttpClient(max_connections_per_origin=2, idle_timeout=30.0)
 
 
 async def fetch_json(url: str, timeout: float) -> Any:
-    """GET a JSON document over HTTP/1.1 on the running loop; FetchError on any failure.
-
-    Deliberately small: no redirects, proxies or compression. Name resolution runs in the
-    loop's executor and TLS is asynchronous, so nothing here blocks the data plane.
-    """
-    parts = urlsplit(url)
-    https = parts.scheme == "https"
-    host = parts.hostname or ""
-    port = parts.port or (443 if https else 80)
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    host_header = f"[{host}]" if ":" in host else host
-    if parts.port:
-        host_header += f":{parts.port}"
-    request = (
-        f"GET {target} HTTP/1.1\r\nHost: {host_header}\r\nAccept: application/json\r\n"
-        "User-Agent: apigate\r\nConnection: close\r\n\r\n"
-    ).encode("latin-1")
-    response = _Response()
-    parser = httptools.HttpResponseParser(response)
-    writer = None
+    """GET a JSON document on the running loop (see ``apigate.outbound``); FetchError on any failure."""
     try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(
-                host, port, ssl=tls_context() if https else None, limit=MAX_DOCUMENT_BYTES
-            )
-            writer.write(request)
-            while not response.done:
-                data = await reader.read(65536)
-                if not data:
-                    # Only a body delimited by the connection close may end here.
-                    response.done = response.headers_done and not response.framed
-                    break
-                parser.feed_data(data)
-    except TimeoutError:
-        raise FetchError("timed out") from None
-    except FetchError:
-        raise
-    except httptools.HttpParserError as exc:
-        if isinstance(exc.__context__, FetchError):
-            raise exc.__context__ from None
-        raise FetchError("invalid HTTP response") from None
-    except OSError as exc:
-        raise FetchError(exc.strerror or type(exc).__name__) from None
-    except UnicodeError:
-        raise FetchError("invalid host name") from None
-    finally:
-        if writer is not None:
-            writer.close()
-    if not response.done:
-        raise FetchError("connection closed before the response was complete")
-    status = parser.get_status_code()
-    if status != 200:
-        raise FetchError(f"HTTP {status}")
+        response = await _client.request(
+            "GET", url, [(b"Accept", b"application/json")], timeout=timeout, max_body=MAX_DOCUMENT_BYTES
+        )
+    except OutboundError as exc:
+        raise FetchError(exc.message) from None
+    except ValueError as exc:
+        raise FetchError(str(exc)) from None
+    if response.status != 200:
+        raise FetchError(f"HTTP {response.status}")
     try:
         return orjson.loads(response.body)
     except orjson.JSONDecodeError:
@@ -443,7 +369,7 @@ def shared_keyset(
 ) -> KeySet:
     """The KeySet for this source and timings, shared by every policy instance that uses it."""
     if (jwks_url or discovery or "").startswith("https://"):
-        tls_context()  # built while the config is compiled, not on the loop during a fetch
+        default_tls_context()  # built while the config is compiled, not on the loop during a fetch
     key = (jwks_url, discovery, refresh, min_refetch, timeout)
     keyset = _shared.get(key)
     if keyset is None:
