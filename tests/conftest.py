@@ -9,6 +9,7 @@ import pytest
 
 from tests.support.gateway import GatewayProcess
 from tests.support.proxy_http import running_upstream
+from tests.support.redis import RedisServer
 from tests.support.upstream import UpstreamServer
 
 
@@ -41,3 +42,18 @@ def start_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
     yield start
     for gateway in started:
         gateway.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server of this test session (each xdist worker has its own), on a free port."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis, emptied for this test."""
+    redis_server.flush()
+    return redis_server.url

@@ -19,10 +19,11 @@ import pytest
 from apigate.config.models import ConsumerConfig
 from apigate.consumers import passwords
 from apigate.consumers.passwords import hash_password, parse_hash, verify_password
+from apigate.consumers.registry import Login
 from apigate.engine.exchange import Reply
 from apigate.policies.registry import build_policy, validate_policy_config
 from apigate.store.base import Consumer
-from tests.support.errors_helpers import Response, request
+from tests.support.errors_helpers import Response, request, wait_until
 from tests.support.gateway import GatewayProcess
 from tests.support.proxy_http import find_request, running_gateway, running_upstream
 from tests.support.upstream import UpstreamServer
@@ -171,6 +172,27 @@ def test_optional_route(env: Env) -> None:
     assert response.status == 200
 
 
+def test_logins_stored_with_the_cli_are_accepted(env: Env) -> None:
+    store = f"sqlite:///{env.gateway.config_path.parent.parent / 'apigate.db'}"
+    cwd = env.gateway.config_path.parent
+    created = apigate(cwd, "consumers", "create", "carol", "--tenant", "acme", "--store", store)
+    assert created.returncode == 0, created.stderr
+    auth = basic("carol.login", "a stored password")
+    denied(call(env, authorization=auth), "invalid_credentials")
+    command = ("consumers", "set-password", "carol", "carol.login", "--store", store)
+    done = apigate(cwd, *command, stdin="a stored password\n")
+    assert done.returncode == 0, done.stderr
+    assert "a stored password" not in done.stdout + done.stderr
+    # Every worker picks the login up from the store within its poll interval.
+    wait_until(lambda: all(call(env, authorization=auth).status == 200 for _ in range(4)))
+    response = call(env, authorization=auth)
+    seen = find_request(env.upstream, response.header("x-request-id"))
+    assert seen.header("x-consumer-id") == "carol"
+    assert seen.header("x-tenant-id") == "acme"
+    denied(call(env, authorization=basic("carol.login", "wrong password")), "invalid_credentials")
+    denied(call(env, authorization=basic("carol", "a stored password")), "invalid_credentials")
+
+
 def test_repeated_credentials_keep_working(env: Env) -> None:
     auth = basic("alice", PASSWORDS["alice"])
     assert all(call(env, authorization=auth).status == 200 for _ in range(6))
@@ -249,6 +271,13 @@ class FakeRegistry:
         for item in self.config.consumers:
             if item.id == consumer_id:
                 return Consumer(id=item.id, tenant=item.tenant, groups=tuple(item.groups))
+        return None
+
+    def login(self, username: str) -> Login | None:
+        """As the registry answers for config consumers (stored logins: see the end-to-end test)."""
+        for item in self.config.consumers:
+            if item.id == username and item.password_hash is not None:
+                return Login(item.id, parse_hash(item.password_hash), frozenset())
         return None
 
 

@@ -1,6 +1,7 @@
-"""The hmac-auth policy end to end: a real gateway (one worker, so the per-worker replay cache is
-the one every request meets) with config-declared consumers on a SQLite store, in front of a real
-upstream. Signatures are computed here with hmac/hashlib, independently of the policy's code."""
+"""The hmac-auth policy end to end: a real gateway (one worker, so the per-process replay window
+is the one every request meets) with config-declared consumers on a SQLite store, in front of a
+real upstream; then the replay window on Redis, shared by two gateways, and a Redis outage.
+Signatures are computed here with hmac/hashlib, independently of the policy's code."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.errors_helpers import Response, apigate_cmd, clean_env, request
+from tests.support.errors_helpers import Response, apigate_cmd, clean_env, request, wait_until
 from tests.support.gateway import GatewayProcess
 from tests.support.proxy_http import find_request, running_gateway, running_upstream
+from tests.support.redis import RedisServer
 from tests.support.upstream import UpstreamServer
 
 SECRET = "alice-shared-secret-0123456789"
@@ -172,6 +174,35 @@ def test_signed_post_with_digest(env: Env, algorithm: str) -> None:
     seen = find_request(env.upstream, response.header("x-request-id"))
     assert seen.header("x-consumer-id") == "alice"
     assert seen.body_length == len(body)
+
+
+def test_body_that_does_not_match_the_signed_digest_is_refused(env: Env) -> None:
+    target = "/body/orders"
+    signed_for = b'{"order": 42}'
+    names = ("date", "request-line", "digest", "x-custom")
+    before = len(env.upstream.requests)
+    headers = signed_headers("POST", target, names=names, extra=[("X-Custom", "yes")], body=signed_for)
+    denied(call(env, "POST", target, headers, b'{"order": 43}'), "invalid_digest")
+    # chunked framing does not matter: the digest covers the body's bytes
+    headers = signed_headers("POST", target, names=names, extra=[("X-Custom", "yes")], body=signed_for)
+    chunked = b"5\r\n" + signed_for[:5] + b"\r\n8\r\n" + signed_for[5:] + b"\r\n0\r\n\r\n"
+    response = call(env, "POST", target, [*headers, ("Transfer-Encoding", "chunked")], chunked)
+    assert response.status == 200, response
+    assert len(env.upstream.requests) == before + 1
+
+
+@pytest.mark.parametrize(
+    "digest", ["MD5=1B2M2Y8AsgTpgAmY7PhCfg==", "SHA-256=not base64!", "SHA-256=" + "A" * 8, "SHA-256"]
+)
+def test_malformed_digest_header_is_401(env: Env, digest: str) -> None:
+    target = "/body/orders"
+    headers = signed_headers(
+        "POST",
+        target,
+        names=("date", "request-line", "digest", "x-custom"),
+        extra=[("X-Custom", "yes"), ("Digest", digest)],
+    )
+    denied(call(env, "POST", target, headers, b"{}"), "invalid_digest")
 
 
 def test_x_date_may_replace_date(env: Env) -> None:
@@ -349,3 +380,52 @@ def test_check_reports_short_secrets_and_unknown_algorithms(tmp_path: Path) -> N
     assert "credentials" in output and "alice" in output, output
     assert "algorithms" in output and "hmac-sha256" in output, output
     assert SECRET not in output
+
+
+# -- the replay window across processes (state backend) -----------------------------------------------
+@pytest.mark.parametrize("state", ["memory", "redis"])
+def test_replay_window_is_per_process_on_memory_and_cluster_wide_on_redis(
+    request: pytest.FixtureRequest, start_gateway, upstream: UpstreamServer, tmp_path: Path, state: str
+) -> None:
+    config = gateway_config(f"sqlite:///{tmp_path / 'apigate.db'}", upstream)
+    if state == "redis":
+        config["state"] = {"url": request.getfixturevalue("redis_url")}
+    first, second = start_gateway(config), start_gateway(config)
+    target = "/signed/pay?amount=10"
+    headers = signed_headers("GET", target)
+    assert request_to(first, target, headers).status == 200
+    denied(request_to(first, target, headers), "replayed")
+    replayed_elsewhere = request_to(second, target, headers)
+    if state == "memory":
+        assert replayed_elsewhere.status == 200  # each process keeps its own window
+    else:
+        denied(replayed_elsewhere, "replayed")
+
+
+def test_redis_outage_refuses_signed_requests_with_503_until_it_returns(
+    start_gateway, upstream: UpstreamServer, tmp_path: Path
+) -> None:
+    redis_server = RedisServer(tmp_path / "redis").start()
+    try:
+        config = gateway_config(f"sqlite:///{tmp_path / 'apigate.db'}", upstream)
+        config["state"] = {"url": redis_server.url}
+        gateway = start_gateway(config)
+        target = "/signed/outage"
+        assert request_to(gateway, target, signed_headers("GET", target)).status == 200
+
+        redis_server.stop()
+        refused = request_to(gateway, target, signed_headers("GET", target))
+        assert refused.status == 503, refused
+        assert refused.json()["reason"] == "unavailable"
+        assert refused.header("retry-after") == "1"
+        # Unsigned traffic on other routes does not depend on Redis.
+        assert request_to(gateway, "/optional/x", []).status == 200
+
+        redis_server.start()
+        wait_until(lambda: request_to(gateway, target, signed_headers("GET", target)).status == 200)
+    finally:
+        redis_server.stop()
+
+
+def request_to(gateway: GatewayProcess, target: str, headers: list[tuple[str, str]]) -> Response:
+    return request(gateway.port, "GET", target, headers)

@@ -17,8 +17,11 @@ from typing import Any
 
 import pytest
 
+from apigate.consumers.service import REVOKED_TOKEN_GRACE, ConsumerService
 from apigate.engine.exchange import Reply
 from apigate.policies.registry import build_policy
+from apigate.store.sqlite import SqliteStore
+from tests.support.cli import apigate_json, seconds_until
 from tests.support.errors_helpers import ClosedPort, apigate_cmd, clean_env, wait_until
 from tests.support.jwks_server import (
     ASYMMETRIC,
@@ -671,3 +674,88 @@ def test_good_config_checks(tmp_path, pem_key):
         ],
     )
     assert result.returncode == 0, result.stderr
+
+
+# -- runtime revocation by jti (apigate tokens revoke) -------------------------------------------------
+def test_check_revoked_needs_the_registry_and_fails_closed_without_it():
+    plain = build_policy("jwt", {"algorithms": ["HS256"], "secret": HS_SECRET})
+    assert plain.needs == frozenset()
+    policy = build_policy("jwt", {"algorithms": ["HS256"], "secret": HS_SECRET, "check_revoked": True})
+    assert policy.needs == frozenset({"consumers"})
+    reply = _run_without_suspending(policy.on_request(_bearer(hs_sign(claims(jti="j-1")))))
+    assert reply.status == 503 and json.loads(reply.body)["reason"] == "revocations_unavailable"
+    # Without a jti there is nothing to look up.
+    assert _run_without_suspending(policy.on_request(_bearer(hs_sign(claims())))) is None
+
+
+def test_revoking_a_cached_tokens_jti_through_the_cli_refuses_it_within_a_second(
+    start_gateway, shared_upstream, tmp_path
+):
+    store = f"sqlite:///{tmp_path / 'apigate.db'}"
+    hs = {"algorithms": ["HS256"], "secret": HS_SECRET}
+    gateway = start_gateway(
+        {
+            "store": {"url": store},
+            "routes": [
+                _route("/revocable", shared_upstream.url, {**hs, "check_revoked": True}),
+                _route("/static", shared_upstream.url, hs),
+            ],
+        }
+    )
+    exp = int(time.time()) + 300
+    token, other = hs_sign(claims(jti="leaked-1", exp=exp)), hs_sign(claims(jti="fine-1"))
+    for _ in range(2):  # the second call is answered from the verified-token cache
+        upstream_view(call(gateway.port, "/revocable/echo", token))
+
+    revoked = apigate_json(
+        tmp_path, store, "tokens", "revoke", "leaked-1", "--until", str(exp), "--reason", "leaked"
+    )
+    assert revoked["jti"] == "leaked-1" and revoked["expires_at"] == exp and revoked["reason"] == "leaked"
+    took = seconds_until(lambda: call(gateway.port, "/revocable/echo", token).status == 401)
+    assert took <= 1.0, f"the revoked token was refused after {took:.2f}s"
+    assert_rejected(call(gateway.port, "/revocable/echo", token), "token_revoked", token)
+    upstream_view(call(gateway.port, "/revocable/echo", other))
+    upstream_view(call(gateway.port, "/static/echo", token))  # a route that does not check revocations
+    listed = apigate_json(tmp_path, store, "tokens", "list")
+    assert [(t["jti"], t["expires_at"], t["reason"]) for t in listed] == [("leaked-1", exp, "leaked")]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["tokens", "revoke", "j", "--until", "1"], "not in the future"),
+        (["tokens", "revoke", "j", "--until", "yesterday"], "neither an ISO 8601 time"),
+        (["tokens", "revoke", "bad\tjti"], "printable"),
+    ],
+)
+def test_tokens_revoke_refuses_bad_input_in_one_line(tmp_path, args, message):
+    done = subprocess.run(
+        apigate_cmd(*args, "--store", f"sqlite:///{tmp_path / 'apigate.db'}"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
+    assert done.returncode == 1 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_expired_revocations_are_purged_after_the_longest_leeway(tmp_path):
+    now = [1_000_000.0]
+    store = SqliteStore(tmp_path / "apigate.db")
+    service = ConsumerService(store, clock=lambda: now[0])
+
+    async def scenario() -> list[list[str]]:
+        await store.open()
+        try:
+            await service.revoke_token("short", until=now[0] + 60)
+            await service.revoke_token("forever")
+            seen = [[t.jti for t in await service.list_revoked_tokens()]]
+            now[0] += 60 + REVOKED_TOKEN_GRACE - 1  # a token may still pass within its leeway
+            seen.append([t.jti for t in await service.list_revoked_tokens()])
+            now[0] += 2
+            seen.append([t.jti for t in await service.list_revoked_tokens()])
+            return seen
+        finally:
+            await store.close()
+
+    assert asyncio.run(scenario()) == [["forever", "short"], ["forever", "short"], ["forever"]]

@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 
 from apigate.store import ApiKey, Consumer, Store, open_store
+from apigate.store.base import Credential, RevokedToken
 from apigate.store.migrations import MIGRATIONS
 from apigate.store.postgres import PostgresStore
 from apigate.store.sqlite import SqliteStore
@@ -129,6 +130,30 @@ def test_migrations_applied_once_and_reopen_is_idempotent(store: Store, store_ur
         for _ in range(2):
             async with opened(store_url) as again:
                 assert await again.get_consumer("c1") == consumer("c1")
+        assert await schema_versions(store_url) == LATEST_VERSIONS
+
+    run(body())
+
+
+def test_a_step_missing_below_a_recorded_one_still_runs(store: Store, store_url: str, run: Run) -> None:
+    """Steps developed side by side can be recorded out of order; none is skipped for that."""
+
+    async def body() -> None:
+        drop = ["DELETE FROM schema_version WHERE version = 2", "DROP TABLE revoked_tokens"]
+        if store_url.startswith("sqlite:///"):
+            conn = sqlite3.connect(store_url.removeprefix("sqlite:///"))
+            for statement in drop:
+                conn.execute(statement)
+            conn.commit()
+            conn.close()
+        else:
+            pg = await asyncpg.connect(store_url)
+            for statement in drop:
+                await pg.execute(statement)
+            await pg.close()
+        assert 2 not in await schema_versions(store_url)
+        async with opened(store_url) as again:
+            assert await again.list_revoked_tokens() == []
         assert await schema_versions(store_url) == LATEST_VERSIONS
 
     run(body())
@@ -260,6 +285,105 @@ def test_delete_consumer_cascades_to_keys(store: Store, run: Run) -> None:
         await store.add_key(key("k4", "alice", hash="hash-k1"))
 
     run(body())
+
+
+# -- credentials (client secrets and login passwords) ------------------------------------------------
+
+
+def test_credentials_set_replace_list_and_delete(store: Store, run: Run) -> None:
+    async def body() -> None:
+        await store.upsert_consumer(consumer("alice"))
+        await store.upsert_consumer(consumer("bob"))
+        secret = Credential("alice", "secret", "scrypt$hash-1", scopes=("a:read", "b"), created_at=1.5)
+        login = Credential("alice", "password", "scrypt$hash-2", username="alice@example.com", created_at=2.0)
+        before = await store.change_version()
+        await store.set_credential(secret)
+        await store.set_credential(login)
+        assert await store.change_version() > before
+        assert await store.list_credentials() == [login, secret]  # by id: password:..., secret:...
+        assert await store.list_credentials("bob") == []
+        # Setting one again replaces it (one secret per consumer, one password per username).
+        newer = Credential("alice", "secret", "scrypt$hash-3", created_at=3.0)
+        await store.set_credential(newer)
+        assert await store.list_credentials("alice") == [login, newer]
+        assert newer.id == "secret:alice" and login.id == "password:alice@example.com"
+        assert await store.delete_credential(login.id) is True
+        assert await store.delete_credential(login.id) is False
+        assert await store.list_credentials() == [newer]
+
+    run(body())
+
+
+def test_a_username_belongs_to_one_consumer(store: Store, run: Run) -> None:
+    async def body() -> None:
+        await store.upsert_consumer(consumer("alice"))
+        await store.upsert_consumer(consumer("bob"))
+        await store.set_credential(Credential("alice", "password", "scrypt$a", username="shared"))
+        version = await store.change_version()
+        with pytest.raises(ValueError, match="another consumer"):
+            await store.set_credential(Credential("bob", "password", "scrypt$b", username="shared"))
+        assert await store.change_version() == version
+        assert [c.consumer_id for c in await store.list_credentials()] == ["alice"]
+        with pytest.raises((sqlite3.IntegrityError, asyncpg.ForeignKeyViolationError)):
+            await store.set_credential(Credential("nobody", "secret", "scrypt$c"))
+
+    run(body())
+
+
+def test_delete_consumer_cascades_to_credentials(store: Store, run: Run) -> None:
+    async def body() -> None:
+        await store.upsert_consumer(consumer("alice"))
+        await store.set_credential(Credential("alice", "secret", "scrypt$a"))
+        await store.set_credential(Credential("alice", "password", "scrypt$b", username="al"))
+        assert await store.delete_consumer("alice") is True
+        assert await store.list_credentials() == []
+        # The username is free again.
+        await store.upsert_consumer(consumer("bob"))
+        await store.set_credential(Credential("bob", "password", "scrypt$c", username="al"))
+
+    run(body())
+
+
+# -- revoked tokens (jti denylist) ----------------------------------------------------------------
+
+
+def test_revoked_tokens_round_trip_and_every_revocation_is_a_change(
+    store: Store, store_url: str, run: Run
+) -> None:
+    async def scenario() -> None:
+        assert await store.list_revoked_tokens() == []
+        before = await store.change_version()
+        await store.revoke_token(RevokedToken("jti-b", expires_at=2000.5, reason="leaked", created_at=10.0))
+        await store.revoke_token(RevokedToken("jti-a", created_at=11.0))
+        assert await store.change_version() > before
+        assert await store.list_revoked_tokens() == [
+            RevokedToken("jti-a", expires_at=None, reason=None, created_at=11.0),
+            RevokedToken("jti-b", expires_at=2000.5, reason="leaked", created_at=10.0),
+        ]
+        # Revoking again: a new end and reason; the first revocation's time stays.
+        middle = await store.change_version()
+        await store.revoke_token(RevokedToken("jti-b", expires_at=3000.0, reason="stolen", created_at=99.0))
+        assert await store.change_version() > middle
+        async with opened(store_url) as other:
+            assert await other.list_revoked_tokens() == [
+                RevokedToken("jti-a", created_at=11.0),
+                RevokedToken("jti-b", expires_at=3000.0, reason="stolen", created_at=10.0),
+            ]
+
+    run(scenario())
+
+
+def test_purge_revoked_tokens_deletes_only_expired_ones_and_records_no_change(store: Store, run: Run) -> None:
+    async def scenario() -> None:
+        for jti, expires_at in (("old", 100.0), ("edge", 150.0), ("later", 200.0), ("forever", None)):
+            await store.revoke_token(RevokedToken(jti, expires_at=expires_at, created_at=1.0))
+        version = await store.change_version()
+        assert await store.purge_revoked_tokens(150.0) == 1
+        assert await store.purge_revoked_tokens(150.0) == 0
+        assert [t.jti for t in await store.list_revoked_tokens()] == ["edge", "forever", "later"]
+        assert await store.change_version() == version
+
+    run(scenario())
 
 
 # -- change feed and settings ---------------------------------------------------------------------

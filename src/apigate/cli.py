@@ -1,4 +1,4 @@
-"""The `apigate` command: run a gateway, check a config, manage consumers and API keys."""
+"""The `apigate` command: run a gateway, check a config, manage consumers, API keys and revoked tokens."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ import orjson
 from apigate import __version__
 
 if TYPE_CHECKING:
+    from apigate.config.models import GatewayConfig
     from apigate.consumers.service import ConsumerService
-    from apigate.store.base import ApiKey, Consumer
+    from apigate.store.base import ApiKey, Consumer, RevokedToken
 
 
 def _config_path(given: str | None) -> Path | None:
@@ -65,20 +66,29 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     """Print a basic-auth password hash for a consumer's `password_hash` in the config."""
     from apigate.consumers.passwords import hash_password
 
-    if sys.stdin.isatty():
-        import getpass
-
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
-            print("apigate: the passwords differ", file=sys.stderr)
-            return 1
-    else:
-        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
-    if not password:
-        print("apigate: the password is empty", file=sys.stderr)
+    password = _read_secret("password")
+    if password is None:
         return 1
     print(hash_password(password))
     return 0
+
+
+def _read_secret(what: str) -> str | None:
+    """A password or secret from a prompt (asked twice) on a terminal, else stdin's first line;
+    never from the command line, where other users could read it. None (reported) if unusable."""
+    if sys.stdin.isatty():
+        import getpass
+
+        secret = getpass.getpass(f"{what.capitalize()}: ")
+        if getpass.getpass("Again: ") != secret:
+            print(f"apigate: the {what}s differ", file=sys.stderr)
+            return None
+    else:
+        secret = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    if not secret:
+        print(f"apigate: the {what} is empty", file=sys.stderr)
+        return None
+    return secret
 
 
 # -- consumers and keys ------------------------------------------------------------------------------
@@ -86,21 +96,29 @@ class CliError(Exception):
     """A problem to report in one line (exit 1), without a traceback."""
 
 
-def _store_url(args: argparse.Namespace) -> str:
-    """--store wins; else the config's store.url (-c, $ROUTES_CONFIG, ./apigate.yaml); else the default."""
-    if args.store:
-        return args.store
-    from apigate.config.models import StoreConfig
+def _store_and_state_urls(args: argparse.Namespace) -> tuple[str, str]:
+    """--store and --state win; else the config's store.url and state.url (-c, $ROUTES_CONFIG,
+    ./apigate.yaml); else the defaults. --store alone bypasses the config for both."""
+    from apigate.config.models import StateConfig, StoreConfig
 
+    if args.store:
+        return args.store, args.state or StateConfig().url
+    config = _config_for_store(args)
+    store_url = config.store.url if config is not None else StoreConfig().url
+    state_url = config.state.url if config is not None else StateConfig().url
+    return store_url, args.state or state_url
+
+
+def _config_for_store(args: argparse.Namespace) -> GatewayConfig | None:
     path = _config_path(args.config)
     if path is None:
-        return StoreConfig().url
+        return None
     if not path.exists():
         raise CliError(f"config file {path} does not exist")
     from apigate.config.loader import ConfigError, load_config
 
     try:
-        return load_config(path).store.url
+        return load_config(path)
     except ConfigError as exc:
         raise CliError(f"the config {path} is not valid (use --store URL to bypass it):\n{exc}") from None
 
@@ -116,22 +134,28 @@ def _shown_url(url: str) -> str:
 
 def _run_store_command(args: argparse.Namespace, action: Callable[[ConsumerService], Awaitable[int]]) -> int:
     from apigate.consumers.service import ConsumerError, ConsumerService
+    from apigate.state import open_state
     from apigate.store import open_store
 
-    async def main(url: str) -> int:
+    async def main(url: str, state_url: str) -> int:
         store = open_store(url)
+        # Only a shared backend (Redis) carries change notices to running gateways.
+        state = open_state(state_url)
         try:
             await store.open()
         except Exception as exc:
             raise CliError(f"cannot open the store {_shown_url(url)}: {exc}") from None
         try:
-            return await action(ConsumerService(store))
+            if state.shared:
+                await state.open()
+            return await action(ConsumerService(store, state=state if state.shared else None))
         finally:
             await store.close()
+            await state.close()
 
     try:
-        url = _store_url(args)
-        return asyncio.run(main(url))
+        url, state_url = _store_and_state_urls(args)
+        return asyncio.run(main(url, state_url))
     except (CliError, ConsumerError) as exc:
         print(f"apigate: {exc}", file=sys.stderr)
         return 1
@@ -200,10 +224,26 @@ def _new_key_warning() -> None:
 
 
 def cmd_consumers(args: argparse.Namespace) -> int:
-    from apigate.consumers.service import consumer_dict, key_dict, parse_metadata
+    from apigate.consumers.service import consumer_dict, credential_dict, key_dict, parse_metadata
+
+    secret = None
+    if args.action in ("set-secret", "set-password"):
+        secret = _read_secret("client secret" if args.action == "set-secret" else "password")
+        if secret is None:
+            return 1
 
     async def action(service: ConsumerService) -> int:
-        if args.action == "create":
+        if args.action in ("set-secret", "set-password"):
+            assert secret is not None
+            if args.action == "set-secret":
+                credential = await service.set_secret(args.id, secret, args.scope or ())
+            else:
+                credential = await service.set_password(args.id, args.username, secret, args.scope or ())
+            if args.json:
+                _print_json(credential_dict(credential))
+            else:
+                print(f"set the {credential.kind} {credential.id} of consumer {credential.consumer_id}")
+        elif args.action == "create":
             consumer = await service.create_consumer(
                 args.id, tenant=args.tenant, groups=args.group or (), metadata=parse_metadata(args.meta or ())
             )
@@ -287,10 +327,48 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return _run_store_command(args, action)
 
 
+def _parse_until(text: str) -> float:
+    """A bare number is unix seconds (a JWT's exp); else an ISO 8601 time or a duration (30d)."""
+    from apigate.consumers.service import parse_expiry
+
+    try:
+        return float(text)
+    except ValueError:
+        return parse_expiry(text)
+
+
+def _revoked_rows(tokens: list[RevokedToken]) -> str:
+    rows = [[t.jti, _when(t.expires_at), _when(t.created_at), t.reason or "-"] for t in tokens]
+    return _table(rows, ["JTI", "UNTIL", "REVOKED", "REASON"])
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    from apigate.consumers.service import revoked_token_dict
+
+    async def action(service: ConsumerService) -> int:
+        if args.action == "revoke":
+            until = _parse_until(args.until) if args.until else None
+            token = await service.revoke_token(args.jti, until=until, reason=args.reason)
+            if args.json:
+                _print_json(revoked_token_dict(token))
+            else:
+                print(f"revoked tokens with jti {token.jti} until {_when(token.expires_at)}")
+        else:  # list
+            tokens = await service.list_revoked_tokens()
+            if args.json:
+                _print_json([revoked_token_dict(t) for t in tokens])
+            else:
+                print(_revoked_rows(tokens))
+        return 0
+
+    return _run_store_command(args, action)
+
+
 def _add_store_commands(commands: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", help="read store.url from this config (default: like `run`)")
     common.add_argument("--store", help="store URL (sqlite:///file.db, postgresql://...); overrides -c")
+    common.add_argument("--state", help="state URL (redis://...) to announce changes on; overrides -c")
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     consumers = commands.add_parser("consumers", help="create, list, show and delete consumers")
@@ -306,6 +384,23 @@ def _add_store_commands(commands: Any) -> None:
     show.add_argument("id")
     delete = actions.add_parser("delete", parents=[common], help="delete a consumer and its API keys")
     delete.add_argument("id")
+    set_secret = actions.add_parser(
+        "set-secret",
+        parents=[common],
+        help="set the consumer's client secret for oauth2-token (read from stdin or a prompt)",
+    )
+    set_secret.add_argument("id")
+    set_secret.add_argument("--scope", action="append", metavar="S", help="a scope tokens may carry (repeat)")
+    set_password = actions.add_parser(
+        "set-password",
+        parents=[common],
+        help="set a login's password for oauth2-token and basic-auth (read from stdin or a prompt)",
+    )
+    set_password.add_argument("id")
+    set_password.add_argument("username", help="the login name: letters, digits and . _ @ + -")
+    set_password.add_argument(
+        "--scope", action="append", metavar="S", help="a scope tokens may carry (repeat)"
+    )
     consumers.set_defaults(func=cmd_consumers)
 
     keys = commands.add_parser("keys", help="create, list, revoke and rotate API keys")
@@ -329,6 +424,24 @@ def _add_store_commands(commands: Any) -> None:
     rotate.add_argument("key_id")
     rotate.add_argument("--grace", default="24h", help="how long the old key stays valid (default 24h)")
     keys.set_defaults(func=cmd_keys)
+
+    tokens = commands.add_parser("tokens", help="revoke JWTs by jti and list the revoked ones")
+    actions = tokens.add_subparsers(dest="action", required=True, metavar="ACTION")
+    revoke = actions.add_parser("revoke", parents=[common], help="refuse tokens with this jti from now on")
+    revoke.add_argument("jti")
+    revoke.add_argument(
+        "--until",
+        metavar="WHEN",
+        help="the token's exp (unix seconds), ISO 8601 or 30d...; default: for good",
+    )
+    revoke.add_argument("--reason", help="why (shown by `tokens list`)")
+    actions.add_parser("list", parents=[common], help="list revoked jtis (expired ones are purged)")
+    tokens.set_defaults(func=cmd_tokens)
+
+    # -- webhooks (the commands live with the webhooks package) --
+    from apigate.webhooks.cli import add_webhook_commands
+
+    add_webhook_commands(commands, common, _run_store_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

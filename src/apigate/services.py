@@ -1,8 +1,10 @@
-"""Long-lived services that policies share: the store and the in-process consumer registry.
+"""Long-lived services that policies share: the store, the consumer registry and the state backend.
 
 They outlive config reloads (a reload recompiles policies, not connections to the store) and
 start only when a compiled snapshot needs them, so a gateway without consumers never opens
 a database. The registry answers lookups from memory; the store is never read per request.
+The state backend (memory, or Redis for a cluster) holds hot state such as replay windows and
+carries change notices to the registry.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from apigate.config.models import GatewayConfig
     from apigate.consumers.registry import ConsumerRegistry
+    from apigate.state import StateBackend
     from apigate.store import Store
+    from apigate.webhooks.runtime import WebhookRuntime
 
 log = logging.getLogger("apigate")
 
@@ -22,19 +26,28 @@ class Services:
     def __init__(self) -> None:
         self.store: Store | None = None
         self.consumers: ConsumerRegistry | None = None
+        self.webhooks: WebhookRuntime | None = None
         self._store_url: str | None = None
+        self.state: StateBackend | None = None
+        self._state_url: str | None = None
 
     async def start(self, config: GatewayConfig, needs: frozenset[str]) -> None:
         """Start what ``needs`` names and is not running yet; apply the config to what runs."""
+        # The registry listens for change notices, so consumers need the state backend too.
+        if ("state" in needs or "consumers" in needs) and self.state is None:
+            from apigate.state import open_state
+
+            state = open_state(config.state.url)
+            await state.open()  # never fails for an unreachable Redis: operations report that
+            self.state = state
+            self._state_url = config.state.url
+        elif self.state is not None and config.state.url != self._state_url:
+            log.warning("state.url changes take effect after a restart, not a reload")
         if "consumers" in needs and self.consumers is None:
             from apigate.consumers.registry import ConsumerRegistry
-            from apigate.store import open_store
 
-            store = open_store(config.store.url)
-            await store.open()
-            self.store = store
-            self._store_url = config.store.url
-            registry = ConsumerRegistry(store, config)
+            store = await self._open_store(config)
+            registry = ConsumerRegistry(store, config, self.state)
             await registry.start()
             self.consumers = registry
             log.info("consumer registry loaded from the store (%d consumers)", registry.consumer_count())
@@ -42,11 +55,40 @@ class Services:
             if config.store.url != self._store_url:
                 log.warning("store.url changes take effect after a restart, not a reload")
             self.consumers.apply_config(config)
+        await self._start_webhooks(config, needs)
+
+    async def _open_store(self, config: GatewayConfig) -> Store:
+        """The store, opened on first use and shared by every service that needs it."""
+        if self.store is None:
+            from apigate.store import open_store
+
+            store = open_store(config.store.url)
+            await store.open()
+            self.store = store
+            self._store_url = config.store.url
+        return self.store
+
+    # -- webhooks: intake and delivery, started when a source is configured -------------------------
+    async def _start_webhooks(self, config: GatewayConfig, needs: frozenset[str]) -> None:
+        if self.webhooks is not None:
+            self.webhooks.apply_config(config.webhooks)
+        elif "webhooks" in needs:
+            from apigate.webhooks.runtime import WebhookRuntime
+
+            runtime = WebhookRuntime(await self._open_store(config), config.webhooks)
+            await runtime.start()
+            self.webhooks = runtime
 
     async def stop(self) -> None:
+        if self.webhooks is not None:  # first: it commits and records through the store
+            await self.webhooks.stop()
+            self.webhooks = None
         if self.consumers is not None:
             await self.consumers.stop()
             self.consumers = None
         if self.store is not None:
             await self.store.close()
             self.store = None
+        if self.state is not None:
+            await self.state.close()
+            self.state = None

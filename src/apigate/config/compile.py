@@ -20,6 +20,7 @@ from apigate.config.models import GatewayConfig, RouteConfig, UpstreamConfig
 from apigate.engine.router import RouteEntry, Router
 from apigate.policies.base import Policy
 from apigate.policies.registry import build_policy, registry, validate_policy_config
+from apigate.webhooks.routes import source_routes
 
 if TYPE_CHECKING:
     from apigate.engine.upstream import ConnectionPool, PoolManager
@@ -182,7 +183,7 @@ def compile_snapshot(config: GatewayConfig, pools: PoolManager, services: Servic
     compiled: list[CompiledRoute] = []
     entries: list[RouteEntry] = []
     inactive: dict[str, tuple[str, ...]] = {}
-    for order, route in enumerate(config.routes):
+    for order, route in enumerate([*config.routes, *source_routes(config)]):
         group: UpstreamGroup | None = None
         if route.upstream is not None:
             group = groups[route.upstream]
@@ -190,9 +191,10 @@ def compile_snapshot(config: GatewayConfig, pools: PoolManager, services: Servic
             group = _group(route.display_name, UpstreamConfig(targets=[{"url": route.target}]), pools)
         policies, route_inactive = _policy_chain(config.policies, route, services)
         request_hooks = _hooks(policies, "on_request")
-        body_hooks = _hooks(policies, "on_body")
+        body_policies = [p for p in policies if p.reads_body]
+        body_hooks = _hooks(tuple(body_policies), "on_body")
         max_body = route.max_body_size if route.max_body_size is not None else config.limits.max_body_size
-        body_limit = max((p.body_limit for p in policies if p.on_body in body_hooks), default=0)
+        body_limit = max((p.body_limit for p in body_policies if p.on_body in body_hooks), default=0)
         if max_body is not None:
             body_limit = min(body_limit, max_body)
         item = CompiledRoute(

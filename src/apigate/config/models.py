@@ -144,6 +144,22 @@ class StoreConfig(Strict):
         return url
 
 
+class StateConfig(Strict):
+    """Where hot, short-lived state lives: memory (each process its own) or Redis (one for a cluster)."""
+
+    url: str = Field(
+        default_factory=lambda: os.environ.get("APIGATE_STATE_URL", "memory://"),
+        description="memory:// or redis://host:6379/0",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        if url != "memory://" and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be memory:// or start with redis://, rediss:// or unix://")
+        return url
+
+
 class DeclaredKeyConfig(Strict):
     """An API key written in the config (for example from an environment variable)."""
 
@@ -300,6 +316,7 @@ class GatewayConfig(Strict):
     limits: LimitsConfig = LimitsConfig()
     endpoints: EndpointsConfig = EndpointsConfig()
     store: StoreConfig = Field(default_factory=StoreConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
     consumers: list[ConsumerConfig] = Field(default_factory=list)
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
     plugins: list[str] = Field(
@@ -307,6 +324,7 @@ class GatewayConfig(Strict):
     )
     policies: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
+    webhooks: WebhooksConfig = Field(default_factory=lambda: WebhooksConfig())
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
@@ -384,3 +402,9 @@ def _policy_issues(policies: Any, loc: tuple[str | int, ...], validate: Any) -> 
         if raw is None or isinstance(raw, dict):
             issues.extend(validate(str(name), raw, (*loc, name)))
     return issues
+
+
+# -- webhooks: its models build on the ones above, so the section is bound once they exist --------
+from apigate.webhooks.config import WebhooksConfig  # noqa: E402
+
+GatewayConfig.model_rebuild()

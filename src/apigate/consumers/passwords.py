@@ -1,13 +1,16 @@
-"""Password hashes for `basic-auth`: scrypt, encoded as ``scrypt$n$r$p$salt_b64$hash_b64``.
+"""Password hashes (basic-auth passwords, client secrets and login passwords of the store's
+credentials): scrypt, encoded as ``scrypt$n$r$p$salt_b64$hash_b64``.
 
-Verification is slow by design (about 50 ms with the defaults), so the policy runs it off the
-event loop and caches successes. The comparison is constant-time.
+Verification is slow by design (about 50 ms with the defaults), so policies run it off the
+event loop (``check_password_off_loop``) and cache successes. The comparison is constant-time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import os
@@ -72,6 +75,26 @@ def parse_hash(text: str) -> PasswordHash:
     if not 8 <= len(salt) <= 64 or not 16 <= len(digest) <= 64:
         raise ValueError("password_hash: the salt must be 8-64 bytes and the hash 16-64 bytes")
     return PasswordHash(n, r, p, salt, digest)
+
+
+@functools.cache
+def _dummy() -> PasswordHash:
+    """A hash to verify against for unknown names, so they cost what a wrong password costs."""
+    return parse_hash(hash_password(b"apigate-unknown-name"))
+
+
+def check_password(stored: PasswordHash | None, password: bytes) -> bool:
+    """Verify; for an unknown name (``stored`` None) burn the same time and say no. Slow: call it
+    through ``check_password_off_loop`` from the event loop."""
+    if stored is None:
+        _dummy().verify(password)
+        return False
+    return stored.verify(password)
+
+
+async def check_password_off_loop(stored: PasswordHash | None, password: bytes) -> bool:
+    """``check_password`` in the default executor, so the event loop keeps serving meanwhile."""
+    return await asyncio.get_running_loop().run_in_executor(None, check_password, stored, password)
 
 
 def verify_password(password: str | bytes, encoded: str) -> bool:

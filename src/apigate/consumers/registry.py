@@ -1,11 +1,15 @@
-"""The consumer registry: every consumer and usable API key, in memory, for the data plane.
+"""The consumer registry: every consumer, usable API key and stored credential hash, in memory,
+for the data plane.
 
-``start()`` loads the store (and the key-hash secret), then a background task polls the
-store's ``change_version`` every ``store.poll_interval`` and reloads when it moved, so a key
-created or revoked by any process on any node is seen by every worker within about one
-interval. Consumers and keys declared in the config are merged in (hashed here, never written
-to the store). A reload builds new dicts and swaps them in one assignment each; a request sees
-either the old data or the new. When the store cannot be read the last good data keeps serving.
+``start()`` loads the store (and the key-hash secret), then a background task checks the
+store's ``change_version`` and reloads when it moved: at once when a change notice arrives on
+the state backend (writers publish one after each commit; with Redis it reaches every worker
+on every node), and every ``store.poll_interval`` as the safety net (slowed to
+``NOTIFIED_POLL_INTERVAL`` while a Redis subscription is live). Consumers and keys declared in
+the config are merged in (hashed here, never written to the store). The jwt policy's revoked
+``jti`` list comes along with the same reloads. A reload builds new dicts and swaps them in
+one assignment each; a request sees either the old data or the new. When the store cannot be
+read the last good data keeps serving.
 
 ``lookup(key)`` is the hot path: one HMAC, one dict probe, no other allocation.
 """
@@ -17,15 +21,19 @@ import contextlib
 import ipaddress
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from apigate.consumers.keys import MAX_KEY_BYTES, KeyHasher, display_prefix, load_key_secret
+from apigate.consumers.passwords import PasswordHash, parse_hash
+from apigate.consumers.service import CHANGES_CHANNEL, REVOKED_TOKEN_GRACE
 from apigate.consumers.windows import Schedule
 from apigate.store.base import ApiKey, Consumer
 
 if TYPE_CHECKING:
     from apigate.config.models import ConsumerConfig, GatewayConfig
-    from apigate.store.base import Store
+    from apigate.state import StateBackend, Subscription
+    from apigate.state.base import Message
+    from apigate.store.base import Credential, RevokedToken, Store
 
 log = logging.getLogger("apigate.consumers")
 
@@ -34,6 +42,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 REFRESH_TIMEOUT = 10.0
 # While the store keeps failing, a reminder is logged this often (the first failure at once).
 FAILURE_LOG_EVERY = 60.0
+# While change notices arrive over Redis, polling is only the safety net and runs this seldom.
+NOTIFIED_POLL_INTERVAL = 5.0
 
 
 def _header_value(text: str | None) -> bytes | None:
@@ -104,13 +114,22 @@ class KeyMatch:
         return f"<KeyMatch {self.key.id} of {self.consumer.id}>"
 
 
+class Login(NamedTuple):
+    """A credential to verify a secret against, and the consumer it identifies."""
+
+    consumer_id: str
+    hash: PasswordHash
+    scopes: frozenset[str]  # what tokens issued on it may carry
+
+
 def _never(_key: bytes) -> bytes:
     return b""
 
 
 class ConsumerRegistry:
-    def __init__(self, store: Store, config: GatewayConfig) -> None:
+    def __init__(self, store: Store, config: GatewayConfig, state: StateBackend | None = None) -> None:
         self.store = store
+        self.state = state
         self.config = config
         self.poll_interval = float(config.store.poll_interval) or 0.5
         self.ready = False
@@ -122,7 +141,14 @@ class ConsumerRegistry:
         self._consumers: dict[str, Consumer] = {}
         self._stored_consumers: list[Consumer] = []
         self._stored_keys: list[ApiKey] = []
+        self._stored_revoked: list[RevokedToken] = []
+        self._stored_credentials: list[Credential] = []
+        self._secrets: dict[str, Login] = {}  # by consumer id (the client id)
+        self._logins: dict[str, Login] = {}  # by username
+        self._revoked_jtis: frozenset[str] = frozenset()
         self._task: asyncio.Task[None] | None = None
+        self._subscription: Subscription | None = None
+        self._wake = asyncio.Event()  # set by a change notice: check the store now
         self._failing_since: float | None = None
         self._failure_logged = 0.0
 
@@ -133,8 +159,17 @@ class ConsumerRegistry:
         await self.refresh()  # the version starts unknown, so this always loads
         self.ready = True
         self._task = asyncio.get_running_loop().create_task(self._poll(), name="consumer-registry-poll")
+        if self.state is not None:
+            self._subscription = await self.state.subscribe(CHANGES_CHANNEL, self._notified)
+
+    def _notified(self, _message: Message) -> None:
+        # A notice, or a (re)subscription after which notices may have been missed: check now.
+        self._wake.set()
 
     async def stop(self) -> None:
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            await subscription.close()
         task, self._task = self._task, None
         if task is not None:
             # On 3.11, asyncio.wait_for can swallow a cancellation that races with its inner
@@ -171,6 +206,19 @@ class ConsumerRegistry:
     def key_count(self) -> int:
         return len(self._keys)
 
+    def client_secret(self, consumer_id: str) -> Login | None:
+        """A consumer's stored client secret (oauth2-token's client credentials)."""
+        return self._secrets.get(consumer_id)
+
+    def login(self, username: str) -> Login | None:
+        """A login: a config consumer's ``password_hash`` (the username is its id), else a password
+        stored with ``apigate consumers set-password`` (basic-auth, oauth2-token)."""
+        return self._logins.get(username)
+
+    def token_revoked(self, jti: str) -> bool:
+        """True if a JWT with this jti was revoked (``apigate tokens revoke``) and still is."""
+        return jti in self._revoked_jtis
+
     # -- refreshing ----------------------------------------------------------------------------------
     async def refresh(self) -> bool:
         """Reload from the store if its change_version moved; True if it did."""
@@ -180,16 +228,28 @@ class ConsumerRegistry:
             return False
         consumers = await self.store.list_consumers()
         keys = await self.store.list_keys()
+        revoked = await self.store.list_revoked_tokens()
+        credentials = await self.store.list_credentials()
         self._stored_consumers = consumers
         self._stored_keys = keys
+        self._stored_revoked = revoked
+        self._stored_credentials = credentials
         self.version = version
         self.loaded_at = time.time()
         self._rebuild()
         return True
 
+    def current_poll_interval(self) -> float:
+        subscription = self._subscription
+        if subscription is not None and subscription.active:
+            return max(self.poll_interval, NOTIFIED_POLL_INTERVAL)
+        return self.poll_interval
+
     async def _poll(self) -> None:
         while True:
-            await asyncio.sleep(self.poll_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.current_poll_interval())
+            self._wake.clear()
             try:
                 changed = await asyncio.wait_for(self.refresh(), REFRESH_TIMEOUT)
             except asyncio.CancelledError:
@@ -257,6 +317,35 @@ class ConsumerRegistry:
             self._add_declared(item, consumers[item.id], hasher, keys)
         self._consumers = consumers
         self._keys = keys
+        self._secrets, self._logins = self._credentials(consumers)
+        self._revoked_jtis = frozenset(
+            token.jti
+            for token in self._stored_revoked
+            if token.expires_at is None or token.expires_at + REVOKED_TOKEN_GRACE > now
+        )
+
+    def _credentials(self, consumers: dict[str, Consumer]) -> tuple[dict[str, Login], dict[str, Login]]:
+        """Parsed hashes of the stored credentials of enabled consumers, and of the config's."""
+        secrets: dict[str, Login] = {}
+        logins: dict[str, Login] = {}
+        for credential in self._stored_credentials:
+            owner = consumers.get(credential.consumer_id)
+            if owner is None or owner.disabled:
+                continue
+            try:
+                parsed = parse_hash(credential.hash)
+            except ValueError as exc:
+                log.error("credential %s is unusable and skipped: %s", credential.id, exc)
+                continue
+            login = Login(credential.consumer_id, parsed, frozenset(credential.scopes))
+            if credential.kind == "secret":
+                secrets[credential.consumer_id] = login
+            elif credential.username is not None:
+                logins[credential.username] = login
+        for item in self.config.consumers:  # validated with the config: the hash parses
+            if item.password_hash is not None:
+                logins[item.id] = Login(item.id, parse_hash(item.password_hash), frozenset())
+        return secrets, logins
 
     @staticmethod
     def _add_declared(

@@ -1,13 +1,16 @@
 """Operations on consumers and API keys, as the CLI (and later the admin API) performs them.
 
-Every write goes to the store, which advances its change_version; running gateways pick the
-change up on their next poll (``store.poll_interval``, 0.5 s by default). A key's plaintext
-exists only in the return value of ``create_key``/``rotate_key``: the store keeps its hash.
+Every write goes to the store, which advances its change_version, and then announces the change
+on the state backend's ``CHANGES_CHANNEL``: with Redis every gateway reloads at once; without it
+(or if the notice is lost) they pick the change up on their next poll (``store.poll_interval``).
+A key's plaintext exists only in the return value of ``create_key``/``rotate_key``: the store
+keeps its hash.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -16,14 +19,29 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from apigate.consumers.keys import KeyHasher, display_prefix, generate_key, generate_key_id, load_key_secret
+from apigate.consumers.passwords import hash_password
 from apigate.consumers.windows import WindowError, check_windows
-from apigate.store.base import ApiKey, Consumer
+from apigate.state import StateUnavailable
+from apigate.store.base import ApiKey, Consumer, Credential, RevokedToken
 
 if TYPE_CHECKING:
+    from apigate.state import StateBackend
     from apigate.store.base import Store
 
+log = logging.getLogger("apigate.consumers")
+
 DEFAULT_ROTATION_GRACE = 24 * 3600.0
+CHANGES_CHANNEL = "changes"
+"""Where writers announce a committed change to consumers, keys or revoked tokens."""
+# A revoked jti stays denied this long past its end: the jwt policy accepts a token up to its
+# `leeway` (at most 1 h) after the token's exp.
+REVOKED_TOKEN_GRACE = 3600.0
+MAX_JTI_LENGTH = 1024
 CONSUMER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}$")
+# Login names for stored passwords; no ":" (HTTP Basic ends the username there).
+USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,199}$")
+MIN_PASSWORD_CHARS = 8
+MAX_PASSWORD_BYTES = 1024
 _TOKEN = re.compile(r"^[\x21-\x7e]{1,200}$")  # scopes, groups, tenants: printable, no spaces
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)?\s*$", re.IGNORECASE)
 _DURATION_FACTOR = {None: 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -156,6 +174,15 @@ def consumer_dict(consumer: Consumer) -> dict[str, Any]:
     }
 
 
+def revoked_token_dict(token: RevokedToken) -> dict[str, Any]:
+    return {
+        "jti": token.jti,
+        "expires_at": token.expires_at,
+        "reason": token.reason,
+        "created_at": token.created_at,
+    }
+
+
 def key_dict(key: ApiKey, now: float | None = None) -> dict[str, Any]:
     """A key as shown to people and scripts: never the hash, never the key."""
     return {
@@ -173,12 +200,41 @@ def key_dict(key: ApiKey, now: float | None = None) -> dict[str, Any]:
     }
 
 
+def _check_password(password: str, what: str) -> None:
+    if len(password) < MIN_PASSWORD_CHARS or len(password.encode()) > MAX_PASSWORD_BYTES:
+        raise Invalid(f"the {what} must be {MIN_PASSWORD_CHARS} characters to {MAX_PASSWORD_BYTES} bytes")
+
+
+def credential_dict(credential: Credential) -> dict[str, Any]:
+    """A credential as shown: never its hash."""
+    return {
+        "id": credential.id,
+        "consumer_id": credential.consumer_id,
+        "kind": credential.kind,
+        "username": credential.username,
+        "scopes": list(credential.scopes),
+        "created_at": credential.created_at,
+    }
+
+
 # -- operations --------------------------------------------------------------------------------------
 class ConsumerService:
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, store: Store, clock: Callable[[], float] = time.time, state: StateBackend | None = None
+    ) -> None:
         self.store = store
         self.clock = clock
+        self.state = state
         self._hasher: KeyHasher | None = None
+
+    async def _announce(self, entity: str) -> None:
+        """Tell running gateways to reload now; if that fails they still find it on their next poll."""
+        if self.state is None:
+            return
+        try:
+            await self.state.publish(CHANGES_CHANNEL, entity.encode())
+        except StateUnavailable as exc:
+            log.warning("change saved but not announced (%s); gateways see it on their next poll", exc)
 
     async def hasher(self) -> KeyHasher:
         if self._hasher is None:
@@ -206,6 +262,7 @@ class ConsumerService:
         if await self.store.get_consumer(consumer_id) is not None:
             raise Conflict(f"consumer {consumer_id!r} already exists")
         await self.store.upsert_consumer(consumer)
+        await self._announce("consumer")
         return consumer
 
     async def list_consumers(self, tenant: str | None = None) -> list[Consumer]:
@@ -221,12 +278,14 @@ class ConsumerService:
         """A disabled consumer's keys are refused (401 invalid_key) until it is enabled again."""
         consumer = replace(await self.get_consumer(consumer_id), disabled=disabled)
         await self.store.upsert_consumer(consumer)
+        await self._announce("consumer")
         return consumer
 
     async def delete_consumer(self, consumer_id: str) -> None:
         """Deletes the consumer and all its keys."""
         if not await self.store.delete_consumer(consumer_id):
             raise NotFound(f"no consumer {consumer_id!r}")
+        await self._announce("consumer")
 
     # -- keys --------------------------------------------------------------------------------------------
     async def create_key(
@@ -260,6 +319,7 @@ class ConsumerService:
             rotated_from=rotated_from,
         )
         await self.store.add_key(key)
+        await self._announce("api_key")
         return NewKey(key, plaintext)
 
     async def list_keys(self, consumer_id: str | None = None) -> list[ApiKey]:
@@ -281,6 +341,7 @@ class ConsumerService:
             return key
         key = replace(key, revoked_at=now)
         await self.store.update_key(key)
+        await self._announce("api_key")
         return key
 
     async def rotate_key(self, key_id: str, grace: float = DEFAULT_ROTATION_GRACE) -> tuple[NewKey, ApiKey]:
@@ -306,4 +367,74 @@ class ConsumerService:
             ends = min(ends, old.revoked_at)
         old = replace(old, revoked_at=ends)
         await self.store.update_key(old)
+        await self._announce("api_key")
         return new, old
+
+    # -- credentials (client secrets and login passwords, kept as scrypt hashes) --------------------------
+    async def set_secret(self, consumer_id: str, secret: str, scopes: Iterable[str] = ()) -> Credential:
+        """Set (or replace) the consumer's client secret: with its id as client id, it gets tokens
+        from the oauth2-token policy, with at most these scopes."""
+        _check_password(secret, "client secret")
+        allowed = _tokens(scopes, "scope")
+        await self.get_consumer(consumer_id)
+        credential = Credential(
+            consumer_id, "secret", hash_password(secret), scopes=allowed, created_at=self.clock()
+        )
+        await self.store.set_credential(credential)
+        await self._announce("credential")
+        return credential
+
+    async def set_password(
+        self, consumer_id: str, username: str, password: str, scopes: Iterable[str] = ()
+    ) -> Credential:
+        """Set (or replace) the password of a login name that belongs to the consumer (oauth2-token's
+        login, with at most these scopes; basic-auth)."""
+        if not USERNAME.match(username or ""):
+            raise Invalid(
+                f"username {username!r} is not valid: 1-200 characters, letters, digits and . _ @ + -, "
+                "starting with a letter or digit"
+            )
+        _check_password(password, "password")
+        allowed = _tokens(scopes, "scope")
+        await self.get_consumer(consumer_id)
+        credential = Credential(
+            consumer_id,
+            "password",
+            hash_password(password),
+            username=username,
+            scopes=allowed,
+            created_at=self.clock(),
+        )
+        try:
+            await self.store.set_credential(credential)
+        except ValueError as exc:
+            raise Conflict(f"username {username!r}: {exc}") from None
+        await self._announce("credential")
+        return credential
+
+    # -- revoked tokens (the jwt policy's jti denylist) -----------------------------------------------------
+    async def revoke_token(
+        self, jti: str, until: float | None = None, reason: str | None = None
+    ) -> RevokedToken:
+        """Refuse JWTs with this ``jti`` (on routes whose jwt policy has ``check_revoked``) until
+        ``until`` (give the token's exp so the entry can be purged), or for good if None."""
+        if not jti or len(jti) > MAX_JTI_LENGTH or not jti.isprintable():
+            raise Invalid(f"a jti is 1-{MAX_JTI_LENGTH} printable characters")
+        if reason is not None and (len(reason) > 500 or not reason.isprintable()):
+            raise Invalid("the reason is at most 500 printable characters")
+        now = self.clock()
+        if until is not None and until <= now:
+            raise Invalid("--until is not in the future")
+        token = RevokedToken(jti=jti, expires_at=until, reason=reason, created_at=now)
+        await self.store.revoke_token(token)
+        await self._announce("revoked_token")
+        await self.purge_revoked_tokens()
+        return token
+
+    async def list_revoked_tokens(self) -> list[RevokedToken]:
+        await self.purge_revoked_tokens()
+        return await self.store.list_revoked_tokens()
+
+    async def purge_revoked_tokens(self) -> int:
+        """Delete entries past their end (and the grace); returns how many."""
+        return await self.store.purge_revoked_tokens(self.clock() - REVOKED_TOKEN_GRACE)

@@ -50,6 +50,8 @@ class Policy:
     """The policy always answers itself (a token endpoint, a webhook intake): its route needs no upstream."""
     body_limit: ClassVar[int] = 1 << 20
     """Largest request body ``on_body`` accepts; the route's ``max_body_size`` may lower it."""
+    reads_body = True
+    """False when this instance's config turns its ``on_body`` check off (bodies then stream)."""
 
     def __init__(self, config: Any, services: Services | None = None) -> None:
         self.config = config

@@ -20,7 +20,10 @@ BUILTIN = (
     "apigate.policies.hmac_auth",
     "apigate.policies.basic_auth",
     "apigate.policies.jwt",
+    "apigate.policies.oauth2_introspection",
+    "apigate.policies.oauth2_token",
     "apigate.policies.authorize",
+    "apigate.webhooks.ingest",
 )
 
 _registry: dict[str, type[Policy]] = {}

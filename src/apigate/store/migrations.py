@@ -2,7 +2,8 @@
 
 Each step is ``(version, sqlite_sql, postgres_sql)``. Steps are applied in order at open, in one
 transaction, and recorded in ``schema_version``; a step already recorded is never run again, so
-opening is idempotent. Append new steps; never edit an applied one.
+opening is idempotent, and a step missing below a recorded one (steps developed side by side)
+still runs. Append new steps; never edit an applied one.
 
 Lists and dicts are stored as JSON text (``json`` on PostgreSQL, which keeps the text verbatim,
 unlike ``jsonb``) so that both backends round-trip values the same way.
@@ -12,11 +13,19 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from apigate.store.base import ApiKey, Consumer
+from apigate.store.base import (
+    ApiKey,
+    Consumer,
+    Credential,
+    RevokedToken,
+    WebhookEventQuery,
+    WebhookEventSummary,
+)
 
 if TYPE_CHECKING:
     import asyncpg
@@ -98,8 +107,140 @@ CREATE TABLE changes (
 );
 """
 
+# -- version 2: revoked JWT ids (the jwt policy's jti denylist) ----------------------------------------
+_REVOKED_TOKENS_V2 = """
+CREATE TABLE revoked_tokens (
+    jti         TEXT PRIMARY KEY,
+    expires_at  {real},
+    reason      TEXT,
+    created_at  {real} NOT NULL
+);
+CREATE INDEX revoked_tokens_expires_at ON revoked_tokens (expires_at);
+"""
+_SQLITE_V2 = _REVOKED_TOKENS_V2.format(real="REAL")
+_POSTGRES_V2 = _REVOKED_TOKENS_V2.format(real="DOUBLE PRECISION")
+REVOKED_TOKEN_COLUMNS = "jti, expires_at, reason, created_at"
+# Revoking again replaces the end and the reason; created_at stays the first revocation's.
+REVOKED_TOKEN_UPSERT = (
+    f"INSERT INTO revoked_tokens ({REVOKED_TOKEN_COLUMNS}) VALUES ({{}}, {{}}, {{}}, {{}}) "
+    "ON CONFLICT (jti) DO UPDATE SET expires_at = excluded.expires_at, reason = excluded.reason"
+)
+
+
+def revoked_token_to_row(token: RevokedToken) -> tuple[Any, ...]:
+    """Values in REVOKED_TOKEN_COLUMNS order."""
+    return (token.jti, _optional_float(token.expires_at), token.reason, float(token.created_at))
+
+
+def revoked_token_from_row(row: Any) -> RevokedToken:
+    return RevokedToken(
+        jti=row[0], expires_at=_optional_float(row[1]), reason=row[2], created_at=float(row[3])
+    )
+
+
+# -- version 3: credentials (client secrets and login passwords, as scrypt hashes) ----------------------
+# The id says what a credential is for, so setting one again replaces it: "secret:<consumer id>"
+# (one client secret per consumer) and "password:<username>" (a username belongs to one consumer).
+_CREDENTIALS_V3 = """
+CREATE TABLE credentials (
+    id           TEXT PRIMARY KEY,
+    consumer_id  TEXT NOT NULL REFERENCES consumers (id) ON DELETE CASCADE,
+    kind         TEXT NOT NULL CHECK (kind IN ('secret', 'password')),
+    username     TEXT UNIQUE,
+    hash         TEXT NOT NULL,
+    scopes       {json} NOT NULL DEFAULT '[]',
+    created_at   {real} NOT NULL
+);
+CREATE INDEX credentials_consumer_id ON credentials (consumer_id);
+"""
+_SQLITE_V3 = _CREDENTIALS_V3.format(real="REAL", json="TEXT")
+_POSTGRES_V3 = _CREDENTIALS_V3.format(real="DOUBLE PRECISION", json="JSON")
+CREDENTIAL_COLUMNS = "id, consumer_id, kind, username, hash, scopes, created_at"
+# Replacing keeps the owner: a username another consumer holds is not taken over (no row changes).
+CREDENTIAL_UPSERT = (
+    f"INSERT INTO credentials ({CREDENTIAL_COLUMNS}) VALUES ({{}}, {{}}, {{}}, {{}}, {{}}, {{}}, {{}}) "
+    "ON CONFLICT (id) DO UPDATE SET hash = excluded.hash, scopes = excluded.scopes, "
+    "created_at = excluded.created_at "
+    "WHERE credentials.consumer_id = excluded.consumer_id"
+)
+USERNAME_TAKEN_MESSAGE = "this username belongs to another consumer"
+
+
+def credential_to_row(credential: Credential) -> tuple[Any, ...]:
+    """Values in CREDENTIAL_COLUMNS order."""
+    return (
+        credential.id,
+        credential.consumer_id,
+        credential.kind,
+        credential.username,
+        credential.hash,
+        _json(list(credential.scopes)),
+        float(credential.created_at),
+    )
+
+
+def credential_from_row(row: Any) -> Credential:
+    return Credential(
+        consumer_id=row[1],
+        kind=row[2],
+        username=row[3],
+        hash=row[4],
+        scopes=tuple(orjson.loads(row[5])),
+        created_at=float(row[6]),
+    )
+
+
+# -- version 4: webhooks ---------------------------------------------------------------------------
+# A delivery is due when state = 'pending', next_at <= now and lease_until <= now (no live claim).
+# schedule_start: the attempts made before its retry schedule (re)started; a replay restarts it.
+_WEBHOOKS_V4 = """
+CREATE TABLE webhook_events (
+    id           {serial} PRIMARY KEY,
+    source       TEXT NOT NULL,
+    event_id     TEXT NOT NULL,
+    event_type   TEXT,
+    received_at  {real} NOT NULL,
+    headers      TEXT NOT NULL DEFAULT '[]',
+    body         {blob} NOT NULL,
+    CONSTRAINT webhook_events_source_event_id UNIQUE (source, event_id)
+);
+CREATE INDEX webhook_events_received_at ON webhook_events (received_at);
+CREATE TABLE webhook_deliveries (
+    id           {serial} PRIMARY KEY,
+    event        BIGINT NOT NULL REFERENCES webhook_events (id) ON DELETE CASCADE,
+    destination  TEXT NOT NULL,
+    state        TEXT NOT NULL DEFAULT 'pending',
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    schedule_start INTEGER NOT NULL DEFAULT 0,
+    next_at      {real} NOT NULL,
+    lease_until  {real} NOT NULL DEFAULT 0,
+    CONSTRAINT webhook_deliveries_event_destination UNIQUE (event, destination)
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (destination, next_at) WHERE state = 'pending';
+CREATE TABLE webhook_attempts (
+    id           {serial} PRIMARY KEY,
+    delivery     BIGINT NOT NULL REFERENCES webhook_deliveries (id) ON DELETE CASCADE,
+    attempt      INTEGER NOT NULL,
+    started_at   {real} NOT NULL,
+    latency      {real} NOT NULL,
+    status       INTEGER,
+    error        TEXT
+);
+CREATE INDEX webhook_attempts_delivery ON webhook_attempts (delivery);
+CREATE TABLE webhook_leases (
+    name        TEXT PRIMARY KEY,
+    holder      TEXT NOT NULL,
+    expires_at  {real} NOT NULL
+);
+"""
+_SQLITE_V4 = _WEBHOOKS_V4.format(serial="INTEGER", real="REAL", blob="BLOB")
+_POSTGRES_V4 = _WEBHOOKS_V4.format(serial="BIGSERIAL", real="DOUBLE PRECISION", blob="BYTEA")
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, _SQLITE_V1, _POSTGRES_V1),
+    (2, _SQLITE_V2, _POSTGRES_V2),
+    (3, _SQLITE_V3, _POSTGRES_V3),
+    (4, _SQLITE_V4, _POSTGRES_V4),
 ]
 
 _SQLITE_VERSION_TABLE = (
@@ -136,9 +277,9 @@ def migrate_sqlite(conn: sqlite3.Connection) -> list[int]:
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute(_SQLITE_VERSION_TABLE)
-        current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+        done = {row[0] for row in conn.execute("SELECT version FROM schema_version")}
         for version, sqlite_sql, _ in MIGRATIONS:
-            if version <= current:
+            if version in done:
                 continue
             for statement in _sqlite_statements(sqlite_sql):
                 conn.execute(statement)
@@ -160,9 +301,9 @@ async def migrate_postgres(conn: asyncpg.Connection) -> list[int]:
         # Held until commit: a second node waits here, then sees the recorded versions.
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
         await conn.execute(_POSTGRES_VERSION_TABLE)
-        current = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        done = {row[0] for row in await conn.fetch("SELECT version FROM schema_version")}
         for version, _, postgres_sql in MIGRATIONS:
-            if version <= current:
+            if version in done:
                 continue
             await conn.execute(postgres_sql)  # no arguments: simple protocol, several statements
             await conn.execute(
@@ -246,3 +387,68 @@ def key_from_row(row: Any) -> ApiKey:
 
 
 DUPLICATE_HASH_MESSAGE = "an API key with this hash already exists"
+
+
+# -- webhooks: SQL and encodings shared by both backends ---------------------------------------------
+# Placeholders differ (? and $n), so shared statements are built by functions given a placeholder maker.
+
+WEBHOOK_EVENT_STATE_SQL = """CASE
+    WHEN NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event = e.id) THEN 'filtered'
+    WHEN EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event = e.id AND d.state = 'dead') THEN 'dead'
+    WHEN EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event = e.id AND d.state = 'pending')
+        THEN 'pending'
+    ELSE 'delivered' END"""
+
+
+def webhook_event_select(query: WebhookEventQuery, param: Callable[[int], str]) -> tuple[str, list[Any]]:
+    """SELECT of (id, source, event_id, event_type, received_at, state, size) for a query, newest
+    first; ``param(n)`` spells the n-th parameter (1-based)."""
+    conditions: list[str] = []
+    args: list[Any] = []
+
+    def bind(value: Any) -> str:
+        args.append(value)
+        return param(len(args))
+
+    for column, value in (
+        ("source", query.source),
+        ("event_type", query.event_type),
+        ("event_id", query.event_id),
+    ):
+        if value is not None:
+            conditions.append(f"e.{column} = {bind(value)}")
+    if query.received_after is not None:
+        conditions.append(f"e.received_at >= {bind(query.received_after)}")
+    if query.received_before is not None:
+        conditions.append(f"e.received_at < {bind(query.received_before)}")
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    sql = (
+        "SELECT * FROM (SELECT e.id, e.source, e.event_id, e.event_type, e.received_at, "
+        f"{WEBHOOK_EVENT_STATE_SQL} AS state, length(e.body) AS size FROM webhook_events e {where}) AS x"
+    )
+    if query.state is not None:
+        sql += f" WHERE x.state = {bind(query.state)}"
+    sql += " ORDER BY x.received_at DESC, x.id DESC"
+    if query.limit is not None:
+        sql += f" LIMIT {bind(query.limit)}"
+    return sql, args
+
+
+def webhook_summary_from_row(row: Any) -> WebhookEventSummary:
+    """From a row of ``webhook_event_select`` (its first column, the row id, is skipped)."""
+    return WebhookEventSummary(
+        source=row[1],
+        event_id=row[2],
+        event_type=row[3],
+        received_at=float(row[4]),
+        state=row[5],
+        size=int(row[6]),
+    )
+
+
+def encode_headers(headers: tuple[tuple[str, str], ...]) -> str:
+    return _json([list(pair) for pair in headers])
+
+
+def decode_headers(text: str) -> tuple[tuple[str, str], ...]:
+    return tuple((name, value) for name, value in orjson.loads(text))

@@ -3,19 +3,47 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import asyncpg
 
-from apigate.store.base import ApiKey, Consumer, Store
+from apigate.store.base import (
+    ApiKey,
+    Consumer,
+    Credential,
+    DeliveryClaim,
+    DeliveryOutcome,
+    NewWebhookEvent,
+    RevokedToken,
+    Store,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEventDetail,
+    WebhookEventQuery,
+    WebhookEventSummary,
+)
 from apigate.store.migrations import (
     CONSUMER_COLUMNS,
+    CREDENTIAL_COLUMNS,
+    CREDENTIAL_UPSERT,
     DUPLICATE_HASH_MESSAGE,
     KEY_COLUMNS,
+    REVOKED_TOKEN_COLUMNS,
+    REVOKED_TOKEN_UPSERT,
+    USERNAME_TAKEN_MESSAGE,
     consumer_from_row,
     consumer_to_row,
+    credential_from_row,
+    credential_to_row,
+    decode_headers,
+    encode_headers,
     key_from_row,
     key_to_row,
     migrate_postgres,
+    revoked_token_from_row,
+    revoked_token_to_row,
+    webhook_event_select,
+    webhook_summary_from_row,
 )
 
 # Serialises the final step of every write (take a change id, commit). Without it a bigserial id
@@ -143,6 +171,52 @@ class PostgresStore(Store):
             )
         return [key_from_row(row) for row in rows]
 
+    # -- revoked tokens (jti denylist) ------------------------------------------------------------------
+    async def revoke_token(self, token: RevokedToken) -> None:
+        async with self._db.acquire() as conn, conn.transaction():
+            await conn.execute(
+                REVOKED_TOKEN_UPSERT.format("$1", "$2", "$3", "$4"), *revoked_token_to_row(token)
+            )
+            await self._record_change(conn, "revoked_token", token.jti)
+
+    async def list_revoked_tokens(self) -> list[RevokedToken]:
+        rows = await self._db.fetch(f"SELECT {REVOKED_TOKEN_COLUMNS} FROM revoked_tokens ORDER BY jti")
+        return [revoked_token_from_row(row) for row in rows]
+
+    async def purge_revoked_tokens(self, expired_before: float) -> int:
+        status = await self._db.execute("DELETE FROM revoked_tokens WHERE expires_at < $1", expired_before)
+        return int(status.rpartition(" ")[2])  # "DELETE <count>"
+
+    # -- credentials ------------------------------------------------------------------------------------
+    async def set_credential(self, credential: Credential) -> None:
+        upsert = CREDENTIAL_UPSERT.format("$1", "$2", "$3", "$4", "$5", "$6", "$7") + " RETURNING TRUE"
+        try:
+            async with self._db.acquire() as conn, conn.transaction():
+                if not await conn.fetchval(upsert, *credential_to_row(credential)):
+                    raise ValueError(USERNAME_TAKEN_MESSAGE)
+                await self._record_change(conn, "credential", credential.id)
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name == "credentials_username_key":
+                raise ValueError(USERNAME_TAKEN_MESSAGE) from exc
+            raise
+
+    async def list_credentials(self, consumer_id: str | None = None) -> list[Credential]:
+        query = f"SELECT {CREDENTIAL_COLUMNS} FROM credentials"
+        if consumer_id is None:
+            rows = await self._db.fetch(query + " ORDER BY id")
+        else:
+            rows = await self._db.fetch(query + " WHERE consumer_id = $1 ORDER BY id", consumer_id)
+        return [credential_from_row(row) for row in rows]
+
+    async def delete_credential(self, credential_id: str) -> bool:
+        async with self._db.acquire() as conn, conn.transaction():
+            deleted = await conn.fetchval(
+                "DELETE FROM credentials WHERE id = $1 RETURNING TRUE", credential_id
+            )
+            if deleted:
+                await self._record_change(conn, "credential", credential_id)
+            return bool(deleted)
+
     # -- change feed and settings -------------------------------------------------------------------
     async def change_version(self) -> int:
         return int(await self._db.fetchval("SELECT COALESCE(MAX(id), 0) FROM changes"))
@@ -166,3 +240,156 @@ class PostgresStore(Store):
                 await self._record_change(conn, "setting", name)
             stored = await conn.fetchval("SELECT value FROM settings WHERE name = $1", name)
         return stored
+
+    # -- webhooks -----------------------------------------------------------------------------------
+    # Every process may claim: FOR UPDATE SKIP LOCKED hands each due row to one claimer, and the
+    # committed lease keeps it from others until the attempt ends or the claimer is presumed dead.
+    # Batches travel as arrays (unnest) and each write is one statement: one round trip, one commit.
+    delivery_needs_owner = False
+
+    async def add_webhook_events(self, events: Sequence[NewWebhookEvent]) -> list[bool]:
+        first: dict[tuple[str, str], NewWebhookEvent] = {}
+        for event in events:
+            first.setdefault((event.source, event.event_id), event)
+        unique = list(first.values())
+        deliveries = [(event, name) for event in unique for name in event.destinations]
+        # One statement (one round trip, one commit): the events, then the deliveries of the new ones.
+        rows = await self._db.fetch(
+            "WITH new AS ("
+            "INSERT INTO webhook_events (source, event_id, event_type, received_at, headers, body) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::bytea[]) "
+            "ON CONFLICT (source, event_id) DO NOTHING RETURNING id, source, event_id), "
+            "deliveries AS (INSERT INTO webhook_deliveries (event, destination, next_at) "
+            "SELECT new.id, d.destination, d.next_at FROM new "
+            "JOIN unnest($7::text[], $8::text[], $9::text[], $10::float8[]) "
+            "AS d (source, event_id, destination, next_at) "
+            "ON d.source = new.source AND d.event_id = new.event_id) "
+            "SELECT source, event_id FROM new",
+            [e.source for e in unique],
+            [e.event_id for e in unique],
+            [e.event_type for e in unique],
+            [e.received_at for e in unique],
+            [encode_headers(e.headers) for e in unique],
+            [e.body for e in unique],
+            [e.source for e, _ in deliveries],
+            [e.event_id for e, _ in deliveries],
+            [name for _, name in deliveries],
+            [e.first_due for e, _ in deliveries],
+        )
+        new = {(row[0], row[1]) for row in rows}
+        # The first occurrence of a key is the one that may be new; later ones in the batch are not.
+        return [first[(e.source, e.event_id)] is e and (e.source, e.event_id) in new for e in events]
+
+    async def claim_webhook_deliveries(
+        self, destination: str, limit: int, now: float, lease_until: float
+    ) -> list[DeliveryClaim]:
+        rows = await self._db.fetch(
+            "UPDATE webhook_deliveries d SET attempts = d.attempts + 1, lease_until = $4 "
+            "FROM webhook_events e WHERE e.id = d.event AND d.id IN ("
+            "SELECT id FROM webhook_deliveries WHERE destination = $1 AND state = 'pending' "
+            "AND next_at <= $2 AND lease_until <= $2 ORDER BY next_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) "
+            "RETURNING d.id, d.attempts, d.attempts - d.schedule_start, e.source, e.event_id, e.event_type, "
+            "e.received_at, e.headers, e.body",
+            destination,
+            now,
+            limit,
+            lease_until,
+        )
+        return [
+            DeliveryClaim(row[0], destination, *row[1:7], decode_headers(row[7]), bytes(row[8]))
+            for row in sorted(rows, key=lambda row: row[0])
+        ]
+
+    async def record_webhook_outcomes(self, outcomes: Sequence[DeliveryOutcome]) -> None:
+        await self._db.execute(
+            "WITH outcome AS (SELECT * FROM unnest($1::bigint[], $2::int[], $3::float8[], $4::float8[], "
+            "$5::int[], $6::text[], $7::text[], $8::float8[]) "
+            "AS o (delivery, attempt, started_at, latency, status, error, state, next_at)), "
+            "recorded AS ("
+            "INSERT INTO webhook_attempts (delivery, attempt, started_at, latency, status, error) "
+            "SELECT delivery, attempt, started_at, latency, status, error FROM outcome) "
+            "UPDATE webhook_deliveries d SET state = o.state, next_at = o.next_at, lease_until = 0 "
+            "FROM outcome o WHERE d.id = o.delivery AND d.attempts = o.attempt",
+            [o.delivery_id for o in outcomes],
+            [o.attempt for o in outcomes],
+            [o.started_at for o in outcomes],
+            [o.latency for o in outcomes],
+            [o.status for o in outcomes],
+            [o.error for o in outcomes],
+            [o.state for o in outcomes],
+            [o.next_at for o in outcomes],
+        )
+
+    async def take_lease(self, name: str, holder: str, now: float, until: float) -> bool:
+        taken = await self._db.fetchval(
+            "INSERT INTO webhook_leases (name, holder, expires_at) VALUES ($1, $2, $3) "
+            "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at "
+            "WHERE webhook_leases.holder = excluded.holder OR webhook_leases.expires_at <= $4 RETURNING TRUE",
+            name,
+            holder,
+            until,
+            now,
+        )
+        return bool(taken)
+
+    async def list_webhook_events(self, query: WebhookEventQuery) -> list[WebhookEventSummary]:
+        sql, args = webhook_event_select(query, lambda n: f"${n}")
+        return [webhook_summary_from_row(row) for row in await self._db.fetch(sql, *args)]
+
+    async def get_webhook_event(self, source: str, event_id: str) -> WebhookEventDetail | None:
+        sql, args = webhook_event_select(
+            WebhookEventQuery(source=source, event_id=event_id), lambda n: f"${n}"
+        )
+        async with self._db.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            row = await conn.fetchrow(sql, *args)
+            if row is None:
+                return None
+            stored = await conn.fetchrow("SELECT headers, body FROM webhook_events WHERE id = $1", row[0])
+            attempts = await conn.fetch(
+                "SELECT a.delivery, a.attempt, a.started_at, a.latency, a.status, a.error "
+                "FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery "
+                "WHERE d.event = $1 ORDER BY a.attempt, a.id",
+                row[0],
+            )
+            deliveries = await conn.fetch(
+                "SELECT id, destination, state, attempts, next_at FROM webhook_deliveries "
+                "WHERE event = $1 ORDER BY destination",
+                row[0],
+            )
+        return WebhookEventDetail(
+            webhook_summary_from_row(row),
+            decode_headers(stored[0]),
+            bytes(stored[1]),
+            tuple(
+                WebhookDelivery(
+                    d[1], d[2], d[3], d[4], tuple(WebhookAttempt(*a[1:]) for a in attempts if a[0] == d[0])
+                )
+                for d in deliveries
+            ),
+        )
+
+    async def replay_webhook_events(self, query: WebhookEventQuery, now: float) -> int:
+        sql, args = webhook_event_select(query, lambda n: f"${n + 1}")
+        # A data-modifying CTE runs whether or not the outer query reads it.
+        return int(
+            await self._db.fetchval(
+                f"WITH matching AS (SELECT id FROM ({sql}) AS found), "
+                "replayed AS (UPDATE webhook_deliveries SET state = 'pending', next_at = $1, "
+                "schedule_start = attempts "
+                "WHERE event IN (SELECT id FROM matching)) "
+                "SELECT count(*) FROM matching",
+                now,
+                *args,
+            )
+        )
+
+    async def purge_webhook_events(self, received_before: float, source: str | None = None) -> int:
+        deleted = await self._db.fetch(
+            "DELETE FROM webhook_events e WHERE e.received_at < $1 AND ($2::text IS NULL OR e.source = $2) "
+            "AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d "
+            "WHERE d.event = e.id AND d.state = 'pending') "
+            "RETURNING e.id",
+            received_before,
+            source,
+        )
+        return len(deleted)

@@ -11,22 +11,50 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from apigate.store.base import ApiKey, Consumer, Store
+from apigate.store.base import (
+    ApiKey,
+    Consumer,
+    Credential,
+    DeliveryClaim,
+    DeliveryOutcome,
+    NewWebhookEvent,
+    RevokedToken,
+    Store,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEventDetail,
+    WebhookEventQuery,
+    WebhookEventSummary,
+)
 from apigate.store.migrations import (
     CONSUMER_COLUMNS,
+    CREDENTIAL_COLUMNS,
+    CREDENTIAL_UPSERT,
     DUPLICATE_HASH_MESSAGE,
     KEY_COLUMNS,
+    REVOKED_TOKEN_COLUMNS,
+    REVOKED_TOKEN_UPSERT,
+    USERNAME_TAKEN_MESSAGE,
     consumer_from_row,
     consumer_to_row,
+    credential_from_row,
+    credential_to_row,
+    decode_headers,
+    encode_headers,
     key_from_row,
     key_to_row,
     migrate_sqlite,
+    revoked_token_from_row,
+    revoked_token_to_row,
+    webhook_event_select,
+    webhook_summary_from_row,
 )
+from apigate.webhooks.groupcommit import GroupCommit
 
 T = TypeVar("T")
 
@@ -41,6 +69,9 @@ class SqliteStore(Store):
         self.path = Path(path)
         self._conn: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._webhook_writes: GroupCommit[Callable[[sqlite3.Connection], Any], Any] = GroupCommit(
+            self._commit_webhook_writes
+        )
 
     # -- plumbing -----------------------------------------------------------------------------------
     async def _run(self, job: Callable[[sqlite3.Connection], T]) -> T:
@@ -100,6 +131,7 @@ class SqliteStore(Store):
         self._executor, self._conn = executor, conn
 
     async def close(self) -> None:
+        await self._webhook_writes.close()
         executor, conn = self._executor, self._conn
         if executor is None or conn is None:
             return
@@ -213,6 +245,66 @@ class SqliteStore(Store):
 
         return await self._run(job)
 
+    # -- revoked tokens (jti denylist) ------------------------------------------------------------------
+    async def revoke_token(self, token: RevokedToken) -> None:
+        row = revoked_token_to_row(token)
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute(REVOKED_TOKEN_UPSERT.format("?", "?", "?", "?"), row)
+            self._record_change(conn, "revoked_token", token.jti)
+
+        await self._write(job)
+
+    async def list_revoked_tokens(self) -> list[RevokedToken]:
+        def job(conn: sqlite3.Connection) -> list[RevokedToken]:
+            rows = conn.execute(f"SELECT {REVOKED_TOKEN_COLUMNS} FROM revoked_tokens ORDER BY jti").fetchall()
+            return [revoked_token_from_row(row) for row in rows]
+
+        return await self._run(job)
+
+    async def purge_revoked_tokens(self, expired_before: float) -> int:
+        def job(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM revoked_tokens WHERE expires_at < ?", (expired_before,)).rowcount
+
+        return await self._write(job)
+
+    # -- credentials ------------------------------------------------------------------------------------
+    async def set_credential(self, credential: Credential) -> None:
+        row = credential_to_row(credential)
+
+        def job(conn: sqlite3.Connection) -> None:
+            try:
+                changed = conn.execute(CREDENTIAL_UPSERT.format(*"???????"), row).rowcount
+            except sqlite3.IntegrityError as exc:
+                if "UNIQUE constraint failed: credentials.username" in str(exc):
+                    raise ValueError(USERNAME_TAKEN_MESSAGE) from exc
+                raise
+            if not changed:
+                raise ValueError(USERNAME_TAKEN_MESSAGE)
+            self._record_change(conn, "credential", credential.id)
+
+        await self._write(job)
+
+    async def list_credentials(self, consumer_id: str | None = None) -> list[Credential]:
+        def job(conn: sqlite3.Connection) -> list[Credential]:
+            query = f"SELECT {CREDENTIAL_COLUMNS} FROM credentials"
+            if consumer_id is None:
+                rows = conn.execute(query + " ORDER BY id").fetchall()
+            else:
+                rows = conn.execute(query + " WHERE consumer_id = ? ORDER BY id", (consumer_id,)).fetchall()
+            return [credential_from_row(row) for row in rows]
+
+        return await self._run(job)
+
+    async def delete_credential(self, credential_id: str) -> bool:
+        def job(conn: sqlite3.Connection) -> bool:
+            deleted = conn.execute("DELETE FROM credentials WHERE id = ?", (credential_id,)).rowcount > 0
+            if deleted:
+                self._record_change(conn, "credential", credential_id)
+            return deleted
+
+        return await self._write(job)
+
     # -- change feed and settings -------------------------------------------------------------------
     async def change_version(self) -> int:
         def job(conn: sqlite3.Connection) -> int:
@@ -246,3 +338,177 @@ class SqliteStore(Store):
             return conn.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()[0]
 
         return await self._write(job)
+
+    # -- webhooks -----------------------------------------------------------------------------------
+    # One process owns delivery on a SQLite file (a lease row), so claims need no row locking.
+    # Intake groups, claims and attempt outcomes all wait for the one thread and its disk flush;
+    # the writes waiting at any moment share one transaction (each in its own savepoint), so a
+    # busy worker pays one flush per round of work rather than one per write.
+    delivery_needs_owner = True
+
+    async def _write_webhooks(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._webhook_writes.submit(job)
+
+    async def _commit_webhook_writes(
+        self, jobs: Sequence[Callable[[sqlite3.Connection], Any]]
+    ) -> list[Any | Exception]:
+        def run_all(conn: sqlite3.Connection) -> list[Any | Exception]:
+            results: list[Any | Exception] = []
+            for job in jobs:
+                conn.execute("SAVEPOINT webhook_write")
+                try:
+                    results.append(job(conn))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO webhook_write")
+                    results.append(exc)
+                conn.execute("RELEASE webhook_write")
+            return results
+
+        return await self._write(run_all)
+
+    async def add_webhook_events(self, events: Sequence[NewWebhookEvent]) -> list[bool]:
+        def job(conn: sqlite3.Connection) -> list[bool]:
+            added: list[bool] = []
+            for event in events:
+                cursor = conn.execute(
+                    "INSERT INTO webhook_events (source, event_id, event_type, received_at, headers, body) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (source, event_id) DO NOTHING",
+                    (
+                        event.source,
+                        event.event_id,
+                        event.event_type,
+                        event.received_at,
+                        encode_headers(event.headers),
+                        event.body,
+                    ),
+                )
+                if cursor.rowcount == 0:
+                    added.append(False)
+                    continue
+                added.append(True)
+                conn.executemany(
+                    "INSERT INTO webhook_deliveries (event, destination, next_at) VALUES (?, ?, ?)",
+                    [(cursor.lastrowid, name, event.first_due) for name in event.destinations],
+                )
+            return added
+
+        return await self._write_webhooks(job)
+
+    async def claim_webhook_deliveries(
+        self, destination: str, limit: int, now: float, lease_until: float
+    ) -> list[DeliveryClaim]:
+        def job(conn: sqlite3.Connection) -> list[DeliveryClaim]:
+            # Read and update in one write transaction of the one delivering process: atomic.
+            rows = conn.execute(
+                "SELECT d.id, d.attempts + 1, d.attempts + 1 - d.schedule_start, e.source, e.event_id, "
+                "e.event_type, e.received_at, e.headers, e.body "
+                "FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event "
+                "WHERE d.destination = ? AND d.state = 'pending' AND d.next_at <= ? AND d.lease_until <= ? "
+                "ORDER BY d.next_at, d.id LIMIT ?",
+                (destination, now, now, limit),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE webhook_deliveries SET attempts = ?, lease_until = ? WHERE id = ?",
+                [(row[1], lease_until, row[0]) for row in rows],
+            )
+            return [
+                DeliveryClaim(row[0], destination, *row[1:7], decode_headers(row[7]), bytes(row[8]))
+                for row in rows
+            ]
+
+        return await self._write_webhooks(job)
+
+    async def record_webhook_outcomes(self, outcomes: Sequence[DeliveryOutcome]) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT INTO webhook_attempts (delivery, attempt, started_at, latency, status, error) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(o.delivery_id, o.attempt, o.started_at, o.latency, o.status, o.error) for o in outcomes],
+            )
+            conn.executemany(
+                "UPDATE webhook_deliveries SET state = ?, next_at = ?, lease_until = 0 "
+                "WHERE id = ? AND attempts = ?",
+                [(o.state, o.next_at, o.delivery_id, o.attempt) for o in outcomes],
+            )
+
+        await self._write_webhooks(job)
+
+    async def take_lease(self, name: str, holder: str, now: float, until: float) -> bool:
+        def job(conn: sqlite3.Connection) -> bool:
+            return (
+                conn.execute(
+                    "INSERT INTO webhook_leases (name, holder, expires_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
+                    "expires_at = excluded.expires_at "
+                    "WHERE webhook_leases.holder = excluded.holder OR webhook_leases.expires_at <= ?",
+                    (name, holder, until, now),
+                ).rowcount
+                > 0
+            )
+
+        return await self._write_webhooks(job)
+
+    async def list_webhook_events(self, query: WebhookEventQuery) -> list[WebhookEventSummary]:
+        sql, args = webhook_event_select(query, lambda _: "?")
+
+        def job(conn: sqlite3.Connection) -> list[WebhookEventSummary]:
+            return [webhook_summary_from_row(row) for row in conn.execute(sql, args).fetchall()]
+
+        return await self._run(job)
+
+    async def get_webhook_event(self, source: str, event_id: str) -> WebhookEventDetail | None:
+        sql, args = webhook_event_select(WebhookEventQuery(source=source, event_id=event_id), lambda _: "?")
+
+        def job(conn: sqlite3.Connection) -> WebhookEventDetail | None:
+            row = conn.execute(sql, args).fetchone()
+            if row is None:
+                return None
+            headers, body = conn.execute(
+                "SELECT headers, body FROM webhook_events WHERE id = ?", (row[0],)
+            ).fetchone()
+            deliveries = []
+            for delivery_id, destination, state, attempts, next_at in conn.execute(
+                "SELECT id, destination, state, attempts, next_at FROM webhook_deliveries "
+                "WHERE event = ? ORDER BY destination",
+                (row[0],),
+            ).fetchall():
+                log = conn.execute(
+                    "SELECT attempt, started_at, latency, status, error FROM webhook_attempts "
+                    "WHERE delivery = ? ORDER BY attempt, id",
+                    (delivery_id,),
+                ).fetchall()
+                deliveries.append(
+                    WebhookDelivery(
+                        destination, state, attempts, next_at, tuple(WebhookAttempt(*a) for a in log)
+                    )
+                )
+            return WebhookEventDetail(
+                webhook_summary_from_row(row), decode_headers(headers), bytes(body), tuple(deliveries)
+            )
+
+        return await self._run(job)
+
+    async def replay_webhook_events(self, query: WebhookEventQuery, now: float) -> int:
+        sql, args = webhook_event_select(query, lambda _: "?")
+
+        def job(conn: sqlite3.Connection) -> int:
+            ids = [row[0] for row in conn.execute(sql, args).fetchall()]
+            conn.executemany(
+                "UPDATE webhook_deliveries SET state = 'pending', next_at = ?, schedule_start = attempts "
+                "WHERE event = ?",
+                [(now, event) for event in ids],
+            )
+            return len(ids)
+
+        return await self._write_webhooks(job)
+
+    async def purge_webhook_events(self, received_before: float, source: str | None = None) -> int:
+        def job(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "DELETE FROM webhook_events WHERE received_at < ? AND (? IS NULL OR source = ?) "
+                "AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event = webhook_events.id "
+                "AND d.state = 'pending')",
+                (received_before, source, source),
+            ).rowcount
+
+        return await self._write_webhooks(job)

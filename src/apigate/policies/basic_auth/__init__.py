@@ -1,7 +1,8 @@
 """The `basic-auth` policy: identify the consumer by HTTP Basic credentials (RFC 7617).
 
-The username is the consumer's id; its password hash is the consumer's ``password_hash`` in the
-config (``apigate hash-password`` makes one). scrypt takes ~50 ms, so a verification runs in the
+The username is a consumer's id with the consumer's ``password_hash`` in the config (``apigate
+hash-password`` makes one), or a login stored with ``apigate consumers set-password ID USERNAME``
+(the config wins for a name that is both). scrypt takes ~50 ms, so a verification runs in the
 default executor (the request hook returns an awaitable only then), and a success is cached for
 ``cache_ttl`` seconds under sha256 of the credentials: a repeated credential costs one hash and
 one dict probe, inline. The cache is emptied when the registry reloads (config or store change).
@@ -11,16 +12,14 @@ Forwarded headers behave as key-auth's: removed from the client's request, set o
 
 from __future__ import annotations
 
-import asyncio
 import binascii
-import functools
 import hashlib
 from time import monotonic
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, model_validator
 
-from apigate.consumers.passwords import PasswordHash, hash_password, parse_hash
+from apigate.consumers.passwords import check_password_off_loop
 from apigate.consumers.registry import _header_value
 from apigate.engine.exchange import Reply, json_reply
 from apigate.policies.authconfig import AuthConfig, check_forwarded_names
@@ -31,18 +30,13 @@ from apigate.policies.registry import register
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
+    from apigate.consumers.registry import Login
     from apigate.engine.exchange import Exchange
     from apigate.services import Services
     from apigate.store.base import Consumer
 
 AUTHORIZATION = b"authorization"
 MAX_AUTHORIZATION = 4096  # bytes of header value; longer is malformed
-
-
-@functools.cache
-def _dummy() -> PasswordHash:
-    """A hash to verify against for unknown users, so they cost what a wrong password costs."""
-    return parse_hash(hash_password(b"apigate-basic-auth-dummy"))
 
 
 class BasicAuthConfig(AuthConfig):
@@ -61,35 +55,27 @@ class BasicAuthConfig(AuthConfig):
         return self
 
 
-def _check(stored: PasswordHash | None, password: bytes) -> bool:
-    """In the executor: verify, or burn the same time for an unknown user (and say no)."""
-    if stored is None:
-        _dummy().verify(password)
-        return False
-    return stored.verify(password)
-
-
-class _Malformed(Exception):
-    pass
+class MalformedBasic(Exception):
+    """Basic credentials that cannot be read (bad base64, no colon, not UTF-8, too long)."""
 
 
 def parse_basic(value: bytes) -> tuple[str, bytes] | None:
     """(username, password) from an Authorization value; None if the scheme is not Basic.
 
-    Raises _Malformed for Basic credentials that cannot be read."""
+    Raises MalformedBasic for Basic credentials that cannot be read."""
     scheme, _, token = value.strip().partition(b" ")
     if scheme.lower() != b"basic":
         return None
     if len(value) > MAX_AUTHORIZATION:
-        raise _Malformed
+        raise MalformedBasic
     try:
         decoded = binascii.a2b_base64(token.strip(), strict_mode=True)
         text = decoded.decode("utf-8")
     except (binascii.Error, ValueError):
-        raise _Malformed from None
+        raise MalformedBasic from None
     username, colon, password = text.partition(":")
     if not colon:
-        raise _Malformed
+        raise MalformedBasic
     return username, password.encode()
 
 
@@ -118,7 +104,6 @@ class BasicAuthPolicy(Policy):
         self._challenge = [(b"www-authenticate", challenge)]
         # Derived from the registry; rebuilt (and the cache emptied) when it reloads.
         self._source: tuple[Any, Any] | None = None
-        self._users: dict[str, PasswordHash] = {}
         self._forwards: dict[str, list[tuple[bytes, bytes]]] = {}
         self._cache: dict[bytes, tuple[float, str]] = {}
 
@@ -144,11 +129,6 @@ class BasicAuthPolicy(Policy):
         current = self._source
         if current is not None and current[0] is source[0] and current[1] == source[1]:
             return
-        users: dict[str, PasswordHash] = {}
-        for item in registry.config.consumers:
-            if item.password_hash is not None:
-                users[item.id] = parse_hash(item.password_hash)
-        self._users = users
         self._forwards = {}
         self._cache = {}
         self._source = source
@@ -168,7 +148,7 @@ class BasicAuthPolicy(Policy):
                     rebuild = True
         try:
             credentials = parse_basic(found[1]) if found is not None else None
-        except _Malformed:
+        except MalformedBasic:
             return self._deny(exchange, "malformed_authorization", "the Authorization header cannot be read")
         if credentials is None:
             if self.auth_required:
@@ -188,40 +168,39 @@ class BasicAuthPolicy(Policy):
             if entry[0] > monotonic():
                 return self._accept(exchange, registry, entry[1], found, rebuild)
             del self._cache[digest]
-        stored = self._users.get(username)
-        return self._verify(exchange, registry, username, password, stored, digest, found, rebuild)
+        return self._verify(exchange, registry, password, registry.login(username), digest, found, rebuild)
 
     async def _verify(
         self,
         exchange: Exchange,
         registry: Any,
-        username: str,
         password: bytes,
-        stored: PasswordHash | None,
+        stored: Login | None,
         digest: bytes,
         found: tuple[bytes, bytes] | None,
         rebuild: bool,
     ) -> Reply | None:
         source = self._source
-        ok = await asyncio.get_running_loop().run_in_executor(None, _check, stored, password)
+        ok = await check_password_off_loop(stored.hash if stored is not None else None, password)
         if not ok or stored is None:
             return self._invalid(exchange)
+        consumer_id = stored.consumer_id
         if self.ttl > 0 and self._source is source:
             cache = self._cache
             while len(cache) >= self.cache_size:
                 del cache[next(iter(cache))]  # the oldest
-            cache[digest] = (monotonic() + self.ttl, username)
-        return self._accept(exchange, registry, username, found, rebuild)
+            cache[digest] = (monotonic() + self.ttl, consumer_id)
+        return self._accept(exchange, registry, consumer_id, found, rebuild)
 
     def _accept(
         self,
         exchange: Exchange,
         registry: Any,
-        username: str,
+        consumer_id: str,
         found: tuple[bytes, bytes] | None,
         rebuild: bool,
     ) -> Reply | None:
-        consumer: Consumer | None = registry.consumer(username)
+        consumer: Consumer | None = registry.consumer(consumer_id)
         if consumer is None or consumer.disabled:
             return self._invalid(exchange)
         headers = exchange.headers
@@ -231,9 +210,9 @@ class BasicAuthPolicy(Policy):
             exchange.headers = headers
         elif self.hide and found is not None:
             headers.remove(found)  # by identity
-        forwards = self._forwards.get(username)
+        forwards = self._forwards.get(consumer_id)
         if forwards is None:
-            forwards = self._forwards[username] = self._forward_pairs(consumer)
+            forwards = self._forwards[consumer_id] = self._forward_pairs(consumer)
         if forwards:
             headers += forwards
         exchange.consumer = consumer

@@ -7,10 +7,16 @@ headers="date request-line digest", signature="<base64>"``. The signed string is
 normalization). ``date`` (or ``x-date``, preferred when both are present) must be signed and
 within ``clock_skew`` of the gateway's clock, and a signature is accepted once per window.
 
-With ``validate_body: true`` a ``digest`` header must be present and signed, but the body is NOT
-compared with it: the engine streams bodies to the upstream after the request hooks ran, so the
-policy cannot see the body before deciding. Until a body-buffering hook exists, ``digest`` only
-binds the client's claim about the body to the signature (an upstream may check it).
+The replay window lives in the state backend: per process with ``memory`` (answered without
+waiting), cluster-wide with Redis (one round trip). When Redis cannot answer, a signed request
+is refused with 503 ``unavailable`` rather than let through unchecked: a replay window that
+fails open is no replay protection at all (fail closed, as APISIX's default for Redis-backed
+plugins).
+
+With ``validate_body: true`` a ``Digest: SHA-256=<base64>`` (or ``SHA-512=``) header must be
+present and signed, and the body must match it (checked on the whole body, which the engine then
+buffers: up to 1 MiB, or the route's ``max_body_size`` if lower; over it: 413); a mismatch is
+``invalid_digest``. Without ``validate_body``, bodies stream.
 
 Every failure is a 401 with a ``WWW-Authenticate: hmac`` challenge and a JSON
 ``{"error", "reason", "request_id"}``; an unknown username, an unknown consumer and a wrong
@@ -36,10 +42,16 @@ from apigate.engine.exchange import Reply, json_reply
 from apigate.policies.authconfig import AuthConfig, check_forwarded_names
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.registry import register
+from apigate.state import StateUnavailable
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    from apigate.consumers.registry import ConsumerRegistry
     from apigate.engine.exchange import Exchange
     from apigate.services import Services
+    from apigate.state import StateBackend
+    from apigate.store.base import Consumer
 
 Algorithm = Literal["hmac-sha256", "hmac-sha384", "hmac-sha512"]
 _DIGESTS = {"hmac-sha256": hashlib.sha256, "hmac-sha384": hashlib.sha384, "hmac-sha512": hashlib.sha512}
@@ -87,11 +99,10 @@ class HmacAuthConfig(AuthConfig):
     clock_skew: float = Field(default=300.0, gt=0, le=86400, description="seconds")
     enforce_headers: list[str] = Field(default_factory=lambda: ["date", "request-line"])
     validate_body: bool = Field(
-        default=False, description="require a signed `digest` header (the body itself is not checked yet)"
+        default=False, description="require a signed Digest header and check the body against it"
     )
     hide_credentials: bool = Field(default=True, description="remove Authorization before proxying")
     forward_headers: HmacForwardHeaders = HmacForwardHeaders()
-    replay_cache_size: int = Field(default=100_000, ge=100, description="signatures remembered per worker")
 
     @field_validator("credentials")
     @classmethod
@@ -120,37 +131,22 @@ class HmacAuthConfig(AuthConfig):
         return self
 
 
-class ReplayCache:
-    """Signatures accepted recently, each until its date leaves the clock-skew window.
+_DIGEST_ALGORITHMS = {b"sha-256": ("sha256", 32), b"sha-512": ("sha512", 64)}
 
-    Per worker: a replay sent to another worker (or another node) is not caught. Catching those
-    needs state shared by the whole cluster, which the Redis state backend of a later issue will
-    give; until then the window is narrowed, not closed, by running few workers. Bounded: when
-    full, expired entries are dropped and then the oldest ones (a flood of valid signed requests
-    can push a signature out early; it still needs the secret).
-    """
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._seen: dict[bytes, float] = {}
-
-    def seen(self, key: bytes, now: float) -> bool:
-        until = self._seen.get(key)
-        return until is not None and until > now
-
-    def add(self, key: bytes, until: float, now: float) -> None:
-        seen = self._seen
-        if len(seen) >= self.size:
-            # Insertion order is roughly expiry order: drop expired ones from the front, then the oldest.
-            for old in list(seen):
-                if seen[old] <= now or len(seen) >= self.size:
-                    del seen[old]
-                else:
-                    break
-        seen[key] = until
-
-    def __len__(self) -> int:
-        return len(self._seen)
+def _parse_digest(value: bytes | None) -> tuple[str, bytes] | None:
+    """``SHA-256=<base64>`` (RFC 3230, as Kong's hmac-auth uses it) → (hashlib name, digest)."""
+    if value is None:
+        return None
+    name, sep, encoded = value.partition(b"=")
+    known = _DIGEST_ALGORITHMS.get(name.strip().lower())
+    if not sep or known is None:
+        return None
+    try:
+        digest = base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return (known[0], digest) if len(digest) == known[1] else None
 
 
 class _Denied(Exception):
@@ -192,7 +188,7 @@ class HmacAuthPolicy(Policy):
     name: ClassVar[str] = "hmac-auth"
     order: ClassVar[int] = 1000
     Config: ClassVar[type[PolicyConfig]] = HmacAuthConfig
-    needs: ClassVar[frozenset[str]] = frozenset({"consumers"})
+    needs: ClassVar[frozenset[str]] = frozenset({"consumers", "state"})
 
     def __init__(self, config: HmacAuthConfig, services: Services | None = None) -> None:
         super().__init__(config, services)
@@ -207,6 +203,7 @@ class HmacAuthPolicy(Policy):
             enforced.append("digest")
         self.enforced = enforced
         self.validate_body = config.validate_body
+        self.reads_body = config.validate_body
         self.hide = config.hide_credentials
         self.hmac_required = config.required
         forward = config.forward_headers
@@ -214,7 +211,6 @@ class HmacAuthPolicy(Policy):
         self.h_tenant = forward.tenant.lower().encode() if forward.tenant else None
         self.h_username = forward.username.lower().encode() if forward.username else None
         self.forwarded = frozenset(h for h in (self.h_consumer, self.h_tenant, self.h_username) if h)
-        self.replays = ReplayCache(config.replay_cache_size)
         # Compared against when the username is unknown, so that case costs the same HMAC.
         self._dummy_secret = b"\x00" * 32
         signed = " ".join(enforced)
@@ -228,16 +224,16 @@ class HmacAuthPolicy(Policy):
         payload = {"error": message, "reason": reason, "request_id": exchange.request_id}
         return json_reply(401, payload, [(b"www-authenticate", self.challenge)])
 
-    def _unavailable(self, exchange: Exchange) -> Reply:
+    def _unavailable(self, exchange: Exchange, what: str = "the consumer registry") -> Reply:
         payload = {
-            "error": "consumer registry is not ready, try again",
+            "error": f"{what} is not available, try again",
             "reason": "unavailable",
             "request_id": exchange.request_id,
         }
         return json_reply(503, payload, [(b"retry-after", b"1")])
 
     # -- the request hook --------------------------------------------------------------------------
-    def on_request(self, exchange: Exchange) -> Reply | None:
+    def on_request(self, exchange: Exchange) -> Reply | Awaitable[Reply | None] | None:
         authorization = exchange.header(b"authorization")
         try:
             params = _parse_authorization(authorization) if authorization is not None else None
@@ -251,14 +247,17 @@ class HmacAuthPolicy(Policy):
             return None
         services = self.services
         registry = services.consumers if services is not None else None
-        if registry is None:
+        state = services.state if services is not None else None
+        if registry is None or state is None:
             return self._unavailable(exchange)
         try:
-            return self._verify(exchange, params, registry)
+            return self._verify(exchange, params, registry, state)
         except _Denied as denied:
             return self._deny(exchange, denied.reason, denied.message)
 
-    def _verify(self, exchange: Exchange, params: dict[bytes, bytes], registry: object) -> Reply | None:
+    def _verify(
+        self, exchange: Exchange, params: dict[bytes, bytes], registry: ConsumerRegistry, state: StateBackend
+    ) -> Reply | Awaitable[Reply | None] | None:
         algorithm = params.get(b"algorithm", b"hmac-sha256").decode("latin-1").lower()
         if algorithm not in self.algorithms:
             raise _Denied("unsupported_algorithm", "the signature algorithm is not accepted here")
@@ -291,8 +290,14 @@ class HmacAuthPolicy(Policy):
         now = _time()
         if abs(now - date) > self.skew:
             raise _Denied("clock_skew", f"the request date is over {self.skew:g}s from the gateway's clock")
-        if self.validate_body and exchange.header(b"digest") is None:
-            raise _Denied("unsigned_header", "a signed Digest header is required")
+        if self.validate_body:
+            digest = exchange.header(b"digest")
+            if digest is None:
+                raise _Denied("unsigned_header", "a signed Digest header is required")
+            if _parse_digest(digest) is None:
+                raise _Denied(
+                    "invalid_digest", "the Digest header must be SHA-256=<base64> or SHA-512=<base64>"
+                )
 
         # The string to sign, one line per listed header.
         lines: list[bytes] = []
@@ -313,17 +318,52 @@ class HmacAuthPolicy(Policy):
         secret = credential[0] if credential is not None else self._dummy_secret
         expected = hmac.new(secret, message, _DIGESTS[algorithm]).digest()
         valid = hmac.compare_digest(expected, signature)
-        consumer = registry.consumer(credential[1]) if credential is not None else None  # type: ignore[attr-defined]
+        consumer = registry.consumer(credential[1]) if credential is not None else None
         if not valid or consumer is None or consumer.disabled:
             raise _Denied("invalid_signature", "the signature is not valid")
 
-        replay_key = username + b"\x00" + signature
-        replays = self.replays
-        if replays.seen(replay_key, now):
+        # Remembered until the date leaves the window: a replay after that fails the skew check.
+        replay_key = "hmac-replay:" + hashlib.sha256(username + b"\x00" + signature).hexdigest()
+        window = max(date + self.skew - now, 0.001)
+        fresh = state.add_if_absent_nowait(replay_key, window)
+        if fresh is None:
+            return self._claim_shared(exchange, state, replay_key, window, consumer, username)
+        if not fresh:
             raise _Denied("replayed", "this signature was already used")
-        replays.add(replay_key, date + self.skew, now)
+        self._accept(exchange, consumer, username)
+        return None
 
-        # Accepted: drop Authorization (if hidden) and client-sent forwarded headers, then set ours.
+    async def _claim_shared(
+        self,
+        exchange: Exchange,
+        state: StateBackend,
+        key: str,
+        window: float,
+        consumer: Consumer,
+        username: bytes,
+    ) -> Reply | None:
+        try:
+            fresh = await state.add_if_absent(key, window)
+        except StateUnavailable:
+            return self._unavailable(exchange, "the replay window")  # fail closed, see the module doc
+        if not fresh:
+            return self._deny(exchange, "replayed", "this signature was already used")
+        self._accept(exchange, consumer, username)
+        return None
+
+    def on_body(self, exchange: Exchange, body: bytes) -> Reply | None:
+        """With validate_body: the body must be the one the signed Digest header describes."""
+        claimed = _parse_digest(exchange.header(b"digest"))
+        if claimed is None:
+            # Only reached when on_request let an unsigned request through (required: false).
+            return None
+        algorithm, expected = claimed
+        if not hmac.compare_digest(hashlib.new(algorithm, body).digest(), expected):
+            return self._deny(exchange, "invalid_digest", "the body does not match the Digest header")
+        return None
+
+    def _accept(self, exchange: Exchange, consumer: Consumer, username: bytes) -> None:
+        # Drop Authorization (if hidden) and client-sent forwarded headers, then set ours.
         drop = self.forwarded | {b"authorization"} if self.hide else self.forwarded
         headers = [pair for pair in exchange.headers if pair[0] not in drop]
         for name, value in (
@@ -336,4 +376,3 @@ class HmacAuthPolicy(Policy):
         exchange.headers = headers
         exchange.consumer = consumer
         exchange.tenant = consumer.tenant
-        return None

@@ -42,6 +42,11 @@ from apigate.config.units import ByteSize, Duration
 from apigate.engine.exchange import Reply, json_reply
 from apigate.policies.authconfig import AuthConfig
 from apigate.policies.base import Policy, PolicyConfig
+from apigate.policies.claims import NOT_FOR_TOKENS as _NOT_FOR_TOKENS
+from apigate.policies.claims import check_forward_claims
+from apigate.policies.claims import claim_header_value as _header_value
+from apigate.policies.claims import claim_names as _names
+from apigate.policies.claims import claim_text as _text
 from apigate.policies.jwt.keys import (
     ALGORITHMS,
     HMAC_MIN_BYTES,
@@ -60,12 +65,9 @@ if TYPE_CHECKING:
 
 _now = time.time  # tokens carry wall-clock times; time.time() is a single cheap C call
 
-# Besides the headers the proxy owns, a token never travels in Cookie as a whole header.
-_NOT_FOR_TOKENS = frozenset({"cookie"})
 # A compact JWS: three base64url segments. Anything else (JWE, alg "none" with an empty
 # signature, spaces, non-ASCII) is refused before any decoding.
 _COMPACT_JWS = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
-_UNSAFE_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _KEY_SOURCES = "secret, public_key, public_key_file, jwks_url or issuer_discovery"
 
 # reason -> (status, message). Messages say what is wrong with the token, never which part of
@@ -81,6 +83,7 @@ _REASONS: dict[str, tuple[int, str]] = {
     "token_too_large": (401, "the bearer token is too large"),
     "unknown_key": (401, "the bearer token was signed with an unknown key"),
     "token_revoked": (401, "the bearer token has been revoked"),
+    "revocations_unavailable": (503, "the list of revoked tokens cannot be read right now"),
     "keys_unavailable": (503, "the keys to verify bearer tokens cannot be loaded right now"),
 }
 
@@ -101,6 +104,11 @@ class JwtConfig(AuthConfig):
     leeway: Duration = Field(default=30.0, le=3600)
     required_claims: list[str] = Field(default_factory=lambda: ["exp"])
     denied_jti: list[str] = Field(default_factory=list)
+    check_revoked: bool = Field(
+        default=False,
+        description="also refuse tokens whose jti was revoked at runtime (`apigate tokens revoke`); "
+        "uses the store",
+    )
     # Where the token is.
     header: str = "Authorization"
     cookie: str | None = None
@@ -161,12 +169,7 @@ class JwtConfig(AuthConfig):
     @field_validator("forward_claims")
     @classmethod
     def _forward(cls, pairs: dict[str, str]) -> dict[str, str]:
-        for header in pairs.values():
-            check_header_name(header, "carry a claim", _NOT_FOR_TOKENS)
-        lowered = [h.lower() for h in pairs.values()]
-        if len(set(lowered)) != len(lowered):
-            raise ValueError("two claims are forwarded in the same header")
-        return pairs
+        return check_forward_claims(pairs)
 
     @model_validator(mode="after")
     def _keys_fit_algorithms(self) -> JwtConfig:
@@ -222,7 +225,7 @@ def _read_key_file(path: str) -> str:
 class _Entry:
     """What a verified token grants, precomputed so that a cache hit only copies references."""
 
-    __slots__ = ("consumer", "expires", "forward", "tenant", "vars")
+    __slots__ = ("consumer", "expires", "forward", "jti", "tenant", "vars")
 
     def __init__(
         self,
@@ -231,8 +234,10 @@ class _Entry:
         tenant: str | None,
         vars: dict[str, Any],
         forward: list[tuple[bytes, bytes]],
+        jti: str | None,
     ) -> None:
         self.expires = expires
+        self.jti = jti  # set only when the policy checks runtime revocations
         self.consumer = consumer
         self.tenant = tenant
         self.vars = vars
@@ -284,36 +289,6 @@ def _shared_for(config: JwtConfig) -> _Shared:
 
 
 # -- claims -> what the request gets --------------------------------------------------------------------
-def _names(value: Any) -> frozenset[str]:
-    """A space-separated string or a list of strings, as a set."""
-    if isinstance(value, str):
-        return frozenset(value.split())
-    if isinstance(value, list | tuple):
-        return frozenset(item for item in value if isinstance(item, str))
-    return frozenset()
-
-
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | int | float):
-        return str(value)
-    if isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
-        return ",".join(_text(v) or "" for v in value)
-    return orjson.dumps(value).decode()
-
-
-def _header_value(value: Any) -> bytes | None:
-    """A claim as a header value, or None if it has none or would need control characters."""
-    text = _text(value)
-    if text is None:
-        return None
-    data = text.encode()
-    return None if _UNSAFE_VALUE.search(data) else data
-
-
 def _b64url(segment: bytes) -> bytes:
     return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
 
@@ -336,6 +311,10 @@ class JwtPolicy(Policy):
         self._max_token = config.max_token_bytes
         self._algorithms = frozenset(config.algorithms)
         self._denied = frozenset(config.denied_jti)
+        self._check_revoked = config.check_revoked
+        # Per instance: only a config that checks the runtime denylist (kept by the consumer
+        # registry) makes the gateway open the store.
+        self.needs = frozenset({"consumers"}) if config.check_revoked else frozenset()  # type: ignore[misc]
         self._forward = [(claim, header.lower().encode()) for claim, header in config.forward_claims.items()]
         drop = {header for _, header in self._forward}
         if config.strip_credential:
@@ -373,8 +352,7 @@ class JwtPolicy(Policy):
         if value is not None:
             entry = self._cache.get(value)
             if entry is not None and entry.expires > _now():
-                self._admit(exchange, entry)
-                return None
+                return self._admit_cached(exchange, entry)
         return self._miss(exchange, value)
 
     on_request = check
@@ -414,8 +392,7 @@ class JwtPolicy(Policy):
         if source != "header":
             entry = self._cache.get(cache_key)
             if entry is not None and entry.expires > _now():
-                self._admit(exchange, entry, source)
-                return None
+                return self._admit_cached(exchange, entry, source)
         if len(token) > self._max_token:
             return self._reject(exchange, "token_too_large")
         if not _COMPACT_JWS.fullmatch(token):
@@ -499,6 +476,10 @@ class JwtPolicy(Policy):
         if jti is not None and jti in self._denied:
             return self._reject(exchange, "token_revoked")
         entry = self._entry(claims)
+        if entry.jti is not None:
+            refusal = self._revocation_refusal(exchange, entry.jti)
+            if refusal is not None:
+                return refusal
         if self._cache_size and entry.expires > _now():
             cache = self._cache
             if len(cache) >= self._cache_size:
@@ -525,7 +506,26 @@ class JwtPolicy(Policy):
             "scopes": _names(claims.get("scope")) | _names(claims.get("scp")),
             "roles": _names(claims.get("roles")),
         }
-        return _Entry(expires, consumer, tenant, variables, forward)
+        jti = claims.get("jti") if self._check_revoked else None
+        return _Entry(expires, consumer, tenant, variables, forward, jti if isinstance(jti, str) else None)
+
+    def _revocation_refusal(self, exchange: Exchange, jti: str) -> Reply | None:
+        """A Reply if the token's jti is revoked at runtime, or if the denylist is not loaded."""
+        registry = self.services.consumers if self.services is not None else None
+        if registry is None:
+            return self._reject(exchange, "revocations_unavailable")  # fail closed
+        if registry.token_revoked(jti):
+            return self._reject(exchange, "token_revoked")
+        return None
+
+    def _admit_cached(self, exchange: Exchange, entry: _Entry, source: str = "header") -> Reply | None:
+        # A cached token is checked against the denylist on every use: it may be revoked since.
+        if entry.jti is not None:
+            refusal = self._revocation_refusal(exchange, entry.jti)
+            if refusal is not None:
+                return refusal
+        self._admit(exchange, entry, source)
+        return None
 
     def _admit(self, exchange: Exchange, entry: _Entry, source: str = "header") -> None:
         exchange.consumer = entry.consumer

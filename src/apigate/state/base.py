@@ -1,0 +1,142 @@
+"""The state backend: hot, short-lived state behind one small async interface.
+
+What must last lives in the store; what is hot and may be lost lives here: replay and dedupe
+windows, counters, and the change notices that tell every gateway to reload now. Two
+implementations share the interface: ``memory`` (the default, one process) and ``redis``
+(every process and node that names the same Redis sees the same state).
+
+Keys and channels are names without a namespace; the backend prefixes them (``apigate:``), so
+one Redis can serve other applications too. TTLs are seconds (floats).
+
+A decision that reads and writes several keys runs as a ``Script``: Lua on Redis (atomic, one
+round trip) and the same logic in Python on the memory backend, so both give the same answers.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+NAMESPACE = "apigate:"
+
+Message = bytes | None
+"""What a subscriber receives: a published message, or None after each (re)subscription."""
+
+
+class StateUnavailable(Exception):
+    """The backend cannot answer now (Redis down or too slow); each caller decides what that means."""
+
+
+class LocalData(Protocol):
+    """The memory backend's data as a Script's Python half sees it (keys are namespaced already)."""
+
+    def get(self, key: str) -> Any: ...
+
+    def set(self, key: str, value: Any) -> None:
+        """Store ``value``; an existing expiry is kept (like Redis SET ... KEEPTTL)."""
+
+    def expire(self, key: str, ttl: float) -> None: ...
+
+    def ttl(self, key: str) -> float | None:
+        """Seconds left, or None if the key is missing or never expires."""
+
+    def delete(self, key: str) -> None: ...
+
+
+@dataclass(frozen=True, eq=False)
+class Script:
+    """One decision made where the state lives.
+
+    ``lua`` runs on Redis with ``KEYS`` and ``ARGV`` (numbers arrive as strings: use
+    ``tonumber``; the Python half gets them as strings too); ``python(data, keys, args)`` does
+    the same on the memory backend. Return integers or flat lists of integers: those come back
+    alike from both backends (Redis turns Lua strings into bytes, Python keeps str).
+    """
+
+    lua: str
+    python: Callable[[LocalData, list[str], list[Any]], Any]
+
+
+class Subscription(abc.ABC):
+    """A live subscription to one channel."""
+
+    @property
+    @abc.abstractmethod
+    def active(self) -> bool:
+        """True while messages published by other processes are being received."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+class StateBackend(abc.ABC):
+    shared: ClassVar[bool]
+    """True when other processes (and nodes) see the same state and messages."""
+
+    def __init__(self, namespace: str = NAMESPACE) -> None:
+        self.namespace = namespace
+
+    def key(self, name: str) -> str:
+        return self.namespace + name
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Prepare for use. Never fails for an unreachable server: operations report that."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections and end subscriptions."""
+
+    @abc.abstractmethod
+    async def add_if_absent(self, key: str, ttl: float) -> bool:
+        """Set ``key`` for ``ttl`` seconds if it is not set; True if this call set it."""
+
+    def add_if_absent_nowait(self, key: str, ttl: float) -> bool | None:
+        """``add_if_absent`` answered without waiting, when the backend can (memory); else None."""
+        return None
+
+    async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
+        """Add ``amount`` to an integer (missing: 0) and return it; ``ttl`` is set while it has none."""
+        args: list[Any] = [int(amount), milliseconds(ttl) if ttl is not None else ""]
+        return int(await self.run(INCR, [key], args))
+
+    @abc.abstractmethod
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any] = ()) -> Any:
+        """Run ``script`` on ``keys`` (names, namespaced here) with ``args``."""
+
+    @abc.abstractmethod
+    async def publish(self, channel: str, message: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def subscribe(self, channel: str, callback: Callable[[Message], None]) -> Subscription:
+        """Call ``callback`` with every message on ``channel``, and with None each time the
+        subscription starts or resumes: messages sent while it was down are lost, so a subscriber
+        that must not miss one checks its source then."""
+
+
+def milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _incr_locally(data: LocalData, keys: list[str], args: list[Any]) -> int:
+    key, amount, ttl_ms = keys[0], int(args[0]), args[1]
+    current = data.get(key)
+    value = (int(current) if current is not None else 0) + amount
+    data.set(key, value)
+    if ttl_ms != "" and data.ttl(key) is None:
+        data.expire(key, int(ttl_ms) / 1000)
+    return value
+
+
+INCR = Script(
+    lua="""
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' and redis.call('PTTL', KEYS[1]) == -1 then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return value
+""",
+    python=_incr_locally,
+)

@@ -1,0 +1,183 @@
+"""The Redis state backend (redis-py asyncio with hiredis): state shared by every gateway process.
+
+Connections are made lazily and remade after an outage, so an unreachable Redis never stops a
+gateway from starting: an operation that cannot reach it within ``OPERATION_TIMEOUT`` raises
+``StateUnavailable`` and its caller decides (see the README's state section). Scripts run with
+EVALSHA, loaded on first use (one round trip per call). Each subscription keeps its own
+connection, resubscribes after a loss with a growing delay, and tells its callback (None) when
+it is live again, since Redis pub/sub drops messages sent while nobody listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from apigate.state.base import (
+    NAMESPACE,
+    Message,
+    Script,
+    StateBackend,
+    StateUnavailable,
+    Subscription,
+    milliseconds,
+)
+
+log = logging.getLogger("apigate.state")
+
+# A request waiting on Redis waits at most this long (connect or answer) before it is unavailable.
+OPERATION_TIMEOUT = 1.0
+# A subscription with no traffic pings this often, so a dead connection is noticed.
+HEALTH_CHECK_EVERY = 10.0
+# Resubscribing after a loss waits this long at first, doubling up to the maximum.
+RETRY_FIRST_DELAY = 0.2
+RETRY_MAX_DELAY = 5.0
+_LOST = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def describe(url: str) -> str:
+    """host:port/db of a Redis URL, for messages: never its password."""
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or ''}"
+
+
+@contextlib.contextmanager
+def _unavailable_on_loss(where: str) -> Iterator[None]:
+    try:
+        yield
+    except _LOST as exc:
+        raise StateUnavailable(f"Redis at {where}: {type(exc).__name__}: {exc}") from exc
+
+
+class RedisSubscription(Subscription):
+    def __init__(self, client: redis.Redis, channel: str, callback: Callable[[Message], None], where: str):
+        self._client = client
+        self._channel = channel
+        self._callback = callback
+        self._where = where
+        self._active = False
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._listen(), name=f"redis-subscription-{channel}")
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    async def close(self) -> None:
+        task = self._task
+        # A timeout inside redis-py can swallow a cancellation that races with it: repeat until done.
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def _listen(self) -> None:
+        delay = RETRY_FIRST_DELAY
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                if delay > RETRY_FIRST_DELAY:
+                    log.warning("subscribed to Redis at %s again", self._where)
+                self._active, delay = True, RETRY_FIRST_DELAY
+                self._callback(None)
+                while True:
+                    message = await pubsub.get_message(timeout=HEALTH_CHECK_EVERY)
+                    if message is not None and message["type"] == "message":
+                        self._callback(message["data"])
+            except _LOST as exc:
+                if self._active or delay == RETRY_FIRST_DELAY:
+                    reason = f"{type(exc).__name__}: {exc}"
+                    log.warning("no subscription to Redis at %s (%s); retrying", self._where, reason)
+                self._active = False
+            except Exception:  # a bug must not end the subscription for good
+                log.exception("the subscription to Redis at %s failed; retrying", self._where)
+                self._active = False
+            finally:
+                with contextlib.suppress(*_LOST):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_DELAY)
+
+
+class RedisState(StateBackend):
+    shared: ClassVar[bool] = True
+
+    def __init__(self, url: str, namespace: str = NAMESPACE) -> None:
+        super().__init__(namespace)
+        self.url = url
+        self.where = describe(url)
+        self._client: redis.Redis | None = None
+        self._subscriber: redis.Redis | None = None
+        self._scripts: dict[Script, AsyncScript] = {}
+        self._subscriptions: list[RedisSubscription] = []
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None:
+            raise RuntimeError("the Redis state backend is not open")
+        return self._client
+
+    async def open(self) -> None:
+        self._client = redis.Redis.from_url(
+            self.url, socket_timeout=OPERATION_TIMEOUT, socket_connect_timeout=OPERATION_TIMEOUT
+        )
+        # Subscriptions wait on reads indefinitely, and resubscribe themselves (no silent retry).
+        self._subscriber = redis.Redis.from_url(
+            self.url,
+            socket_connect_timeout=OPERATION_TIMEOUT,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=HEALTH_CHECK_EVERY,
+        )
+        try:
+            await self._client.ping()
+        except _LOST as exc:
+            log.warning(
+                "Redis at %s is not answering (%s: %s); going on without it until it does",
+                self.where,
+                type(exc).__name__,
+                exc,
+            )
+
+    async def close(self) -> None:
+        for subscription in self._subscriptions:
+            await subscription.close()
+        self._subscriptions.clear()
+        for client in (self._client, self._subscriber):
+            if client is not None:
+                await client.aclose()
+        self._client = self._subscriber = None
+
+    async def add_if_absent(self, key: str, ttl: float) -> bool:
+        with _unavailable_on_loss(self.where):
+            return bool(await self.client.set(self.key(key), b"1", px=milliseconds(ttl), nx=True))
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any] = ()) -> Any:
+        registered = self._scripts.get(script)
+        if registered is None:
+            registered = self._scripts[script] = self.client.register_script(script.lua)
+        with _unavailable_on_loss(self.where):
+            return await registered(keys=[self.key(k) for k in keys], args=list(args))
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        with _unavailable_on_loss(self.where):
+            await self.client.publish(self.key(channel), message)
+
+    async def subscribe(self, channel: str, callback: Callable[[Message], None]) -> Subscription:
+        if self._subscriber is None:
+            raise RuntimeError("the Redis state backend is not open")
+        subscription = RedisSubscription(self._subscriber, self.key(channel), callback, self.where)
+        self._subscriptions.append(subscription)
+        return subscription

@@ -1,0 +1,236 @@
+"""What a gateway process runs for webhooks: the compiled sources, the group-commit writer for
+accepted events, the delivery worker and the outbound HTTP client. One per process, started as a
+shared service (``Services.webhooks``) and kept across reloads; a reload swaps sources and
+destinations without dropping events or deliveries in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from apigate.engine.exchange import Reply, json_reply
+from apigate.outbound import HttpClient, OutboundError
+from apigate.store.base import NewWebhookEvent, Store
+from apigate.webhooks.config import SourceConfig, WebhooksConfig
+from apigate.webhooks.delivery import DeliveryWorker, Lane
+from apigate.webhooks.destinations import Destination, Message, build_destination
+from apigate.webhooks.destinations.http import HttpDestination
+from apigate.webhooks.destinations.redis_streams import RedisConnections
+from apigate.webhooks.groupcommit import GroupCommit
+from apigate.webhooks.pollers import PUSH_REFUSED, PolledEvent, Pollers
+from apigate.webhooks.signing import SECRET_SETTING, Signer, new_secret
+from apigate.webhooks.verify.model import Verifier
+from apigate.webhooks.verify.schemes import build_verifier
+
+log = logging.getLogger("apigate.webhooks")
+
+# Request headers not kept for delivery: framing and hop-by-hop ones, what proxies add, the
+# client's credentials, and the Standard Webhooks names the gateway signs with itself.
+DROPPED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        "proxy-authorization",
+        "proxy-connection",
+        "authorization",
+        "cookie",
+        "forwarded",
+        "via",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A source compiled for intake: its verifier and where its events go."""
+
+    name: str
+    config: SourceConfig
+    verifier: Verifier
+
+    def destinations_for(self, event_type: str | None) -> tuple[str, ...]:
+        return tuple(d.name for d in self.config.destinations if d.wants(event_type))
+
+
+def kept_headers(headers: list[tuple[bytes, bytes]]) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in headers
+        if name.decode("latin-1") not in DROPPED_HEADERS
+    )
+
+
+def content_event_id(body: bytes) -> str:
+    """The id of an event whose provider gives none: the same bytes are the same event."""
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+class WebhookRuntime:
+    def __init__(self, store: Store, config: WebhooksConfig, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+        self.config = config
+        self.sources: dict[str, Source] = {}
+        self.destinations: dict[str, Destination] = {}
+        self.client = HttpClient(max_connections_per_origin=_connections(config))
+        self.redis = RedisConnections()
+        self.pollers = Pollers(store, self.client, self.commit_polled, clock)
+        self.signer: Signer | None = None
+        self.worker: DeliveryWorker | None = None
+        self._events: GroupCommit[NewWebhookEvent, bool] = GroupCommit(store.add_webhook_events)
+
+    async def start(self) -> None:
+        secret = self.config.signing_secret
+        if secret is not None:
+            self.signer = Signer(secret.get_secret_value())
+        else:
+            # Generated once for the whole store, so every process and node signs alike.
+            self.signer = Signer(
+                await self.store.set_setting(SECRET_SETTING, new_secret(), only_if_absent=True)
+            )
+        self.worker = DeliveryWorker(
+            self.store,
+            self.signer,
+            self.config.poll_interval,
+            self.clock,
+            intake_busy=lambda: self._events.busy,
+        )
+        self.apply_config(self.config)
+        self.worker.start()
+
+    def apply_config(self, config: WebhooksConfig) -> None:
+        """Compile sources and destinations (a verifier per source, a sender per destination)."""
+        if config.signing_secret != self.config.signing_secret:
+            log.warning("webhooks.signing_secret changes take effect after a restart, not a reload")
+        self.config = config
+        self.sources = {
+            name: Source(name, source, build_verifier(source.verify) if source.verify else PUSH_REFUSED)
+            for name, source in config.sources.items()
+        }
+        self.destinations = {
+            name: build_destination(d, self.client, self.redis) for name, d in config.destinations.items()
+        }
+        if self.worker is not None:
+            self.worker.poll_interval = config.poll_interval
+            self.worker.configure(
+                {
+                    name: Lane(self.destinations[name], d.retry, d.concurrency, d.rate)
+                    for name, d in config.destinations.items()
+                },
+                {name: source.dedupe.retention for name, source in config.sources.items()},
+            )
+        self.pollers.configure({name: s.poll for name, s in config.sources.items() if s.poll is not None})
+
+    async def stop(self) -> None:
+        await self.pollers.stop()  # first: a poll commits through the group commit below
+        await self._events.close()
+        if self.worker is not None:
+            await self.worker.stop()
+        await self.client.close()
+        await self.redis.close()
+
+    # -- intake ----------------------------------------------------------------------------------
+    async def accept(
+        self,
+        source: Source,
+        event_id: str | None,
+        event_type: str | None,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        request_id: str,
+    ) -> Reply:
+        """Commit a verified event (grouped with others) and answer 2xx only once it is durable."""
+        now = self.clock()
+        event = NewWebhookEvent(
+            source=source.name,
+            event_id=event_id or content_event_id(body),
+            event_type=event_type,
+            received_at=now,
+            headers=kept_headers(headers),
+            body=body,
+            destinations=source.destinations_for(event_type),
+            first_due=now,
+        )
+        try:
+            new = await self._events.submit(event)
+        except Exception:
+            log.exception("webhook event of source %s could not be stored", source.name)
+            return json_reply(
+                503,
+                {"error": "the event could not be stored; send it again", "request_id": request_id},
+                [(b"retry-after", b"1")],
+            )
+        if new and self.worker is not None:
+            self.worker.wake()
+        return json_reply(
+            200,
+            {
+                "status": "accepted" if new else "duplicate",
+                "event_id": event.event_id,
+                "request_id": request_id,
+            },
+        )
+
+    async def forward(
+        self, source: Source, event_id: str | None, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Reply:
+        """Synchronous mode: send to the source's one destination now and answer with its reply."""
+        assert self.signer is not None
+        destination = self.destinations[source.config.destinations[0].name]
+        assert isinstance(destination, HttpDestination)  # the config allows only http for sync sources
+        message_id = event_id or content_event_id(body)
+        sent_headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in kept_headers(headers)]
+        sent_headers += self.signer.headers(message_id, int(self.clock()), body)
+        sent_headers.append((b"x-apigate-source", source.name.encode()))
+        try:
+            response = await destination.send(Message(sent_headers, body))
+        except OutboundError as exc:
+            status = 504 if exc.kind == "timeout" else 502
+            return json_reply(status, {"error": f"the webhook handler did not answer ({exc.kind})"})
+        content_type = response.header(b"content-type") or b"application/octet-stream"
+        return Reply(response.status, response.body, content_type=content_type)
+
+    # -- polled sources (webhooks/pollers): fetched events take the intake's group commit -----------
+    async def commit_polled(self, source_name: str, events: Sequence[PolledEvent]) -> None:
+        source = self.sources[source_name]
+        now = self.clock()
+        submitted = [
+            self._events.submit(
+                NewWebhookEvent(
+                    source=source_name,
+                    event_id=event.event_id,
+                    event_type=event.event_type,
+                    received_at=now,
+                    headers=event.headers,
+                    body=event.body,
+                    destinations=source.destinations_for(event.event_type),
+                    first_due=now,
+                )
+            )
+            for event in events
+        ]
+        if any(await asyncio.gather(*submitted)) and self.worker is not None:
+            self.worker.wake()
+
+
+def _connections(config: WebhooksConfig) -> int:
+    return max((d.concurrency for d in config.destinations.values()), default=10)

@@ -1,0 +1,270 @@
+"""Webhook persistence on both stores, the group commit and the delivery worker's schedule.
+
+SQLite on a temp file and PostgreSQL on a fresh database; the worker runs in process against a
+real handler with an injected clock, so schedules are checked by value, not by waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from apigate.outbound import HttpClient
+from apigate.store import Store, open_store
+from apigate.store.base import DeliveryOutcome, NewWebhookEvent, WebhookEventQuery
+from apigate.webhooks.config import HttpDestinationConfig, RetryConfig
+from apigate.webhooks.delivery import DeliveryWorker, Lane
+from apigate.webhooks.destinations.http import HttpDestination, retry_after
+from apigate.webhooks.groupcommit import GroupCommit
+from apigate.webhooks.signing import Signer, new_secret
+from tests.support.pg import fresh_database
+from tests.support.webhook_handler import WebhookHandler
+
+T = TypeVar("T")
+Run = Callable[[Coroutine[Any, Any, T]], T]
+NOW = 1_900_000_000.0
+
+
+@pytest.fixture
+def run() -> Iterator[Run]:
+    with asyncio.Runner() as runner:
+        yield runner.run
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, run: Run) -> Iterator[Store]:
+    if request.param == "sqlite":
+        opened = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+        run(opened.open())
+        yield opened
+        run(opened.close())
+        return
+    with fresh_database() as url:
+        opened = open_store(url)
+        run(opened.open())
+        yield opened
+        run(opened.close())
+
+
+def event(
+    event_id: str, destinations: Sequence[str] = ("a",), received_at: float = NOW, **kw: Any
+) -> NewWebhookEvent:
+    return NewWebhookEvent(
+        source=kw.get("source", "src"),
+        event_id=event_id,
+        event_type=kw.get("event_type", "thing.happened"),
+        received_at=received_at,
+        headers=(("content-type", "application/json"), ("x-tag", "é")),
+        body=b'{"n":1}',
+        destinations=tuple(destinations),
+        first_due=received_at,
+    )
+
+
+def outcome(
+    delivery_id: int, attempt: int, state: str, status: int | None = 200, next_at: float = NOW
+) -> DeliveryOutcome:
+    return DeliveryOutcome(delivery_id, attempt, NOW, 0.01, status, None, state, next_at)
+
+
+# -- store ------------------------------------------------------------------------------------------
+
+
+def test_events_are_deduplicated_per_source_within_and_across_batches(store: Store, run: Run) -> None:
+    assert run(store.add_webhook_events([event("e1"), event("e2"), event("e1")])) == [True, True, False]
+    assert run(store.add_webhook_events([event("e1"), event("e1", source="other")])) == [False, True]
+    assert len(run(store.list_webhook_events(WebhookEventQuery()))) == 3
+
+
+def test_claims_count_the_attempt_and_hold_a_lease(store: Store, run: Run) -> None:
+    run(store.add_webhook_events([event("e1", ("a", "b")), event("e2", ("a",))]))
+    claims = run(store.claim_webhook_deliveries("a", 10, NOW, NOW + 30))
+    assert [(c.event_id, c.attempt, c.body) for c in claims] == [("e1", 1, b'{"n":1}'), ("e2", 1, b'{"n":1}')]
+    assert claims[0].headers == (("content-type", "application/json"), ("x-tag", "é"))
+    assert run(store.claim_webhook_deliveries("a", 10, NOW + 29, NOW + 60)) == []  # leased
+    again = run(store.claim_webhook_deliveries("a", 10, NOW + 31, NOW + 60))  # the claimer died
+    assert [c.attempt for c in again] == [2, 2]
+    # The first claimer's late outcome records its attempt but does not move the delivery on.
+    run(store.record_webhook_outcomes([outcome(claims[0].delivery_id, 1, "delivered")]))
+    detail = run(store.get_webhook_event("src", "e1"))
+    assert detail is not None
+    delivery = next(d for d in detail.deliveries if d.destination == "a")
+    assert (delivery.state, [a.attempt for a in delivery.attempt_log]) == ("pending", [1])
+    run(store.record_webhook_outcomes([outcome(again[0].delivery_id, 2, "delivered")]))
+    run(store.record_webhook_outcomes([outcome(again[1].delivery_id, 2, "dead", 500)]))
+    states = {s.event_id: s.state for s in run(store.list_webhook_events(WebhookEventQuery()))}
+    assert states == {"e1": "pending", "e2": "dead"}  # e1 still waits for destination b
+
+
+def test_listing_replay_and_purge(store: Store, run: Run) -> None:
+    run(store.add_webhook_events([event("old", received_at=NOW - 100), event("new"), event("none", ())]))
+    claims = run(store.claim_webhook_deliveries("a", 10, NOW, NOW + 30))
+    by_id = {c.event_id: c for c in claims}
+    run(store.record_webhook_outcomes([outcome(by_id["old"].delivery_id, 1, "dead", 500)]))
+    run(store.record_webhook_outcomes([outcome(by_id["new"].delivery_id, 1, "pending", 503, NOW + 1000)]))
+    listed = run(store.list_webhook_events(WebhookEventQuery()))
+    assert [(s.event_id, s.state) for s in listed] == [
+        ("none", "filtered"),
+        ("new", "pending"),
+        ("old", "dead"),
+    ]
+    assert [s.event_id for s in run(store.list_webhook_events(WebhookEventQuery(state="dead")))] == ["old"]
+    assert run(store.list_webhook_events(WebhookEventQuery(received_before=NOW - 50)))[0].event_id == "old"
+    assert run(store.list_webhook_events(WebhookEventQuery(event_type="other"))) == []
+
+    assert run(store.replay_webhook_events(WebhookEventQuery(state="dead"), NOW + 40)) == 1
+    replayed = run(store.claim_webhook_deliveries("a", 10, NOW + 40, NOW + 70))
+    # The numbering goes on; the retry schedule starts again at its first step.
+    assert [(c.event_id, c.attempt, c.schedule_step) for c in replayed] == [("old", 2, 1)]
+
+    # Purge removes what is done and older than the cut; pending work is never purged.
+    run(store.record_webhook_outcomes([outcome(replayed[0].delivery_id, 2, "delivered")]))
+    assert run(store.purge_webhook_events(NOW + 1)) == 2  # "old" (delivered) and "none" (filtered)
+    assert [s.event_id for s in run(store.list_webhook_events(WebhookEventQuery()))] == ["new"]
+    assert run(store.add_webhook_events([event("old")])) == [True]  # its id may come again
+
+
+def test_delivery_lease_has_one_holder_until_it_expires(store: Store, run: Run) -> None:
+    assert run(store.take_lease("delivery", "p1", NOW, NOW + 10))
+    assert not run(store.take_lease("delivery", "p2", NOW + 5, NOW + 15))
+    assert run(store.take_lease("delivery", "p1", NOW + 5, NOW + 15))  # renewal
+    assert run(store.take_lease("delivery", "p2", NOW + 15, NOW + 25))  # p1 stopped renewing
+
+
+# -- group commit -----------------------------------------------------------------------------------
+
+
+def test_events_arriving_during_a_commit_share_the_next_one(store: Store, run: Run) -> None:
+    groups: list[int] = []
+
+    async def commit(items: Sequence[NewWebhookEvent]) -> list[bool]:
+        groups.append(len(items))
+        return await store.add_webhook_events(items)
+
+    async def scenario() -> list[bool]:
+        writer: GroupCommit[NewWebhookEvent, bool] = GroupCommit(commit)
+        first = writer.submit(event("e0"))
+        await asyncio.sleep(0)  # the first commit is now in flight
+        rest = [writer.submit(event(f"e{n % 150}")) for n in range(1, 200)]
+        return [await first, *await asyncio.gather(*rest)]
+
+    results = run(scenario())
+    assert results.count(True) == 150 and results.count(False) == 50
+    assert groups == [1, 199]  # everything that arrived during the first commit shared the second
+
+
+def test_a_failed_commit_fails_every_item_of_its_group(run: Run) -> None:
+    async def commit(items: Sequence[int]) -> list[int]:
+        raise OSError("disk full")
+
+    async def scenario() -> list[Any]:
+        writer: GroupCommit[int, int] = GroupCommit(commit)
+        return await asyncio.gather(*(writer.submit(n) for n in range(5)), return_exceptions=True)
+
+    assert all(isinstance(result, OSError) for result in run(scenario()))
+
+
+# -- delivery worker --------------------------------------------------------------------------------
+
+
+def test_retry_after_and_jitter_shape_the_next_attempt(store: Store, run: Run) -> None:
+    handler = WebhookHandler(status=503, retry_after="120").start()
+    clock = [NOW]
+    try:
+
+        async def scenario() -> None:
+            client = HttpClient()
+            destination = HttpDestination(HttpDestinationConfig(url=handler.url, timeout=2), client)
+            worker = DeliveryWorker(store, Signer(new_secret()), 0.05, lambda: clock[0], lambda: 1.0)
+            retry = RetryConfig(schedule=[0, 60, 300], jitter=0.5)
+            worker.configure({"a": Lane(destination, retry, concurrency=1)}, {})
+            await store.add_webhook_events([event("e1")])
+            worker.start()
+            try:
+                await _wait_for_attempts(store, "e1", 1)
+                # Retry-After 120 s is more than the schedule's 60 s, and wins.
+                assert (await _next_at(store, "e1")) == NOW + 120
+                handler.retry_after = None
+                clock[0] = NOW + 120
+                worker.wake()
+                await _wait_for_attempts(store, "e1", 2)
+                # No Retry-After: the schedule's 300 s, stretched by the largest jitter (x1.5).
+                assert (await _next_at(store, "e1")) == NOW + 120 + 450
+            finally:
+                await worker.stop()
+                await client.close()
+
+        run(scenario())
+    finally:
+        handler.stop()
+
+
+def test_a_replayed_dead_letter_gets_the_whole_schedule_again(store: Store, run: Run) -> None:
+    handler = WebhookHandler(status=503).start()
+    clock = [NOW]
+    try:
+
+        async def scenario() -> None:
+            client = HttpClient()
+            destination = HttpDestination(HttpDestinationConfig(url=handler.url, timeout=2), client)
+            worker = DeliveryWorker(store, Signer(new_secret()), 0.05, lambda: clock[0], lambda: 0.5)
+            retry = RetryConfig(schedule=[0, 60], jitter=0)
+            worker.configure({"a": Lane(destination, retry, concurrency=1)}, {})
+            await store.add_webhook_events([event("e1")])
+            worker.start()
+
+            async def fail_through_the_schedule(attempts: int) -> None:
+                await _wait_for_attempts(store, "e1", attempts - 1)
+                assert (await _next_at(store, "e1")) == clock[0] + 60
+                clock[0] += 60
+                worker.wake()
+                await _wait_for_attempts(store, "e1", attempts)
+                assert (await _state(store, "e1")) == "dead"
+
+            try:
+                await fail_through_the_schedule(2)
+                assert await store.replay_webhook_events(WebhookEventQuery(event_id="e1"), clock[0]) == 1
+                worker.wake()
+                await fail_through_the_schedule(4)  # two more attempts, not one
+                assert [a.attempt for a in await _attempts(store, "e1")] == [1, 2, 3, 4]
+            finally:
+                await worker.stop()
+                await client.close()
+
+        run(scenario())
+    finally:
+        handler.stop()
+
+
+async def _wait_for_attempts(store: Store, event_id: str, count: int) -> None:
+    async with asyncio.timeout(10):
+        while len(await _attempts(store, event_id)) < count:
+            await asyncio.sleep(0.02)
+
+
+async def _state(store: Store, event_id: str) -> str:
+    detail = await store.get_webhook_event("src", event_id)
+    assert detail is not None
+    return detail.deliveries[0].state
+
+
+async def _attempts(store: Store, event_id: str) -> list[Any]:
+    detail = await store.get_webhook_event("src", event_id)
+    return [] if detail is None else list(detail.deliveries[0].attempt_log)
+
+
+async def _next_at(store: Store, event_id: str) -> float:
+    detail = await store.get_webhook_event("src", event_id)
+    assert detail is not None
+    return detail.deliveries[0].next_at
+
+
+def test_retry_after_reads_seconds_and_dates() -> None:
+    assert retry_after(b"30", NOW) == 30.0
+    assert retry_after(b"Wed, 21 Oct 2015 07:28:00 GMT", 1445412480.0 - 10) == 10.0
+    assert retry_after(b"soon", NOW) is None
+    assert retry_after(b"999999999", NOW) == 86400.0
