@@ -90,6 +90,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 "target": url,
                 "headers": {"X-Api-Key": API_KEY},
                 "policies": {"headers": {"request": {"set": {"X-Upstream-Token": UPSTREAM_TOKEN}}}},
+            },
+            {
+                "name": "unconfigured",
+                "path": "/unconfigured",
+                "target": url,
                 "auth": "jwt",
                 "rate_limit": "100/min",
                 "cache": "60s",
@@ -243,15 +248,26 @@ def test_routes_lists_routes_with_secrets_masked_and_inactive_shorthands(env: En
     assert API_KEY.encode() not in response.body
     assert UPSTREAM_TOKEN.encode() not in response.body
     routes = {item["name"]: item for item in response.json()["routes"]}
-    assert len(routes) == 21
+    assert len(routes) == 22
     assert routes["user"]["path"] == "/r/users/{id}"
     assert routes["user"]["rewrite"] == "/echo/user/{id}"
     secretive = routes["secretive"]
     assert secretive["headers"] == {"x-api-key": "***"}
     assert secretive["policies"]["headers"]["request"]["set"] == {"X-Upstream-Token": "***"}
-    assert secretive["inactive"] == ["auth: jwt", "rate_limit: 100/min", "cache: 60s"]
+    assert routes["unconfigured"]["inactive"] == ["auth: jwt", "rate_limit: 100/min", "cache: 60s"]
     assert "inactive" not in routes["exact"]
     assert routes["exact"]["policies"]["headers"]["response"]["set"] == {"X-Route": "exact"}
+
+
+def test_a_route_whose_auth_shorthand_is_not_active_refuses_requests(env: Env) -> None:
+    before = len(env.upstream.requests)
+    response = get(env.port, "/unconfigured")
+    assert response.status == 503
+    payload = response.json()
+    assert payload["reason"] == "auth_not_configured"
+    assert "auth: jwt" in payload["error"]
+    assert payload["request_id"] == response.header("x-request-id")
+    assert len(env.upstream.requests) == before
 
 
 def test_secret_header_condition_still_routes(env: Env) -> None:

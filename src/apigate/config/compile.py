@@ -9,6 +9,7 @@ reference; requests already running keep the snapshot they started with.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import ssl
 from collections.abc import Callable
@@ -28,9 +29,23 @@ if TYPE_CHECKING:
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+
+def _auth_shorthand(value: str) -> tuple[str, dict[str, Any]]:
+    """``auth: jwt`` names a policy; the seed's webhook schemes name a preset and its secret's variable."""
+    from apigate.webhooks.verify import shorthand_scheme
+
+    try:
+        scheme = shorthand_scheme(value, os.environ)
+    except ValueError:
+        return ("webhook-verify", {})  # the secret's variable is unset: not active (fails closed)
+    if scheme is None:
+        return (value.replace("_", "-"), {})
+    return ("webhook-verify", {"verify": scheme.model_dump()})
+
+
 # The seed's route shorthands and the policy each one stands for.
 SHORTHANDS: dict[str, Callable[[str], tuple[str, dict[str, Any]]]] = {
-    "auth": lambda value: (value.replace("_", "-"), {}),
+    "auth": _auth_shorthand,
     "rate_limit": lambda value: ("rate-limit", {"limit": value}),
     "cache": lambda value: ("cache", {"ttl": value}),
 }
@@ -163,6 +178,12 @@ def _policy_chain(
             raw[name] = cfg
         else:
             inactive.append(f"{key}: {value}")  # no such policy yet, or it needs settings (jwt: keys)
+            if key == "auth":  # a route meant to be authenticated is closed, never served open
+                raw["request-termination"] = {
+                    "status": 503,
+                    "reason": "auth_not_configured",
+                    "message": f"auth: {value} is not configured on this route",
+                }
     policies = sorted(
         (build_policy(name, cfg, services) for name, cfg in raw.items()), key=lambda p: (p.order, p.name)
     )

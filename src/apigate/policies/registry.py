@@ -23,6 +23,8 @@ BUILTIN = (
     "apigate.policies.oauth2_introspection",
     "apigate.policies.oauth2_token",
     "apigate.policies.authorize",
+    "apigate.policies.request_termination",
+    "apigate.policies.webhook_verify",
     "apigate.webhooks.ingest",
 )
 
