@@ -229,6 +229,29 @@ def test_redis_outage_raises_unavailable_and_the_subscription_resumes(tmp_path: 
         server.stop()
 
 
+def test_an_error_reply_is_unavailable_too(tmp_path: Path, run: Run) -> None:
+    """A full Redis (or a read-only replica after a failover) answers with an error, not a lost link."""
+    server = RedisServer(tmp_path / "redis").start()
+    state = RedisState(server.url)
+
+    async def scenario() -> None:
+        await state.open()
+        assert await state.add_if_absent("before", 10) is True
+        await state.client.config_set("maxmemory", "1")  # noeviction: every write is now refused
+        try:
+            with pytest.raises(StateUnavailable, match="maxmemory"):
+                await state.add_if_absent("after", 10)
+        finally:
+            await state.client.config_set("maxmemory", "0")
+        assert await state.add_if_absent("after", 10) is True
+        await state.close()
+
+    try:
+        run(scenario())
+    finally:
+        server.stop()
+
+
 # -- memory specifics ---------------------------------------------------------------------------------
 def test_memory_drops_expired_keys_and_stays_within_max_keys() -> None:
     clock = FakeClock()

@@ -22,6 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from apigate.state.base import (
@@ -44,6 +45,9 @@ HEALTH_CHECK_EVERY = 10.0
 RETRY_FIRST_DELAY = 0.2
 RETRY_MAX_DELAY = 5.0
 _LOST = (RedisConnectionError, RedisTimeoutError, OSError)
+# What makes an operation unanswerable: a lost connection, and also an error reply (a read-only
+# replica after a failover, OOM): callers get StateUnavailable and decide (503), never a 500.
+_UNANSWERED = (RedisError, OSError)
 
 
 def describe(url: str) -> str:
@@ -56,7 +60,7 @@ def describe(url: str) -> str:
 def _unavailable_on_loss(where: str) -> Iterator[None]:
     try:
         yield
-    except _LOST as exc:
+    except _UNANSWERED as exc:
         raise StateUnavailable(f"Redis at {where}: {type(exc).__name__}: {exc}") from exc
 
 
