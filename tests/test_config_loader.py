@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -518,3 +520,16 @@ def test_alias_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     lines += [f"p{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
     found = problems(tmp_path, "\n".join(lines) + "\n")
     assert found == [(1, "(top level)", "document expands to too many values (aliases?)")]
+
+
+def test_every_builtin_policy_is_known_even_after_one_was_imported_alone() -> None:
+    # A fresh interpreter: the registry is process-wide.
+    code = (
+        "import apigate.policies.jwt\n"
+        "from apigate.policies.registry import BUILTIN, registry\n"
+        "print(len(registry()), 'oauth2-token' in registry(), 'headers' in registry())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    count, has_token, has_headers = out.split()
+    assert has_token == "True" and has_headers == "True"
+    assert int(count) >= 10

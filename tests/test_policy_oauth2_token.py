@@ -94,25 +94,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 {
                     "path": "/api/*",
                     "target": upstream.url,
-                    "policies": {
-                        "jwt": {
-                            "algorithms": ["HS256"],
-                            "secret": SECRET,
-                            "issuer": ISSUER,
-                            "audience": "orders-api",
-                        }
-                    },
+                    "policies": {"jwt": {"algorithms": ["HS256"], **hs}},
                 },
                 {
                     "path": "/orders/*",
                     "target": upstream.url,
                     "policies": {
-                        "jwt": {
-                            "algorithms": ["HS256"],
-                            "secret": SECRET,
-                            "issuer": ISSUER,
-                            "audience": "orders-api",
-                        },
+                        "jwt": {"algorithms": ["HS256"], **hs},
                         "authorize": {"scopes": ["orders:write"], "groups": ["robots"], "tenants": ["acme"]},
                     },
                 },

@@ -17,12 +17,13 @@ import time
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from tests.support.threaded_server import JsonHandler, ThreadedServer
 
 try:
     import joserfc.jwk as _jose_jwk
@@ -147,15 +148,13 @@ def claims(**overrides: Any) -> dict[str, Any]:
 
 # -- the JWKS / OIDC server --------------------------------------------------------------------------
 @dataclass
-class JwksServer:
+class JwksServer(ThreadedServer):
     """Serves ``{prefix}/jwks.json`` and ``{prefix}/.well-known/openid-configuration`` on 127.0.0.1."""
 
     prefix: str = "/realms/test"
     keys: list[dict[str, Any]] = field(default_factory=list)
     fetches: dict[str, int] = field(default_factory=dict)
     port: int = 0
-    _server: ThreadingHTTPServer | None = None
-    _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -184,41 +183,17 @@ class JwksServer:
     def start(self) -> JwksServer:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def do_GET(self) -> None:
                 with server._lock:
                     server.fetches[self.path] = server.fetches.get(self.path, 0) + 1
                     keys = list(server.keys)
                 if self.path == f"{server.prefix}/jwks.json":
-                    self._send(200, {"keys": keys})
+                    self.send_json(200, {"keys": keys})
                 elif self.path == f"{server.prefix}/.well-known/openid-configuration":
-                    self._send(200, {"issuer": server.issuer, "jwks_uri": server.jwks_url})
+                    self.send_json(200, {"issuer": server.issuer, "jwks_uri": server.jwks_url})
                 else:
-                    self._send(404, {"error": "not found"})
+                    self.send_json(404, {"error": "not found"})
 
-            def _send(self, status: int, payload: Any) -> None:
-                body = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self.listen(Handler)
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None

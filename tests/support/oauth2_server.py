@@ -10,27 +10,24 @@ the calls per token; ``delay`` holds every answer back (to make concurrent calle
 from __future__ import annotations
 
 import base64
-import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote
+
+from tests.support.threaded_server import JsonHandler, ThreadedServer
 
 CLIENT_ID = "gateway:client"  # a colon, which RFC 6749 §2.3.1 form-encoding must carry through
 CLIENT_SECRET = "s3cret/with+special chars"
 
 
-class IntrospectionServer:
+class IntrospectionServer(ThreadedServer):
     def __init__(self) -> None:
         self.answers: dict[str, dict[str, Any] | bytes] = {}
         self.calls: dict[str, int] = {}
         self.forms: list[dict[str, list[str]]] = []
         self.delay = 0.0
-        self.port = 0
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -68,17 +65,17 @@ class IntrospectionServer:
     def start(self) -> IntrospectionServer:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as real authorization servers do
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 form = parse_qs(self.rfile.read(length).decode(), keep_blank_values=True)
                 if self.path != "/oauth2/introspect":
-                    self._json(404, {"error": "not_found"})
+                    self.send_json(404, {"error": "not_found"})
                     return
                 if not _client_authenticated(self.headers.get("authorization")):
-                    self._json(401, {"error": "invalid_client"})
+                    self.send_json(401, {"error": "invalid_client"})
                     return
                 token = (form.get("token") or [""])[0]
                 with server._lock:
@@ -92,34 +89,10 @@ class IntrospectionServer:
                     self.wfile.write(answer)
                     self.close_connection = True
                 else:
-                    self._json(200, answer)
+                    self.send_json(200, answer)
 
-            def _json(self, status: int, payload: Any) -> None:
-                body = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self.listen(Handler)
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
 
 
 def _client_authenticated(authorization: str | None) -> bool:

@@ -38,8 +38,15 @@ def register(cls: type[Policy]) -> type[Policy]:
     return cls
 
 
+_builtins_loaded = False
+
+
 def registry() -> dict[str, type[Policy]]:
-    if not _registry:
+    # A flag, not "is it empty": importing one policy module on its own registers that policy
+    # alone, and the other built-ins must still load.
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
         for module in BUILTIN:
             importlib.import_module(module)
     return _registry

@@ -28,7 +28,6 @@ import time
 import weakref
 from collections.abc import Coroutine
 from pathlib import Path
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import unquote_to_bytes
 
@@ -39,14 +38,18 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from apigate.config.headernames import HEADER_NAME, check_header_name
 from apigate.config.models import check_http_url
 from apigate.config.units import ByteSize, Duration
-from apigate.engine.exchange import Reply, json_reply
+from apigate.engine.exchange import Reply
 from apigate.policies.authconfig import AuthConfig
 from apigate.policies.base import Policy, PolicyConfig
-from apigate.policies.claims import NOT_FOR_TOKENS as _NOT_FOR_TOKENS
-from apigate.policies.claims import check_forward_claims
-from apigate.policies.claims import claim_header_value as _header_value
-from apigate.policies.claims import claim_names as _names
-from apigate.policies.claims import claim_text as _text
+from apigate.policies.claims import (
+    NOT_FOR_TOKENS,
+    BearerRefusals,
+    ClaimForwarding,
+    check_forward_claims,
+    claim_text,
+    claim_vars,
+    remember_token,
+)
 from apigate.policies.jwt.keys import (
     ALGORITHMS,
     HMAC_MIN_BYTES,
@@ -157,7 +160,7 @@ class JwtConfig(AuthConfig):
     @field_validator("header")
     @classmethod
     def _header(cls, name: str) -> str:
-        return check_header_name(name, "carry a token", _NOT_FOR_TOKENS)
+        return check_header_name(name, "carry a token", NOT_FOR_TOKENS)
 
     @field_validator("cookie", "query_param")
     @classmethod
@@ -315,12 +318,7 @@ class JwtPolicy(Policy):
         # Per instance: only a config that checks the runtime denylist (kept by the consumer
         # registry) makes the gateway open the store.
         self.needs = frozenset({"consumers"}) if config.check_revoked else frozenset()  # type: ignore[misc]
-        self._forward = [(claim, header.lower().encode()) for claim, header in config.forward_claims.items()]
-        drop = {header for _, header in self._forward}
-        if config.strip_credential:
-            drop.add(self._header)
-        self._drop = frozenset(drop)
-        self._forwarded = frozenset(header for _, header in self._forward)
+        self._forwarding = ClaimForwarding(config.forward_claims, self._header, config.strip_credential)
         self._required = config.required
         issuer = config.issuer if config.issuer is not None else config.issuer_discovery
         audience = config.audience
@@ -331,12 +329,9 @@ class JwtPolicy(Policy):
             "leeway": config.leeway,
         }
         self._leeway = config.leeway
-        realm = config.realm
-        self.challenge = f'Bearer realm="{realm}"'.encode()
-        self._challenge_missing = [(b"www-authenticate", self.challenge)]
-        self._challenge_invalid = [
-            (b"www-authenticate", f'Bearer realm="{realm}", error="invalid_token"'.encode())
-        ]
+        refusals = BearerRefusals(config.realm, _REASONS)
+        self.challenge = refusals.challenge
+        self._reject = refusals.reply
 
     # -- the request hook ----------------------------------------------------------------------------
     def check(self, exchange: Exchange) -> Reply | Coroutine[Any, Any, Reply | None] | None:
@@ -385,9 +380,7 @@ class JwtPolicy(Policy):
         if token is None or cache_key is None:
             if self._required:
                 return self._reject(exchange, "missing_token")
-            if self._forward:  # no token: claim headers a client sent must not reach the upstream
-                forwarded = self._forwarded
-                exchange.headers = [pair for pair in exchange.headers if pair[0] not in forwarded]
+            self._forwarding.drop_client_claims(exchange)
             return None
         if source != "header":
             entry = self._cache.get(cache_key)
@@ -481,10 +474,7 @@ class JwtPolicy(Policy):
             if refusal is not None:
                 return refusal
         if self._cache_size and entry.expires > _now():
-            cache = self._cache
-            if len(cache) >= self._cache_size:
-                del cache[next(iter(cache))]  # the oldest entry (dicts keep insertion order)
-            cache[cache_key] = entry
+            remember_token(self._cache, cache_key, entry, self._cache_size)
         self._admit(exchange, entry, source)
         return None
 
@@ -494,20 +484,13 @@ class JwtPolicy(Policy):
             expires = int(claims["exp"]) + self._leeway if "exp" in claims else float("inf")
         except (TypeError, ValueError, OverflowError):
             expires = 0.0  # not cacheable; PyJWT has already judged the token itself
-        consumer = _text(claims.get(config.consumer_claim)) if config.consumer_claim else None
-        tenant = _text(claims.get(config.tenant_claim)) if config.tenant_claim else None
-        forward = []
-        for claim, header in self._forward:
-            value = _header_value(claims.get(claim))
-            if value is not None:
-                forward.append((header, value))
-        variables = {
-            "claims": MappingProxyType(claims),
-            "scopes": _names(claims.get("scope")) | _names(claims.get("scp")),
-            "roles": _names(claims.get("roles")),
-        }
+        consumer = claim_text(claims.get(config.consumer_claim)) if config.consumer_claim else None
+        tenant = claim_text(claims.get(config.tenant_claim)) if config.tenant_claim else None
+        forward = self._forwarding.header_values(claims)
         jti = claims.get("jti") if self._check_revoked else None
-        return _Entry(expires, consumer, tenant, variables, forward, jti if isinstance(jti, str) else None)
+        return _Entry(
+            expires, consumer, tenant, claim_vars(claims), forward, jti if isinstance(jti, str) else None
+        )
 
     def _revocation_refusal(self, exchange: Exchange, jti: str) -> Reply | None:
         """A Reply if the token's jti is revoked at runtime, or if the denylist is not loaded."""
@@ -530,16 +513,7 @@ class JwtPolicy(Policy):
     def _admit(self, exchange: Exchange, entry: _Entry, source: str = "header") -> None:
         exchange.consumer = entry.consumer
         exchange.tenant = entry.tenant
-        state = exchange.state
-        if state is None:
-            exchange.state = entry.vars.copy()
-        else:
-            state.update(entry.vars)
-        drop = self._drop
-        if drop:
-            headers = [pair for pair in exchange.headers if pair[0] not in drop]
-            headers += entry.forward
-            exchange.headers = headers
+        self._forwarding.admit(exchange, entry.vars, entry.forward)
         if source != "header" and self.config.strip_credential:
             if source == "cookie":
                 self._strip_cookie(exchange)
@@ -584,15 +558,3 @@ class JwtPolicy(Policy):
             p for p in exchange.query.split(b"&") if p and unquote_to_bytes(p.partition(b"=")[0]) != wanted
         ]
         exchange.query = b"&".join(kept)
-
-    # -- answers --------------------------------------------------------------------------------------------
-    def _reject(self, exchange: Exchange, reason: str) -> Reply:
-        status, message = _REASONS[reason]
-        if status == 503:
-            headers = [(b"retry-after", b"5")]
-        elif reason == "missing_token":
-            headers = self._challenge_missing
-        else:
-            headers = self._challenge_invalid
-        payload = {"error": message, "reason": reason, "request_id": exchange.request_id}
-        return json_reply(status, payload, headers)

@@ -39,16 +39,18 @@ from pydantic import Field, SecretStr, field_validator
 from apigate.config.headernames import check_header_name
 from apigate.config.models import check_http_url
 from apigate.config.units import ByteSize, Duration
-from apigate.engine.exchange import Reply, json_reply
+from apigate.engine.exchange import Reply
 from apigate.outbound import HttpClient, OutboundError, default_tls_context
 from apigate.policies.authconfig import AuthConfig
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.claims import (
     NOT_FOR_TOKENS,
+    BearerRefusals,
+    ClaimForwarding,
     check_forward_claims,
-    claim_header_value,
     claim_text,
     claim_vars,
+    remember_token,
 )
 from apigate.policies.registry import register
 
@@ -172,7 +174,9 @@ class _Introspector:
             (b"Content-Type", b"application/x-www-form-urlencoded"),
             (b"Accept", b"application/json"),
         ]
-        self.forward = [(claim, header.lower().encode()) for claim, header in config.forward_claims.items()]
+        self.forwarding = ClaimForwarding(
+            config.forward_claims, config.header.lower().encode(), config.strip_credential
+        )
 
     def cached(self, token: bytes) -> _Answer | None:
         answer = self.cache.get(token)
@@ -224,10 +228,7 @@ class _Introspector:
             raise _Unavailable("introspection_failed", 'the response has no boolean "active"')
         answer = self._judge(document)
         if config.cache_size and answer.until > self.clock():
-            cache = self.cache
-            if len(cache) >= config.cache_size:
-                del cache[next(iter(cache))]  # the oldest entry (dicts keep insertion order)
-            cache[token] = answer
+            remember_token(self.cache, token, answer, config.cache_size)
         return answer
 
     def _judge(self, document: dict[str, Any]) -> _Answer:
@@ -243,11 +244,7 @@ class _Introspector:
             if exp <= now:  # an active answer for an expired token: the clocks disagree; trust exp
                 return _Answer(now + config.negative_cache_ttl, "token_expired")
             until = min(until, float(exp))
-        forward = []
-        for claim, header in self.forward:
-            value = claim_header_value(document.get(claim))
-            if value is not None:
-                forward.append((header, value))
+        forward = self.forwarding.header_values(document)
         tenant = claim_text(document.get(config.tenant_claim)) if config.tenant_claim else None
         return _Answer(until, None, document, claim_vars(document), forward, tenant)
 
@@ -281,15 +278,10 @@ class IntrospectionPolicy(Policy):
         self._required = config.required
         self._max_token = config.max_token_bytes
         self._consumer_claims = list(config.consumer_claims)
-        forwarded = {header for _, header in self.introspector.forward}
-        self._forwarded = frozenset(forwarded)
-        self._drop = frozenset(forwarded | {self._header}) if config.strip_credential else self._forwarded
-        realm = config.realm
-        self.challenge = f'Bearer realm="{realm}"'.encode()
-        self._challenge_missing = [(b"www-authenticate", self.challenge)]
-        self._challenge_invalid = [
-            (b"www-authenticate", f'Bearer realm="{realm}", error="invalid_token"'.encode())
-        ]
+        self._forwarding = self.introspector.forwarding
+        refusals = BearerRefusals(config.realm, _REASONS)
+        self.challenge = refusals.challenge
+        self._reject = refusals.reply
 
     # -- the request hook ------------------------------------------------------------------------------
     def on_request(self, exchange: Exchange) -> Reply | Coroutine[Any, Any, Reply | None] | None:
@@ -305,8 +297,7 @@ class IntrospectionPolicy(Policy):
                 return self._reject(exchange, "invalid_token")
             if self._required:
                 return self._reject(exchange, "missing_token")
-            if self._forwarded:  # no token: claim headers a client sent must not reach the upstream
-                exchange.headers = [pair for pair in exchange.headers if pair[0] not in self._forwarded]
+            self._forwarding.drop_client_claims(exchange)
             return None
         if len(token) > self._max_token:
             return self._reject(exchange, "token_too_large")
@@ -345,15 +336,7 @@ class IntrospectionPolicy(Policy):
         if caller is None:
             return self._reject(exchange, "invalid_token")  # the token's consumer is disabled
         exchange.consumer, exchange.tenant = caller
-        state = exchange.state
-        if state is None:
-            exchange.state = answer.vars.copy()
-        else:
-            state.update(answer.vars)
-        if self._drop:
-            headers = [pair for pair in exchange.headers if pair[0] not in self._drop]
-            headers += answer.forward
-            exchange.headers = headers
+        self._forwarding.admit(exchange, answer.vars, answer.forward)
         return None
 
     def _caller(self, answer: _Answer) -> tuple[Any, str | None] | None:
@@ -370,18 +353,6 @@ class IntrospectionPolicy(Policy):
                 return None if consumer.disabled else (consumer, consumer.tenant)
             fallback = fallback or value
         return fallback, answer.tenant
-
-    # -- answers -------------------------------------------------------------------------------------------
-    def _reject(self, exchange: Exchange, reason: str) -> Reply:
-        status, message = _REASONS[reason]
-        if status == 503:
-            headers = [(b"retry-after", b"5")]
-        elif reason == "missing_token":
-            headers = self._challenge_missing
-        else:
-            headers = self._challenge_invalid
-        payload = {"error": message, "reason": reason, "request_id": exchange.request_id}
-        return json_reply(status, payload, headers)
 
 
 def _other_scheme(value: bytes) -> bool:
