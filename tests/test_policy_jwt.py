@@ -83,7 +83,7 @@ def gateway(shared_upstream, jwks, pem_key, tmp_path_factory):
                     "public_key": pem_key.public_pem,
                     "required_claims": ["exp", "sub"],
                     "forward_claims": {"sub": "X-User-ID", "tenant": "X-Tenant-ID", "scope": "X-Scopes"},
-                    "denied_jti": ["revoked-1"],
+                    "denied_jti": ["revoked-1", "12345"],  # a numeric jti must not dodge "12345"
                     **claims_checks,
                 },
             ),
@@ -219,6 +219,8 @@ def _tamper_signature(token: str) -> str:
         ("missing_sub", "missing_claim"),
         ("missing_exp", "missing_claim"),
         ("revoked_jti", "token_revoked"),
+        ("numeric_jti", "invalid_token"),  # RFC 7519: a string; PyJWT >= 2.10 refuses other types
+        ("jti_of_another_type", "invalid_token"),
     ],
 )
 def test_invalid_tokens_are_refused_with_a_reason(gateway, pem_key, case, reason):
@@ -235,6 +237,8 @@ def test_invalid_tokens_are_refused_with_a_reason(gateway, pem_key, case, reason
         "missing_sub": lambda: pem_key.sign(good(sub=None)),
         "missing_exp": lambda: pem_key.sign(good(exp=None)),
         "revoked_jti": lambda: pem_key.sign(good(jti="revoked-1")),
+        "numeric_jti": lambda: pem_key.sign(good(jti=12345)),
+        "jti_of_another_type": lambda: pem_key.sign(good(jti=["revoked-1"])),
     }[case]()
     assert_rejected(call(gateway.port, "/pem/echo", token), reason, token)
 
