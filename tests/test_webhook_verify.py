@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
+import orjson
 import pytest
 import standardwebhooks
 import stripe
@@ -37,6 +38,7 @@ from apigate.webhooks.verify import (
     build_verifier,
     shorthand_scheme,
 )
+from apigate.webhooks.verify.common import MAX_EVENT_ID_CHARS
 from apigate.webhooks.verify.standard import StandardWebhooksConfig
 from tests.support import webhook_vectors as vectors
 
@@ -648,6 +650,32 @@ def test_standard_webhooks_hmac_vector() -> None:
     # the secret works without its whsec_ prefix, as the standard's libraries accept it
     unprefixed = make_verifier(scheme="standard", secrets=[vectors.STANDARD_SECRET.removeprefix("whsec_")])
     assert unprefixed.verify(request).ok
+
+
+def test_the_event_id_is_the_signed_one_not_another_familys_header() -> None:
+    """A captured svix-* request resent with a made-up webhook-id must keep its signed id (dedupe)."""
+    verifier = make_verifier(scheme="standard", secrets=[vectors.STANDARD_SECRET])
+    svix = {
+        "svix-id": vectors.STANDARD_MSG_ID,
+        "svix-timestamp": str(vectors.STANDARD_TIMESTAMP),
+        "svix-signature": vectors.STANDARD_SIGNATURE,
+        "webhook-id": "attacker-chosen",
+    }
+    verdict = verifier.verify(make_request(svix, vectors.STANDARD_PAYLOAD, now=vectors.STANDARD_TIMESTAMP))
+    assert verdict.ok and verdict.event_id == vectors.STANDARD_MSG_ID
+
+
+@pytest.mark.parametrize(
+    "bad", ["evt\r\nx-injected: 1", "evt\x00", "évènement", "e" * (MAX_EVENT_ID_CHARS + 1)]
+)
+def test_an_id_unfit_for_a_header_is_replaced_by_its_hash_and_such_a_type_dropped(bad: str) -> None:
+    secret = "whsec_test_secret_for_ids"
+    body = orjson.dumps({"id": bad, "type": bad})
+    signed = sign_stripe(secret, body, NOW)
+    verdict = make_verifier(scheme="stripe", secrets=[secret]).verify(make_request(signed.headers, body))
+    assert verdict.ok
+    assert verdict.event_id == "sha256:" + hashlib.sha256(bad.encode()).hexdigest()
+    assert verdict.event_type is None
 
 
 def ed25519_public_key(private: Ed25519PrivateKey) -> str:

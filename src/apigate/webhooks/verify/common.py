@@ -316,10 +316,22 @@ def _configured_source(header: str | None, json_path: str | None) -> FieldSource
     return first_of(*sources) if sources else None
 
 
+def _printable(text: str) -> bool:
+    return text.isascii() and text.isprintable()
+
+
 def _bounded_id(event_id: str | None) -> str | None:
-    if event_id is None or len(event_id) <= MAX_EVENT_ID_CHARS:
+    """The id as stored and sent on in headers: a long or unprintable one is replaced by its hash."""
+    if event_id is None or (len(event_id) <= MAX_EVENT_ID_CHARS and _printable(event_id)):
         return event_id
     return "sha256:" + hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _bounded_type(event_type: str | None) -> str | None:
+    """A type goes into a header too: one that is long or unprintable is dropped, not sent."""
+    if event_type is None or (len(event_type) <= MAX_EVENT_ID_CHARS and _printable(event_type)):
+        return event_type
+    return None
 
 
 class SchemeVerifier(ABC):
@@ -342,7 +354,7 @@ class SchemeVerifier(ABC):
                 True,
                 Reason.OK,
                 event_id=_bounded_id(self._event_id(request, body)) if self._event_id else None,
-                event_type=self._event_type(request, body) if self._event_type else None,
+                event_type=_bounded_type(self._event_type(request, body)) if self._event_type else None,
             )
         except Refused as refused:
             return Verdict(False, refused.reason, refused.message)

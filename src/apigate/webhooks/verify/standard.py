@@ -27,8 +27,6 @@ from apigate.webhooks.verify.common import (
     SchemeVerifier,
     Timestamp,
     Tolerance,
-    first_of,
-    from_header,
     from_json,
     header_value,
     signed_bytes,
@@ -103,11 +101,22 @@ class StandardWebhooksConfig(SchemeBase):
         return StandardWebhooksVerifier(self)
 
 
+def _signed_family(request: WebhookRequest) -> tuple[str, str, str]:
+    """The header family that carries the signature; its id and timestamp are the signed ones."""
+    return next((family for family in FAMILIES if family[2] in request.headers), FAMILIES[0])
+
+
+def _signed_id(request: WebhookRequest, _body: BodyJson) -> str | None:
+    # The id of the family that was verified, never another family's unsigned header: otherwise a
+    # captured svix-* request could be replayed as new with a made-up webhook-id.
+    return request.headers.get(_signed_family(request)[0]) or None
+
+
 class StandardWebhooksVerifier(SchemeVerifier):
     def __init__(self, config: StandardWebhooksConfig) -> None:
         super().__init__(
             config,
-            event_id=first_of(from_header("webhook-id"), from_header("svix-id")),
+            event_id=_signed_id,
             event_type=from_json("type"),
         )
         self._hmac_keys = HmacKeys((signing_key(s.get_secret_value()) for s in config.secrets), "sha256")
@@ -115,9 +124,7 @@ class StandardWebhooksVerifier(SchemeVerifier):
         self._tolerance = config.tolerance
 
     def check(self, request: WebhookRequest, body: BodyJson) -> Verdict | None:
-        id_name, timestamp_name, signature_name = next(
-            (family for family in FAMILIES if family[2] in request.headers), FAMILIES[0]
-        )
+        id_name, timestamp_name, signature_name = _signed_family(request)
         value = header_value(request, (signature_name,), Reason.MISSING_SIGNATURE, Reason.MALFORMED_SIGNATURE)
         event_id = header_value(request, (id_name,), Reason.MISSING_ID, Reason.MISSING_ID)
         timestamp = Timestamp.from_header(request, timestamp_name)
