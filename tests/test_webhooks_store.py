@@ -7,6 +7,8 @@ real handler with an injected clock, so schedules are checked by value, not by w
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,6 +18,8 @@ import pytest
 from apigate.outbound import HttpClient
 from apigate.store import Store, open_store
 from apigate.store.base import DeliveryOutcome, NewWebhookEvent, WebhookEventQuery
+from apigate.store.sqlite import SqliteStore
+from apigate.webhooks import delivery
 from apigate.webhooks.config import HttpDestinationConfig, RetryConfig
 from apigate.webhooks.delivery import DeliveryWorker, Lane
 from apigate.webhooks.destinations.http import HttpDestination, retry_after
@@ -157,6 +161,46 @@ def test_events_arriving_during_a_commit_share_the_next_one(store: Store, run: R
     assert groups == [1, 199]  # everything that arrived during the first commit shared the second
 
 
+def test_an_exception_result_fails_only_its_own_item(run: Run) -> None:
+    async def commit(items: Sequence[int]) -> list[int | Exception]:
+        return [ValueError(n) if n == 2 else n for n in items]
+
+    async def scenario() -> list[Any]:
+        writer: GroupCommit[int, int] = GroupCommit(commit)
+        return await asyncio.gather(*(writer.submit(n) for n in range(4)), return_exceptions=True)
+
+    first, second, failed, last = run(scenario())
+    assert (first, second, last) == (0, 1, 3) and isinstance(failed, ValueError)
+
+
+def test_sqlite_webhook_writes_share_a_transaction_and_fail_alone(tmp_path: Path, run: Run) -> None:
+    path = tmp_path / "store.db"
+    store = SqliteStore(path)
+
+    def failing(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO webhook_leases (name, holder, expires_at) VALUES ('lost', 'p1', 0)")
+        raise ValueError("this write fails after its insert")
+
+    async def scenario() -> list[Any]:
+        await store.open()
+        try:
+            # Submitted in one turn of the loop, so one transaction takes all three.
+            return await asyncio.gather(
+                store.add_webhook_events([event("e1")]),
+                store._write_webhooks(failing),
+                store.take_lease("kept", "p1", NOW, NOW + 10),
+                return_exceptions=True,
+            )
+        finally:
+            await store.close()
+
+    added, failed, leased = run(scenario())
+    assert (added, leased) == ([True], True) and isinstance(failed, ValueError)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT name FROM webhook_leases").fetchall() == [("kept",)]
+        assert conn.execute("SELECT event_id FROM webhook_events").fetchall() == [("e1",)]
+
+
 def test_a_failed_commit_fails_every_item_of_its_group(run: Run) -> None:
     async def commit(items: Sequence[int]) -> list[int]:
         raise OSError("disk full")
@@ -238,6 +282,40 @@ def test_a_replayed_dead_letter_gets_the_whole_schedule_again(store: Store, run:
         run(scenario())
     finally:
         handler.stop()
+
+
+def test_while_intake_is_busy_a_lane_keeps_a_share_of_its_concurrency(
+    store: Store, run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delivery, "STOP_GRACE", 0.0)  # the held attempts are cut at the end
+    handler = WebhookHandler(delay=60).start()  # holds every attempt: slots stay taken
+    try:
+
+        async def scenario() -> None:
+            client = HttpClient()
+            destination = HttpDestination(HttpDestinationConfig(url=handler.url, timeout=90), client)
+            worker = DeliveryWorker(store, Signer(new_secret()), 0.05, lambda: NOW, intake_busy=lambda: True)
+            worker.configure({"a": Lane(destination, RetryConfig(), concurrency=8)}, {})
+            await store.add_webhook_events([event(f"e{n}") for n in range(8)])
+            worker.start()
+            try:
+                async with asyncio.timeout(10):
+                    while not await _claimed(store, 8):
+                        await asyncio.sleep(0.02)
+                # One claim took every slot the busy intake leaves, and none comes free meanwhile.
+                assert await _claimed(store, 8) == 8 // delivery.INTAKE_FIRST_SHARE
+            finally:
+                await worker.stop()
+                await client.close()
+
+        run(scenario())
+    finally:
+        handler.stop()
+
+
+async def _claimed(store: Store, events: int) -> int:
+    details = [await store.get_webhook_event("src", f"e{n}") for n in range(events)]
+    return sum(d is not None and d.deliveries[0].attempts > 0 for d in details)
 
 
 async def _wait_for_attempts(store: Store, event_id: str, count: int) -> None:

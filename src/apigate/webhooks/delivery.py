@@ -12,6 +12,9 @@ A claim counts the attempt before anything is sent, so an attempt cut short by a
 repeated under the same number: a handler that records ``webhook-id`` and the attempt number sees
 attempt 1 of an event at most once, and any repeat carries a higher number. Delivery is at least
 once; ``webhook-id`` is the key a handler de-duplicates on.
+
+Intake comes first: while events are being committed, each destination keeps only a share of its
+concurrency in flight, so a burst is acknowledged quickly and delivered just after.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from apigate.store.base import DeliveryClaim, DeliveryOutcome, Store
@@ -57,10 +60,7 @@ class Lane:
 
     def free_slots(self, now: float, share: int = 1) -> int:
         """Attempts to start now: within a 1/share part of the concurrency and the rate limit."""
-        limit = max(1, self.concurrency // share)
-        free = limit - self.in_flight
-        if free < (limit + 1) // 2:
-            return 0
+        free = max(1, self.concurrency // share) - self.in_flight
         if self.rate is None:
             return free
         count, per = self.rate
@@ -235,6 +235,6 @@ class DeliveryWorker:
             claim.delivery_id, claim.attempt, started, latency, result.status, result.error, state, next_at
         )
 
-    async def _record(self, outcomes: list[DeliveryOutcome]) -> list[None]:
+    async def _record(self, outcomes: Sequence[DeliveryOutcome]) -> list[None]:
         await self.store.record_webhook_outcomes(outcomes)
         return [None] * len(outcomes)
