@@ -24,6 +24,7 @@ from apigate.webhooks.config import HttpDestinationConfig, RetryConfig
 from apigate.webhooks.delivery import DeliveryWorker, Lane
 from apigate.webhooks.destinations.http import HttpDestination, retry_after
 from apigate.webhooks.groupcommit import GroupCommit
+from apigate.webhooks.runtime import kept_headers
 from apigate.webhooks.signing import Signer, new_secret
 from tests.support.pg import fresh_database
 from tests.support.webhook_handler import WebhookHandler
@@ -210,6 +211,53 @@ def test_a_failed_commit_fails_every_item_of_its_group(run: Run) -> None:
         return await asyncio.gather(*(writer.submit(n) for n in range(5)), return_exceptions=True)
 
     assert all(isinstance(result, OSError) for result in run(scenario()))
+
+
+def test_a_commit_with_the_wrong_number_of_results_fails_its_group_instead_of_hanging(run: Run) -> None:
+    async def commit(items: Sequence[int]) -> list[int]:
+        return list(items)[:-1]
+
+    async def scenario() -> list[Any]:
+        writer: GroupCommit[int, int] = GroupCommit(commit)
+        return await asyncio.gather(*(writer.submit(n) for n in range(3)), return_exceptions=True)
+
+    assert all(isinstance(result, RuntimeError) for result in run(scenario()))
+
+
+def test_a_cancelled_commit_fails_its_group_and_the_queue_still_drains(run: Run) -> None:
+    stored: list[int] = []
+
+    async def commit(items: Sequence[int]) -> list[int]:
+        if 0 in items:
+            raise asyncio.CancelledError  # as if the writer task were cancelled mid-commit
+        stored.extend(items)
+        return list(items)
+
+    async def scenario() -> tuple[Any, Any]:
+        writer: GroupCommit[int, int] = GroupCommit(commit)
+        first = writer.submit(0)
+        await asyncio.sleep(0)  # the commit of [0] is running
+        later = writer.submit(1)
+        done = await asyncio.gather(first, return_exceptions=True)
+        return done[0], await asyncio.wait_for(later, 5)
+
+    failed, result = run(scenario())
+    assert isinstance(failed, RuntimeError) and result == 1 and stored == [1]
+
+
+def test_kept_headers_drop_secrets_and_anything_posing_as_the_gateway() -> None:
+    headers = [
+        (b"x-github-event", b"push"),
+        (b"x-hook-token", b"the-shared-secret"),
+        (b"authorization", b"Basic dXNlcjpwYXNz"),
+        (b"x-apigate-source", b"stripe"),
+        (b"svix-signature", b"v1,abc"),
+        (b"content-type", b"application/json"),
+    ]
+    assert kept_headers(headers, frozenset({"x-hook-token"})) == (
+        ("x-github-event", "push"),
+        ("content-type", "application/json"),
+    )
 
 
 # -- delivery worker --------------------------------------------------------------------------------

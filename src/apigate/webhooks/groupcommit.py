@@ -54,10 +54,17 @@ class GroupCommit(Generic[Item, Result]):
                 group, self._queue = self._queue[: self._max_group], self._queue[self._max_group :]
                 try:
                     results = await self._commit([item for item, _ in group])
-                except Exception as exc:
+                    if len(results) != len(group):
+                        raise RuntimeError(f"a commit of {len(group)} items gave {len(results)} results")
+                except BaseException as exc:
+                    # Every waiter of the group hears the outcome, even a cancellation: none may
+                    # hang, and none is told its item is stored.
+                    failure = exc if isinstance(exc, Exception) else RuntimeError("commit interrupted")
                     for _, future in group:
                         if not future.done():
-                            future.set_exception(exc)
+                            future.set_exception(failure)
+                    if not isinstance(exc, Exception):
+                        raise
                     continue
                 for (_, future), result in zip(group, results, strict=True):
                     if future.done():
@@ -72,6 +79,8 @@ class GroupCommit(Generic[Item, Result]):
                 await asyncio.sleep(0)
         finally:
             self._running = None
+            if self._queue:  # interrupted with items still queued: they get a writer of their own
+                self._running = asyncio.get_running_loop().create_task(self._drain())
 
     async def close(self) -> None:
         """Wait for the commits already queued."""

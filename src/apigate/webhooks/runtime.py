@@ -55,8 +55,13 @@ DROPPED_HEADERS = frozenset(
         "webhook-id",
         "webhook-timestamp",
         "webhook-signature",
+        "svix-id",
+        "svix-timestamp",
+        "svix-signature",
     }
 )
+# The gateway's own headers on deliveries (x-apigate-source, -attempt, -event-type).
+GATEWAY_HEADER_PREFIX = "x-apigate-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,12 +76,18 @@ class Source:
         return tuple(d.name for d in self.config.destinations if d.wants(event_type))
 
 
-def kept_headers(headers: list[tuple[bytes, bytes]]) -> tuple[tuple[str, str], ...]:
-    return tuple(
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in headers
-        if name.decode("latin-1") not in DROPPED_HEADERS
-    )
+def kept_headers(
+    headers: list[tuple[bytes, bytes]], credentials: frozenset[str]
+) -> tuple[tuple[str, str], ...]:
+    """The headers stored and passed on: not the dropped ones, not the headers that carried the
+    source's secret (``credentials``), and none a sender could use to pass as the gateway."""
+    kept = []
+    for raw_name, raw_value in headers:
+        name = raw_name.decode("latin-1")
+        if name in DROPPED_HEADERS or name in credentials or name.startswith(GATEWAY_HEADER_PREFIX):
+            continue
+        kept.append((name, raw_value.decode("latin-1")))
+    return tuple(kept)
 
 
 def content_event_id(body: bytes) -> str:
@@ -165,7 +176,7 @@ class WebhookRuntime:
             event_id=event_id or content_event_id(body),
             event_type=event_type,
             received_at=now,
-            headers=kept_headers(headers),
+            headers=kept_headers(headers, source.verifier.credential_headers),
             body=body,
             destinations=source.destinations_for(event_type),
             first_due=now,
@@ -198,7 +209,8 @@ class WebhookRuntime:
         destination = self.destinations[source.config.destinations[0].name]
         assert isinstance(destination, HttpDestination)  # the config allows only http for sync sources
         message_id = event_id or content_event_id(body)
-        sent_headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in kept_headers(headers)]
+        kept = kept_headers(headers, source.verifier.credential_headers)
+        sent_headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in kept]
         sent_headers += self.signer.headers(message_id, int(self.clock()), body)
         sent_headers.append((b"x-apigate-source", source.name.encode()))
         try:
@@ -206,6 +218,8 @@ class WebhookRuntime:
         except OutboundError as exc:
             status = 504 if exc.kind == "timeout" else 502
             return json_reply(status, {"error": f"the webhook handler did not answer ({exc.kind})"})
+        except ValueError:  # a header the outbound client will not send
+            return json_reply(502, {"error": "the webhook could not be forwarded"})
         content_type = response.header(b"content-type") or b"application/octet-stream"
         return Reply(response.status, response.body, content_type=content_type)
 

@@ -64,6 +64,8 @@ class Poller(Protocol):
 class PushRefused:
     """The verifier of a polled source's route: its events are fetched, so no POST is one of them."""
 
+    credential_headers: frozenset[str] = frozenset()
+
     def verify(self, request: WebhookRequest) -> Verdict:
         return Verdict(
             False, Reason.SENDER_NOT_ALLOWED, "this source's events are polled; it takes no webhooks"

@@ -338,6 +338,8 @@ class SchemeVerifier(ABC):
     """The steps every scheme shares: the sender allowlist, the scheme's own check, then the
     event's id and type (a config's overrides win over the preset's defaults)."""
 
+    credential_headers: frozenset[str] = frozenset()
+
     def __init__(
         self, config: SchemeBase, event_id: FieldSource | None = None, event_type: FieldSource | None = None
     ) -> None:

@@ -65,4 +65,8 @@ class Verdict:
 
 
 class Verifier(Protocol):
+    credential_headers: frozenset[str]
+    """Lower-case names of headers that carry a secret (a shared token, Basic credentials): they
+    are neither stored nor passed on."""
+
     def verify(self, request: WebhookRequest) -> Verdict: ...

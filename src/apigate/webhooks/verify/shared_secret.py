@@ -43,6 +43,7 @@ class TokenVerifier(SchemeVerifier):
         super().__init__(config)
         self._tokens = TokenSet(secret_bytes(config.secrets))
         self._header = config.header
+        self.credential_headers = frozenset({config.header.lower()})
         self._prefix = config.prefix.strip()
 
     def check(self, request: WebhookRequest, body: BodyJson) -> Verdict | None:
@@ -74,6 +75,8 @@ class BasicConfig(SchemeBase):
 
 
 class BasicVerifier(SchemeVerifier):
+    credential_headers = frozenset({"authorization"})
+
     def __init__(self, config: BasicConfig) -> None:
         super().__init__(config)
         user = config.username.encode("utf-8")
