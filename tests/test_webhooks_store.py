@@ -71,9 +71,14 @@ def event(
 
 
 def outcome(
-    delivery_id: int, attempt: int, state: str, status: int | None = 200, next_at: float = NOW
+    delivery_id: int,
+    attempt: int,
+    state: str,
+    status: int | None = 200,
+    next_at: float = NOW,
+    schedule_start: int = 0,
 ) -> DeliveryOutcome:
-    return DeliveryOutcome(delivery_id, attempt, NOW, 0.01, status, None, state, next_at)
+    return DeliveryOutcome(delivery_id, attempt, NOW, 0.01, status, None, state, next_at, schedule_start)
 
 
 # -- store ------------------------------------------------------------------------------------------
@@ -127,10 +132,28 @@ def test_listing_replay_and_purge(store: Store, run: Run) -> None:
     assert [(c.event_id, c.attempt, c.schedule_step) for c in replayed] == [("old", 2, 1)]
 
     # Purge removes what is done and older than the cut; pending work is never purged.
-    run(store.record_webhook_outcomes([outcome(replayed[0].delivery_id, 2, "delivered")]))
+    run(store.record_webhook_outcomes([outcome(replayed[0].delivery_id, 2, "delivered", schedule_start=1)]))
     assert run(store.purge_webhook_events(NOW + 1)) == 2  # "old" (delivered) and "none" (filtered)
     assert [s.event_id for s in run(store.list_webhook_events(WebhookEventQuery()))] == ["new"]
     assert run(store.add_webhook_events([event("old")])) == [True]  # its id may come again
+
+
+def test_a_replay_during_an_attempt_is_not_undone_by_its_outcome(store: Store, run: Run) -> None:
+    run(store.add_webhook_events([event("e1")]))
+    [claim] = run(store.claim_webhook_deliveries("a", 10, NOW, NOW + 30))
+    assert run(store.replay_webhook_events(WebhookEventQuery(event_id="e1"), NOW + 1)) == 1
+    late = outcome(
+        claim.delivery_id, claim.attempt, "dead", 500, schedule_start=claim.attempt - claim.schedule_step
+    )
+    run(store.record_webhook_outcomes([late]))  # the attempt that was in flight during the replay
+    detail = run(store.get_webhook_event("src", "e1"))
+    assert detail is not None
+    [delivery] = detail.deliveries
+    assert (delivery.state, [a.attempt for a in delivery.attempt_log]) == (
+        "pending",
+        [1],
+    )  # recorded, not applied
+    assert [c.attempt for c in run(store.claim_webhook_deliveries("a", 10, NOW + 1, NOW + 60))] == [2]
 
 
 def test_delivery_lease_has_one_holder_until_it_expires(store: Store, run: Run) -> None:

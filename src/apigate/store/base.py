@@ -124,6 +124,7 @@ class DeliveryOutcome:
     error: str | None
     state: str  # one of DELIVERY_STATES
     next_at: float  # when a pending delivery is due again
+    schedule_start: int = 0  # the claim's (attempt - schedule_step): a replay since then moved it
 
 
 @dataclass(frozen=True, slots=True)

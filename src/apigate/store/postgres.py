@@ -303,13 +303,16 @@ class PostgresStore(Store):
     async def record_webhook_outcomes(self, outcomes: Sequence[DeliveryOutcome]) -> None:
         await self._db.execute(
             "WITH outcome AS (SELECT * FROM unnest($1::bigint[], $2::int[], $3::float8[], $4::float8[], "
-            "$5::int[], $6::text[], $7::text[], $8::float8[]) "
-            "AS o (delivery, attempt, started_at, latency, status, error, state, next_at)), "
+            "$5::int[], $6::text[], $7::text[], $8::float8[], $9::int[]) "
+            "AS o (delivery, attempt, started_at, latency, status, error, state, next_at, schedule_start)), "
             "recorded AS ("
             "INSERT INTO webhook_attempts (delivery, attempt, started_at, latency, status, error) "
             "SELECT delivery, attempt, started_at, latency, status, error FROM outcome) "
-            "UPDATE webhook_deliveries d SET state = o.state, next_at = o.next_at, lease_until = 0 "
-            "FROM outcome o WHERE d.id = o.delivery AND d.attempts = o.attempt",
+            # As on SQLite: an attempt overtaken by a replay only ends its lease.
+            "UPDATE webhook_deliveries d SET "
+            "state = CASE WHEN d.schedule_start = o.schedule_start THEN o.state ELSE d.state END, "
+            "next_at = CASE WHEN d.schedule_start = o.schedule_start THEN o.next_at ELSE d.next_at END, "
+            "lease_until = 0 FROM outcome o WHERE d.id = o.delivery AND d.attempts = o.attempt",
             [o.delivery_id for o in outcomes],
             [o.attempt for o in outcomes],
             [o.started_at for o in outcomes],
@@ -318,6 +321,7 @@ class PostgresStore(Store):
             [o.error for o in outcomes],
             [o.state for o in outcomes],
             [o.next_at for o in outcomes],
+            [o.schedule_start for o in outcomes],
         )
 
     async def take_lease(self, name: str, holder: str, now: float, until: float) -> bool:

@@ -425,10 +425,18 @@ class SqliteStore(Store):
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 [(o.delivery_id, o.attempt, o.started_at, o.latency, o.status, o.error) for o in outcomes],
             )
+            # Only the attempt still current touches the delivery (not one whose lease ran out and
+            # was claimed again); one overtaken by a replay only ends its lease, the replay's state
+            # and schedule stay.
             conn.executemany(
-                "UPDATE webhook_deliveries SET state = ?, next_at = ?, lease_until = 0 "
+                "UPDATE webhook_deliveries SET "
+                "state = CASE WHEN schedule_start = ? THEN ? ELSE state END, "
+                "next_at = CASE WHEN schedule_start = ? THEN ? ELSE next_at END, lease_until = 0 "
                 "WHERE id = ? AND attempts = ?",
-                [(o.state, o.next_at, o.delivery_id, o.attempt) for o in outcomes],
+                [
+                    (o.schedule_start, o.state, o.schedule_start, o.next_at, o.delivery_id, o.attempt)
+                    for o in outcomes
+                ],
             )
 
         await self._write_webhooks(job)

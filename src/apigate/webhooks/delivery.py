@@ -232,7 +232,15 @@ class DeliveryWorker:
                 delay = max(delay, result.retry_after)
             state, next_at = "pending", now + delay
         return DeliveryOutcome(
-            claim.delivery_id, claim.attempt, started, latency, result.status, result.error, state, next_at
+            claim.delivery_id,
+            claim.attempt,
+            started,
+            latency,
+            result.status,
+            result.error,
+            state,
+            next_at,
+            claim.attempt - claim.schedule_step,
         )
 
     async def _record(self, outcomes: Sequence[DeliveryOutcome]) -> list[None]:
