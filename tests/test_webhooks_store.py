@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +18,7 @@ import pytest
 from apigate.outbound import HttpClient
 from apigate.store import Store, open_store
 from apigate.store.base import DeliveryOutcome, NewWebhookEvent, WebhookEventQuery
+from apigate.store.postgres import PostgresStore
 from apigate.store.sqlite import SqliteStore
 from apigate.webhooks import delivery
 from apigate.webhooks.config import HttpDestinationConfig, RetryConfig
@@ -26,6 +27,7 @@ from apigate.webhooks.destinations.http import HttpDestination, retry_after
 from apigate.webhooks.groupcommit import GroupCommit
 from apigate.webhooks.runtime import kept_headers
 from apigate.webhooks.signing import Signer, new_secret
+from tests.support.cli import apigate_json
 from tests.support.pg import fresh_database
 from tests.support.webhook_handler import WebhookHandler
 
@@ -77,8 +79,12 @@ def outcome(
     status: int | None = 200,
     next_at: float = NOW,
     schedule_start: int = 0,
+    started_at: float = NOW,
 ) -> DeliveryOutcome:
-    return DeliveryOutcome(delivery_id, attempt, NOW, 0.01, status, None, state, next_at, schedule_start)
+    error = None if state == "delivered" else f"answered {status}"
+    return DeliveryOutcome(
+        delivery_id, "a", attempt, started_at, 0.01, status, error, state, next_at, schedule_start
+    )
 
 
 # -- store ------------------------------------------------------------------------------------------
@@ -417,3 +423,157 @@ def test_retry_after_reads_seconds_and_dates() -> None:
     assert retry_after(b"Wed, 21 Oct 2015 07:28:00 GMT", 1445412480.0 - 10) == 10.0
     assert retry_after(b"soon", NOW) is None
     assert retry_after(b"999999999", NOW) == 86400.0
+
+
+# -- destination health: disabled after failing for its window, enabled again -----------------------
+
+
+def test_health_tracks_outcomes_and_a_destination_is_disabled_once(store: Store, run: Run) -> None:
+    run(store.add_webhook_events([event(f"e{n}") for n in range(3)]))
+    first, second, third = run(store.claim_webhook_deliveries("a", 10, NOW, NOW + 30))
+    run(store.record_webhook_outcomes([outcome(first.delivery_id, 1, "delivered", started_at=NOW)]))
+    # Failures from before the last success do not start the clock; the first after it does.
+    late = [outcome(second.delivery_id, 1, "pending", 503, NOW + 10, started_at=NOW - 5)]
+    late.append(outcome(third.delivery_id, 1, "pending", 503, NOW + 10, started_at=NOW + 7))
+    run(store.record_webhook_outcomes(late))
+    [state] = run(store.list_webhook_destinations())
+    assert (state.last_success_at, state.failing_since, state.last_error) == (NOW, NOW + 7, "answered 503")
+    assert (state.disabled_at, state.pending) == (None, 2)
+
+    assert run(store.disable_failing_webhook_destinations({"a": NOW + 6}, NOW + 100)) == []  # not long enough
+    assert run(store.disable_failing_webhook_destinations({"a": NOW + 7}, NOW + 100)) == ["a"]
+    assert run(store.disable_failing_webhook_destinations({"a": NOW + 50}, NOW + 200)) == []  # already
+    assert run(store.claim_webhook_deliveries("a", 10, NOW + 100, NOW + 130)) == []  # due, but disabled
+    assert run(store.list_webhook_destinations())[0].disabled_at == NOW + 100
+
+    assert run(store.enable_webhook_destination("a", NOW + 300))
+    assert not run(store.enable_webhook_destination("a", NOW + 300))
+    [state] = run(store.list_webhook_destinations())
+    assert (state.disabled_at, state.failing_since, state.pending) == (None, None, 2)  # a new window
+    resumed = run(store.claim_webhook_deliveries("a", 10, NOW + 300, NOW + 330))
+    assert [c.event_id for c in resumed] == ["e1", "e2"]  # due at once, in the order they arrived
+
+
+def test_a_destination_failing_past_disable_after_is_disabled_and_the_cli_enables_it(
+    store: Store, run: Run, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = WebhookHandler(status=503).start()
+    clock = [NOW]
+    day = 86400.0
+    lane = {"retry": RetryConfig(schedule=[0] + [day] * 20, jitter=0), "disable_after": 5 * day}
+
+    async def scenario() -> None:
+        await store.add_webhook_events([event("e1")])
+        async with running_worker(store, handler, clock, **lane) as worker:
+            for attempts in range(1, 7):  # one attempt a day: NOW, NOW + 1 day, ... NOW + 5 days
+                await _wait_for_attempts(store, "e1", attempts)
+                clock[0] += day
+                worker.wake()
+            async with asyncio.timeout(10):
+                while (await store.list_webhook_destinations())[0].disabled_at is None:
+                    await asyncio.sleep(0.02)
+            await store.add_webhook_events([event("e2")])  # accepted and kept while it is disabled
+            listed = await asyncio.to_thread(apigate_json, tmp_path, store_url(store), *DESTINATIONS)
+            assert [(d["name"], d["state"], d["pending"], d["last_error"]) for d in listed] == [
+                ("a", "disabled", 2, "answered 503")
+            ]
+            assert listed[0]["disabled_at"] == NOW + 5 * day and listed[0]["failing_since"] == NOW
+            assert handler.requested == ["e1"] * 6  # nothing went to it since
+
+            handler.status = 200
+            enabled = await asyncio.to_thread(
+                apigate_json, tmp_path, store_url(store), *DESTINATIONS, "enable", "a"
+            )
+            assert enabled == {"name": "a", "enabled": True, "was_disabled": True}
+            worker.wake()
+            await asyncio.to_thread(handler.wait_for, lambda seen: len(seen) == 2)
+
+    try:
+        with caplog.at_level("ERROR", logger="apigate.webhooks"):
+            run(scenario())
+    finally:
+        handler.stop()
+    assert [d.webhook_id for d in handler.snapshot()] == ["e1", "e2"]
+    disabled = [r for r in caplog.records if "disabled" in r.getMessage()]
+    assert len(disabled) == 1 and disabled[0].levelname == "ERROR"
+
+
+# -- FIFO: one at a time, in the order received ------------------------------------------------------
+
+
+def test_fifo_claims_hand_out_only_the_oldest_pending_event_of_a_source(store: Store, run: Run) -> None:
+    fifo = frozenset({"src"})
+    run(store.add_webhook_events([event("e0"), event("e1"), event("x0", source="other")]))
+    claims = run(store.claim_webhook_deliveries("a", 10, NOW, NOW + 30, fifo))
+    assert [c.event_id for c in claims] == ["e0", "x0"]  # "other" is not FIFO: nothing holds it back
+    assert run(store.claim_webhook_deliveries("a", 10, NOW + 1, NOW + 30, fifo)) == []  # e0 is leased
+    run(
+        store.record_webhook_outcomes(
+            [
+                outcome(claims[0].delivery_id, 1, "pending", 503, NOW + 60),
+                outcome(claims[1].delivery_id, 1, "delivered"),
+            ]
+        )
+    )
+    assert run(store.claim_webhook_deliveries("a", 10, NOW + 1, NOW + 30, fifo)) == []  # e0 waits: e1 too
+    [retried] = run(store.claim_webhook_deliveries("a", 10, NOW + 60, NOW + 90, fifo))
+    assert (retried.event_id, retried.attempt) == ("e0", 2)
+    run(store.record_webhook_outcomes([outcome(retried.delivery_id, 2, "dead", 503)]))
+    assert [c.event_id for c in run(store.claim_webhook_deliveries("a", 10, NOW + 60, NOW + 90, fifo))] == [
+        "e1"
+    ]  # a dead head lets the next one go
+
+
+def test_fifo_keeps_the_order_while_the_head_fails_then_succeeds(store: Store, run: Run) -> None:
+    handler = WebhookHandler(status=503).start()
+    clock = [NOW]
+    retry = RetryConfig(schedule=[0] + [60] * 10, jitter=0)
+    ids = [f"e{n}" for n in range(5)]
+
+    async def scenario() -> None:
+        await store.add_webhook_events([event(i) for i in ids])
+        async with running_worker(
+            store, handler, clock, retry=retry, fifo_sources=frozenset({"src"})
+        ) as worker:
+            for attempts in (1, 2):
+                await _wait_for_attempts(store, "e0", attempts)
+                clock[0] += 60
+                worker.wake()
+            await _wait_for_attempts(store, "e0", 3)
+            handler.status = 200
+            clock[0] += 60
+            worker.wake()
+            await asyncio.to_thread(handler.wait_for, lambda seen: len(seen) == len(ids))
+
+    try:
+        run(scenario())
+    finally:
+        handler.stop()
+    assert handler.requested == ["e0"] * 4 + ids[1:]  # nothing behind e0 went out before it
+    assert [d.webhook_id for d in handler.snapshot()] == ids
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    store: Store, handler: WebhookHandler, clock: list[float], retry: RetryConfig, **lane: Any
+) -> AsyncIterator[DeliveryWorker]:
+    """A delivery worker with one lane "a" to ``handler``, on the clock ``clock[0]``, no jitter."""
+    client = HttpClient()
+    destination = HttpDestination(HttpDestinationConfig(url=handler.url, timeout=2), client)
+    worker = DeliveryWorker(store, Signer(new_secret()), 0.05, lambda: clock[0], lambda: 0.5)
+    worker.configure({"a": Lane(destination, retry, concurrency=4, **lane)}, {})
+    worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.stop()
+        await client.close()
+
+
+DESTINATIONS = ("webhooks", "destinations")
+
+
+def store_url(store: Store) -> str:
+    """The URL the command line opens the same store with."""
+    assert isinstance(store, SqliteStore | PostgresStore)
+    return f"sqlite:///{store.path}" if isinstance(store, SqliteStore) else store.dsn

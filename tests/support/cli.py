@@ -12,12 +12,14 @@ from typing import Any
 import orjson
 
 
-def apigate_json(cwd: Path, store_url: str, *args: str) -> Any:
-    """`python -m apigate ... --store URL --json` as an operator would run it; returns its JSON."""
+def apigate_json(cwd: Path, store_url: str, *args: str, stderr: int | None = subprocess.PIPE) -> Any:
+    """`python -m apigate ... --store URL --json` as an operator would run it; returns its JSON.
+    ``stderr`` may be a file descriptor (a terminal, say) to send the command's stderr to."""
     done = subprocess.run(
         [sys.executable, "-m", "apigate", *args, "--store", store_url, "--json"],
         cwd=cwd,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
         text=True,
         timeout=60,
     )

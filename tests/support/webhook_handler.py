@@ -40,7 +40,7 @@ class WebhookHandler:
     delay: float = 0.0
     answer: bytes = b'{"ok":true}'
     deliveries: list[Delivery] = field(default_factory=list)  # the ones answered 2xx
-    requests_seen: int = 0  # every request, whatever the answer
+    requested: list[str] = field(default_factory=list)  # webhook-id of every request, whatever the answer
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
@@ -79,6 +79,10 @@ class WebhookHandler:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
             self._thread = None
+
+    @property
+    def requests_seen(self) -> int:
+        return len(self.requested)
 
     def record(self, delivery: Delivery) -> None:
         with self._lock:
@@ -140,7 +144,7 @@ class _Protocol(asyncio.Protocol):
             handler.answer,
         )
 
-        handler.requests_seen += 1
+        handler.requested.append(headers.get("webhook-id", ""))
 
         def respond() -> None:
             # Recorded when answered, as a real handler commits before its 2xx.

@@ -117,6 +117,7 @@ class DeliveryOutcome:
     """How one attempt ended and what happens to its delivery next."""
 
     delivery_id: int
+    destination: str
     attempt: int
     started_at: float
     latency: float  # seconds
@@ -137,6 +138,7 @@ class WebhookEventQuery:
     received_after: float | None = None
     received_before: float | None = None
     event_id: str | None = None
+    keys: tuple[tuple[str, str], ...] | None = None  # only these (source, event_id)
     limit: int | None = 100
 
 
@@ -166,6 +168,19 @@ class WebhookDelivery:
     attempts: int
     next_at: float
     attempt_log: tuple[WebhookAttempt, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDestinationState:
+    """A destination as the store knows it: its health, whether it is disabled, its backlog."""
+
+    name: str
+    disabled_at: float | None = None  # None: enabled
+    failing_since: float | None = None  # the first failed attempt after the last success; None: healthy
+    last_success_at: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    pending: int = 0  # deliveries not yet delivered or dead
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,17 +283,42 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def claim_webhook_deliveries(
-        self, destination: str, limit: int, now: float, lease_until: float
+        self,
+        destination: str,
+        limit: int,
+        now: float,
+        lease_until: float,
+        fifo_sources: frozenset[str] = frozenset(),
     ) -> list[DeliveryClaim]:
         """Claim up to ``limit`` due deliveries to ``destination`` until ``lease_until``, and count
         the attempt: the claim commits before anything is sent, so a process that dies mid-delivery
-        leaves an attempt number that the next claimer (after the lease expires) goes past."""
+        leaves an attempt number that the next claimer (after the lease expires) goes past. Nothing
+        is claimed for a disabled destination. Of a source in ``fifo_sources`` only the oldest
+        pending delivery (by the event's arrival) may be claimed, so its events go one at a time
+        and in order, whichever process claims."""
 
     @abc.abstractmethod
     async def record_webhook_outcomes(self, outcomes: Sequence[DeliveryOutcome]) -> None:
-        """Record attempts and move their deliveries on (delivered, retry at next_at, dead); one
-        transaction. An outcome whose claim was lost (the lease expired and another took it) only
-        records its attempt."""
+        """Record attempts and move their deliveries on (delivered, retry at next_at, dead), and
+        each destination's health (last success, failing since, last error); one transaction. An
+        outcome whose claim was lost (the lease expired and another took it) only records its
+        attempt and the health."""
+
+    @abc.abstractmethod
+    async def disable_failing_webhook_destinations(
+        self, failing_before: dict[str, float], now: float
+    ) -> list[str]:
+        """Disable each named destination whose attempts have all failed since before its time in
+        ``failing_before``; returns the ones this call disabled (each is disabled by one call only)."""
+
+    @abc.abstractmethod
+    async def enable_webhook_destination(self, name: str, now: float) -> bool:
+        """Enable a disabled destination, restart its failure clock and make its pending deliveries
+        due now; False if it was not disabled."""
+
+    @abc.abstractmethod
+    async def list_webhook_destinations(self) -> list[WebhookDestinationState]:
+        """Every destination with a recorded attempt, a disabled state or pending deliveries."""
 
     @abc.abstractmethod
     async def take_lease(self, name: str, holder: str, now: float, until: float) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -22,7 +22,9 @@ from apigate.store.base import (
     ApiKey,
     Consumer,
     Credential,
+    DeliveryOutcome,
     RevokedToken,
+    WebhookDestinationState,
     WebhookEventQuery,
     WebhookEventSummary,
 )
@@ -236,11 +238,29 @@ CREATE TABLE webhook_leases (
 _SQLITE_V4 = _WEBHOOKS_V4.format(serial="INTEGER", real="REAL", blob="BLOB")
 _POSTGRES_V4 = _WEBHOOKS_V4.format(serial="BIGSERIAL", real="DOUBLE PRECISION", blob="BYTEA")
 
+# -- version 5: webhook destinations' health, and which are disabled ------------------------------
+# A table, not settings: it is written with every batch of attempt outcomes (a settings write would
+# move the change feed and reload every consumer registry each time), and the claim query reads
+# disabled_at in SQL, so a destination disabled by one node stops being claimed by all at once.
+_WEBHOOKS_V5 = """
+CREATE TABLE webhook_destinations (
+    name            TEXT PRIMARY KEY,
+    disabled_at     {real},
+    failing_since   {real},
+    last_success_at {real},
+    last_error      TEXT,
+    last_error_at   {real}
+);
+"""
+_SQLITE_V5 = _WEBHOOKS_V5.format(real="REAL")
+_POSTGRES_V5 = _WEBHOOKS_V5.format(real="DOUBLE PRECISION")
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, _SQLITE_V1, _POSTGRES_V1),
     (2, _SQLITE_V2, _POSTGRES_V2),
     (3, _SQLITE_V3, _POSTGRES_V3),
     (4, _SQLITE_V4, _POSTGRES_V4),
+    (5, _SQLITE_V5, _POSTGRES_V5),
 ]
 
 _SQLITE_VERSION_TABLE = (
@@ -417,6 +437,9 @@ def webhook_event_select(query: WebhookEventQuery, param: Callable[[int], str]) 
     ):
         if value is not None:
             conditions.append(f"e.{column} = {bind(value)}")
+    if query.keys is not None:
+        pairs = ", ".join(f"({bind(source)}, {bind(event_id)})" for source, event_id in query.keys)
+        conditions.append(f"(e.source, e.event_id) IN (VALUES {pairs})" if pairs else "FALSE")
     if query.received_after is not None:
         conditions.append(f"e.received_at >= {bind(query.received_after)}")
     if query.received_before is not None:
@@ -452,3 +475,78 @@ def encode_headers(headers: tuple[tuple[str, str], ...]) -> str:
 
 def decode_headers(text: str) -> tuple[tuple[str, str], ...]:
     return tuple((name, value) for name, value in orjson.loads(text))
+
+
+# A batch's outcomes fold into one row per destination (see ``destination_health_rows``); the
+# update keeps the newest success and starts the failure clock only at a failure after it, so a
+# late outcome of an attempt that overlapped a success never makes the clock start too early.
+DESTINATION_HEALTH_COLUMNS = "name, last_success_at, failing_since, last_error, last_error_at"
+DESTINATION_HEALTH_UPSERT = (
+    "INSERT INTO webhook_destinations (" + DESTINATION_HEALTH_COLUMNS + ") {rows} "
+    "ON CONFLICT (name) DO UPDATE SET "
+    "last_success_at = CASE WHEN webhook_destinations.last_success_at IS NULL "
+    "OR excluded.last_success_at > webhook_destinations.last_success_at "
+    "THEN excluded.last_success_at ELSE webhook_destinations.last_success_at END, "
+    "failing_since = CASE WHEN excluded.last_success_at IS NOT NULL THEN excluded.failing_since "
+    "WHEN webhook_destinations.failing_since IS NOT NULL THEN webhook_destinations.failing_since "
+    "WHEN webhook_destinations.last_success_at IS NULL "
+    "OR excluded.failing_since > webhook_destinations.last_success_at THEN excluded.failing_since "
+    # The batch's first failure began before the stored success (attempts overlap): its newest then.
+    "WHEN excluded.last_error_at > webhook_destinations.last_success_at THEN excluded.last_error_at END, "
+    "last_error = COALESCE(excluded.last_error, webhook_destinations.last_error), "
+    "last_error_at = COALESCE(excluded.last_error_at, webhook_destinations.last_error_at)"
+)
+
+# Statements with one "{}" per parameter, for the backend's placeholders.
+DESTINATION_DISABLED = "SELECT 1 FROM webhook_destinations w WHERE w.name = {} AND w.disabled_at IS NOT NULL"
+DISABLE_FAILING_DESTINATION = (
+    "UPDATE webhook_destinations SET disabled_at = {} "
+    "WHERE name = {} AND disabled_at IS NULL AND failing_since <= {}"
+)
+# Enabled again, a destination starts a new failure window, and its backlog is due at once, in
+# the order the events arrived (equal next_at: claims then go by id).
+ENABLE_DESTINATION = (
+    "UPDATE webhook_destinations SET disabled_at = NULL, failing_since = NULL "
+    "WHERE name = {} AND disabled_at IS NOT NULL"
+)
+RESUME_DESTINATION_DELIVERIES = (
+    "UPDATE webhook_deliveries SET next_at = {} WHERE destination = {} AND state = 'pending'"
+)
+
+WEBHOOK_DESTINATIONS_SELECT = (
+    "SELECT n.name, w.disabled_at, w.failing_since, w.last_success_at, w.last_error, w.last_error_at, "
+    "COALESCE(p.pending, 0) FROM (SELECT name FROM webhook_destinations "
+    "UNION SELECT destination FROM webhook_deliveries WHERE state = 'pending') AS n "
+    "LEFT JOIN webhook_destinations w ON w.name = n.name "
+    "LEFT JOIN (SELECT destination, count(*) AS pending FROM webhook_deliveries "
+    "WHERE state = 'pending' GROUP BY destination) AS p ON p.destination = n.name "
+    "ORDER BY n.name"
+)
+
+
+def destination_health_rows(outcomes: Sequence[DeliveryOutcome]) -> list[tuple[Any, ...]]:
+    """Per destination of the batch: (name, its newest success, the first failure after that
+    success, the newest failure's error and time), as DESTINATION_HEALTH_COLUMNS."""
+    by_name: dict[str, list[DeliveryOutcome]] = {}
+    for outcome in outcomes:
+        by_name.setdefault(outcome.destination, []).append(outcome)
+    rows = []
+    for name, batch in by_name.items():
+        last_success = max((o.started_at for o in batch if o.state == "delivered"), default=None)
+        failures = sorted((o for o in batch if o.state != "delivered"), key=lambda o: o.started_at)
+        since = [o.started_at for o in failures if last_success is None or o.started_at > last_success]
+        newest = failures[-1] if failures else None
+        rows.append(
+            (
+                name,
+                last_success,
+                since[0] if since else None,
+                None if newest is None else newest.error or f"status {newest.status}",
+                None if newest is None else newest.started_at,
+            )
+        )
+    return rows
+
+
+def destination_state_from_row(row: Any) -> WebhookDestinationState:
+    return WebhookDestinationState(*row[:6], pending=int(row[6]))

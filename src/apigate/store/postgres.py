@@ -18,6 +18,7 @@ from apigate.store.base import (
     Store,
     WebhookAttempt,
     WebhookDelivery,
+    WebhookDestinationState,
     WebhookEventDetail,
     WebhookEventQuery,
     WebhookEventSummary,
@@ -26,16 +27,24 @@ from apigate.store.migrations import (
     CONSUMER_COLUMNS,
     CREDENTIAL_COLUMNS,
     CREDENTIAL_UPSERT,
+    DESTINATION_DISABLED,
+    DESTINATION_HEALTH_UPSERT,
+    DISABLE_FAILING_DESTINATION,
     DUPLICATE_HASH_MESSAGE,
+    ENABLE_DESTINATION,
     KEY_COLUMNS,
+    RESUME_DESTINATION_DELIVERIES,
     REVOKED_TOKEN_COLUMNS,
     REVOKED_TOKEN_UPSERT,
     USERNAME_TAKEN_MESSAGE,
+    WEBHOOK_DESTINATIONS_SELECT,
     consumer_from_row,
     consumer_to_row,
     credential_from_row,
     credential_to_row,
     decode_headers,
+    destination_health_rows,
+    destination_state_from_row,
     encode_headers,
     key_from_row,
     key_to_row,
@@ -281,19 +290,40 @@ class PostgresStore(Store):
         return [first[(e.source, e.event_id)] is e and (e.source, e.event_id) in new for e in events]
 
     async def claim_webhook_deliveries(
-        self, destination: str, limit: int, now: float, lease_until: float
+        self,
+        destination: str,
+        limit: int,
+        now: float,
+        lease_until: float,
+        fifo_sources: frozenset[str] = frozenset(),
     ) -> list[DeliveryClaim]:
+        fifo_join, fifo_condition, fifo_args = "", "", ()
+        if fifo_sources:
+            # Of a FIFO source only the delivery of its oldest pending event is a candidate. A claim
+            # leaves it pending, so while it is leased (or waits for a retry) every claimer still
+            # sees it as the head and hands out nothing behind it.
+            fifo_join = "JOIN webhook_events c ON c.id = q.event "
+            fifo_condition = (
+                "AND (c.source <> ALL($5::text[]) OR q.event IN ("
+                "SELECT min(d2.event) FROM webhook_deliveries d2 JOIN webhook_events e2 ON e2.id = d2.event "
+                "WHERE d2.destination = $1 AND d2.state = 'pending' AND e2.source = ANY($5::text[]) "
+                "GROUP BY e2.source)) "
+            )
+            fifo_args = (sorted(fifo_sources),)
         rows = await self._db.fetch(
             "UPDATE webhook_deliveries d SET attempts = d.attempts + 1, lease_until = $4 "
             "FROM webhook_events e WHERE e.id = d.event AND d.id IN ("
-            "SELECT id FROM webhook_deliveries WHERE destination = $1 AND state = 'pending' "
-            "AND next_at <= $2 AND lease_until <= $2 ORDER BY next_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) "
+            f"SELECT q.id FROM webhook_deliveries q {fifo_join}"
+            "WHERE q.destination = $1 AND q.state = 'pending' AND q.next_at <= $2 AND q.lease_until <= $2 "
+            f"AND NOT EXISTS ({DESTINATION_DISABLED.format('$1')}) {fifo_condition}"
+            "ORDER BY q.next_at, q.id LIMIT $3 FOR UPDATE OF q SKIP LOCKED) "
             "RETURNING d.id, d.attempts, d.attempts - d.schedule_start, e.source, e.event_id, e.event_type, "
             "e.received_at, e.headers, e.body",
             destination,
             now,
             limit,
             lease_until,
+            *fifo_args,
         )
         return [
             DeliveryClaim(row[0], destination, *row[1:7], decode_headers(row[7]), bytes(row[8]))
@@ -301,13 +331,20 @@ class PostgresStore(Store):
         ]
 
     async def record_webhook_outcomes(self, outcomes: Sequence[DeliveryOutcome]) -> None:
+        if not outcomes:
+            return
+        health = destination_health_rows(outcomes)
+        health_rows = (
+            "SELECT * FROM unnest($10::text[], $11::float8[], $12::float8[], $13::text[], $14::float8[])"
+        )
         await self._db.execute(
             "WITH outcome AS (SELECT * FROM unnest($1::bigint[], $2::int[], $3::float8[], $4::float8[], "
             "$5::int[], $6::text[], $7::text[], $8::float8[], $9::int[]) "
             "AS o (delivery, attempt, started_at, latency, status, error, state, next_at, schedule_start)), "
             "recorded AS ("
             "INSERT INTO webhook_attempts (delivery, attempt, started_at, latency, status, error) "
-            "SELECT delivery, attempt, started_at, latency, status, error FROM outcome) "
+            "SELECT delivery, attempt, started_at, latency, status, error FROM outcome), "
+            f"health AS ({DESTINATION_HEALTH_UPSERT.format(rows=health_rows)}) "
             # As on SQLite: an attempt overtaken by a replay only ends its lease.
             "UPDATE webhook_deliveries d SET "
             "state = CASE WHEN d.schedule_start = o.schedule_start THEN o.state ELSE d.state END, "
@@ -322,7 +359,29 @@ class PostgresStore(Store):
             [o.state for o in outcomes],
             [o.next_at for o in outcomes],
             [o.schedule_start for o in outcomes],
+            *(list(column) for column in zip(*health, strict=True)),
         )
+
+    async def disable_failing_webhook_destinations(
+        self, failing_before: dict[str, float], now: float
+    ) -> list[str]:
+        async with self._db.acquire() as conn, conn.transaction():
+            return [
+                name
+                for name, cutoff in failing_before.items()
+                if await conn.execute(DISABLE_FAILING_DESTINATION.format("$1", "$2", "$3"), now, name, cutoff)
+                == "UPDATE 1"
+            ]
+
+    async def enable_webhook_destination(self, name: str, now: float) -> bool:
+        async with self._db.acquire() as conn, conn.transaction():
+            if await conn.execute(ENABLE_DESTINATION.format("$1"), name) == "UPDATE 0":
+                return False
+            await conn.execute(RESUME_DESTINATION_DELIVERIES.format("$1", "$2"), now, name)
+            return True
+
+    async def list_webhook_destinations(self) -> list[WebhookDestinationState]:
+        return [destination_state_from_row(row) for row in await self._db.fetch(WEBHOOK_DESTINATIONS_SELECT)]
 
     async def take_lease(self, name: str, holder: str, now: float, until: float) -> bool:
         taken = await self._db.fetchval(

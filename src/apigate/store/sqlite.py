@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
+
 from apigate.store.base import (
     ApiKey,
     Consumer,
@@ -27,6 +29,7 @@ from apigate.store.base import (
     Store,
     WebhookAttempt,
     WebhookDelivery,
+    WebhookDestinationState,
     WebhookEventDetail,
     WebhookEventQuery,
     WebhookEventSummary,
@@ -35,16 +38,24 @@ from apigate.store.migrations import (
     CONSUMER_COLUMNS,
     CREDENTIAL_COLUMNS,
     CREDENTIAL_UPSERT,
+    DESTINATION_DISABLED,
+    DESTINATION_HEALTH_UPSERT,
+    DISABLE_FAILING_DESTINATION,
     DUPLICATE_HASH_MESSAGE,
+    ENABLE_DESTINATION,
     KEY_COLUMNS,
+    RESUME_DESTINATION_DELIVERIES,
     REVOKED_TOKEN_COLUMNS,
     REVOKED_TOKEN_UPSERT,
     USERNAME_TAKEN_MESSAGE,
+    WEBHOOK_DESTINATIONS_SELECT,
     consumer_from_row,
     consumer_to_row,
     credential_from_row,
     credential_to_row,
     decode_headers,
+    destination_health_rows,
+    destination_state_from_row,
     encode_headers,
     key_from_row,
     key_to_row,
@@ -395,8 +406,26 @@ class SqliteStore(Store):
         return await self._write_webhooks(job)
 
     async def claim_webhook_deliveries(
-        self, destination: str, limit: int, now: float, lease_until: float
+        self,
+        destination: str,
+        limit: int,
+        now: float,
+        lease_until: float,
+        fifo_sources: frozenset[str] = frozenset(),
     ) -> list[DeliveryClaim]:
+        fifo_condition, fifo_args = "", ()
+        if fifo_sources:
+            # Of a FIFO source only the delivery of its oldest pending event (leased or not) is
+            # claimable; the one delivering process then holds it until it is delivered or dead.
+            fifo_condition = (
+                "AND (e.source NOT IN (SELECT value FROM json_each(?)) OR e.id IN ("
+                "SELECT min(d2.event) FROM webhook_deliveries d2 JOIN webhook_events e2 ON e2.id = d2.event "
+                "WHERE d2.destination = ? AND d2.state = 'pending' "
+                "AND e2.source IN (SELECT value FROM json_each(?)) GROUP BY e2.source)) "
+            )
+            sources = orjson.dumps(sorted(fifo_sources)).decode()
+            fifo_args = (sources, destination, sources)
+
         def job(conn: sqlite3.Connection) -> list[DeliveryClaim]:
             # Read and update in one write transaction of the one delivering process: atomic.
             rows = conn.execute(
@@ -404,8 +433,9 @@ class SqliteStore(Store):
                 "e.event_type, e.received_at, e.headers, e.body "
                 "FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event "
                 "WHERE d.destination = ? AND d.state = 'pending' AND d.next_at <= ? AND d.lease_until <= ? "
+                f"AND NOT EXISTS ({DESTINATION_DISABLED.format('?')}) {fifo_condition}"
                 "ORDER BY d.next_at, d.id LIMIT ?",
-                (destination, now, now, limit),
+                (destination, now, now, destination, *fifo_args, limit),
             ).fetchall()
             conn.executemany(
                 "UPDATE webhook_deliveries SET attempts = ?, lease_until = ? WHERE id = ?",
@@ -438,8 +468,41 @@ class SqliteStore(Store):
                     for o in outcomes
                 ],
             )
+            conn.executemany(
+                DESTINATION_HEALTH_UPSERT.format(rows="VALUES (?, ?, ?, ?, ?)"),
+                destination_health_rows(outcomes),
+            )
 
         await self._write_webhooks(job)
+
+    async def disable_failing_webhook_destinations(
+        self, failing_before: dict[str, float], now: float
+    ) -> list[str]:
+        def job(conn: sqlite3.Connection) -> list[str]:
+            return [
+                name
+                for name, cutoff in failing_before.items()
+                if conn.execute(
+                    DISABLE_FAILING_DESTINATION.format("?", "?", "?"), (now, name, cutoff)
+                ).rowcount
+            ]
+
+        return await self._write_webhooks(job)
+
+    async def enable_webhook_destination(self, name: str, now: float) -> bool:
+        def job(conn: sqlite3.Connection) -> bool:
+            if not conn.execute(ENABLE_DESTINATION.format("?"), (name,)).rowcount:
+                return False
+            conn.execute(RESUME_DESTINATION_DELIVERIES.format("?", "?"), (now, name))
+            return True
+
+        return await self._write_webhooks(job)
+
+    async def list_webhook_destinations(self) -> list[WebhookDestinationState]:
+        def job(conn: sqlite3.Connection) -> list[WebhookDestinationState]:
+            return [destination_state_from_row(row) for row in conn.execute(WEBHOOK_DESTINATIONS_SELECT)]
+
+        return await self._run(job)
 
     async def take_lease(self, name: str, holder: str, now: float, until: float) -> bool:
         def job(conn: sqlite3.Connection) -> bool:

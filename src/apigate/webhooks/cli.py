@@ -1,14 +1,24 @@
-"""`apigate webhooks list|show|replay|purge|secret`: inspect and operate stored webhook events."""
+"""`apigate webhooks list|show|replay|purge|secret|destinations`: inspect and operate stored webhook
+events and the destinations they go to."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from apigate.config.units import parse_duration
-from apigate.store.base import EVENT_STATES, WebhookEventDetail, WebhookEventQuery, WebhookEventSummary
+from apigate.store.base import (
+    EVENT_STATES,
+    Store,
+    WebhookDestinationState,
+    WebhookEventDetail,
+    WebhookEventQuery,
+    WebhookEventSummary,
+)
 
 if TYPE_CHECKING:
     from apigate.consumers.service import ConsumerService
@@ -42,6 +52,13 @@ def add_webhook_commands(commands: Any, common: argparse.ArgumentParser, run: Ca
     purge.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d")
     purge.add_argument("--source", help="only this source's events")
     actions.add_parser("secret", parents=[common], help="print the gateway's delivery signing secret")
+    destinations = actions.add_parser(
+        "destinations",
+        parents=[common],
+        help="destinations with their state and backlog; `destinations enable NAME` re-enables one",
+    )
+    destinations.add_argument("command", nargs="?", choices=["enable"], help="enable a disabled destination")
+    destinations.add_argument("name", nargs="?", help="the destination to enable")
     webhooks.set_defaults(func=lambda args: run(args, lambda service: webhooks_action(args, service)))
 
 
@@ -123,8 +140,10 @@ async def webhooks_action(args: argparse.Namespace, service: ConsumerService) ->
                     outcome = a.status if a.status is not None else a.error
                     print(f"     #{a.attempt} {_when(a.started_at)} {a.latency * 1000:.0f} ms {outcome}")
     elif args.action == "replay":
-        count = await store.replay_webhook_events(_query(args, None), time.time())
+        count = await replay_in_batches(store, _query(args, None), time.time(), ReplayProgress(sys.stderr))
         _report(args, {"replayed": count}, f"replaying {count} event(s)")
+    elif args.action == "destinations":
+        await _destinations_action(args, store)
     elif args.action == "purge":
         before = time.time() - parse_duration(args.older_than)
         count = await store.purge_webhook_events(before, args.source)
@@ -144,3 +163,116 @@ def _report(args: argparse.Namespace, value: dict[str, Any], text: str) -> None:
         _print_json(value)
     else:
         print(text)
+
+
+# -- bulk replay ------------------------------------------------------------------------------------
+# Each batch is one transaction: a long replay holds no lock for long and can report its progress.
+REPLAY_BATCH = 500
+
+
+async def replay_in_batches(
+    store: Store, query: WebhookEventQuery, now: float, progress: Callable[[int, int], None]
+) -> int:
+    """Replay the events matching ``query`` in batches, calling ``progress(done, total)`` after each;
+    returns how many were replayed (an event that stopped matching meanwhile is left alone)."""
+    matching = [(e.source, e.event_id) for e in await store.list_webhook_events(query)]
+    replayed = 0
+    for start in range(0, len(matching), REPLAY_BATCH):
+        batch = tuple(matching[start : start + REPLAY_BATCH])
+        replayed += await store.replay_webhook_events(dataclasses.replace(query, keys=batch), now)
+        progress(start + len(batch), len(matching))
+    return replayed
+
+
+class ReplayProgress:
+    """Replay progress on ``stream``: a bar redrawn in place on a terminal, a line per batch
+    otherwise (logs and pipes get plain counts)."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.on_terminal = stream.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.on_terminal:
+            filled = self.WIDTH * done // total
+            bar = "#" * filled + "-" * (self.WIDTH - filled)
+            self.stream.write(f"\rreplaying [{bar}] {done}/{total} events")
+            if done == total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(f"replayed {done}/{total} events\n")
+        self.stream.flush()
+
+
+# -- destinations -----------------------------------------------------------------------------------
+_STATE_FIELDS = ("disabled_at", "failing_since", "last_success_at", "last_error", "last_error_at", "pending")
+
+
+def destination_dict(state: WebhookDestinationState, configured: set[str] | None) -> dict[str, Any]:
+    """A destination for the listing; ``configured`` is None when the config is not known."""
+    if configured is not None and state.name not in configured:
+        status = "removed"  # its pending deliveries wait until it is configured again
+    else:
+        status = "enabled" if state.disabled_at is None else "disabled"
+    return {
+        "name": state.name,
+        "state": status,
+        "configured": None if configured is None else state.name in configured,
+        **{field: getattr(state, field) for field in _STATE_FIELDS},
+    }
+
+
+def _configured_destinations(args: argparse.Namespace) -> set[str] | None:
+    """The destinations of the config in use; None when ``--store`` alone bypasses the config."""
+    from apigate.cli import _config_for_store
+
+    if args.store and not args.config:
+        return None
+    config = _config_for_store(args)
+    return None if config is None else set(config.webhooks.destinations)
+
+
+async def _destinations_action(args: argparse.Namespace, store: Store) -> None:
+    from apigate.cli import CliError, _print_json, _table, _when
+
+    if args.command == "enable":
+        if not args.name:
+            raise CliError("destinations enable: name the destination to enable")
+        was_disabled = await store.enable_webhook_destination(args.name, time.time())
+        text = (
+            f"{args.name} enabled: its pending deliveries are due now"
+            if was_disabled
+            else f"{args.name} was not disabled"
+        )
+        _report(args, {"name": args.name, "enabled": True, "was_disabled": was_disabled}, text)
+        return
+    configured = _configured_destinations(args)
+    known = {state.name: state for state in await store.list_webhook_destinations()}
+    for name in configured or ():
+        known.setdefault(name, WebhookDestinationState(name))  # configured, never attempted
+    listed = [destination_dict(known[name], configured) for name in sorted(known)]
+    if args.json:
+        _print_json(listed)
+        return
+    rows = [
+        [
+            d["name"],
+            d["state"],
+            _when(d["disabled_at"]),
+            _when(d["failing_since"]),
+            _when(d["last_success_at"]),
+            (d["last_error"] or "-")[:60],
+            str(d["pending"]),
+        ]
+        for d in listed
+    ]
+    print(
+        _table(
+            rows,
+            ["DESTINATION", "STATE", "DISABLED", "FAILING SINCE", "LAST SUCCESS", "LAST ERROR", "PENDING"],
+        )
+    )
+    if configured is None:
+        print("(no config read: destinations removed from it are not told apart; pass -c FILE)")

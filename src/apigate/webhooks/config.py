@@ -7,7 +7,7 @@ webhooks:
   sources:
     stripe:
       verify: {scheme: stripe, secret: ${STRIPE_WEBHOOK_SECRET}}
-      destinations: [billing]     # or [{name: billing, event_types: ["charge.*"]}]
+      destinations: [billing]     # or [{name: billing, event_types: ["charge.*"], fifo: true}]
       mode: async                 # async: commit, answer 2xx, deliver later; sync: forward and answer
       dedupe: {retention: 7d}
     allegro-orders:
@@ -21,6 +21,7 @@ webhooks:
       concurrency: 10
       rate_limit: 50/s
       retry: {schedule: [0, 5s, 5m, 30m, 2h, 5h, 10h, 10h], jitter: 0.2}
+      disable_after: 5d           # every attempt failing this long disables it (0: never)
     orders:
       type: redis_stream          # XADD to a stream (destinations/redis_streams.py)
       url: redis://redis:6379/0
@@ -88,6 +89,9 @@ class DeliveryLimits(Strict):
     concurrency: int = Field(default=10, ge=1, le=1000)
     rate_limit: str | None = Field(default=None, description="at most this many attempts, e.g. 50/s, 600/min")
     retry: RetryConfig = RetryConfig()
+    disable_after: Duration = Field(default=5 * 86400.0, ge=0)
+    """When every attempt has failed for this long (since the last success), the destination is
+    disabled for the whole cluster until ``apigate webhooks destinations enable``; 0: never."""
 
     @field_validator("rate_limit")
     @classmethod
@@ -172,6 +176,9 @@ class SourceDestination(Strict):
 
     name: str
     event_types: list[str] | None = Field(default=None, description='e.g. ["charge.*", "invoice.paid"]')
+    fifo: bool = False
+    """Deliver the source's events to this destination one at a time, in the order received: a
+    failing event holds back the ones behind it until it is delivered or dead."""
 
     @model_validator(mode="before")
     @classmethod
@@ -201,9 +208,11 @@ class SourceConfig(Strict):
     max_body_size: ByteSize = Field(default=1 << 20, ge=1, le=64 << 20)
 
     @model_validator(mode="after")
-    def _sync_has_one_destination(self) -> SourceConfig:
+    def _sync_forwards_to_one_destination_at_once(self) -> SourceConfig:
         if self.mode == "sync" and len(self.destinations) != 1:
             raise ValueError("mode: sync forwards to exactly one destination (destinations lists more)")
+        if self.mode == "sync" and self.destinations[0].fifo:
+            raise ValueError("mode: sync forwards each request at once: fifo does not apply")
         return self
 
     @model_validator(mode="after")

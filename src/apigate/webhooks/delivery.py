@@ -15,6 +15,10 @@ once; ``webhook-id`` is the key a handler de-duplicates on.
 
 Intake comes first: while events are being committed, each destination keeps only a share of its
 concurrency in flight, so a burst is acknowledged quickly and delivered just after.
+
+A destination whose attempts have all failed for its ``disable_after`` is disabled in the store (no
+process claims for it until it is enabled again), and a FIFO source's events are claimed one at a
+time (the store hands out only the oldest pending one); see docs/webhooks.md.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ class Lane:
     retry: RetryConfig
     concurrency: int
     rate: tuple[float, float] | None = None  # (attempts, per seconds)
+    disable_after: float = 0.0  # seconds of nothing but failures before it is disabled; 0: never
+    fifo_sources: frozenset[str] = frozenset()  # sources whose events it takes one at a time, in order
     in_flight: int = 0
     tokens: float = 0.0
     refilled_at: float = 0.0
@@ -108,6 +114,8 @@ class DeliveryWorker:
         self._attempts: set[asyncio.Task[None]] = set()
         self._owner_until = 0.0
         self._purge_at = 0.0
+        self._failed_since_check: set[str] = set()  # destinations with a failed attempt not yet checked
+        self._report_due = True  # report disabled and removed destinations (at start and reload)
 
     def configure(self, lanes: dict[str, Lane], retention: dict[str, float]) -> None:
         """Take a new set of destinations (a reload); attempts in flight finish on their old lane."""
@@ -117,6 +125,7 @@ class DeliveryWorker:
                 lane.in_flight, lane.tokens, lane.refilled_at = old.in_flight, old.tokens, old.refilled_at
         self.lanes = lanes
         self.retention = retention
+        self._report_due = True
         self.wake()
 
     def wake(self) -> None:
@@ -144,7 +153,9 @@ class DeliveryWorker:
             self._wake.clear()
             try:
                 if await self._may_deliver():
+                    await self._report_if_due()
                     await self._claim_due()
+                    await self._disable_failing()
                     await self._purge_if_due()
             except Exception:
                 log.exception("webhook delivery: the store failed; trying again")
@@ -173,13 +184,59 @@ class DeliveryWorker:
             if free <= 0:
                 continue
             lease_until = now + lane.destination.timeout + CLAIM_MARGIN
-            claims = await self.store.claim_webhook_deliveries(name, free, now, lease_until)
+            claims = await self.store.claim_webhook_deliveries(
+                name, free, now, lease_until, lane.fifo_sources
+            )
             lane.took(len(claims))
             for claim in claims:
                 lane.in_flight += 1
                 task = asyncio.get_running_loop().create_task(self._attempt(lane, claim))
                 self._attempts.add(task)
                 task.add_done_callback(self._attempts.discard)
+
+    async def _disable_failing(self) -> None:
+        """Disable the destinations whose attempts have all failed for their ``disable_after``; the
+        store disables each once, so one process in the cluster logs it."""
+        now = self.clock()
+        failed = set(self._failed_since_check)
+        cutoffs = {
+            name: now - lane.disable_after
+            for name in failed
+            if (lane := self.lanes.get(name)) is not None and lane.disable_after > 0
+        }
+        disabled = await self.store.disable_failing_webhook_destinations(cutoffs, now) if cutoffs else []
+        self._failed_since_check -= failed  # only once checked: a store error leaves them for the next round
+        for name in disabled:
+            log.error(
+                "webhook destination %s disabled: every attempt has failed for more than %s; its "
+                "deliveries stay pending. Fix it, then run `apigate webhooks destinations enable %s`",
+                name,
+                _readable_duration(now - cutoffs[name]),
+                name,
+            )
+
+    async def _report_if_due(self) -> None:
+        """Warn about destinations that hold deliveries back: disabled ones, and ones no longer in
+        the config whose deliveries are still pending (nothing delivers them until it is back)."""
+        if not self._report_due:
+            return
+        for state in await self.store.list_webhook_destinations():
+            if state.name not in self.lanes and state.pending:
+                log.warning(
+                    "webhook destination %s is not in the config, but %d deliveries to it are pending; "
+                    "add it back to deliver them (`apigate webhooks destinations` lists them)",
+                    state.name,
+                    state.pending,
+                )
+            elif state.name in self.lanes and state.disabled_at is not None:
+                log.warning(
+                    "webhook destination %s is disabled (%d deliveries pending); "
+                    "`apigate webhooks destinations enable %s` resumes it",
+                    state.name,
+                    state.pending,
+                    state.name,
+                )
+        self._report_due = False
 
     async def _purge_if_due(self) -> None:
         now = self.clock()
@@ -203,6 +260,8 @@ class DeliveryWorker:
         outcome = self._outcome(lane.retry, claim, result, started, time.monotonic() - began)
         try:
             await self._outcomes.submit(outcome)
+            if not result.delivered:
+                self._failed_since_check.add(claim.destination)
         except Exception:
             # Not recorded: the claim's lease runs out and the next attempt goes out then.
             log.exception("webhook delivery: could not record attempt %d of a delivery", claim.attempt)
@@ -233,6 +292,7 @@ class DeliveryWorker:
             state, next_at = "pending", now + delay
         return DeliveryOutcome(
             claim.delivery_id,
+            claim.destination,
             claim.attempt,
             started,
             latency,
@@ -246,3 +306,7 @@ class DeliveryWorker:
     async def _record(self, outcomes: Sequence[DeliveryOutcome]) -> list[None]:
         await self.store.record_webhook_outcomes(outcomes)
         return [None] * len(outcomes)
+
+
+def _readable_duration(seconds: float) -> str:
+    return f"{seconds / 86400:g} days" if seconds >= 86400 else f"{seconds:g} s"

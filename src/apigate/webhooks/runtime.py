@@ -144,7 +144,14 @@ class WebhookRuntime:
             self.worker.poll_interval = config.poll_interval
             self.worker.configure(
                 {
-                    name: Lane(self.destinations[name], d.retry, d.concurrency, d.rate)
+                    name: Lane(
+                        self.destinations[name],
+                        d.retry,
+                        d.concurrency,
+                        d.rate,
+                        disable_after=d.disable_after,
+                        fifo_sources=fifo_sources(config, name),
+                    )
                     for name, d in config.destinations.items()
                 },
                 {name: source.dedupe.retention for name, source in config.sources.items()},
@@ -244,6 +251,15 @@ class WebhookRuntime:
         ]
         if any(await asyncio.gather(*submitted)) and self.worker is not None:
             self.worker.wake()
+
+
+def fifo_sources(config: WebhooksConfig, destination: str) -> frozenset[str]:
+    """The sources whose events ``destination`` takes one at a time, in order (``fifo: true``)."""
+    return frozenset(
+        name
+        for name, source in config.sources.items()
+        if any(wanted.name == destination and wanted.fifo for wanted in source.destinations)
+    )
 
 
 def _connections(config: WebhooksConfig) -> int:
