@@ -29,9 +29,11 @@ from apigate.webhooks.verify.model import Reason, Verdict, WebhookRequest
 log = logging.getLogger("apigate.webhooks")
 
 MAX_BACKOFF = 300.0  # the longest pause after failures in a row
-# A lease outlives one poll cycle: the pause, a few requests (a token refresh, a retry after 401,
-# the page) and the store writes, so a live holder renews it before it runs out.
-LEASE_REQUESTS = 4
+# A lease outlives one poll cycle: the pause, every request a cycle can make and the store writes,
+# so a live holder renews it before it runs out and two processes never poll (or rotate the
+# refresh token) at once. Allegro's worst cycle: event-stats and the page, each with a token
+# refresh and, after a 401, another refresh and the retry: 8 requests.
+LEASE_REQUESTS = 8
 LEASE_SPARE = 5.0
 
 
