@@ -362,3 +362,18 @@ def test_cache_off_and_bounded(scrypt_calls: list[bytes]) -> None:
     assert len(bounded._cache) == 2
     assert run(bounded, fake_exchange(basic("c", "pw"))) == (False, None)
     assert run(bounded, fake_exchange(basic("a", "pw"))) == (True, None)  # the oldest went
+
+
+def test_password_checks_in_flight_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the bound a check is refused at once (callers answer 503), never queued without end."""
+    monkeypatch.setattr(passwords, "MAX_PENDING_CHECKS", 3)
+    stored = parse_hash(hash_password("pw"))
+
+    async def flood() -> list[object]:
+        checks = [passwords.check_password_off_loop(stored, b"pw") for _ in range(5)]
+        return await asyncio.gather(*checks, return_exceptions=True)
+
+    results = asyncio.run(flood())
+    assert results[:3] == [True, True, True]
+    assert all(isinstance(r, passwords.PasswordChecksBusy) for r in results[3:])
+    assert asyncio.run(passwords.check_password_off_loop(stored, b"pw")) is True  # the count went back down

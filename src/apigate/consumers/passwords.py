@@ -92,9 +92,27 @@ def check_password(stored: PasswordHash | None, password: bytes) -> bool:
     return stored.verify(password)
 
 
+# Checks are slow on purpose (scrypt): a flood of them must not queue without bound behind the
+# executor, making every login wait longer and longer. Past this many in flight, callers are told
+# to come back (503) at once.
+MAX_PENDING_CHECKS = 64
+_pending_checks = 0
+
+
+class PasswordChecksBusy(Exception):
+    """Too many password checks are in flight in this process; try again shortly."""
+
+
 async def check_password_off_loop(stored: PasswordHash | None, password: bytes) -> bool:
     """``check_password`` in the default executor, so the event loop keeps serving meanwhile."""
-    return await asyncio.get_running_loop().run_in_executor(None, check_password, stored, password)
+    global _pending_checks
+    if _pending_checks >= MAX_PENDING_CHECKS:
+        raise PasswordChecksBusy
+    _pending_checks += 1
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, check_password, stored, password)
+    finally:
+        _pending_checks -= 1
 
 
 def verify_password(password: str | bytes, encoded: str) -> bool:

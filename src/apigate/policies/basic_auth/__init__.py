@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, model_validator
 
-from apigate.consumers.passwords import check_password_off_loop
+from apigate.consumers.passwords import PasswordChecksBusy, check_password_off_loop
 from apigate.consumers.registry import _header_value
 from apigate.engine.exchange import Reply, json_reply
 from apigate.policies.authconfig import AuthConfig, check_forwarded_names
@@ -112,9 +112,9 @@ class BasicAuthPolicy(Policy):
         payload = {"error": message, "reason": reason, "request_id": exchange.request_id}
         return json_reply(401, payload, self._challenge)
 
-    def _unavailable(self, exchange: Exchange) -> Reply:
+    def _unavailable(self, exchange: Exchange, why: str = "consumer registry is not ready") -> Reply:
         payload = {
-            "error": "consumer registry is not ready, try again",
+            "error": f"{why}, try again",
             "reason": "unavailable",
             "request_id": exchange.request_id,
         }
@@ -181,7 +181,10 @@ class BasicAuthPolicy(Policy):
         rebuild: bool,
     ) -> Reply | None:
         source = self._source
-        ok = await check_password_off_loop(stored.hash if stored is not None else None, password)
+        try:
+            ok = await check_password_off_loop(stored.hash if stored is not None else None, password)
+        except PasswordChecksBusy:
+            return self._unavailable(exchange, "too many password checks in flight")
         if not ok or stored is None:
             return self._invalid(exchange)
         consumer_id = stored.consumer_id

@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from apigate.config.units import Duration
-from apigate.consumers.passwords import check_password_off_loop
+from apigate.consumers.passwords import PasswordChecksBusy, check_password_off_loop
 from apigate.engine.exchange import Reply, json_reply
 from apigate.policies.authconfig import check_realm
 from apigate.policies.base import Policy, PolicyConfig
@@ -260,7 +260,15 @@ class TokenPolicy(Policy):
         failure: str,
     ) -> Reply:
         # Unknown names cost a verification too, so timing does not tell which exist.
-        ok = await check_password_off_loop(login.hash if login is not None else None, secret.encode())
+        try:
+            ok = await check_password_off_loop(login.hash if login is not None else None, secret.encode())
+        except PasswordChecksBusy:
+            payload = {
+                "error": "temporarily_unavailable",
+                "error_description": "too many credential checks in flight, try again",
+                "request_id": exchange.request_id,
+            }
+            return json_reply(503, payload, [*_NO_STORE, (b"retry-after", b"1")])
         consumer = registry.consumer(login.consumer_id) if ok and login is not None else None
         try:
             if login is None or consumer is None or consumer.disabled:
