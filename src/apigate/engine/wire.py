@@ -5,6 +5,7 @@ Everything here is precomputed at import so the hot path only looks things up.
 
 from __future__ import annotations
 
+import asyncio
 from http import HTTPStatus
 
 import orjson
@@ -44,8 +45,20 @@ def status_line(status: int) -> bytes:
     return line
 
 
+def add_headers(out: list[bytes], headers: list[tuple[bytes, bytes]]) -> None:
+    """Append the lines of ``headers`` to ``out`` as pieces; one join makes the head at the end
+    (cheaper than formatting each line)."""
+    for name, value in headers:
+        out.append(name)
+        out.append(b": ")
+        out.append(value)
+        out.append(b"\r\n")
+
+
 def serialize_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
-    return b"".join([b"%s: %s\r\n" % pair for pair in headers])
+    out: list[bytes] = []
+    add_headers(out, headers)
+    return b"".join(out)
 
 
 PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"})
@@ -68,3 +81,49 @@ def chunk(data: bytes) -> bytes:
 
 LAST_CHUNK = b"0\r\n\r\n"
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class HeadReader(asyncio.Protocol):
+    """A connection that reads plain messages itself and leaves the rest to llhttp.
+
+    ``read_plain`` takes the plain messages off the front of incoming data: a head through
+    ``plain_head`` (the subclass asks engine/heads.py, a compiled reader), a Content-Length
+    body counted here. What it returns is for llhttp, which then reads on until the end of
+    that message (``parser_busy``, set from llhttp's callbacks).
+    """
+
+    # Defaults on the class, so that the subclasses' __slots__ stay theirs.
+    parser_busy = False  # llhttp is inside a message: it reads everything until its end
+    body_left = 0  # body bytes still to come for a head read by plain_head
+
+    def read_plain(self, data: bytes) -> bytes:
+        while True:
+            left = self.body_left
+            if left:
+                if len(data) < left:
+                    self.body_left = left - len(data)
+                    self.on_body(data)
+                    return b""
+                self.body_left = 0
+                self.on_body(data[:left] if len(data) > left else data)
+                data = data[left:]
+                self.on_message_complete()
+                if not data:
+                    return b""
+            end = self.plain_head(data)
+            if end < 0:
+                return data
+            data = data[end:]
+            if not data:
+                return b""
+
+    def plain_head(self, data: bytes) -> int:
+        """Handle the plain head at the start of ``data``; returns where it ends, or -1 to leave
+        it to llhttp. Sets ``body_left``, or completes a message without a body."""
+        raise NotImplementedError
+
+    def on_body(self, body: bytes) -> None:
+        raise NotImplementedError
+
+    def on_message_complete(self) -> None:
+        raise NotImplementedError
