@@ -20,6 +20,8 @@ from setuptools.command.build_ext import build_ext
 COMPILED = [
     "src/apigate/engine/client.py",
     "src/apigate/engine/exchange.py",
+    "src/apigate/engine/router.py",
+    "src/apigate/engine/stats.py",
     "src/apigate/engine/upstream.py",
     "src/apigate/engine/wire.py",
 ]

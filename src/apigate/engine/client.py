@@ -48,6 +48,7 @@ class ClientConnection(wire.HeadReader):
         "queue",
         "quiet_since",
         "read_pauses",
+        "request_ids",
         "seen",
         "transport",
         "tunnel",
@@ -57,6 +58,7 @@ class ClientConnection(wire.HeadReader):
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        self.request_ids = gateway.request_ids  # kept here: a compiled attribute is cheaper to reach
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()

@@ -188,7 +188,7 @@ class Exchange:
         self.connection_tokens = tokens
         self.xff = xff
         gateway = client.gateway
-        self.rid = rid if rid is not None and _sane_id(rid) else gateway.next_request_id()
+        self.rid = rid if rid is not None and _sane_id(rid) else client.request_ids.next()
         trusted = client.peer_trusted
         self.client_ip = (
             gateway.client_ip_from(client.peer_ip, xff, self.snapshot) if trusted and xff else client.peer_ip
@@ -340,7 +340,7 @@ class Exchange:
         if group is None:
             self.fail(500, "this route has no upstream and no policy answered the request")
             return
-        target = group.pick(self.target if self.attempt else None)
+        target = group.single or group.pick(self.target if self.attempt else None)
         self.target = target
         self.attempt += 1
         conn = target.pool.take_idle()

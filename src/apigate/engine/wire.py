@@ -6,6 +6,7 @@ Everything here is precomputed at import so the hot path only looks things up.
 from __future__ import annotations
 
 import asyncio
+import os
 from http import HTTPStatus
 
 import orjson
@@ -69,6 +70,19 @@ def connection_tokens(value: bytes) -> set[bytes] | None:
     if value in PLAIN_CONNECTION:
         return None
     return {t.strip().lower() for t in value.split(b",")} - {b"close", b"keep-alive", b""}
+
+
+class RequestIds:
+    """Request ids of 32 hex digits: a random per-process prefix and a counter (unique, and
+    cheap to make; compiled here because every request without an id of its own needs one)."""
+
+    def __init__(self) -> None:
+        self.prefix = os.urandom(8).hex().encode()
+        self.count = 0
+
+    def next(self) -> bytes:
+        self.count += 1
+        return self.prefix + b"%016x" % self.count
 
 
 def error_body(message: str, request_id: str) -> bytes:
