@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable
 from time import monotonic as _monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from apigate.engine.client import ClientConnection
 
 # Request headers the proxy regenerates or consumes itself, besides the hop-by-hop ones.
-_REQUEST_OWN = wire.HOP_BY_HOP | {
+_REQUEST_OWN: Final = wire.HOP_BY_HOP | {
     b"host",
     b"x-forwarded-for",
     b"x-forwarded-proto",
@@ -32,7 +32,7 @@ _REQUEST_OWN = wire.HOP_BY_HOP | {
     b"x-request-id",
     b"expect",
 }
-_SPECIAL = {
+_SPECIAL: Final = {
     b"host": 0,
     b"content-length": 1,
     b"transfer-encoding": 2,
@@ -44,13 +44,13 @@ _SPECIAL = {
     b"x-forwarded-host": 8,
 }
 # Response headers the proxy owns: hop-by-hop ones, and X-Request-ID (it sends its own).
-_RESPONSE_OWN = wire.HOP_BY_HOP | {b"x-request-id"}
+_RESPONSE_OWN: Final = wire.HOP_BY_HOP | {b"x-request-id"}
 # A buffered body is sent with its own Content-Length (a body hook may have replaced it).
-_REQUEST_OWN_BUFFERED = _REQUEST_OWN | {b"content-length"}
-_STATUS_101 = wire.status_line(101)
-_NO_PARAMS: dict[str, str] = {}
-_NO_HEADERS: list[tuple[bytes, bytes]] = []
-_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+_REQUEST_OWN_BUFFERED: Final = _REQUEST_OWN | {b"content-length"}
+_STATUS_101: Final = wire.status_line(101)
+_NO_PARAMS: Final[dict[str, str]] = {}
+_NO_HEADERS: Final[list[tuple[bytes, bytes]]] = []
+_IDEMPOTENT: Final = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 # A body this small is kept so the request can be replayed on another connection.
 REPLAY_LIMIT = 64 * 1024
 # An early answer keeps the connection if the unread request body is at most this big.

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 __all__ = ["MethodNotAllowed", "RouteEntry", "RouteMatch", "Router"]
 
@@ -129,7 +129,7 @@ _Variant = tuple[
 # (variants, params_table, remainder, prefix). A match copies a prebuilt params dict, which is
 # several times cheaper than dict(zip(names, values)) per request.
 _Group = tuple[tuple[_Variant, ...], tuple[dict[str, str], ...], str | None, str | None]
-_NO_PARAMS: tuple[dict[str, str], ...] = ({},)
+_NO_PARAMS: Final[tuple[dict[str, str], ...]] = ({},)
 
 
 class _Node:

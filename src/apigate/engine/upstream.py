@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 # Plain heads are read by the compiled reader; llhttp reads the rest (and all when uncompiled).
 READ_HEADS: Final = heads.COMPILED
 # A larger response head is left to llhttp, which has no limit of its own here.
-MAX_RESPONSE_HEAD = 64 * 1024
+MAX_RESPONSE_HEAD: Final = 64 * 1024
 
 
 class PoolTimeout(Exception):

@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import os
 from http import HTTPStatus
+from typing import Final
 
 import orjson
 
 # RFC 9110 §7.6.1: connection-specific fields never cross a proxy. ``proxy-connection`` is a
 # non-standard relic that some clients still send. ``te`` and ``trailer`` are per hop too.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -27,13 +28,13 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-METHODS = {
+METHODS: Final = {
     m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 }
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 # Every registered status's line, made once; the hot path reads this dict directly.
-STATUS_LINES: dict[int, bytes] = {
+STATUS_LINES: Final[dict[int, bytes]] = {
     code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()
 }
 
@@ -62,7 +63,9 @@ def serialize_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
     return b"".join(out)
 
 
-PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"})
+PLAIN_CONNECTION: Final = frozenset(
+    {b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"}
+)
 
 
 def connection_tokens(value: bytes) -> set[bytes] | None:
