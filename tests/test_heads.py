@@ -88,6 +88,8 @@ REQUESTS = [
     b"GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n",
     b"GET / HTTP/1.1\r\nX: caf\xc3\xa9\r\n\r\n",  # obs-text: llhttp accepts, left to it
     b"GET / HTTP/1.1\r\nX : a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX\xe9: a\r\n\r\n",  # a letter, but not ASCII
+    b"GET /caf\xe9 HTTP/1.1\r\n\r\n",
     b"GET / HTTP/1.1\r\nX(: a\r\n\r\n",
     b"GET / HTTP/1.1\r\nX: a\r\n folded\r\n\r\n",
     b"GET /a\tb HTTP/1.1\r\n\r\n",
@@ -160,12 +162,34 @@ def check_limits(heads: ModuleType) -> None:
     assert first == b"x-trace-id" and first is second
 
 
+def check_every_byte(heads: ModuleType) -> None:
+    """Each byte value in a target, a name, a value and a reason: read as llhttp reads it, or left to it."""
+    for byte in (bytes([b]) for b in range(256)):
+        for data in (
+            b"GET /a" + byte + b"b HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nA" + byte + b"b: v\r\n\r\n",
+            b"GET / HTTP/1.1\r\nA: v" + byte + b"w\r\n\r\n",
+        ):
+            got = heads.read_request(data, 8192)
+            if got is not None:
+                assert llhttp_request(data) == got[:5], data
+        for data in (
+            b"HTTP/1.1 200 O" + byte + b"K\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nA" + byte + b"b: v\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nA: v" + byte + b"w\r\nContent-Length: 0\r\n\r\n",
+        ):
+            got = heads.read_response(data, 8192)
+            if got is not None:
+                assert llhttp_response(data) == got[:3], data
+
+
 def check_all(heads: ModuleType) -> None:
     check_requests(heads)
     check_responses(heads)
     check_limits(heads)
+    check_every_byte(heads)
 
 
-@pytest.mark.parametrize("check", [check_requests, check_responses, check_limits])
+@pytest.mark.parametrize("check", [check_requests, check_responses, check_limits, check_every_byte])
 def test_reader_agrees_with_llhttp(check) -> None:
     check(source_heads)

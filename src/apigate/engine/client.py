@@ -1,4 +1,5 @@
-"""The client side: one asyncio Protocol per accepted connection, parsing with llhttp (httptools).
+"""The client side: one asyncio Protocol per accepted connection, parsing with llhttp (httptools),
+or, for plain heads in the compiled build, with engine/heads.py.
 
 Pipelined requests are parsed as they arrive but answered strictly in order: the first
 exchange in ``queue`` is active, later ones wait (their bodies buffered, reading paused).
@@ -57,6 +58,7 @@ class ClientConnection(wire.HeadReader):
     )
 
     def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
         self.gateway = gateway
         self.request_ids = gateway.request_ids  # kept here: a compiled attribute is cheaper to reach
         self.transport: asyncio.Transport | None = None

@@ -27,9 +27,9 @@ except ImportError:  # Cython builds this module; running it as Python does not 
 # target or a reason phrase of visible ASCII and spaces (a target without spaces, see below).
 _TOKEN = 1
 _TEXT = 2
+_TOKEN_CHARS = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ!#$%&'*+-.^_`|~"
 _CLASSES: bytes = bytes(
-    (_TOKEN | _TEXT if chr(c).isalnum() or chr(c) in "!#$%&'*+-.^_`|~" else _TEXT if 32 <= c < 127 else 0)
-    for c in range(256)
+    (_TOKEN | _TEXT if c in _TOKEN_CHARS else _TEXT if 32 <= c < 127 else 0) for c in range(256)
 )
 _CR = 13
 _LF = 10

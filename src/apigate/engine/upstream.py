@@ -2,7 +2,8 @@
 
 Written by hand on the proxy's hot path: a general-purpose HTTP client costs 3-4x here (see the
 design brief), while the proxy needs only one thing: write a request head, stream bytes, and
-feed what comes back to llhttp, with the connection returned to a per-target pool.
+read what comes back (plain heads with engine/heads.py when compiled, the rest with llhttp),
+with the connection returned to a per-target pool.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class UpstreamConnection(wire.HeadReader):
     )
 
     def __init__(self, pool: ConnectionPool) -> None:
+        super().__init__()
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)

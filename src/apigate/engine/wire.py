@@ -1,6 +1,7 @@
-"""HTTP/1.1 wire helpers shared by both sides of the proxy: header sets, status lines, error bodies.
+"""HTTP/1.1 wire helpers shared by both sides of the proxy: header sets, status lines, error
+bodies, request ids, and the reading of plain messages that both connection types share.
 
-Everything here is precomputed at import so the hot path only looks things up.
+The tables here are precomputed at import so the hot path only looks things up.
 """
 
 from __future__ import annotations
@@ -109,9 +110,11 @@ class HeadReader(asyncio.Protocol):
     that message (``parser_busy``, set from llhttp's callbacks).
     """
 
-    # Defaults on the class, so that the subclasses' __slots__ stay theirs.
-    parser_busy = False  # llhttp is inside a message: it reads everything until its end
-    body_left = 0  # body bytes still to come for a head read by plain_head
+    __slots__ = ("body_left", "parser_busy")
+
+    def __init__(self) -> None:
+        self.parser_busy = False  # llhttp is inside a message: it reads everything until its end
+        self.body_left = 0  # body bytes still to come for a head read by plain_head
 
     def read_plain(self, data: bytes) -> bytes:
         while True:
