@@ -1,11 +1,12 @@
-"""Build hook: compile the data plane's hot modules with mypyc when installing for use.
+"""Build hook: compile the data plane's hot modules when installing for use.
 
 The engine is plain, fully annotated Python; mypyc turns the classes of these modules into C
 extension types with native attribute access, which measured about 1.35x the proxy's
-requests/s (docs/benchmarks.md). The Python sources stay the reference: editable installs
-(development) and ``APIGATE_PURE=1`` skip compiling, so an edited .py is never shadowed by a
-stale build, and a build that cannot compile falls back to the pure-Python engine.
-Compiling happens inside build_ext only, so metadata steps stay fast.
+requests/s (docs/benchmarks.md). Cython compiles the head reader (engine/heads.py, typed by
+its .pxd), a byte loop that is only worth running as C. The Python sources stay the reference:
+editable installs (development) and ``APIGATE_PURE=1`` skip compiling, so an edited .py is
+never shadowed by a stale build, and a build that cannot compile falls back to the
+pure-Python engine. Compiling happens inside build_ext only, so metadata steps stay fast.
 """
 
 from __future__ import annotations
@@ -19,9 +20,33 @@ from setuptools.command.build_ext import build_ext
 COMPILED = [
     "src/apigate/engine/client.py",
     "src/apigate/engine/exchange.py",
+    "src/apigate/engine/router.py",
+    "src/apigate/engine/stats.py",
     "src/apigate/engine/upstream.py",
     "src/apigate/engine/wire.py",
 ]
+COMPILED_BY_CYTHON = ["src/apigate/engine/heads.py"]
+
+
+def compile_with_mypyc() -> list:
+    try:
+        from mypyc.build import mypycify
+
+        # Only the compiled modules must type-check; the rest is read for types, not judged.
+        return mypycify(["--ignore-missing-imports", "--follow-imports=silent", *COMPILED], opt_level="3")
+    except (ImportError, SystemExit, Exception) as exc:  # the modules stay Python and still work
+        print(f"apigate: engine classes stay Python ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return []
+
+
+def compile_with_cython() -> list:
+    try:
+        from Cython.Build import cythonize
+
+        return cythonize(COMPILED_BY_CYTHON, compiler_directives={"language_level": 3}, quiet=True)
+    except (ImportError, Exception) as exc:  # llhttp then reads every head
+        print(f"apigate: the head reader stays Python ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return []
 
 
 class CompileEngine(build_ext):
@@ -30,17 +55,7 @@ class CompileEngine(build_ext):
         editable = self.inplace or self.editable_mode or "editable_wheel" in sys.argv
         skip = editable or os.environ.get("APIGATE_PURE") == "1"
         if not skip:
-            try:
-                from mypyc.build import mypycify
-
-                # Only the compiled modules must type-check; the rest is read for types, not judged.
-                self.distribution.ext_modules = mypycify(
-                    ["--ignore-missing-imports", "--follow-imports=silent", *COMPILED], opt_level="3"
-                )
-            except (ImportError, SystemExit, Exception) as exc:  # the pure-Python engine still works
-                print(
-                    f"apigate: building the pure-Python engine ({type(exc).__name__}: {exc})", file=sys.stderr
-                )
+            self.distribution.ext_modules = [*compile_with_mypyc(), *compile_with_cython()]
         super().finalize_options()
 
 

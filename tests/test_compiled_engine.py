@@ -1,4 +1,4 @@
-"""The engine as `pip install .` builds it (mypyc-compiled modules) proxies like the sources do.
+"""The engine as `pip install .` builds it (compiled modules) proxies like the sources do.
 
 mypyc checks annotations at run time, so a wrong one that plain Python ignores would break only
 the installed build; this runs a real gateway from a compiled build through the main paths.
@@ -18,6 +18,7 @@ from pathlib import Path
 import orjson
 
 from tests.support.gateway import GatewayProcess
+from tests.support.proxy_http import RawConnection
 from tests.support.upstream import UpstreamServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +27,8 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "apigat
 
 def compiled_build() -> Path:
     digest = hashlib.sha256()
-    for path in [*sorted((ROOT / "src" / "apigate").rglob("*.py")), ROOT / "setup.py"]:
+    sources = [p for p in sorted((ROOT / "src" / "apigate").rglob("*")) if p.suffix in (".py", ".pxd")]
+    for path in [*sources, ROOT / "setup.py"]:
         digest.update(path.read_bytes())
     build = CACHE / digest.hexdigest()[:16]
     if (build / "apigate").is_dir():
@@ -66,7 +68,12 @@ def test_compiled_engine_serves_the_main_paths(tmp_path: Path, upstream: Upstrea
         tmp_path,
         {
             "routes": [
-                {"path": "/api/*", "target": upstream.url, "strip_prefix": True, "methods": ["GET", "POST"]},
+                {
+                    "path": "/api/*",
+                    "target": upstream.url,
+                    "strip_prefix": True,
+                    "methods": ["GET", "HEAD", "POST"],
+                },
                 {"path": "/users/{id}", "target": upstream.url, "rewrite": "/echo/{id}"},
             ]
         },
@@ -102,5 +109,36 @@ def test_compiled_engine_serves_the_main_paths(tmp_path: Path, upstream: Upstrea
         assert response.status == 404
         response.read()
         conn.close()
+
+        # The compiled head reader: pipelined heads, a body split across sends, bodies the
+        # upstream writes apart from its head, HEAD, and what it leaves to llhttp.
+        with RawConnection(gateway.port) as raw:
+            post = raw.request("POST", "/api/echo", body=b"b" * 1000)
+            raw.send(raw.request("GET", "/api/echo?n=1") + raw.request("HEAD", "/api/sized/10") + post[:-600])
+            raw.send(post[-600:])
+            assert orjson.loads(raw.read_response().body)["query"] == "n=1"
+            head = raw.read_response("HEAD")
+            assert head.status == 200 and head.header("content-length") == "10"
+            assert orjson.loads(raw.read_response().body)["body_length"] == 1000
+            raw.send(raw.request("GET", "/api/status/404") + raw.request("GET", "/api/bytes/200000"))
+            assert raw.read_response().status == 404
+            download = raw.read_response()
+            assert download.body == b"x" * 200_000, download.body[:200]
+            raw.send(raw.request("GET", "/api/chunked/3", {"X-Note": "\u00e9t\u00e9"}))
+            assert raw.read_response().body == b"chunk-0\nchunk-1\nchunk-2\n"
+            raw.send(b"GET /api/echo HTTP/1.1\r\nHost: x\r\nX: a\nY: b\r\n\r\n")
+            assert raw.read_response().status == 400
     finally:
         assert gateway.stop() == 0, gateway.output()
+
+
+def test_compiled_head_reader_agrees_with_llhttp() -> None:
+    checks = "from apigate.engine import heads; from tests.test_heads import check_all; "
+    checks += "assert heads.COMPILED, heads.__file__; check_all(heads)"
+    done = subprocess.run(
+        [sys.executable, "-c", checks],
+        env={**os.environ, "PYTHONPATH": f"{compiled_build()}{os.pathsep}{ROOT}"},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -17,10 +17,10 @@ def _ruff(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_check_is_clean() -> None:
-    result = _ruff("check", "src", "tests", "bench/run")
+    result = _ruff("check", "src", "tests", "bench/run", "bench/cost")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_ruff_format_is_clean() -> None:
-    result = _ruff("format", "--check", "src", "tests", "bench/run")
+    result = _ruff("format", "--check", "src", "tests", "bench/run", "bench/cost")
     assert result.returncode == 0, result.stdout + result.stderr

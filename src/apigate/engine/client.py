@@ -1,4 +1,5 @@
-"""The client side: one asyncio Protocol per accepted connection, parsing with llhttp (httptools).
+"""The client side: one asyncio Protocol per accepted connection, parsing with llhttp (httptools),
+or, for plain heads in the compiled build, with engine/heads.py.
 
 Pipelined requests are parsed as they arrive but answered strictly in order: the first
 exchange in ``queue`` is active, later ones wait (their bodies buffered, reading paused).
@@ -9,22 +10,26 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import httptools
 
-from apigate.engine import wire
+from apigate.engine import heads, wire
 from apigate.engine.exchange import Exchange
 
 if TYPE_CHECKING:
     from apigate.engine.server import Gateway
 
 
+# Plain heads are read by the compiled reader; llhttp reads the rest (and all when uncompiled).
+READ_HEADS: Final = heads.COMPILED
+
+
 class HeadersTooLarge(Exception):
     pass
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(wire.HeadReader):
     PAUSE_BODY = 1  # request body waiting for an upstream connection
     PAUSE_PIPELINE = 2  # a pipelined request waits behind the active one
     PAUSE_UPSTREAM = 4  # the upstream socket is not taking more request body
@@ -44,6 +49,7 @@ class ClientConnection(asyncio.Protocol):
         "queue",
         "quiet_since",
         "read_pauses",
+        "request_ids",
         "seen",
         "transport",
         "tunnel",
@@ -52,7 +58,9 @@ class ClientConnection(asyncio.Protocol):
     )
 
     def __init__(self, gateway: Gateway) -> None:
+        super().__init__()
         self.gateway = gateway
+        self.request_ids = gateway.request_ids  # kept here: a compiled attribute is cheaper to reach
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()
@@ -98,6 +106,10 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.tunnel_to_upstream(data)
             return
+        if READ_HEADS and not self.parser_busy:
+            data = self.read_plain(data)
+            if not data:
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -135,7 +147,24 @@ class ClientConnection(asyncio.Protocol):
         if exchange is not None and exchange.upstream is not None:
             exchange.upstream.pause_reading(False)
 
-    # -- llhttp callbacks (no on_message_begin: state is reset when a head completes) -------------
+    def plain_head(self, data: bytes) -> int:
+        if self.closed or self.tunnel is not None:
+            return -1
+        head = heads.read_request(data, self.gateway.max_header_bytes)
+        if head is None:
+            return -1
+        method, target, headers, version, keep_alive, length, end = head
+        self.head_complete(method, target, headers, version, keep_alive, False, False)
+        if length:
+            self.body_left = length
+        else:
+            self.on_message_complete()
+        return end
+
+    # -- llhttp callbacks (reached only for the heads that read_plain leaves to llhttp) -----------
+    def on_message_begin(self) -> None:
+        self.parser_busy = True
+
     def on_url(self, url: bytes) -> None:
         self.url += url
         self.header_bytes += len(url)
@@ -152,24 +181,36 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         raw_method = parser.get_method()
         method = wire.METHODS.get(raw_method)
-        path, raw_path, query = split_target(self.url)
-        exchange = Exchange(
-            self,
-            method or raw_method.decode("latin-1"),
-            path or "/",
-            raw_path,
-            query,
-            self.headers,
-            parser.get_http_version(),
-            parser.should_keep_alive(),
-            parser.should_upgrade(),
-        )
+        url, headers = self.url, self.headers
         self.url = b""
         self.headers = []
         self.header_bytes = 0
+        self.head_complete(
+            method or raw_method.decode("latin-1"),
+            url,
+            headers,
+            parser.get_http_version(),
+            parser.should_keep_alive(),
+            parser.should_upgrade(),
+            method is None,
+        )
+
+    def head_complete(
+        self,
+        method: str,
+        url: bytes,
+        headers: list[tuple[bytes, bytes]],
+        version: str,
+        keep_alive: bool,
+        upgrade: bool,
+        unknown_method: bool,
+    ) -> None:
+        """A request head is read: queue its exchange, and start it if it is first in line."""
+        path, raw_path, query = split_target(url)
+        exchange = Exchange(self, method, path or "/", raw_path, query, headers, version, keep_alive, upgrade)
         self.parsing = exchange
         self.queue.append(exchange)
-        if method is None or path is None:
+        if unknown_method or path is None:
             exchange.close_after = True
             if len(self.queue) == 1:
                 exchange.fail(400 if path is None else 501, "unsupported request target or method")
@@ -185,6 +226,7 @@ class ClientConnection(asyncio.Protocol):
             exchange.on_request_body(body)
 
     def on_message_complete(self) -> None:
+        self.parser_busy = False
         exchange = self.parsing
         self.parsing = None
         if exchange is not None:
@@ -267,6 +309,7 @@ class ClientConnection(asyncio.Protocol):
         if active is not None and not active.finished:
             # Earlier requests still get their answers; the bad one ends the connection after them.
             self.parser = httptools.HttpRequestParser(self)
+            self.parser_busy = False
             self.url, self.headers, self.header_bytes = b"", [], 0
             self.set_read_paused(self.PAUSE_PIPELINE, True)
             active.close_after = True

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable
 from time import monotonic as _monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from apigate.engine.client import ClientConnection
 
 # Request headers the proxy regenerates or consumes itself, besides the hop-by-hop ones.
-_REQUEST_OWN = wire.HOP_BY_HOP | {
+_REQUEST_OWN: Final = wire.HOP_BY_HOP | {
     b"host",
     b"x-forwarded-for",
     b"x-forwarded-proto",
@@ -32,7 +32,7 @@ _REQUEST_OWN = wire.HOP_BY_HOP | {
     b"x-request-id",
     b"expect",
 }
-_SPECIAL = {
+_SPECIAL: Final = {
     b"host": 0,
     b"content-length": 1,
     b"transfer-encoding": 2,
@@ -44,13 +44,13 @@ _SPECIAL = {
     b"x-forwarded-host": 8,
 }
 # Response headers the proxy owns: hop-by-hop ones, and X-Request-ID (it sends its own).
-_RESPONSE_OWN = wire.HOP_BY_HOP | {b"x-request-id"}
+_RESPONSE_OWN: Final = wire.HOP_BY_HOP | {b"x-request-id"}
 # A buffered body is sent with its own Content-Length (a body hook may have replaced it).
-_REQUEST_OWN_BUFFERED = _REQUEST_OWN | {b"content-length"}
-_STATUS_101 = wire.status_line(101)
-_NO_PARAMS: dict[str, str] = {}
-_NO_HEADERS: list[tuple[bytes, bytes]] = []
-_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+_REQUEST_OWN_BUFFERED: Final = _REQUEST_OWN | {b"content-length"}
+_STATUS_101: Final = wire.status_line(101)
+_NO_PARAMS: Final[dict[str, str]] = {}
+_NO_HEADERS: Final[list[tuple[bytes, bytes]]] = []
+_IDEMPOTENT: Final = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 # A body this small is kept so the request can be replayed on another connection.
 REPLAY_LIMIT = 64 * 1024
 # An early answer keeps the connection if the unread request body is at most this big.
@@ -188,7 +188,7 @@ class Exchange:
         self.connection_tokens = tokens
         self.xff = xff
         gateway = client.gateway
-        self.rid = rid if rid is not None and _sane_id(rid) else gateway.next_request_id()
+        self.rid = rid if rid is not None and _sane_id(rid) else client.request_ids.next()
         trusted = client.peer_trusted
         self.client_ip = (
             gateway.client_ip_from(client.peer_ip, xff, self.snapshot) if trusted and xff else client.peer_ip
@@ -340,7 +340,7 @@ class Exchange:
         if group is None:
             self.fail(500, "this route has no upstream and no policy answered the request")
             return
-        target = group.pick(self.target if self.attempt else None)
+        target = group.single or group.pick(self.target if self.attempt else None)
         self.target = target
         self.attempt += 1
         conn = target.pool.take_idle()
@@ -422,23 +422,31 @@ class Exchange:
         if self.query:
             path += b"?" + self.query
         host = self.host.encode("latin-1") if route.preserve_host and self.host else target.host_header
-        out = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (self.method.encode(), path, host)]
+        # Pieces joined once at the end: cheaper than formatting each line.
+        out = [self.method.encode(), b" ", path, b" HTTP/1.1\r\nhost: ", host, b"\r\n"]
         tokens = self.connection_tokens
         own = _REQUEST_OWN if self.body is None else _REQUEST_OWN_BUFFERED
-        for pair in self.headers:
-            name = pair[0]
+        for name, value in self.headers:
             if name in own or (tokens is not None and name in tokens):
                 continue
-            out.append(b"%s: %s\r\n" % pair)
+            out.append(name)
+            out.append(b": ")
+            out.append(value)
+            out.append(b"\r\n")
         if self.body is not None:
             out.append(b"content-length: %d\r\n" % len(self.body))
         peer = self.client.peer_ip_bytes
-        out.append(
-            b"x-forwarded-for: %s\r\nx-forwarded-proto: %s\r\nvia: 1.1 apigate\r\nx-request-id: %s\r\n"
-            % (self.xff + b", " + peer if self.xff else peer, self.forwarded_proto, self.rid)
+        out += (
+            b"x-forwarded-for: ",
+            self.xff + b", " + peer if self.xff else peer,
+            b"\r\nx-forwarded-proto: ",
+            self.forwarded_proto,
+            b"\r\nvia: 1.1 apigate\r\nx-request-id: ",
+            self.rid,
+            b"\r\n",
         )
         if self.forwarded_host is not None:
-            out.append(b"x-forwarded-host: %s\r\n" % self.forwarded_host)
+            out += (b"x-forwarded-host: ", self.forwarded_host, b"\r\n")
         if self.upgrade:
             out.append(b"connection: upgrade\r\nupgrade: %s\r\n" % (self.header(b"upgrade") or b""))
         elif self.request_chunked:
@@ -521,12 +529,11 @@ class Exchange:
             for hook in route.response_hooks:
                 hook(self)
             kept = self.response_headers
-        block = b"".join([b"%s: %s\r\n" % pair for pair in kept])
         if status == 101:
             self.response_started = True
             client.write(
                 _STATUS_101
-                + block
+                + wire.serialize_headers(kept)
                 + b"connection: upgrade\r\nupgrade: %s\r\n\r\n" % (self.header(b"upgrade") or b"")
             )
             # A tunnel lives as long as it is used: no total deadline, only the read (idle) timeout.
@@ -534,14 +541,16 @@ class Exchange:
             client.start_tunnel(self)
             return
         self.response_started = True
-        line = wire.STATUS_LINES.get(status) or wire.status_line(status)
+        head = [wire.STATUS_LINES.get(status) or wire.status_line(status)]
+        wire.add_headers(head, kept)
         if (
             length_known
             and self.keep_alive
             and self.version == "1.1"
             and not (self.upgrade or self.close_after or client.draining)
         ):
-            client.write(line + block + b"\r\n")  # the common case: nothing to add
+            head.append(b"\r\n")  # the common case: nothing to add
+            client.write(b"".join(head))
             return
         if self.upgrade:  # the upstream declined the upgrade: answer, then close
             self.close_after = True
@@ -559,7 +568,8 @@ class Exchange:
             self.close_after = True
         elif self.version == "1.0":
             trailer += b"connection: keep-alive\r\n"
-        client.write(line + block + trailer + b"\r\n")
+        head.append(trailer + b"\r\n")
+        client.write(b"".join(head))
 
     def on_response_body(self, data: bytes) -> None:
         self.bytes_out += len(data)

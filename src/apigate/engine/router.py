@@ -61,6 +61,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, Final
 
 __all__ = ["MethodNotAllowed", "RouteEntry", "RouteMatch", "Router"]
 
@@ -70,21 +71,36 @@ class RouteEntry:
     """One route as the router sees it; ``payload`` is opaque (the compiled route)."""
 
     path: str
-    payload: object
+    payload: Any
     hosts: tuple[str, ...] = ()
     methods: frozenset[str] | None = None
     headers: tuple[tuple[bytes, bytes | None], ...] = ()
     order: int = 0
 
 
-@dataclass(slots=True)
 class RouteMatch:
     """A successful match; a fresh object (and ``params`` dict) on every call."""
 
-    payload: object
-    params: dict[str, str]
-    remainder: str | None
-    prefix: str | None
+    # A plain class rather than a dataclass: made once per request, and compiled, its own
+    # __init__ is several times cheaper than the one dataclass generates.
+    __slots__ = ("params", "payload", "prefix", "remainder")
+
+    def __init__(
+        self, payload: Any, params: dict[str, str], remainder: str | None, prefix: str | None
+    ) -> None:
+        self.payload = payload
+        self.params = params
+        self.remainder = remainder
+        self.prefix = prefix
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RouteMatch) and (
+            (self.payload, self.params, self.remainder, self.prefix)
+            == (other.payload, other.params, other.remainder, other.prefix)
+        )
+
+    def __repr__(self) -> str:
+        return f"RouteMatch({self.payload!r}, {self.params!r}, {self.remainder!r}, {self.prefix!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +129,7 @@ _Variant = tuple[
 # (variants, params_table, remainder, prefix). A match copies a prebuilt params dict, which is
 # several times cheaper than dict(zip(names, values)) per request.
 _Group = tuple[tuple[_Variant, ...], tuple[dict[str, str], ...], str | None, str | None]
-_NO_PARAMS: tuple[dict[str, str], ...] = ({},)
+_NO_PARAMS: Final[tuple[dict[str, str], ...]] = ({},)
 
 
 class _Node:
@@ -124,8 +140,8 @@ class _Node:
         self.param: _Node | None = None
         # Variants whose templated pattern ends here / whose prefix pattern ends here. Lists
         # while building, sorted tuples afterwards.
-        self.terminal: list | tuple = []
-        self.prefix: list | tuple = []
+        self.terminal: Any = []
+        self.prefix: Any = []
         # Distinct param-name tuples of those variants, indexed by their params_slot.
         self.terminal_names: tuple[tuple[str, ...], ...] = ()
         self.prefix_names: tuple[tuple[str, ...], ...] = ()
@@ -315,7 +331,7 @@ def _params_table(names_table: tuple[tuple[str, ...], ...], values: list[str]) -
     return tuple(dict(zip(names, values, strict=True)) for names in names_table)
 
 
-def _first(item: tuple) -> object:
+def _first(item: tuple[Any, ...]) -> Any:
     return item[0]
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -18,7 +17,7 @@ from typing import Any
 
 from apigate.config.compile import Snapshot, compile_snapshot
 from apigate.config.models import GatewayConfig
-from apigate.engine import builtin
+from apigate.engine import builtin, wire
 from apigate.engine.client import ClientConnection
 from apigate.engine.exchange import Exchange, Reply
 from apigate.engine.stats import Stats
@@ -46,8 +45,7 @@ class Gateway:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.draining = False
         self.server: asyncio.AbstractServer | None = None
-        self._id_prefix = os.urandom(8).hex().encode()
-        self._id_counter = 0
+        self.request_ids = wire.RequestIds()
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweeps = 0
         self.snapshot: Snapshot
@@ -93,9 +91,7 @@ class Gateway:
         return hops[0] if hops else peer
 
     def next_request_id(self) -> bytes:
-        """32 hex digits: a random per-process prefix and a counter (unique, and cheap to make)."""
-        self._id_counter += 1
-        return self._id_prefix + b"%016x" % self._id_counter
+        return self.request_ids.next()
 
     # -- running ---------------------------------------------------------------------------------
     async def start_services(self) -> None:

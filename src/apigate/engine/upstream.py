@@ -2,7 +2,8 @@
 
 Written by hand on the proxy's hot path: a general-purpose HTTP client costs 3-4x here (see the
 design brief), while the proxy needs only one thing: write a request head, stream bytes, and
-feed what comes back to llhttp, with the connection returned to a per-target pool.
+read what comes back (plain heads with engine/heads.py when compiled, the rest with llhttp),
+with the connection returned to a per-target pool.
 """
 
 from __future__ import annotations
@@ -10,19 +11,27 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import httptools
 
+from apigate.engine import heads, wire
+
 if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
+
+
+# Plain heads are read by the compiled reader; llhttp reads the rest (and all when uncompiled).
+READ_HEADS: Final = heads.COMPILED
+# A larger response head is left to llhttp, which has no limit of its own here.
+MAX_RESPONSE_HEAD: Final = 64 * 1024
 
 
 class PoolTimeout(Exception):
     """No connection slot freed up within the connect timeout."""
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(wire.HeadReader):
     __slots__ = (
         "closed",
         "exchange",
@@ -38,6 +47,7 @@ class UpstreamConnection(asyncio.Protocol):
     )
 
     def __init__(self, pool: ConnectionPool) -> None:
+        super().__init__()
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -74,7 +84,10 @@ class UpstreamConnection(asyncio.Protocol):
         client = exchange.client
         client.cork()
         try:
-            self.parser.feed_data(data)
+            if READ_HEADS and not self.parser_busy:
+                data = self.read_plain(data)
+            if data:
+                self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             self.tunnel = True
             rest = data[upgrade.args[0] :]
@@ -90,7 +103,24 @@ class UpstreamConnection(asyncio.Protocol):
             # llhttp cannot be told a response answers HEAD, so it would wait for a body that
             # never comes; a fresh parser starts the next response cleanly.
             self.reset_parser = False
+            self.parser_busy = False
             self.parser = httptools.HttpResponseParser(self)
+
+    def plain_head(self, data: bytes) -> int:
+        exchange = self.exchange
+        if exchange is None:
+            self.close()  # a response nobody asked for: the upstream is broken
+            return len(data)
+        head = heads.read_response(data, MAX_RESPONSE_HEAD)
+        if head is None:
+            return -1
+        status, headers, keep_alive, length, end = head
+        exchange.on_response_head(status, headers, keep_alive)
+        if length and not self.head_only:
+            self.body_left = length
+        else:
+            self.on_message_complete()
+        return end
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
@@ -100,7 +130,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self.exchange is not None:
             self.exchange.upstream_write_paused(False)
 
-    # -- llhttp callbacks (headers reset once handed over: no on_message_begin) ------------
+    # -- llhttp callbacks (reached only for the responses that read_plain leaves to llhttp) -----
+    def on_message_begin(self) -> None:
+        self.parser_busy = True
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value))
 
@@ -123,6 +156,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.exchange.on_response_body(body)
 
     def on_message_complete(self) -> None:
+        self.parser_busy = False
         if self.interim:
             self.interim = False
             return

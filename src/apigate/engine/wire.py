@@ -1,17 +1,21 @@
-"""HTTP/1.1 wire helpers shared by both sides of the proxy: header sets, status lines, error bodies.
+"""HTTP/1.1 wire helpers shared by both sides of the proxy: header sets, status lines, error
+bodies, request ids, and the reading of plain messages that both connection types share.
 
-Everything here is precomputed at import so the hot path only looks things up.
+The tables here are precomputed at import so the hot path only looks things up.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 from http import HTTPStatus
+from typing import Final
 
 import orjson
 
 # RFC 9110 §7.6.1: connection-specific fields never cross a proxy. ``proxy-connection`` is a
 # non-standard relic that some clients still send. ``te`` and ``trailer`` are per hop too.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -25,13 +29,13 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-METHODS = {
+METHODS: Final = {
     m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 }
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 # Every registered status's line, made once; the hot path reads this dict directly.
-STATUS_LINES: dict[int, bytes] = {
+STATUS_LINES: Final[dict[int, bytes]] = {
     code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()
 }
 
@@ -44,11 +48,25 @@ def status_line(status: int) -> bytes:
     return line
 
 
+def add_headers(out: list[bytes], headers: list[tuple[bytes, bytes]]) -> None:
+    """Append the lines of ``headers`` to ``out`` as pieces; one join makes the head at the end
+    (cheaper than formatting each line)."""
+    for name, value in headers:
+        out.append(name)
+        out.append(b": ")
+        out.append(value)
+        out.append(b"\r\n")
+
+
 def serialize_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
-    return b"".join([b"%s: %s\r\n" % pair for pair in headers])
+    out: list[bytes] = []
+    add_headers(out, headers)
+    return b"".join(out)
 
 
-PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"})
+PLAIN_CONNECTION: Final = frozenset(
+    {b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"}
+)
 
 
 def connection_tokens(value: bytes) -> set[bytes] | None:
@@ -56,6 +74,19 @@ def connection_tokens(value: bytes) -> set[bytes] | None:
     if value in PLAIN_CONNECTION:
         return None
     return {t.strip().lower() for t in value.split(b",")} - {b"close", b"keep-alive", b""}
+
+
+class RequestIds:
+    """Request ids of 32 hex digits: a random per-process prefix and a counter (unique, and
+    cheap to make; compiled here because every request without an id of its own needs one)."""
+
+    def __init__(self) -> None:
+        self.prefix = os.urandom(8).hex().encode()
+        self.count = 0
+
+    def next(self) -> bytes:
+        self.count += 1
+        return self.prefix + b"%016x" % self.count
 
 
 def error_body(message: str, request_id: str) -> bytes:
@@ -68,3 +99,51 @@ def chunk(data: bytes) -> bytes:
 
 LAST_CHUNK = b"0\r\n\r\n"
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class HeadReader(asyncio.Protocol):
+    """A connection that reads plain messages itself and leaves the rest to llhttp.
+
+    ``read_plain`` takes the plain messages off the front of incoming data: a head through
+    ``plain_head`` (the subclass asks engine/heads.py, a compiled reader), a Content-Length
+    body counted here. What it returns is for llhttp, which then reads on until the end of
+    that message (``parser_busy``, set from llhttp's callbacks).
+    """
+
+    __slots__ = ("body_left", "parser_busy")
+
+    def __init__(self) -> None:
+        self.parser_busy = False  # llhttp is inside a message: it reads everything until its end
+        self.body_left = 0  # body bytes still to come for a head read by plain_head
+
+    def read_plain(self, data: bytes) -> bytes:
+        while True:
+            left = self.body_left
+            if left:
+                if len(data) < left:
+                    self.body_left = left - len(data)
+                    self.on_body(data)
+                    return b""
+                self.body_left = 0
+                self.on_body(data[:left] if len(data) > left else data)
+                data = data[left:]
+                self.on_message_complete()
+                if not data:
+                    return b""
+            end = self.plain_head(data)
+            if end < 0:
+                return data
+            data = data[end:]
+            if not data:
+                return b""
+
+    def plain_head(self, data: bytes) -> int:
+        """Handle the plain head at the start of ``data``; returns where it ends, or -1 to leave
+        it to llhttp. Sets ``body_left``, or completes a message without a body."""
+        raise NotImplementedError
+
+    def on_body(self, body: bytes) -> None:
+        raise NotImplementedError
+
+    def on_message_complete(self) -> None:
+        raise NotImplementedError
