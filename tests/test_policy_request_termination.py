@@ -6,6 +6,7 @@ import pytest
 
 from apigate.config.loader import ConfigError, load_config
 from tests.support.errors_helpers import request
+from tests.support.proxy_http import RawConnection
 
 
 def test_route_without_target_answers_with_the_configured_status(start_gateway) -> None:
@@ -42,3 +43,17 @@ def test_bad_settings_are_config_errors_naming_the_field(settings: dict, field: 
     with pytest.raises(ConfigError) as caught:
         load_config(text=text, environ={})
     assert f"routes[0].policies.request-termination.{field}" in str(caught.value)
+
+
+def test_an_early_answer_to_a_client_awaiting_100_continue_closes_the_connection(start_gateway) -> None:
+    """The client may never send the body it announced: its next bytes could be read as that body."""
+    gateway = start_gateway({"routes": [{"path": "/closed", "policies": {"request-termination": None}}]})
+    with RawConnection(gateway.port) as conn:
+        conn.send(conn.request("POST", "/closed", {"Expect": "100-continue", "Content-Length": "10"}))
+        response = conn.read_response("POST")
+        assert response.status == 503  # the final answer, and no 100 before it
+        assert (response.header("connection") or "").lower() == "close"
+        assert conn.closed_by_peer()
+    with RawConnection(gateway.port) as conn:  # without Expect, a small body keeps the connection
+        assert conn.exchange("POST", "/closed", body=b"0123456789").status == 503
+        assert conn.is_open()

@@ -333,6 +333,7 @@ class Exchange:
 
     def go_upstream(self) -> None:
         if self.expect_continue and not self.request_done:
+            self.expect_continue = False  # the 100 is owed once
             self.client.write(wire.CONTINUE_100)
         route = self.route
         assert route is not None
@@ -655,10 +656,15 @@ class Exchange:
             for hook in self.route.response_hooks:
                 hook(self)
         if not self.request_done and (
-            self.request_chunked or (self.content_length or 0) > DISCARD_LIMIT or self.upgrade
+            self.request_chunked
+            or (self.content_length or 0) > DISCARD_LIMIT
+            or self.upgrade
+            or self.expect_continue
         ):
             # A small unread body is read and dropped to keep the connection; a large or
-            # unbounded one would cost more than a new connection.
+            # unbounded one would cost more than a new connection. A client still waiting for
+            # 100 Continue may never send its body (RFC 9110 §10.1.1): what it sends next could
+            # be read as that body, so the connection ends.
             self.close_after = True
         closing = self.close_after or not self.keep_alive or self.client.draining
         body = b"" if self.method == "HEAD" else reply.body
