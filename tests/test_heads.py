@@ -97,6 +97,8 @@ REQUESTS = [
     b"GET / HTTP/1.2\r\n\r\n",
     b"GET / HTTP/1.1\n\r\n",
     b"get / HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nProxy-Connection: close\r\n\r\n",  # llhttp reads it as Connection
+    b"GET / HTTP/1.0\r\nProxy-Connection: keep-alive\r\n\r\n",
 ]
 
 RESPONSES = [
@@ -123,6 +125,7 @@ RESPONSES = [
     b"HTTP/1.1 200 O\x01K\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nConnection: close, x-hop\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 304 Not Modified\r\nProxy-Connection: close\r\n\r\n",
 ]
 
 
@@ -152,8 +155,17 @@ def check_responses(heads: ModuleType) -> None:
 
 def check_limits(heads: ModuleType) -> None:
     request = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
-    assert heads.read_request(request, len(request)) is not None
-    assert heads.read_request(request, len(request) - 1) is None  # llhttp answers 431
+    # The reader keeps a byte a header of margin below the limit; closer, llhttp decides (431 or not).
+    assert heads.read_request(request, len(request) + 1) is not None
+    assert heads.read_request(request, len(request)) is None
+    # Headers without a space after the colon: llhttp counts 4 bytes each beyond name and value,
+    # one more than they take; near the limit the reader leaves the 431 decision to llhttp.
+    tight = b"GET / HTTP/1.1\r\n" + b"a:\r\n" * 2043 + b"\r\n"
+    assert len(tight) <= 8192 and heads.read_request(tight, 8192) is None
+    assert (
+        heads.read_response(b"HTTP/1.1 200 OK\r\n" + b"a:\r\n" * 2040 + b"Content-Length: 0\r\n\r\n", 8192)
+        is None
+    )
     pipelined = request + b"GET /2 HTTP/1.1\r\n\r\n"
     assert heads.read_request(pipelined, 8192)[-1] == len(request)
     # Names are lowercased, and the same name object is shared between heads.

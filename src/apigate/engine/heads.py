@@ -54,6 +54,7 @@ _FRAMING: dict[bytes, int] = {
     b"connection": _CONNECTION,
     b"transfer-encoding": _REFUSED,
     b"upgrade": _REFUSED,
+    b"proxy-connection": _REFUSED,  # llhttp reads it as Connection: left to it, rare as it is
 }
 _METHODS: dict[bytes, str] = {
     m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -165,6 +166,10 @@ def read_request(data: bytes, limit: int) -> tuple | None:
     if found is None:
         return None
     end, headers, length, close, keep_alive = found
+    if end + len(headers) > limit:
+        return (
+            None  # near the limit, llhttp's own count (4 bytes a header beyond name and value) decides on 431
+        )
     keep_alive = keep_alive if version == "1.0" else not close
     return method, s[start:p], headers, version, keep_alive, max(length, 0), end
 
@@ -194,6 +199,8 @@ def read_response(data: bytes, limit: int) -> tuple | None:
     if found is None:
         return None
     end, headers, length, close, keep_alive = found
+    if end + len(headers) > limit:
+        return None  # as for requests: llhttp decides near the limit
     if status == 204 or status == 304:
         length = 0
     elif length < 0:
