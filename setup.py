@@ -2,7 +2,8 @@
 
 The engine is plain, fully annotated Python; mypyc turns the classes of these modules into C
 extension types with native attribute access, which measured about 1.35x the proxy's
-requests/s (docs/benchmarks.md). Cython compiles the head reader (engine/heads.py, typed by
+requests/s (docs/benchmarks.md); the policies' per-request paths (``policies/*/hotpath.py``, kept
+free of pydantic) are compiled with them. Cython compiles the head reader (engine/heads.py, typed by
 its .pxd), a byte loop that is only worth running as C. The Python sources stay the reference:
 editable installs (development) and ``APIGATE_PURE=1`` skip compiling, so an edited .py is
 never shadowed by a stale build, and a build that cannot compile falls back to the
@@ -24,6 +25,9 @@ COMPILED = [
     "src/apigate/engine/stats.py",
     "src/apigate/engine/upstream.py",
     "src/apigate/engine/wire.py",
+    "src/apigate/policies/headers/hotpath.py",
+    "src/apigate/policies/jwt/hotpath.py",
+    "src/apigate/policies/key_auth/hotpath.py",
 ]
 COMPILED_BY_CYTHON = ["src/apigate/engine/heads.py"]
 

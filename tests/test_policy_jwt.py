@@ -536,12 +536,14 @@ def test_cache_hit_needs_no_signature_check_and_no_await(monkeypatch):
 
 def test_cached_token_expires_with_its_exp(monkeypatch):
     import apigate.policies.jwt as module
+    import apigate.policies.jwt.hotpath as hotpath
 
     policy = build_policy("jwt", {"algorithms": ["HS256"], "secret": HS_SECRET, "leeway": 0})
     now = time.time()
     token = hs_sign(claims(exp=int(now) + 60))
     assert _run_without_suspending(policy.on_request(_bearer(token))) is None
     monkeypatch.setattr(module, "_now", lambda: now + 120)
+    monkeypatch.setattr(hotpath, "_now", lambda: now + 120)
     monkeypatch.setattr(module.pyjwt.api_jwt, "datetime", _FrozenDatetime(now + 120))
     reply = _run_without_suspending(policy.on_request(_bearer(token)))
     assert reply.status == 401 and json.loads(reply.body)["reason"] == "token_expired"

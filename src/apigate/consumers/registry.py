@@ -44,6 +44,8 @@ REFRESH_TIMEOUT = 10.0
 FAILURE_LOG_EVERY = 60.0
 # While change notices arrive over Redis, polling is only the safety net and runs this seldom.
 NOTIFIED_POLL_INTERVAL = 5.0
+# Presented keys remembered with their match (their HMAC skipped) until the next rebuild.
+RECENT_KEYS = 10000
 
 
 def _header_value(text: str | None) -> bytes | None:
@@ -138,6 +140,9 @@ class ConsumerRegistry:
         self._hasher: KeyHasher | None = None
         self._digest = _never
         self._keys: dict[bytes, KeyMatch] = {}
+        # Presented keys already matched -> their match: a repeated key costs no HMAC. Replaced
+        # with _keys, so a revoked, expired or changed key is never found here once rebuilt.
+        self._recent: dict[bytes, KeyMatch] = {}
         self._consumers: dict[str, Consumer] = {}
         self._stored_consumers: list[Consumer] = []
         self._stored_keys: list[ApiKey] = []
@@ -190,9 +195,17 @@ class ConsumerRegistry:
     # -- reading -------------------------------------------------------------------------------------
     def lookup(self, presented_key: bytes) -> KeyMatch | None:
         """The key's match if it is known (the caller checks deadline, CIDRs, windows, scopes)."""
+        match = self._recent.get(presented_key)
+        if match is not None:
+            return match
         if len(presented_key) > MAX_KEY_BYTES:
             return None
-        return self._keys.get(self._digest(presented_key))
+        match = self._keys.get(self._digest(presented_key))
+        if match is not None:
+            if len(self._recent) >= RECENT_KEYS:
+                self._recent = {}  # many distinct keys: start over rather than track use
+            self._recent[presented_key] = match
+        return match
 
     def consumer(self, consumer_id: str) -> Consumer | None:
         return self._consumers.get(consumer_id)
@@ -317,6 +330,7 @@ class ConsumerRegistry:
             self._add_declared(item, consumers[item.id], hasher, keys)
         self._consumers = consumers
         self._keys = keys
+        self._recent = {}
         self._secrets, self._logins = self._credentials(consumers)
         self._revoked_jtis = frozenset(
             token.jti

@@ -16,6 +16,7 @@ a hit does no parsing, no signature check and no await. How that meets the engin
   from the network (first use of a JWKS, an unknown ``kid``) returns a coroutine.
 - ``on_request`` is ``check``: the engine runs request hooks inline and moves to a task only
   when a hook hands back an awaitable, so a hit costs no task and no loop iteration.
+- The hit itself runs in ``hotpath.py``, which mypyc compiles (setup.py); a miss comes back here.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from apigate.policies.claims import (
     claim_vars,
     remember_token,
 )
+from apigate.policies.jwt.hotpath import CachedTokens, Entry
 from apigate.policies.jwt.keys import (
     ALGORITHMS,
     HMAC_MIN_BYTES,
@@ -225,34 +227,12 @@ def _read_key_file(path: str) -> str:
 
 
 # -- the verified-token cache ------------------------------------------------------------------------
-class _Entry:
-    """What a verified token grants, precomputed so that a cache hit only copies references."""
-
-    __slots__ = ("consumer", "expires", "forward", "jti", "tenant", "vars")
-
-    def __init__(
-        self,
-        expires: float,
-        consumer: Any,
-        tenant: str | None,
-        vars: dict[str, Any],
-        forward: list[tuple[bytes, bytes]],
-        jti: str | None,
-    ) -> None:
-        self.expires = expires
-        self.jti = jti  # set only when the policy checks runtime revocations
-        self.consumer = consumer
-        self.tenant = tenant
-        self.vars = vars
-        self.forward = forward
-
-
 class _Shared:
     """Cache and keys of one config, shared by its policy instances (a global policy is built per
     route, and a reload with an unchanged config keeps the cache warm)."""
 
     def __init__(self, config: JwtConfig) -> None:
-        self.cache: dict[bytes, _Entry] = {}
+        self.cache: dict[bytes, Entry] = {}
         self.secret = config.secret.get_secret_value().encode() if config.secret is not None else None
         pem = config.public_key
         if pem is None and config.public_key_file is not None:
@@ -332,23 +312,16 @@ class JwtPolicy(Policy):
         refusals = BearerRefusals(config.realm, _REASONS)
         self.challenge = refusals.challenge
         self._reject = refusals.reply
+        self._cached = CachedTokens(
+            self._header, self._cache, self._forwarding.drop, self._miss, self._admit_cached, self._reject
+        )
+        # The engine calls the (compiled) cached-token check directly: no Python frame per request.
+        self.on_request = self._cached.check  # type: ignore[method-assign]
 
     # -- the request hook ----------------------------------------------------------------------------
     def check(self, exchange: Exchange) -> Reply | Coroutine[Any, Any, Reply | None] | None:
         """None (go on) or a Reply; a coroutine only when keys must be fetched first."""
-        name = self._header
-        value = None
-        for key, found in exchange.headers:
-            if key == name:
-                if value is not None:
-                    # Two credentials: the upstream might read the one that was not checked.
-                    return self._reject(exchange, "invalid_token")
-                value = found
-        if value is not None:
-            entry = self._cache.get(value)
-            if entry is not None and entry.expires > _now():
-                return self._admit_cached(exchange, entry)
-        return self._miss(exchange, value)
+        return self._cached.check(exchange)  # what the binding in __init__ calls without this frame
 
     on_request = check
 
@@ -478,7 +451,7 @@ class JwtPolicy(Policy):
         self._admit(exchange, entry, source)
         return None
 
-    def _entry(self, claims: dict[str, Any]) -> _Entry:
+    def _entry(self, claims: dict[str, Any]) -> Entry:
         config = self.config
         try:
             expires = int(claims["exp"]) + self._leeway if "exp" in claims else float("inf")
@@ -488,7 +461,7 @@ class JwtPolicy(Policy):
         tenant = claim_text(claims.get(config.tenant_claim)) if config.tenant_claim else None
         forward = self._forwarding.header_values(claims)
         jti = claims.get("jti") if self._check_revoked else None
-        return _Entry(
+        return Entry(
             expires, consumer, tenant, claim_vars(claims), forward, jti if isinstance(jti, str) else None
         )
 
@@ -501,7 +474,7 @@ class JwtPolicy(Policy):
             return self._reject(exchange, "token_revoked")
         return None
 
-    def _admit_cached(self, exchange: Exchange, entry: _Entry, source: str = "header") -> Reply | None:
+    def _admit_cached(self, exchange: Exchange, entry: Entry, source: str = "header") -> Reply | None:
         # A cached token is checked against the denylist on every use: it may be revoked since.
         if entry.jti is not None:
             refusal = self._revocation_refusal(exchange, entry.jti)
@@ -510,7 +483,7 @@ class JwtPolicy(Policy):
         self._admit(exchange, entry, source)
         return None
 
-    def _admit(self, exchange: Exchange, entry: _Entry, source: str = "header") -> None:
+    def _admit(self, exchange: Exchange, entry: Entry, source: str = "header") -> None:
         exchange.consumer = entry.consumer
         exchange.tenant = entry.tenant
         self._forwarding.admit(exchange, entry.vars, entry.forward)

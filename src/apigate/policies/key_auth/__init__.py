@@ -20,6 +20,7 @@ from apigate.config.headernames import check_header_name
 from apigate.engine.exchange import Reply, json_reply
 from apigate.policies.authconfig import AuthConfig, check_forwarded_names
 from apigate.policies.base import Policy, PolicyConfig
+from apigate.policies.key_auth.hotpath import KeyCheck, admit
 from apigate.policies.registry import register
 
 if TYPE_CHECKING:
@@ -113,6 +114,18 @@ class KeyAuthPolicy(Policy):
             challenge += f', query="{config.query_param}"'
         self.challenge = challenge.encode()
         self.challenge_invalid = (challenge + ', error="invalid_key"').encode()
+        if self.query_prefix is None:  # a key that may be in the query always takes the full check
+            fast = KeyCheck(
+                services,
+                self.key_header,
+                self.watched,
+                self.hide,
+                self.required,
+                self.forward_token,
+                self.check,
+            )
+            # The engine calls the (compiled) usual-request check directly.
+            self.on_request = fast.check  # type: ignore[method-assign]
 
     # -- answers --------------------------------------------------------------------------------
     def _deny(
@@ -136,7 +149,8 @@ class KeyAuthPolicy(Policy):
         return self._deny(exchange, 401, "invalid_key", "the API key is not valid", self.challenge_invalid)
 
     # -- the request hook --------------------------------------------------------------------------
-    def on_request(self, exchange: Exchange) -> Reply | None:
+    def check(self, exchange: Exchange) -> Reply | None:
+        """The full check: any request, any answer (``KeyCheck`` admits the usual one faster)."""
         services = self.services
         registry = services.consumers if services is not None else None
         if registry is None and self.key_required:
@@ -194,13 +208,10 @@ class KeyAuthPolicy(Policy):
         forwards = match.forwards.get(self.forward_token)
         if forwards is None:
             forwards = match.forwards[self.forward_token] = self._forwards(match)
-        if forwards:
-            headers += forwards
-        consumer = match.consumer
-        exchange.consumer = consumer
-        exchange.tenant = consumer.tenant
-        exchange.vars()["scopes"] = match.scopes
+        admit(exchange, headers, match, forwards)
         return None
+
+    on_request = check
 
     def _forwards(self, match: KeyMatch) -> list[tuple[bytes, bytes]]:
         pairs = [
