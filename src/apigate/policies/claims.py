@@ -127,6 +127,15 @@ class ClaimForwarding:
             exchange.headers = headers
 
 
+# Refusals every bearer-token policy gives alike: reason -> (status, message).
+BEARER_REASONS: dict[str, tuple[int, str]] = {
+    "missing_token": (401, "a bearer token is required"),
+    "invalid_token": (401, "the bearer token is not valid"),
+    "token_expired": (401, "the bearer token has expired"),
+    "token_too_large": (401, "the bearer token is too large"),
+}
+
+
 class BearerRefusals:
     """A bearer-token policy's refusals: a 401 carries a ``Bearer`` challenge (with
     ``error="invalid_token"`` unless the token is missing, RFC 6750 §3), a 503 a ``Retry-After``."""

@@ -43,6 +43,7 @@ from apigate.engine.exchange import Reply
 from apigate.policies.authconfig import AuthConfig
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.claims import (
+    BEARER_REASONS,
     NOT_FOR_TOKENS,
     BearerRefusals,
     ClaimForwarding,
@@ -78,14 +79,11 @@ _KEY_SOURCES = "secret, public_key, public_key_file, jwks_url or issuer_discover
 # reason -> (status, message). Messages say what is wrong with the token, never which part of
 # a signature check failed or anything about the keys.
 _REASONS: dict[str, tuple[int, str]] = {
-    "missing_token": (401, "a bearer token is required"),
-    "invalid_token": (401, "the bearer token is not valid"),
-    "token_expired": (401, "the bearer token has expired"),
+    **BEARER_REASONS,
     "token_not_yet_valid": (401, "the bearer token is not valid yet"),
     "invalid_issuer": (401, "the bearer token's issuer is not accepted here"),
     "invalid_audience": (401, "the bearer token is not meant for this audience"),
     "missing_claim": (401, "the bearer token lacks a required claim"),
-    "token_too_large": (401, "the bearer token is too large"),
     "unknown_key": (401, "the bearer token was signed with an unknown key"),
     "token_revoked": (401, "the bearer token has been revoked"),
     "revocations_unavailable": (503, "the list of revoked tokens cannot be read right now"),

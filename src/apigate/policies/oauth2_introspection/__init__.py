@@ -44,6 +44,7 @@ from apigate.outbound import HttpClient, OutboundError, default_tls_context
 from apigate.policies.authconfig import AuthConfig
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.claims import (
+    BEARER_REASONS,
     NOT_FOR_TOKENS,
     BearerRefusals,
     ClaimForwarding,
@@ -65,11 +66,8 @@ _BEARER_TOKEN = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
 MAX_RESPONSE_BYTES = 256 * 1024  # an introspection response larger than this is not one
 
 _REASONS: dict[str, tuple[int, str]] = {
-    "missing_token": (401, "a bearer token is required"),
-    "invalid_token": (401, "the bearer token is not valid"),
+    **BEARER_REASONS,
     "token_inactive": (401, "the bearer token is not active"),
-    "token_expired": (401, "the bearer token has expired"),
-    "token_too_large": (401, "the bearer token is too large"),
     "introspection_unavailable": (503, "the authorization server cannot be reached to check the token"),
     "introspection_failed": (503, "the authorization server did not answer the token check usably"),
 }
