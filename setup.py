@@ -19,6 +19,7 @@ from setuptools import Distribution, setup
 from setuptools.command.build_ext import build_ext
 
 COMPILED = [
+    "src/apigate/consumers/keyindex.py",
     "src/apigate/engine/client.py",
     "src/apigate/engine/exchange.py",
     "src/apigate/engine/router.py",

@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 
 from apigate.consumers.service import REVOKED_TOKEN_GRACE, ConsumerService
-from apigate.engine.exchange import Reply
+from apigate.engine.exchange import Exchange, Reply
 from apigate.policies.registry import build_policy
 from apigate.store.sqlite import SqliteStore
 from tests.support.cli import apigate_json, seconds_until
 from tests.support.errors_helpers import ClosedPort, apigate_cmd, clean_env, wait_until
+from tests.support.exchanges import request_exchange
 from tests.support.jwks_server import (
     ASYMMETRIC,
     HAVE_JOSERFC,
@@ -479,23 +480,8 @@ def test_jwks_unreachable_from_the_start(start_gateway, upstream):
 
 
 # -- in process: the cache itself ----------------------------------------------------------------------
-class FakeExchange:
-    def __init__(self, headers: list[tuple[bytes, bytes]], query: bytes = b"") -> None:
-        self.headers = headers
-        self.query = query
-        self.state: dict[str, Any] | None = None
-        self.consumer: Any = None
-        self.tenant: str | None = None
-        self.request_id = "test-request"
-
-    def vars(self) -> dict[str, Any]:
-        if self.state is None:
-            self.state = {}
-        return self.state
-
-
-def _bearer(token: str) -> FakeExchange:
-    return FakeExchange([(b"authorization", f"Bearer {token}".encode())])
+def _bearer(token: str) -> Exchange:
+    return request_exchange([(b"authorization", f"Bearer {token}".encode())])
 
 
 def _run_without_suspending(result: Any) -> Any:
@@ -567,7 +553,25 @@ def test_cache_is_bounded():
     for token in tokens:
         assert _run_without_suspending(policy.on_request(_bearer(token))) is None
     assert len(policy._cache) == 3
-    assert set(policy._cache) == {f"Bearer {t}".encode() for t in tokens[-3:]}
+    assert {entry.credential for entry in policy._cache.values()} == {
+        f"Bearer {t}".encode() for t in tokens[-3:]
+    }
+
+
+def test_a_cached_signature_on_another_payload_is_verified_and_refused():
+    """The cache is keyed by a token's last bytes (its signature): a forged token that reuses a
+    cached token's signature with another payload finds that entry, but not as its own."""
+    policy = build_policy("jwt", {"algorithms": ["HS256"], "secret": HS_SECRET})
+    token = hs_sign(claims(sub="alice"))
+    assert _run_without_suspending(policy.on_request(_bearer(token))) is None
+    header, _, signature = token.split(".")
+    forged = f"{header}.{b64url(json.dumps(claims(sub='admin')).encode())}.{signature}"
+    exchange = _bearer(forged)
+    reply = _run_without_suspending(policy.on_request(exchange))
+    assert reply is not None and reply.status == 401 and exchange.consumer is None
+    assert json.loads(reply.body)["reason"] == "invalid_token"
+    again = _bearer(token)
+    assert _run_without_suspending(policy.on_request(again)) is None and again.consumer == "alice"
 
 
 def test_concurrent_unknown_kids_share_one_fetch(own_jwks):

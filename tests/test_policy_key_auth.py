@@ -437,3 +437,53 @@ def test_cli_reads_the_store_from_the_config(env: Env, tmp_path: Path) -> None:
     assert shown.returncode == 0 and orjson.loads(shown.stdout)["tenant"] == "acme"
     missing = run("consumers", "list", "-c", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+# -- in process: the policy and the registry's key index ----------------------------------------------------
+def test_the_policy_follows_a_restarted_registry(tmp_path: Path) -> None:
+    """The usual request reads the running registry's key index directly; when that registry
+    stops, the policy answers 503 instead of serving its keys, and it finds the next one."""
+    from apigate.config.loader import load_config
+    from apigate.engine.exchange import Reply
+    from apigate.policies.registry import build_policy
+    from apigate.services import Services
+    from tests.support.exchanges import request_exchange
+
+    text = f"""
+store:
+  url: sqlite:///{tmp_path / "gateway.db"}
+consumers:
+  - id: partner
+    tenant: t1
+    keys: [{{key: {DECLARED_KEY}}}]
+routes: []
+"""
+    config = load_config(text=text)
+    services = Services()
+    policy = build_policy("key-auth", {}, services)
+
+    def answer() -> tuple[Reply | None, Any]:
+        exchange = request_exchange([(b"host", b"h"), (b"x-api-key", DECLARED_KEY.encode())])
+        return policy.on_request(exchange), exchange
+
+    async def scenario() -> None:
+        await services.start(config, frozenset({"consumers"}))
+        for _ in range(2):  # the second request finds the key remembered
+            reply, exchange = answer()
+            assert reply is None and exchange.consumer.id == "partner" and exchange.tenant == "t1"
+            assert exchange.headers == [
+                (b"host", b"h"),
+                (b"x-consumer-id", b"partner"),
+                (b"x-tenant-id", b"t1"),
+            ]
+        await services.stop()
+        reply, _ = answer()
+        assert reply is not None and reply.status == 503
+        await services.start(config, frozenset({"consumers"}))
+        try:
+            reply, exchange = answer()
+            assert reply is None and exchange.consumer.id == "partner"
+        finally:
+            await services.stop()
+
+    asyncio.run(scenario())

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from apigate.engine.exchange import Reply
+from apigate.engine.exchange import Exchange, Reply
 from apigate.policies.registry import build_policy, validate_policy_config
 from tests.support.errors_helpers import ClosedPort, Response, request
+from tests.support.exchanges import request_exchange
 from tests.support.gateway import GatewayProcess
 from tests.support.oauth2_server import IntrospectionServer
 from tests.support.proxy_http import find_request, running_gateway, running_upstream
@@ -248,19 +249,8 @@ def test_huge_token_never_reaches_the_authorization_server(env: Env) -> None:
 
 
 # -- the policy object ------------------------------------------------------------------------------------
-class FakeExchange:
-    """What the policy reads and writes on an exchange."""
-
-    def __init__(self, authorization: str) -> None:
-        self.headers = [(b"authorization", authorization.encode())]
-        self.state: dict[str, Any] | None = None
-        self.consumer: Any = None
-        self.tenant: str | None = None
-        self.request_id = "test-request"
-
-
-async def decide(policy: Any, bearer: str) -> tuple[Reply | None, FakeExchange]:
-    exchange = FakeExchange(f"Bearer {bearer}")
+async def decide(policy: Any, bearer: str) -> tuple[Reply | None, Exchange]:
+    exchange = request_exchange([(b"authorization", f"Bearer {bearer}".encode())])
     result = policy.on_request(exchange)
     if result is not None and not isinstance(result, Reply):
         result = await result
@@ -282,7 +272,7 @@ def test_concurrent_requests_with_one_token_share_one_call(server: Introspection
     assert exchange.state is not None and exchange.state["scopes"] == frozenset({"a", "b"})
 
 
-async def _gather(policy: Any, bearer: str, count: int) -> list[tuple[Reply | None, FakeExchange]]:
+async def _gather(policy: Any, bearer: str, count: int) -> list[tuple[Reply | None, Exchange]]:
     return await asyncio.gather(*(decide(policy, bearer) for _ in range(count)))
 
 

@@ -34,8 +34,6 @@ DISPLAY_PREFIX_CHARS = 8
 BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
 SECRET_ENV = "APIGATE_KEY_SECRET"
 SECRET_SETTING = "key_hash_secret"
-# Presented keys longer than this are refused without hashing (generated keys are 35 chars).
-MAX_KEY_BYTES = 512
 
 _BLOCK = 64  # SHA-256 block size, for HMAC's pads
 

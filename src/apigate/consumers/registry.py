@@ -11,22 +11,22 @@ the config are merged in (hashed here, never written to the store). The jwt poli
 one assignment each; a request sees either the old data or the new. When the store cannot be
 read the last good data keeps serving.
 
-``lookup(key)`` is the hot path: one HMAC, one dict probe, no other allocation.
+The keys live in a ``KeyIndex`` (consumers/keyindex.py, compiled), which key-auth reads
+directly on every request: a repeated key costs one dict probe, a new one an HMAC and a probe.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
-from apigate.consumers.keys import MAX_KEY_BYTES, KeyHasher, display_prefix, load_key_secret
+from apigate.consumers.keyindex import KeyIndex, KeyMatch
+from apigate.consumers.keys import KeyHasher, display_prefix, load_key_secret
 from apigate.consumers.passwords import PasswordHash, parse_hash
 from apigate.consumers.service import CHANGES_CHANNEL, REVOKED_TOKEN_GRACE
-from apigate.consumers.windows import Schedule
 from apigate.store.base import ApiKey, Consumer
 
 if TYPE_CHECKING:
@@ -37,83 +37,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("apigate.consumers")
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # A store read slower than this counts as a failed poll (the next one tries again).
 REFRESH_TIMEOUT = 10.0
 # While the store keeps failing, a reminder is logged this often (the first failure at once).
 FAILURE_LOG_EVERY = 60.0
 # While change notices arrive over Redis, polling is only the safety net and runs this seldom.
 NOTIFIED_POLL_INTERVAL = 5.0
-# Presented keys remembered with their match (their HMAC skipped) until the next rebuild.
-RECENT_KEYS = 10000
-
-
-def _header_value(text: str | None) -> bytes | None:
-    """``text`` as a header value, or None if it has none or holds control characters."""
-    if not text:
-        return None
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
-        return None
-    return text.encode()
-
-
-class KeyMatch:
-    """A usable key with its consumer, and what the policy checks precomputed.
-
-    ``deadline``: the earliest of expires_at and revoked_at (None if neither), so a request
-    checks the clock only for keys that have one. ``networks``/``schedule`` are None when the
-    key has no CIDR or time restriction.
-    """
-
-    __slots__ = (
-        "consumer",
-        "consumer_id_value",
-        "deadline",
-        "declared",
-        "forwards",
-        "groups_value",
-        "key",
-        "key_id_value",
-        "networks",
-        "schedule",
-        "scopes",
-        "tenant_value",
-    )
-
-    def __init__(self, key: ApiKey, consumer: Consumer, declared: bool = False) -> None:
-        self.key = key
-        self.consumer = consumer
-        self.declared = declared
-        self.scopes = frozenset(key.scopes)
-        self.networks: tuple[Network, ...] | None = (
-            tuple(ipaddress.ip_network(c, strict=False) for c in key.allowed_cidrs)
-            if key.allowed_cidrs
-            else None
-        )
-        self.schedule = Schedule.parse(key.time_windows) if key.time_windows else None
-        ends = [t for t in (key.expires_at, key.revoked_at) if t is not None]
-        self.deadline: float | None = min(ends) if ends else None
-        self.consumer_id_value = _header_value(consumer.id)
-        self.tenant_value = _header_value(consumer.tenant)
-        self.key_id_value = _header_value(key.id)
-        self.groups_value = _header_value(",".join(consumer.groups))
-        # The header pairs each key-auth configuration forwards for this key, made on first use.
-        self.forwards: dict[bytes, list[tuple[bytes, bytes]]] = {}
-
-    def allows_ip(self, ip: str) -> bool:
-        networks = self.networks
-        if networks is None:
-            return True
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in networks)
-
-    def __repr__(self) -> str:
-        return f"<KeyMatch {self.key.id} of {self.consumer.id}>"
 
 
 class Login(NamedTuple):
@@ -122,10 +51,6 @@ class Login(NamedTuple):
     consumer_id: str
     hash: PasswordHash
     scopes: frozenset[str]  # what tokens issued on it may carry
-
-
-def _never(_key: bytes) -> bytes:
-    return b""
 
 
 class ConsumerRegistry:
@@ -138,11 +63,7 @@ class ConsumerRegistry:
         self.version: int | None = None
         self.loaded_at = 0.0  # unix time of the last successful store read
         self._hasher: KeyHasher | None = None
-        self._digest = _never
-        self._keys: dict[bytes, KeyMatch] = {}
-        # Presented keys already matched -> their match: a repeated key costs no HMAC. Replaced
-        # with _keys, so a revoked, expired or changed key is never found here once rebuilt.
-        self._recent: dict[bytes, KeyMatch] = {}
+        self.keys = KeyIndex()  # what key-auth reads per request
         self._consumers: dict[str, Consumer] = {}
         self._stored_consumers: list[Consumer] = []
         self._stored_keys: list[ApiKey] = []
@@ -160,7 +81,7 @@ class ConsumerRegistry:
     # -- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
         self._hasher = KeyHasher(await load_key_secret(self.store))
-        self._digest = self._hasher.digest
+        self.keys.digest = self._hasher.digest
         await self.refresh()  # the version starts unknown, so this always loads
         self.ready = True
         self._task = asyncio.get_running_loop().create_task(self._poll(), name="consumer-registry-poll")
@@ -172,6 +93,7 @@ class ConsumerRegistry:
         self._wake.set()
 
     async def stop(self) -> None:
+        self.keys.live = False
         subscription, self._subscription = self._subscription, None
         if subscription is not None:
             await subscription.close()
@@ -195,17 +117,7 @@ class ConsumerRegistry:
     # -- reading -------------------------------------------------------------------------------------
     def lookup(self, presented_key: bytes) -> KeyMatch | None:
         """The key's match if it is known (the caller checks deadline, CIDRs, windows, scopes)."""
-        match = self._recent.get(presented_key)
-        if match is not None:
-            return match
-        if len(presented_key) > MAX_KEY_BYTES:
-            return None
-        match = self._keys.get(self._digest(presented_key))
-        if match is not None:
-            if len(self._recent) >= RECENT_KEYS:
-                self._recent = {}  # many distinct keys: start over rather than track use
-            self._recent[presented_key] = match
-        return match
+        return self.keys.lookup(presented_key)
 
     def consumer(self, consumer_id: str) -> Consumer | None:
         return self._consumers.get(consumer_id)
@@ -217,7 +129,7 @@ class ConsumerRegistry:
         return len(self._consumers)
 
     def key_count(self) -> int:
-        return len(self._keys)
+        return len(self.keys.by_digest)
 
     def client_secret(self, consumer_id: str) -> Login | None:
         """A consumer's stored client secret (oauth2-token's client credentials)."""
@@ -280,7 +192,7 @@ class ConsumerRegistry:
                     "consumers reloaded (version %s): %d consumers, %d keys",
                     self.version,
                     len(self._consumers),
-                    len(self._keys),
+                    len(self.keys.by_digest),
                 )
 
     def _poll_failed(self, exc: BaseException) -> None:
@@ -329,8 +241,7 @@ class ConsumerRegistry:
         for item in declared:
             self._add_declared(item, consumers[item.id], hasher, keys)
         self._consumers = consumers
-        self._keys = keys
-        self._recent = {}
+        self.keys.replace(keys)
         self._secrets, self._logins = self._credentials(consumers)
         self._revoked_jtis = frozenset(
             token.jti

@@ -25,3 +25,23 @@ cpdef tuple read_request(bytes data, Py_ssize_t limit)
 @cython.locals(s="const unsigned char*", classes="const unsigned char*", n=Py_ssize_t, p=Py_ssize_t,
                status=int)
 cpdef tuple read_response(bytes data, Py_ssize_t limit)
+
+# Skips 8-byte words of a field value that are all visible ASCII or space (0x20-0x7E), read
+# with memcpy (no alignment needed); the byte loop goes on from the first word that is not.
+cdef extern from *:
+    """
+    #include <string.h>
+    #include <stdint.h>
+    static CYTHON_INLINE Py_ssize_t apigate_skip_plain_words(const unsigned char *s, Py_ssize_t p, Py_ssize_t n) {
+        const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+        uint64_t w;
+        while (p + 8 <= n) {
+            memcpy(&w, s + p, 8);
+            /* a byte below 0x20, or a byte of 0x7F and above */
+            if (((w - 0x20 * ones) & ~w & highs) | (((w + ones) | w) & highs)) break;
+            p += 8;
+        }
+        return p;
+    }
+    """
+    Py_ssize_t _skip_plain_words "apigate_skip_plain_words"(const unsigned char* s, Py_ssize_t p, Py_ssize_t n)

@@ -112,6 +112,8 @@ def _read_headers(data, p, limit):
         while p < n and (s[p] == _SP or s[p] == _TAB):
             p += 1
         start = p
+        if COMPILED:  # C from heads.pxd: 8 bytes a step over long tokens and cookies
+            p = _skip_plain_words(s, p, n)  # noqa: F821 - defined only when compiled
         while p < n and (classes[s[p]] & _TEXT or s[p] == _TAB):
             p += 1
         if p + 1 >= n or s[p] != _CR or s[p + 1] != _LF:

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, model_validator
 
+from apigate.consumers.keyindex import header_value
 from apigate.consumers.passwords import PasswordChecksBusy, check_password_off_loop
-from apigate.consumers.registry import _header_value
 from apigate.engine.exchange import Reply, json_reply
 from apigate.policies.authconfig import AuthConfig, check_forwarded_names
 from apigate.policies.base import Policy, PolicyConfig
@@ -224,8 +224,8 @@ class BasicAuthPolicy(Policy):
 
     def _forward_pairs(self, consumer: Consumer) -> list[tuple[bytes, bytes]]:
         pairs = [
-            (self.h_consumer, _header_value(consumer.id)),
-            (self.h_tenant, _header_value(consumer.tenant)),
-            (self.h_groups, _header_value(",".join(consumer.groups))),
+            (self.h_consumer, header_value(consumer.id)),
+            (self.h_tenant, header_value(consumer.tenant)),
+            (self.h_groups, header_value(",".join(consumer.groups))),
         ]
         return [(name, value) for name, value in pairs if name is not None and value is not None]

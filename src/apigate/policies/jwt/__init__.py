@@ -8,7 +8,7 @@ OIDC ``issuer_discovery`` (see ``keys.py``). A valid token sets ``exchange.consu
 ``WWW-Authenticate: Bearer`` challenge and a reason code; the token itself is never echoed.
 
 Speed: a repeated token costs a header scan, one dict lookup and one clock read. Verified
-tokens are cached (raw credential bytes -> expiry, consumer, tenant, vars, forward headers);
+tokens are cached (credential bytes -> expiry, consumer, tenant, vars, forward headers);
 a hit does no parsing, no signature check and no await. How that meets the engine:
 
 - ``check()`` is a plain method: a cache hit, and also a miss whose key is already at hand
@@ -52,7 +52,7 @@ from apigate.policies.claims import (
     claim_vars,
     remember_token,
 )
-from apigate.policies.jwt.hotpath import CachedTokens, Entry
+from apigate.policies.jwt.hotpath import CachedTokens, Entry, cache_key_of, cached
 from apigate.policies.jwt.keys import (
     ALGORITHMS,
     HMAC_MIN_BYTES,
@@ -354,7 +354,7 @@ class JwtPolicy(Policy):
             self._forwarding.drop_client_claims(exchange)
             return None
         if source != "header":
-            entry = self._cache.get(cache_key)
+            entry = cached(self._cache, cache_key)
             if entry is not None and entry.expires > _now():
                 return self._admit_cached(exchange, entry, source)
         if len(token) > self._max_token:
@@ -445,7 +445,8 @@ class JwtPolicy(Policy):
             if refusal is not None:
                 return refusal
         if self._cache_size and entry.expires > _now():
-            remember_token(self._cache, cache_key, entry, self._cache_size)
+            entry.credential = cache_key
+            remember_token(self._cache, cache_key_of(cache_key), entry, self._cache_size)
         self._admit(exchange, entry, source)
         return None
 

@@ -24,7 +24,7 @@ from apigate.policies.key_auth.hotpath import KeyCheck, admit
 from apigate.policies.registry import register
 
 if TYPE_CHECKING:
-    from apigate.consumers.registry import KeyMatch
+    from apigate.consumers.keyindex import KeyMatch
     from apigate.engine.exchange import Exchange
     from apigate.services import Services
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from apigate.consumers.keyindex import KeyIndex, KeyMatch
 from apigate.engine.exchange import Exchange
 
 
 class KeyCheck:
-    __slots__ = ("forward_token", "full", "hide", "key_header", "required", "services", "watched")
-
     def __init__(
         self,
         services: Any,
@@ -28,6 +27,7 @@ class KeyCheck:
         full: Callable[[Exchange], Any],
     ) -> None:
         self.services = services
+        self.index: KeyIndex | None = None  # the running registry's, found on first use
         self.key_header = key_header
         self.watched = watched  # the key's header and the forwarded ones
         self.hide = hide
@@ -36,44 +36,51 @@ class KeyCheck:
         self.full = full
 
     def check(self, exchange: Exchange) -> Any:
-        services = self.services
-        registry = services.consumers if services is not None else None
-        if registry is None:
-            return self.full(exchange)
+        index = self.index
+        if index is None or not index.live:
+            index = self.index = self._running_index()
+            if index is None:
+                return self.full(exchange)
         headers = exchange.headers
         key_header = self.key_header
         watched = self.watched
-        found: tuple[bytes, bytes] | None = None
-        for pair in headers:
-            if pair[0] in watched:
-                if found is not None or pair[0] != key_header:
+        found = -1
+        for position in range(len(headers)):
+            name = headers[position][0]
+            if name in watched:
+                if found >= 0 or name != key_header:
                     return self.full(exchange)  # the key twice, or a forwarded header sent
-                found = pair
-        if found is None or not found[1]:
+                found = position
+        if found < 0:
             return self.full(exchange)
-        match = registry.lookup(found[1])
-        if (
-            match is None
-            or match.deadline is not None
-            or match.networks is not None
-            or match.schedule is not None
-            or (self.required and not self.required <= match.scopes)
-        ):
+        key = headers[found][1]
+        match = index.recent.get(key)
+        if match is None:
+            if not key:
+                return self.full(exchange)
+            match = index.lookup(key)
+        if match is None or not match.unconditional or (self.required and not self.required <= match.scopes):
             return self.full(exchange)
         forwards = match.forwards.get(self.forward_token)
         if forwards is None:
             return self.full(exchange)
         if self.hide:
-            headers.remove(found)  # found by identity: no comparison of values
+            headers.pop(found)
         admit(exchange, headers, match, forwards)
         return None
 
 
-def admit(exchange: Exchange, headers: list[tuple[bytes, bytes]], match: Any, forwards: list[Any]) -> None:
+    def _running_index(self) -> KeyIndex | None:
+        registry = self.services.consumers if self.services is not None else None
+        return registry.keys if registry is not None else None
+
+
+def admit(
+    exchange: Exchange, headers: list[tuple[bytes, bytes]], match: KeyMatch, forwards: list[Any]
+) -> None:
     """An accepted key: the consumer's headers go upstream, the consumer and scopes to the exchange."""
     if forwards:
         headers += forwards
-    consumer = match.consumer
-    exchange.consumer = consumer
-    exchange.tenant = consumer.tenant
+    exchange.consumer = match.consumer
+    exchange.tenant = match.tenant
     exchange.vars()["scopes"] = match.scopes

@@ -1,0 +1,111 @@
+"""The usable API keys as key-auth reads them on every request, compiled with mypyc (setup.py).
+
+``KeyIndex`` maps a key's HMAC digest to its ``KeyMatch``, and remembers presented keys it has
+matched so that a repeated key costs one dict probe and no HMAC. The consumer registry builds
+the matches and swaps a new map in on every reload; the remembered keys go with it, so a
+revoked, expired or changed key is never found once rebuilt.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from typing import Final
+
+from apigate.consumers.windows import Schedule
+from apigate.store.base import ApiKey, Consumer
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Presented keys longer than this are refused without hashing (generated keys are 35 chars).
+MAX_KEY_BYTES: Final = 512
+# Presented keys remembered with their match (their HMAC skipped) until the next rebuild.
+RECENT_KEYS: Final = 10000
+
+
+def header_value(text: str | None) -> bytes | None:
+    """``text`` as a header value, or None if it has none or holds control characters."""
+    if not text:
+        return None
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        return None
+    return text.encode()
+
+
+class KeyMatch:
+    """A usable key with its consumer, and what the policy checks precomputed.
+
+    ``deadline``: the earliest of expires_at and revoked_at (None if neither), so a request
+    checks the clock only for keys that have one. ``networks``/``schedule`` are None when the
+    key has no CIDR or time restriction; ``unconditional`` is true when all three are None.
+    """
+
+    def __init__(self, key: ApiKey, consumer: Consumer, declared: bool = False) -> None:
+        self.key = key
+        self.consumer = consumer
+        self.tenant: str | None = consumer.tenant
+        self.declared = declared
+        self.scopes: frozenset[str] = frozenset(key.scopes)
+        self.networks: tuple[Network, ...] | None = (
+            tuple(ipaddress.ip_network(c, strict=False) for c in key.allowed_cidrs)
+            if key.allowed_cidrs
+            else None
+        )
+        self.schedule: Schedule | None = Schedule.parse(key.time_windows) if key.time_windows else None
+        ends = [t for t in (key.expires_at, key.revoked_at) if t is not None]
+        self.deadline: float | None = min(ends) if ends else None
+        self.unconditional: bool = self.deadline is None and self.networks is None and self.schedule is None
+        self.consumer_id_value = header_value(consumer.id)
+        self.tenant_value = header_value(consumer.tenant)
+        self.key_id_value = header_value(key.id)
+        self.groups_value = header_value(",".join(consumer.groups))
+        # The header pairs each key-auth configuration forwards for this key, made on first use.
+        self.forwards: dict[bytes, list[tuple[bytes, bytes]]] = {}
+
+    def allows_ip(self, ip: str) -> bool:
+        networks = self.networks
+        if networks is None:
+            return True
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in networks)
+
+    def __repr__(self) -> str:
+        return f"<KeyMatch {self.key.id} of {self.consumer.id}>"
+
+
+def _no_digest(_key: bytes) -> bytes:
+    return b""
+
+
+class KeyIndex:
+    """Matches by digest, and presented keys already matched. ``live`` turns false when the
+    registry that fills it stops, so that a holder of the index looks for the current one."""
+
+    def __init__(self) -> None:
+        self.digest: Callable[[bytes], bytes] = _no_digest  # the keyed hash, set once loaded
+        self.by_digest: dict[bytes, KeyMatch] = {}
+        self.recent: dict[bytes, KeyMatch] = {}
+        self.live = True
+
+    def replace(self, by_digest: dict[bytes, KeyMatch]) -> None:
+        """A rebuild: new matches, nothing remembered."""
+        self.by_digest = by_digest
+        self.recent = {}
+
+    def lookup(self, presented_key: bytes) -> KeyMatch | None:
+        """The key's match if it is known (the caller checks deadline, CIDRs, windows, scopes)."""
+        match = self.recent.get(presented_key)
+        if match is not None:
+            return match
+        if len(presented_key) > MAX_KEY_BYTES:
+            return None
+        match = self.by_digest.get(self.digest(presented_key))
+        if match is not None:
+            if len(self.recent) >= RECENT_KEYS:
+                self.recent = {}  # many distinct keys: start over rather than track use
+            self.recent[presented_key] = match
+        return match
