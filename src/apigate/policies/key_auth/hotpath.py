@@ -69,7 +69,6 @@ class KeyCheck:
         admit(exchange, headers, match, forwards)
         return None
 
-
     def _running_index(self) -> KeyIndex | None:
         registry = self.services.consumers if self.services is not None else None
         return registry.keys if registry is not None else None
