@@ -105,6 +105,9 @@ class TimeoutsConfig(Strict):
     connect: Duration = 5.0
     read: Duration = Field(default=60.0, description="longest wait for the upstream's next bytes")
     keepalive: Duration = Field(default=75.0, description="idle client connections are closed after this")
+    header: Duration = Field(
+        default=60.0, description="a request head must arrive whole within this, or 408 and close"
+    )
     drain: Duration = Field(default=30.0, description="how long SIGTERM waits for in-flight requests")
 
 

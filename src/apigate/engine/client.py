@@ -38,6 +38,7 @@ class ClientConnection(wire.HeadReader):
         "closed",
         "draining",
         "gateway",
+        "head_since",
         "header_bytes",
         "headers",
         "out",
@@ -79,6 +80,7 @@ class ClientConnection(wire.HeadReader):
         self.peer_trusted = False
         self.seen = True
         self.quiet_since = 0.0
+        self.head_since = 0.0  # when the sweep first found a head being received
 
     # -- transport events ------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -332,8 +334,18 @@ class ClientConnection(wire.HeadReader):
             if self.transport is not None:
                 self.transport.close()
 
-    def check_idle(self, now: float, keepalive: float) -> None:
-        """Close a connection that has had no request for ``keepalive`` seconds (the sweep calls this)."""
+    def check_idle(self, now: float, keepalive: float, header_timeout: float) -> None:
+        """Close a connection that has had no request for ``keepalive`` seconds, or that has been
+        sending one head for ``header_timeout`` seconds (the sweep calls this while no request is
+        in flight). A head trickled a byte at a time keeps ``seen`` set, so it is timed from the
+        first sweep that finds it started, as a whole."""
+        if self.parser_busy:
+            if not self.head_since:
+                self.head_since = now
+            elif now - self.head_since > header_timeout:
+                self.refuse(408, "the request head did not arrive in time")
+            return
+        self.head_since = 0.0
         if self.seen or not self.quiet_since:
             self.seen = False
             self.quiet_since = now

@@ -122,7 +122,7 @@ class Gateway:
                 if exchange.upstream is not None:
                     exchange.check_timeouts(now, timeouts.read)
             elif slow:
-                conn.check_idle(now, timeouts.keepalive)
+                conn.check_idle(now, timeouts.keepalive, timeouts.header)
         if slow:
             self.pools.sweep(now)
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
