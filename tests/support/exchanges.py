@@ -50,7 +50,9 @@ def _shared_gateway() -> Gateway:
     global _gateway
     if _gateway is None:
         config = load_config(text="routes:\n  - path: /*\n    target: http://127.0.0.1:9\n")
-        _gateway = Gateway(config, loop=asyncio.new_event_loop())
+        loop = asyncio.new_event_loop()
+        _gateway = Gateway(config, loop=loop)
+        loop.close()  # nothing is routed or sent, so nothing ever runs on it
     return _gateway
 
 
@@ -63,7 +65,9 @@ def request_exchange(
 ) -> Exchange:
     """An exchange for ``method path?query`` with ``headers`` (names lowercase), as the engine
     makes it for a request from ``peer``; nothing is routed or sent."""
-    client = ClientConnection(_shared_gateway())
+    gateway = _shared_gateway()
+    client = ClientConnection(gateway)
     client.connection_made(RecordingTransport(peer))
+    gateway.connections.discard(client)  # the gateway keeps no list of these
     raw_path = path.encode() + (b"?" + query if query else b"")
     return Exchange(client, method, path, raw_path, query, list(headers), "1.1", True, False)
