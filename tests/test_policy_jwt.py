@@ -574,6 +574,28 @@ def test_a_cached_signature_on_another_payload_is_verified_and_refused():
     assert _run_without_suspending(policy.on_request(again)) is None and again.consumer == "alice"
 
 
+def test_a_token_from_a_cookie_is_remembered_as_its_bearer_header(monkeypatch):
+    """One cache entry per token, whichever carrier brought it; a bare token in Authorization is
+    not a credential, cached or not."""
+    import apigate.policies.jwt as module
+
+    policy = build_policy("jwt", {"algorithms": ["HS256"], "secret": HS_SECRET, "cookie": "session"})
+    token = hs_sign(claims(sub="carol"))
+    from_cookie = request_exchange([(b"cookie", f"theme=dark; session={token}".encode())])
+    assert _run_without_suspending(policy.on_request(from_cookie)) is None
+    assert from_cookie.consumer == "carol"
+    calls: list[Any] = []
+    real_decode = module.pyjwt.decode
+    monkeypatch.setattr(module.pyjwt, "decode", lambda *a, **k: calls.append(a) or real_decode(*a, **k))
+    bare = request_exchange([(b"authorization", token.encode())])
+    reply = _run_without_suspending(policy.on_request(bare))
+    assert reply is not None and json.loads(reply.body)["reason"] == "missing_token"
+    assert _run_without_suspending(policy.on_request(_bearer(token))) is None
+    again = request_exchange([(b"cookie", f"session={token}".encode())])
+    assert _run_without_suspending(policy.on_request(again)) is None and again.consumer == "carol"
+    assert calls == [] and len(policy._cache) == 1
+
+
 def test_concurrent_unknown_kids_share_one_fetch(own_jwks):
     key = SigningKey.generate("EdDSA", kid="ed")
     own_jwks.serve(key)

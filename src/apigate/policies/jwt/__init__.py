@@ -344,10 +344,12 @@ class JwtPolicy(Policy):
                 cache_key = None  # another scheme (Basic...): no bearer token in the header
         if token is None and self._cookie is not None:
             token, source = self._from_cookie(exchange), "cookie"
-            cache_key = token
         if token is None and self._query is not None:
             token, source = self._from_query(exchange), "query"
-            cache_key = token
+        if source != "header" and token is not None:
+            # Remembered as the header form: one entry per token, and a bare token in an
+            # Authorization header (not a credential there) never matches it.
+            cache_key = b"Bearer " + token
         if token is None or cache_key is None:
             if self._required:
                 return self._reject(exchange, "missing_token")
