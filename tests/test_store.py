@@ -175,6 +175,22 @@ def test_concurrent_first_opens_migrate_once(store_url: str, run: Run) -> None:
     run(body())
 
 
+def test_many_first_opens_of_new_sqlite_files_all_succeed(tmp_path: Path, run: Run) -> None:
+    """Workers starting together on a new SQLite file race to switch it to WAL; the loser is
+    told "database is locked" at once, not after busy_timeout, and must try again."""
+
+    async def body(url: str) -> None:
+        stores = [open_store(url) for _ in range(8)]
+        opened = await asyncio.gather(*(each.open() for each in stores), return_exceptions=True)
+        try:
+            assert [result for result in opened if result is not None] == []
+        finally:
+            await asyncio.gather(*(each.close() for each in stores))
+
+    for attempt in range(15):  # the race is lost only now and then: try it on many new files
+        run(body(f"sqlite:///{tmp_path / f'new-{attempt}.db'}"))
+
+
 # -- consumers and keys ---------------------------------------------------------------------------
 
 

@@ -113,12 +113,26 @@ class SqliteStore(Store):
             "INSERT INTO changes (entity, entity_id, at) VALUES (?, ?, ?)", (entity, entity_id, time.time())
         )
 
+    @staticmethod
+    def _enable_wal(conn: sqlite3.Connection) -> str:
+        """Switch to WAL; the journal mode it reports. Several processes opening a new file at
+        once race for the switch, and SQLite answers the loser "database is locked" at once,
+        without waiting in busy_timeout: retry until that timeout has passed."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.005)
+
     def _connect(self) -> sqlite3.Connection:
         # Runs in the worker thread; isolation_level=None: transactions are explicit, never implicit.
         conn = sqlite3.connect(self.path, isolation_level=None)
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._enable_wal(conn)
             if str(mode).lower() != "wal":
                 raise RuntimeError(f"SQLite store {self.path}: could not enable WAL (journal_mode={mode})")
             # FULL: fsync the WAL on every commit; webhook events must survive power loss.
