@@ -27,7 +27,7 @@ def cache_key_of(credential: bytes) -> bytes:
 
 def cached(cache: dict[bytes, Entry], credential: bytes) -> Entry | None:
     """The entry remembered for exactly this credential, expired or not."""
-    entry = cache.get(credential[-KEY_BYTES:])
+    entry = cache.get(cache_key_of(credential))
     if entry is None or entry.credential != credential:
         return None
     return entry
