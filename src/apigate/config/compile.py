@@ -113,6 +113,7 @@ class CompiledRoute:
     body_hooks: tuple[Callable[..., Any], ...] = ()
     body_limit: int = 0  # largest body the body hooks buffer
     inactive: tuple[str, ...] = ()
+    upgrades: frozenset[bytes] = frozenset()  # Upgrade protocols this route tunnels (lowercase)
     requests: int = 0  # served by this worker since the snapshot was compiled
 
     def upstream_path(
@@ -236,6 +237,7 @@ def compile_snapshot(config: GatewayConfig, pools: PoolManager, services: Servic
             body_hooks=body_hooks,
             body_limit=body_limit,
             inactive=route_inactive,
+            upgrades=frozenset(p.encode() for p in route.upgrades),
         )
         if route_inactive:
             inactive[item.name] = route_inactive

@@ -108,6 +108,9 @@ class TimeoutsConfig(Strict):
     header: Duration = Field(
         default=60.0, description="a request head must arrive whole within this, or 408 and close"
     )
+    body_idle: Duration = Field(
+        default=30.0, description="longest silence between request body bytes, or 408 and close"
+    )
     drain: Duration = Field(default=30.0, description="how long SIGTERM waits for in-flight requests")
 
 
@@ -216,6 +219,9 @@ class RouteConfig(Strict):
     timeout: Duration = Field(default_factory=lambda: _env_float("DEFAULT_TIMEOUT", 30.0))
     retries: int = Field(default_factory=lambda: _env_int("MAX_RETRIES", 2), ge=0, le=10)
     max_body_size: ByteSize | None = None
+    upgrades: list[str] = Field(
+        default_factory=lambda: ["websocket"], description="Upgrade protocols tunneled to the upstream"
+    )
     policies: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
     # Shorthands from the seed's routes.yaml, mapped onto policies when those are available.
     auth: str | None = None
@@ -268,6 +274,14 @@ class RouteConfig(Strict):
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)}")
         return upper
+
+    @field_validator("upgrades")
+    @classmethod
+    def _check_upgrades(cls, upgrades: list[str]) -> list[str]:
+        for protocol in upgrades:
+            if not HEADER_NAME.match(protocol):  # a protocol name is a token, as a header name is
+                raise ValueError(f"{protocol!r} is not a protocol name such as websocket")
+        return [p.lower() for p in upgrades]
 
     @field_validator("headers")
     @classmethod

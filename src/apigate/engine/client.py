@@ -29,18 +29,26 @@ class HeadersTooLarge(Exception):
     pass
 
 
+# A chunked body's framing (sizes, extensions, trailers) read without a byte of data; past it: 400.
+MAX_CHUNK_FRAMING: Final = 16 * 1024
+
+
 class ClientConnection(wire.HeadReader):
     PAUSE_BODY = 1  # request body waiting for an upstream connection
     PAUSE_PIPELINE = 2  # a pipelined request waits behind the active one
     PAUSE_UPSTREAM = 4  # the upstream socket is not taking more request body
+    PAUSE_UPGRADE = 8  # bytes after an upgrade request's head wait for the upstream's 101
 
     __slots__ = (
         "closed",
         "draining",
+        "framing_bytes",
         "gateway",
         "head_since",
         "header_bytes",
         "headers",
+        "held",
+        "in_head",
         "out",
         "parser",
         "parsing",
@@ -55,7 +63,6 @@ class ClientConnection(wire.HeadReader):
         "transport",
         "tunnel",
         "url",
-        "write_paused",
     )
 
     def __init__(self, gateway: Gateway) -> None:
@@ -69,8 +76,10 @@ class ClientConnection(wire.HeadReader):
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.header_bytes = 0
+        self.in_head = False  # llhttp is reading a request head
+        self.framing_bytes = 0  # chunked-body framing read since the last body byte
+        self.held: bytes | None = None  # what followed an upgrade request's head, until its 101
         self.read_pauses = 0
-        self.write_paused = False
         self.out: list[bytes] | None = None
         self.closed = False
         self.draining = gateway.draining
@@ -108,43 +117,65 @@ class ClientConnection(wire.HeadReader):
         if self.tunnel is not None:
             self.tunnel.tunnel_to_upstream(data)
             return
+        if self.held is not None:  # reading is paused; this is what was already on its way
+            self.held += data
+            return
         if READ_HEADS and not self.parser_busy:
             data = self.read_plain(data)
             if not data:
                 return
+        in_head = self.in_head
+        parsing = self.parsing
+        body_before = parsing.bytes_in if parsing is not None else 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            # llhttp has completed the upgrade request already, so it is the newest in line.
-            exchange = self.queue[-1] if self.queue else None
-            rest = data[upgrade.args[0] :]
-            if exchange is not None:
-                self.parsing = None
-                exchange.request_done = True
-                self.tunnel = exchange
-                if rest:
-                    exchange.tunnel_to_upstream(rest)
-                # Nothing is parsed on this connection after an upgrade request.
-                self.set_read_paused(self.PAUSE_PIPELINE, True)
+            self.upgrade_head_read(data[upgrade.args[0] :])
+            return
         except httptools.HttpParserError as exc:
             cause = exc.__context__
             if isinstance(cause, HeadersTooLarge):
                 self.refuse(431, "request headers are too large")
             else:
                 self.refuse(400, "malformed HTTP request")
+            return
+        if self.in_head:
+            # httptools keeps an unfinished header line in memory and copies it again as it grows,
+            # so an unfinished head is measured on every read, not only when a line completes.
+            # The read in which the head began is not counted: it may hold the previous message.
+            if in_head:
+                self.header_bytes += len(data)
+                if self.header_bytes > self.gateway.max_header_bytes:
+                    self.refuse(431, "request headers are too large")
+        elif parsing is not None and parsing is self.parsing and parsing.request_chunked:
+            # llhttp skips chunk extensions without a limit: a chunk header that never ends
+            # would hold the connection for good.
+            if parsing.bytes_in != body_before:
+                self.framing_bytes = 0
+            else:
+                self.framing_bytes += len(data)
+                if self.framing_bytes > MAX_CHUNK_FRAMING:
+                    self.refuse(400, "chunked body framing is too long")
+
+    def upgrade_head_read(self, rest: bytes) -> None:
+        """llhttp stops after an upgrade request's head (and after any CONNECT). What follows is
+        not HTTP to us and is not the upstream's until it agrees to switch protocols (101), so it
+        waits here, unread; without a 101 the connection ends after the answer."""
+        if self.closed:
+            return
+        self.held = rest
+        self.set_read_paused(self.PAUSE_UPGRADE, True)
 
     def eof_received(self) -> bool:
         # A half-closed client may still wait for its answers; keep the socket open for them.
         return bool(self.queue)
 
     def pause_writing(self) -> None:
-        self.write_paused = True
         exchange = self.tunnel or (self.queue[0] if self.queue else None)
         if exchange is not None and exchange.upstream is not None:
             exchange.upstream.pause_reading(True)
 
     def resume_writing(self) -> None:
-        self.write_paused = False
         exchange = self.tunnel or (self.queue[0] if self.queue else None)
         if exchange is not None and exchange.upstream is not None:
             exchange.upstream.pause_reading(False)
@@ -166,6 +197,8 @@ class ClientConnection(wire.HeadReader):
     # -- llhttp callbacks (reached only for the heads that read_plain leaves to llhttp) -----------
     def on_message_begin(self) -> None:
         self.parser_busy = True
+        self.in_head = True
+        self.header_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -177,7 +210,10 @@ class ClientConnection(wire.HeadReader):
         self.header_bytes += len(name) + len(value) + 4
         if self.header_bytes > self.gateway.max_header_bytes:
             raise HeadersTooLarge
-        self.headers.append((name.lower(), value))
+        if self.in_head:
+            self.headers.append((name.lower(), value))
+        # else: a chunked body's trailer fields. They are not forwarded (the body goes upstream
+        # re-chunked without trailers), and must not become headers of the next request.
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -187,6 +223,8 @@ class ClientConnection(wire.HeadReader):
         self.url = b""
         self.headers = []
         self.header_bytes = 0
+        self.in_head = False
+        self.framing_bytes = 0
         self.head_complete(
             method or raw_method.decode("latin-1"),
             url,
@@ -212,11 +250,20 @@ class ClientConnection(wire.HeadReader):
         exchange = Exchange(self, method, path or "/", raw_path, query, headers, version, keep_alive, upgrade)
         self.parsing = exchange
         self.queue.append(exchange)
-        if unknown_method or path is None:
+        if unknown_method:
+            exchange.refuse_with(501, "unsupported request method")
+        elif method == "CONNECT":
+            # A reverse proxy has no tunnels to open to arbitrary authorities (RFC 9110 §9.3.6).
+            exchange.refuse_with(405, "CONNECT is not supported", [(b"allow", wire.ALLOWED_METHODS)])
+        elif path is None:
+            exchange.refuse_with(400, "unsupported request target")
+        elif upgrade:
+            # Whatever happens, the connection ends with this exchange: a tunnel, or an answer
+            # after which the bytes that followed the head are never read as HTTP.
             exchange.close_after = True
-            if len(self.queue) == 1:
-                exchange.fail(400 if path is None else 501, "unsupported request target or method")
-            return
+            if exchange.content_length or exchange.request_chunked:
+                # llhttp leaves the body of an upgrade request unread: it could not be framed.
+                exchange.refuse_with(400, "an upgrade request must not have a body")
         if len(self.queue) == 1:
             exchange.begin()
         else:
@@ -273,8 +320,13 @@ class ClientConnection(wire.HeadReader):
             self.transport.resume_reading()
 
     def start_tunnel(self, exchange: Exchange) -> None:
+        """The upstream switched protocols: from now on bytes flow both ways unread."""
         self.tunnel = exchange
-        self.set_read_paused(self.PAUSE_PIPELINE, False)
+        held = self.held
+        self.held = None
+        if held:
+            exchange.tunnel_to_upstream(held)
+        self.set_read_paused(self.PAUSE_UPGRADE, False)
 
     def exchange_finished(self, exchange: Exchange) -> None:
         if exchange is self.tunnel:
@@ -311,7 +363,7 @@ class ClientConnection(wire.HeadReader):
         if active is not None and not active.finished:
             # Earlier requests still get their answers; the bad one ends the connection after them.
             self.parser = httptools.HttpRequestParser(self)
-            self.parser_busy = False
+            self.parser_busy = self.in_head = False
             self.url, self.headers, self.header_bytes = b"", [], 0
             self.set_read_paused(self.PAUSE_PIPELINE, True)
             active.close_after = True

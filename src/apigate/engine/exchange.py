@@ -120,6 +120,11 @@ class Exchange:
     close_after = False
     finished = False
     tunnel = False
+    upgrade_to = b""  # the protocols offered to the upstream, when the route allows an upgrade
+    refusal: tuple[int, str, list[tuple[bytes, bytes]]] | None = None
+    # Request-body progress as the sweep last saw it (no clock call per chunk).
+    body_mark = -1
+    body_quiet_since = 0.0
     t_first_byte = 0.0
     t_end = 0.0
     # Read-timeout bookkeeping without a clock call per chunk: upstream data sets ``seen``;
@@ -215,8 +220,19 @@ class Exchange:
         return self.state
 
     # -- request phase ---------------------------------------------------------------------------
+    def refuse_with(
+        self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        """Answer this request with an error when its turn comes, then end the connection."""
+        self.close_after = True
+        self.refusal = (status, message, headers or [])
+
     def begin(self) -> None:
         """Route, run request policies, then go upstream. Called when this exchange is first in line."""
+        refusal = self.refusal
+        if refusal is not None:
+            self.fail(*refusal)
+            return
         snapshot = self.snapshot
         builtin = self.client.gateway.builtins.get(self.path)
         if builtin is not None and self.method in ("GET", "HEAD"):
@@ -237,12 +253,27 @@ class Exchange:
         self.params = match.params
         self.remainder = match.remainder
         self.prefix = match.prefix
+        if self.upgrade:
+            self._choose_upgrade(route)
         limit = route.max_body_size
         if limit is not None and self.content_length is not None and self.content_length > limit:
             self.close_after = True
             self.fail(413, f"request body exceeds the route's limit of {limit} bytes")
             return
         self._run_hooks(route.request_hooks, 0, False)
+
+    def _choose_upgrade(self, route: CompiledRoute) -> None:
+        """Offer the upstream only the protocols the route allows (RFC 9110 §7.8); with none left,
+        the request is served as plain HTTP, and the connection still ends after it."""
+        offered = [
+            token.strip()
+            for token in (self.header(b"upgrade") or b"").split(b",")
+            if token.strip().partition(b"/")[0].lower() in route.upgrades
+        ]
+        if offered:
+            self.upgrade_to = b", ".join(offered)
+        else:
+            self.upgrade = False
 
     def _run_hooks(self, hooks: tuple[Any, ...], index: int, body_phase: bool) -> None:
         """Run a phase's hooks from ``index``; an early answer ends the exchange, passing moves on.
@@ -449,7 +480,7 @@ class Exchange:
         if self.forwarded_host is not None:
             out += (b"x-forwarded-host: ", self.forwarded_host, b"\r\n")
         if self.upgrade:
-            out.append(b"connection: upgrade\r\nupgrade: %s\r\n" % (self.header(b"upgrade") or b""))
+            out.append(b"connection: upgrade\r\nupgrade: %s\r\n" % self.upgrade_to)
         elif self.request_chunked:
             out.append(b"transfer-encoding: chunked\r\n")
         out.append(b"\r\n")
@@ -531,11 +562,14 @@ class Exchange:
                 hook(self)
             kept = self.response_headers
         if status == 101:
+            if not self.upgrade:  # a switch nobody asked for: nothing may flow unread
+                self.upstream_protocol_error(self.upstream)
+                return
             self.response_started = True
             client.write(
                 _STATUS_101
                 + wire.serialize_headers(kept)
-                + b"connection: upgrade\r\nupgrade: %s\r\n\r\n" % (self.header(b"upgrade") or b"")
+                + b"connection: upgrade\r\nupgrade: %s\r\n\r\n" % self.upgrade_to
             )
             # A tunnel lives as long as it is used: no total deadline, only the read (idle) timeout.
             self.tunnel = True
@@ -553,8 +587,8 @@ class Exchange:
             head.append(b"\r\n")  # the common case: nothing to add
             client.write(b"".join(head))
             return
-        if self.upgrade:  # the upstream declined the upgrade: answer, then close
-            self.close_after = True
+        if self.upgrade:  # the upstream declined the upgrade: answer, then close (close_after)
+            self.upstream_keep_alive = False  # the upstream may wait for the other protocol
         no_body = self.method == "HEAD" or status in (204, 304)
         self.response_until_eof = not length_known and not chunked and not no_body
         trailer = b""
@@ -584,7 +618,12 @@ class Exchange:
         conn = self.upstream
         self.upstream = None
         if conn is not None:
-            if self.upstream_keep_alive and self.request_done and not self.response_until_eof:
+            if (
+                self.upstream_keep_alive
+                and self.request_done
+                and not self.response_until_eof
+                and not self.upgrade
+            ):
                 conn.pool.release(conn)
             else:
                 conn.exchange = None
@@ -603,9 +642,11 @@ class Exchange:
             return
         self.retry_or_fail(502, "upstream closed the connection before answering", sent=True)
 
-    def upstream_protocol_error(self, conn: UpstreamConnection) -> None:
+    def upstream_protocol_error(self, conn: UpstreamConnection | None) -> None:
         self.upstream = None
-        conn.exchange = None
+        if conn is not None:
+            conn.exchange = None
+            conn.close()
         if self.response_started:
             self.abort()
         else:
@@ -622,6 +663,27 @@ class Exchange:
         route = self.route
         if not self.tunnel and route is not None and now - self.t_start > route.timeout:
             self.timed_out(now)
+
+    def check_body_timeouts(self, now: float, body_idle: float) -> None:
+        """Called by the gateway's sweep while the request body is still arriving. Silence longer
+        than ``body_idle``, or the route's whole timeout passing, ends it with 408: a route that
+        buffers bodies has no upstream yet whose timeouts would end a trickled body."""
+        if self.expect_continue:
+            return  # the client waits for our 100 Continue before it sends the body
+        if self.bytes_in != self.body_mark:
+            self.body_mark = self.bytes_in
+            self.body_quiet_since = now
+            idle = False
+        else:
+            idle = now - self.body_quiet_since > body_idle
+        route = self.route
+        if idle or (route is not None and now - self.t_start > route.timeout):
+            self.client.gateway.stats.timeouts += 1
+            if self.finished:  # answered early; its body was being read to keep the connection
+                self.client.close()
+            else:
+                self.close_after = True
+                self.fail(408, "the request body did not arrive in time")
 
     def timed_out(self, now: float) -> None:
         self.client.gateway.stats.timeouts += 1
@@ -640,10 +702,6 @@ class Exchange:
         if conn is not None:
             self.seen = True
             conn.send(data)
-        elif self.body_pending is None:
-            self.body_pending = [data]
-        else:
-            self.body_pending.append(data)
 
     # -- endings ---------------------------------------------------------------------------------------
     def reply(self, reply: Reply) -> None:
@@ -680,7 +738,7 @@ class Exchange:
         self.client.write(head + body)
         self.finish()
 
-    def fail(self, status: int, message: str) -> None:
+    def fail(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         """Answer with a JSON error if nothing was sent yet; otherwise cut the connection."""
         conn = self.upstream
         if conn is not None:
@@ -691,7 +749,7 @@ class Exchange:
             self.abort()
             return
         self.client.gateway.stats.count_error(status)
-        self.reply(Reply(status, wire.error_body(message, self.request_id)))
+        self.reply(Reply(status, wire.error_body(message, self.request_id), headers))
 
     def abort(self) -> None:
         """The response cannot be completed: close both sides so the client sees a truncated reply."""

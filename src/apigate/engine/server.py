@@ -121,6 +121,8 @@ class Gateway:
             if exchange is not None:
                 if exchange.upstream is not None:
                     exchange.check_timeouts(now, timeouts.read)
+                if not exchange.request_done and not exchange.tunnel:
+                    exchange.check_body_timeouts(now, timeouts.body_idle)
             elif slow:
                 conn.check_idle(now, timeouts.keepalive, timeouts.header)
         if slow:

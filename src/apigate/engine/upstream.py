@@ -23,8 +23,10 @@ if TYPE_CHECKING:
 
 # Plain heads are read by the compiled reader; llhttp reads the rest (and all when uncompiled).
 READ_HEADS: Final = heads.COMPILED
-# A larger response head is left to llhttp, which has no limit of its own here.
+# The largest response head; past it the answer is 502. llhttp has no limit of its own.
 MAX_RESPONSE_HEAD: Final = 64 * 1024
+# A chunked body's framing (sizes, extensions, trailers) read without a byte of data; past it: 502.
+MAX_CHUNK_FRAMING: Final = 16 * 1024
 
 
 class PoolTimeout(Exception):
@@ -35,9 +37,12 @@ class UpstreamConnection(wire.HeadReader):
     __slots__ = (
         "closed",
         "exchange",
+        "framing_bytes",
+        "head_bytes",
         "head_only",
         "headers",
         "idle_since",
+        "in_head",
         "interim",
         "parser",
         "pool",
@@ -53,6 +58,9 @@ class UpstreamConnection(wire.HeadReader):
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: Exchange | None = None
         self.headers: list[tuple[bytes, bytes]] = []
+        self.in_head = False  # llhttp is reading a response head
+        self.head_bytes = 0  # of that head, counted on every read (see data_received)
+        self.framing_bytes = 0  # chunked-body framing read since the last body byte
         self.idle_since = 0.0
         self.closed = False
         self.interim = False
@@ -87,16 +95,7 @@ class UpstreamConnection(wire.HeadReader):
             if READ_HEADS and not self.parser_busy:
                 data = self.read_plain(data)
             if data:
-                self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            self.tunnel = True
-            rest = data[upgrade.args[0] :]
-            if rest:
-                exchange.tunnel_to_client(rest)
-        except httptools.HttpParserError:
-            if self.exchange is not None:
-                self.exchange.upstream_protocol_error(self)
-            self.close()
+                self.read_with_llhttp(exchange, data)
         finally:
             client.uncork()
         if self.reset_parser:
@@ -105,6 +104,46 @@ class UpstreamConnection(wire.HeadReader):
             self.reset_parser = False
             self.parser_busy = False
             self.parser = httptools.HttpResponseParser(self)
+
+    def read_with_llhttp(self, exchange: Exchange, data: bytes) -> None:
+        in_head = self.in_head
+        body_before = exchange.bytes_out
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            if self.exchange is not exchange or not exchange.tunnel:
+                self.close()  # a 101 the exchange refused (nobody asked to upgrade)
+                return
+            self.tunnel = True
+            rest = data[upgrade.args[0] :]
+            if rest:
+                exchange.tunnel_to_client(rest)
+            return
+        except httptools.HttpParserError:
+            if self.exchange is not None:
+                self.exchange.upstream_protocol_error(self)
+            self.close()
+            return
+        if self.exchange is not exchange or not self.parser_busy:
+            return
+        if self.in_head:
+            # Measured on every read: httptools keeps an unfinished header line and copies it
+            # again as it grows. The read in which the head began is not counted.
+            if in_head:
+                self.head_bytes += len(data)
+                if self.head_bytes > MAX_RESPONSE_HEAD:
+                    self.refuse(exchange)
+        elif exchange.bytes_out != body_before:
+            self.framing_bytes = 0
+        else:
+            self.framing_bytes += len(data)
+            if self.framing_bytes > MAX_CHUNK_FRAMING:
+                self.refuse(exchange)
+
+    def refuse(self, exchange: Exchange) -> None:
+        """The upstream broke the limits of a response: 502 (or a cut response), and no reuse."""
+        exchange.upstream_protocol_error(self)
+        self.close()
 
     def plain_head(self, data: bytes) -> int:
         exchange = self.exchange
@@ -133,11 +172,20 @@ class UpstreamConnection(wire.HeadReader):
     # -- llhttp callbacks (reached only for the responses that read_plain leaves to llhttp) -----
     def on_message_begin(self) -> None:
         self.parser_busy = True
+        self.in_head = True
+        self.head_bytes = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > MAX_RESPONSE_HEAD:
+            raise ValueError("response head too large")  # llhttp reports it as a parser error
+        if self.in_head:
+            self.headers.append((name.lower(), value))
+        # else: trailer fields, which are not forwarded and must not join the next response's head
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.framing_bytes = 0
         status = self.parser.get_status_code()
         headers = self.headers
         self.headers = []

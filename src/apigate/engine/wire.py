@@ -33,6 +33,9 @@ METHODS: Final = {
     m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 }
 
+# What the proxy forwards, for the Allow field of a refused method.
+ALLOWED_METHODS: Final = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 # Every registered status's line, made once; the hot path reads this dict directly.
 STATUS_LINES: Final[dict[int, bytes]] = {
