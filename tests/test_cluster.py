@@ -1,23 +1,28 @@
 """Two gateway processes on one PostgreSQL database: what the CLI changes reaches both in ~1 s.
 
 Two ways: polling the store alone (``poll_interval`` 0.5 s), and change notices over one Redis
-(polling set to 30 s, so only the notices can make it in time).
+(polling set to 30 s, so only the notices can make it in time). And when Redis is lost while a
+gateway relies on its notices, polling takes over at once.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from tests.support.cli import apigate_json, seconds_until
 from tests.support.errors_helpers import request
 from tests.support.gateway import GatewayProcess
 from tests.support.jwks_server import HS_SECRET, claims, hs_sign
 from tests.support.pg import fresh_database
+from tests.support.redis import RedisServer
 from tests.support.upstream import UpstreamServer
 
 # Polling: the target is 1 s (poll_interval 0.5 s); the margin is for a loaded machine.
@@ -98,3 +103,48 @@ def test_two_gateways_on_one_postgres_see_cli_changes_within_a_second(
     print(f"propagation with {fanout.name}: " + ", ".join(f"{k} {s * 1000:.0f} ms" for k, s in took.items()))
     for what, seconds in took.items():
         assert seconds <= PROPAGATION_LIMIT[fanout.name], f"{what}: both agreed after {seconds:.2f}s"
+
+
+# A live subscription slows the store polling to a 5 s safety net; once Redis is gone the default
+# poll_interval (0.5 s) applies again. The margin is for the CLI's own start and a loaded machine.
+REVOKED_AFTER_REDIS_LOST_LIMIT = 2.0
+
+
+@pytest.mark.parametrize("outage", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_a_key_revoked_after_redis_is_lost_is_refused_within_the_poll_interval(
+    outage: signal.Signals,
+    start_gateway: Callable[..., GatewayProcess],
+    upstream: UpstreamServer,
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(tmp_path / "redis").start()  # this test's own: it kills or stops it
+    store_url = f"sqlite:///{tmp_path / 'store.db'}"
+    try:
+        gateway = start_gateway(
+            {
+                "store": {"url": store_url},
+                "state": {"url": server.url},
+                "routes": [{"path": "/api/*", "target": upstream.url, "policies": {"key-auth": {}}}],
+            }
+        )
+        with redis.Redis(port=server.port, socket_timeout=5) as client:
+            seconds_until(lambda: client.pubsub_numsub("apigate:changes")[0][1] == 1)
+
+        def key_status(key: str) -> int:
+            return request(gateway.port, "GET", "/api/echo", [("X-API-Key", key)]).status
+
+        # Created with a notice over Redis: the gateway reloads, then relies on notices.
+        apigate_json(tmp_path, store_url, "consumers", "create", "alice", "--state", server.url)
+        made = apigate_json(tmp_path, store_url, "keys", "create", "alice", "--state", server.url)
+        seconds_until(lambda: key_status(made["key"]) == 200)
+
+        assert server.proc is not None
+        os.kill(server.proc.pid, outage)
+        apigate_json(tmp_path, store_url, "keys", "revoke", made["id"])  # no Redis to announce it on
+        took = seconds_until(lambda: key_status(made["key"]) == 401)
+        print(f"revoked key refused {took * 1000:.0f} ms after the revocation, Redis {outage.name}")
+        assert took < REVOKED_AFTER_REDIS_LOST_LIMIT, f"the revoked key kept working {took:.2f}s"
+    finally:
+        if server.proc is not None and outage == signal.SIGSTOP:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()

@@ -153,15 +153,16 @@ def test_drain_timeout_cuts_long_request(start_gateway: Any, upstream: UpstreamS
 # --- workers ---------------------------------------------------------------------------------------
 
 
+def two_workers(gateway: GatewayProcess) -> set[int] | None:
+    """The pids of the gateway's workers once both run."""
+    assert gateway.proc is not None
+    found = children_of(gateway.proc.pid)
+    return found if len(found) == 2 else None
+
+
 def test_two_workers_serve_restart_and_stop(start_gateway: Any, upstream: UpstreamServer) -> None:
     gateway = start_gateway({"routes": [route("/echo", upstream.url)]}, workers=2)
-    pid = gateway.proc.pid
-
-    def workers() -> set[int] | None:
-        found = children_of(pid)
-        return found if len(found) == 2 else None
-
-    first = wait_until(workers, message="two worker processes")
+    first = wait_until(lambda: two_workers(gateway), message="two worker processes")
 
     # Each worker's request ids start with its own random prefix: new connections until both answered.
     prefixes: set[str] = set()
@@ -178,7 +179,9 @@ def test_two_workers_serve_restart_and_stop(start_gateway: Any, upstream: Upstre
 
     victim = min(first)
     os.kill(victim, signal.SIGKILL)
-    now = wait_until(lambda: (found := workers()) and victim not in found and found, message="a new worker")
+    now = wait_until(
+        lambda: (found := two_workers(gateway)) and victim not in found and found, message="a new worker"
+    )
     assert len(now & first) == 1
     for _ in range(50):
         assert get(gateway.port, "/echo").status == 200
@@ -187,6 +190,30 @@ def test_two_workers_serve_restart_and_stop(start_gateway: Any, upstream: Upstre
     gateway.signal(signal.SIGTERM)
     assert gateway.proc.wait(10) == 0
     assert not any(pid_alive(worker) for worker in now)
+
+
+def test_workers_of_a_killed_master_drain_and_free_the_port(
+    start_gateway: Any, upstream: UpstreamServer, tmp_path: Path, launch: Callable[..., Launched]
+) -> None:
+    gateway = start_gateway({"routes": [route("/echo", upstream.url)]}, workers=2)
+    workers = wait_until(lambda: two_workers(gateway), message="two worker processes")
+    try:
+        assert get(gateway.port, "/echo").status == 200
+        gateway.signal(signal.SIGKILL)  # the master alone: it cannot forward anything to the workers
+        wait_until(
+            lambda: not any(pid_alive(worker) for worker in workers),
+            timeout=10,
+            message="both workers to exit after their master died",
+        )
+    finally:
+        for worker in workers:  # orphans must not outlive a failed run and keep the port
+            if pid_alive(worker):
+                os.kill(worker, signal.SIGKILL)
+    assert "the supervising process is gone; draining and exiting" in gateway.output()
+
+    again = launch(["run", "-c", str(gateway.config_path)], tmp_path, clean_env())
+    again.wait_listening(gateway.port)  # fails with the output if the port is still taken
+    assert get(gateway.port, "/echo").status == 200
 
 
 # --- the embedded demo and where the config comes from ----------------------------------------------

@@ -7,6 +7,8 @@ and poll with a deadline. Tests are sync functions driving one event loop per te
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -22,7 +24,7 @@ from apigate.config.models import GatewayConfig, StateConfig
 from apigate.state import Script, StateBackend, StateUnavailable, open_state
 from apigate.state.base import LocalData, Message
 from apigate.state.memory import MemoryState
-from apigate.state.redis import RedisState
+from apigate.state.redis import LIVENESS_PING_AFTER, OPERATION_TIMEOUT, RedisState
 from tests.support.redis import RedisServer
 
 T = TypeVar("T")
@@ -213,12 +215,12 @@ def test_redis_outage_raises_unavailable_and_the_subscription_resumes(tmp_path: 
         assert await state.add_if_absent("nonce", 10) is True
 
         await asyncio.to_thread(server.stop)
-        await until(lambda: not subscription.active)
+        await until(lambda: not subscription.active and heard == [None, None])  # told it is lost
         with pytest.raises(StateUnavailable):
             await state.publish("changes", b"lost")
 
         await asyncio.to_thread(server.start)
-        await until(lambda: subscription.active and heard == [None, None])  # told to resync
+        await until(lambda: subscription.active and heard == [None, None, None])  # told to resync
         await state.publish("changes", b"back")
         await until(lambda: heard[-1] == b"back")
         await state.close()
@@ -226,6 +228,34 @@ def test_redis_outage_raises_unavailable_and_the_subscription_resumes(tmp_path: 
     try:
         run(scenario())
     finally:
+        server.stop()
+
+
+def test_a_hung_redis_ends_the_subscription_in_bounded_time(tmp_path: Path, run: Run) -> None:
+    """A stopped Redis keeps the connection open and silent: only an unanswered PING reveals it."""
+    server = RedisServer(tmp_path / "redis").start()
+    state = RedisState(server.url)
+    assert server.proc is not None
+    pid = server.proc.pid
+
+    async def scenario() -> None:
+        await state.open()
+        heard: list[Message] = []
+        subscription = await state.subscribe("changes", heard.append)
+        await until(lambda: subscription.active and heard == [None])
+        os.kill(pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        await until(lambda: not subscription.active and heard == [None, None])  # told it is lost
+        noticed_after = time.monotonic() - stopped_at
+        assert noticed_after < LIVENESS_PING_AFTER + OPERATION_TIMEOUT + 0.5, noticed_after
+        os.kill(pid, signal.SIGCONT)
+        await until(lambda: subscription.active and heard == [None, None, None])
+        await state.close()
+
+    try:
+        run(scenario())
+    finally:
+        os.kill(pid, signal.SIGCONT)
         server.stop()
 
 

@@ -4,14 +4,25 @@ and the progress a bulk replay reports."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import orjson
+from standardwebhooks.webhooks import Webhook
 
 from apigate.store import open_store
 from apigate.store.base import DeliveryOutcome, NewWebhookEvent
 from apigate.webhooks import cli
+from apigate.webhooks.signing import SECRET_SETTING
 from tests.support.cli import apigate_json
+from tests.support.gateway import GatewayProcess
+from tests.support.webhook_handler import WebhookHandler
+from tests.support.webhook_sender import Sender, github_source
 
 
 def seed(url: str, events: int = 3, dead: int = 1) -> None:
@@ -64,6 +75,96 @@ def test_list_show_replay_purge_and_secret(tmp_path: Path) -> None:
         secret.startswith("whsec_")
         and apigate_json(tmp_path, url, "webhooks", "secret")["signing_secret"] == secret
     )
+
+
+def webhooks_secret(config_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """`apigate webhooks secret -c FILE` as an operator runs it next to a running gateway."""
+    done = subprocess.run(
+        [sys.executable, "-m", "apigate", "webhooks", "secret", "-c", str(config_path), *flags],
+        cwd=config_path.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def stored_secret(url: str) -> str | None:
+    async def read() -> str | None:
+        store = open_store(url)
+        await store.open()
+        try:
+            return await store.get_setting(SECRET_SETTING)
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+def delivery_config(store_url: str, handler: WebhookHandler, signing_secret: str | None) -> dict:
+    webhooks: dict = {
+        "poll_interval": "50ms",
+        "sources": {"github": github_source(["handler"])},
+        "destinations": {"handler": {"url": handler.url, "timeout": "2s"}},
+    }
+    if signing_secret is not None:
+        webhooks["signing_secret"] = signing_secret
+    return {"store": {"url": store_url}, "webhooks": webhooks}
+
+
+def assert_delivery_verifies_with(gateway: GatewayProcess, handler: WebhookHandler, secret: str) -> None:
+    sender = Sender(gateway.port, "/webhooks/github")
+    try:
+        assert sender.send("delivery-1", {"action": "opened"})[0] == 200
+        [delivery] = handler.wait_for(lambda seen: len(seen) == 1)
+        Webhook(secret).verify(delivery.body, delivery.headers)  # raises if signed with another key
+    finally:
+        sender.close()
+
+
+def test_secret_shows_the_config_secret_deliveries_are_signed_with_and_leaves_the_store_alone(
+    start_gateway: Callable[..., GatewayProcess], tmp_path: Path
+) -> None:
+    configured = "whsec_" + base64.b64encode(b"the-operator-chose-this-key-32by").decode()
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    handler = WebhookHandler().start()
+    try:
+        gateway = start_gateway(delivery_config(url, handler, configured))
+        shown = webhooks_secret(gateway.config_path)
+        printed = shown.stdout.strip()
+        assert printed == configured
+        assert f"from webhooks.signing_secret in {gateway.config_path}" in shown.stderr
+        assert orjson.loads(webhooks_secret(gateway.config_path, "--json").stdout) == {
+            "signing_secret": configured,
+            "source": "config",
+            "created": False,
+            "config": str(gateway.config_path),
+        }
+        assert stored_secret(url) is None  # no second secret written beside the config's
+        assert_delivery_verifies_with(gateway, handler, printed)
+    finally:
+        handler.stop()
+
+
+def test_secret_without_one_in_the_config_is_the_store_one_created_once(
+    start_gateway: Callable[..., GatewayProcess], tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    config_path = tmp_path / "apigate.yaml"
+    handler = WebhookHandler().start()
+    try:
+        config_path.write_text(orjson.dumps(delivery_config(url, handler, None)).decode())  # JSON is YAML
+        first = webhooks_secret(config_path, "--json")
+        created = orjson.loads(first.stdout)
+        assert created["source"] == "store" and created["created"] is True
+        again = webhooks_secret(config_path)
+        assert again.stdout.strip() == created["signing_secret"] == stored_secret(url)
+        assert "kept in the store (no webhooks.signing_secret in" in again.stderr
+        gateway = start_gateway(delivery_config(url, handler, None))
+        assert_delivery_verifies_with(gateway, handler, created["signing_secret"])
+    finally:
+        handler.stop()
 
 
 def test_bulk_replay_reports_progress_in_plain_counts_when_not_on_a_terminal(tmp_path: Path) -> None:

@@ -1,5 +1,7 @@
 """Processes: bind the listener once, run one gateway per worker, reload on SIGHUP or file change,
-drain on SIGTERM. Workers are forked children sharing the parent's listening socket.
+drain on SIGTERM. Workers are forked children sharing the parent's listening socket; a worker
+whose parent is gone (killed with SIGKILL, say) drains and exits as on SIGTERM, so no worker
+serves unsupervised or keeps the port from the next `apigate run`.
 """
 
 from __future__ import annotations
@@ -87,14 +89,23 @@ def run(source: ConfigSource, workers: int | None) -> int:
 
 
 def _worker(
-    source: ConfigSource, config: GatewayConfig, sock: socket.socket, demo_sock: socket.socket | None
+    source: ConfigSource,
+    config: GatewayConfig,
+    sock: socket.socket,
+    demo_sock: socket.socket | None,
+    parent_alive: int | None = None,
 ) -> int:
+    """Serve until told to stop; ``parent_alive`` is the read end of the supervisor's pipe."""
     uvloop.install()
-    return asyncio.run(_serve(source, config, sock, demo_sock))
+    return asyncio.run(_serve(source, config, sock, demo_sock, parent_alive))
 
 
 async def _serve(
-    source: ConfigSource, config: GatewayConfig, sock: socket.socket, demo_sock: socket.socket | None
+    source: ConfigSource,
+    config: GatewayConfig,
+    sock: socket.socket,
+    demo_sock: socket.socket | None,
+    parent_alive: int | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
     gateway = Gateway(config, loop)
@@ -108,12 +119,21 @@ async def _serve(
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload(gateway, source, "SIGHUP"))
+    if parent_alive is not None:
+        loop.add_reader(parent_alive, _parent_gone, loop, parent_alive, stop)
     watcher = loop.create_task(_watch(gateway, source))
     await stop.wait()
     watcher.cancel()
     log.info("draining (up to %.0fs)", gateway.snapshot.config.timeouts.drain)
     await gateway.drain(gateway.snapshot.config.timeouts.drain)
     return 0
+
+
+def _parent_gone(loop: asyncio.AbstractEventLoop, parent_alive: int, stop: asyncio.Event) -> None:
+    # Readable means end of file: the supervisor never writes, so its write end closed with it.
+    loop.remove_reader(parent_alive)
+    log.error("the supervising process is gone; draining and exiting")
+    stop.set()
 
 
 def _reload(gateway: Gateway, source: ConfigSource, why: str) -> None:
@@ -157,15 +177,22 @@ def _supervise(
 ) -> int:
     children: dict[int, int] = {}  # pid -> worker slot
     stopping = False
+    # Workers learn of this process's death, however it dies (SIGKILL included), from a pipe only
+    # it holds the write end of: the kernel closes that end when it exits, and each worker's loop
+    # sees end of file. Unlike PR_SET_PDEATHSIG this works on every POSIX system, tracks the
+    # process rather than the forking thread, and has no window to close between fork and setup
+    # (an end of file that came early is still there when the worker starts watching).
+    parent_alive, held_by_parent = os.pipe()
 
     def start(slot: int) -> None:
         pid = os.fork()
         if pid == 0:
+            os.close(held_by_parent)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
             code = 1
             try:
-                code = _worker(source, config, sock, demo_sock)
+                code = _worker(source, config, sock, demo_sock, parent_alive)
             finally:
                 os._exit(code)
         children[pid] = slot

@@ -5,7 +5,9 @@ for the data plane.
 store's ``change_version`` and reloads when it moved: at once when a change notice arrives on
 the state backend (writers publish one after each commit; with Redis it reaches every worker
 on every node), and every ``store.poll_interval`` as the safety net (slowed to
-``NOTIFIED_POLL_INTERVAL`` while a Redis subscription is live). Consumers and keys declared in
+``NOTIFIED_POLL_INTERVAL`` while a Redis subscription is live; when it is lost, or Redis stops
+answering on it, the wait ends at once and polling is back to ``store.poll_interval``, since
+notices may no longer arrive). Consumers and keys declared in
 the config are merged in (hashed here, never written to the store). The jwt policy's revoked
 ``jti`` list comes along with the same reloads. A reload builds new dicts and swaps them in
 one assignment each; a request sees either the old data or the new. When the store cannot be
@@ -89,7 +91,8 @@ class ConsumerRegistry:
             self._subscription = await self.state.subscribe(CHANGES_CHANNEL, self._notified)
 
     def _notified(self, _message: Message) -> None:
-        # A notice, or a (re)subscription after which notices may have been missed: check now.
+        # A notice, or the subscription lost or (re)made, around which notices may be missed:
+        # check now, then wait as long as the subscription's state allows (current_poll_interval).
         self._wake.set()
 
     async def stop(self) -> None:

@@ -22,7 +22,8 @@ from typing import Any, ClassVar, Protocol
 NAMESPACE = "apigate:"
 
 Message = bytes | None
-"""What a subscriber receives: a published message, or None after each (re)subscription."""
+"""What a subscriber receives: a published message, or None each time the subscription is lost
+or (re)established (``Subscription.active`` tells which)."""
 
 
 class StateUnavailable(Exception):
@@ -112,8 +113,9 @@ class StateBackend(abc.ABC):
     @abc.abstractmethod
     async def subscribe(self, channel: str, callback: Callable[[Message], None]) -> Subscription:
         """Call ``callback`` with every message on ``channel``, and with None each time the
-        subscription starts or resumes: messages sent while it was down are lost, so a subscriber
-        that must not miss one checks its source then."""
+        subscription starts, resumes or is lost: messages sent while it is down are lost, so a
+        subscriber that must not miss one checks its source then (and, after a loss, until it
+        is active again)."""
 
 
 def milliseconds(seconds: float) -> int:

@@ -5,7 +5,11 @@ gateway from starting: an operation that cannot reach it within ``OPERATION_TIME
 ``StateUnavailable`` and its caller decides (see the README's state section). Scripts run with
 EVALSHA, loaded on first use (one round trip per call). Each subscription keeps its own
 connection, resubscribes after a loss with a growing delay, and tells its callback (None) when
-it is live again, since Redis pub/sub drops messages sent while nobody listens.
+it is lost and when it is live again, since Redis pub/sub drops messages sent while nobody
+listens. A subscription counts as live only while Redis answers on it: the subscription must be
+confirmed, and a PING after ``LIVENESS_PING_AFTER`` of silence answered, within
+``OPERATION_TIMEOUT``, so a hung Redis (a stopped process, a peer gone without a reset, which
+keep the connection open and silent) is noticed within ``LIVENESS_PING_AFTER + OPERATION_TIMEOUT``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import redis.asyncio as redis
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -39,8 +44,10 @@ log = logging.getLogger("apigate.state")
 
 # A request waiting on Redis waits at most this long (connect or answer) before it is unavailable.
 OPERATION_TIMEOUT = 1.0
-# A subscription with no traffic pings this often, so a dead connection is noticed.
-HEALTH_CHECK_EVERY = 10.0
+# A subscription that heard nothing for this long pings Redis. Subscribers count on a live
+# subscription to learn of changes (the consumer registry then polls the store only every 5 s),
+# so a silent Redis must be found out quickly; one PING a second per idle process is cheap.
+LIVENESS_PING_AFTER = 0.5
 # Resubscribing after a loss waits this long at first, doubling up to the maximum.
 RETRY_FIRST_DELAY = 0.2
 RETRY_MAX_DELAY = 5.0
@@ -71,6 +78,7 @@ class RedisSubscription(Subscription):
         self._callback = callback
         self._where = where
         self._active = False
+        self._retry_delay = RETRY_FIRST_DELAY
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._listen(), name=f"redis-subscription-{channel}")
 
@@ -88,32 +96,48 @@ class RedisSubscription(Subscription):
             await task
 
     async def _listen(self) -> None:
-        delay = RETRY_FIRST_DELAY
         while True:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._client.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
-                if delay > RETRY_FIRST_DELAY:
-                    log.warning("subscribed to Redis at %s again", self._where)
-                self._active, delay = True, RETRY_FIRST_DELAY
-                self._callback(None)
-                while True:
-                    message = await pubsub.get_message(timeout=HEALTH_CHECK_EVERY)
-                    if message is not None and message["type"] == "message":
-                        self._callback(message["data"])
+                await self._receive(pubsub)
             except _LOST as exc:
-                if self._active or delay == RETRY_FIRST_DELAY:
+                if self._active or self._retry_delay == RETRY_FIRST_DELAY:
                     reason = f"{type(exc).__name__}: {exc}"
                     log.warning("no subscription to Redis at %s (%s); retrying", self._where, reason)
-                self._active = False
             except Exception:  # a bug must not end the subscription for good
                 log.exception("the subscription to Redis at %s failed; retrying", self._where)
-                self._active = False
             finally:
                 with contextlib.suppress(*_LOST):
                     await pubsub.aclose()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_DELAY)
+            if self._active:
+                self._active = False
+                self._callback(None)  # notices may be missed from now on: the subscriber falls back
+            await asyncio.sleep(self._retry_delay)
+            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX_DELAY)
+
+    async def _receive(self, pubsub: PubSub) -> None:
+        """Hand the channel's messages to the callback until Redis fails to answer in time."""
+        loop = asyncio.get_running_loop()
+        awaiting_answer, deadline = True, loop.time() + OPERATION_TIMEOUT  # the confirmation first
+        while True:
+            message = await pubsub.get_message(timeout=max(deadline - loop.time(), 0))
+            if message is None:
+                if loop.time() < deadline:
+                    continue
+                if awaiting_answer:
+                    raise RedisTimeoutError(f"no answer within {OPERATION_TIMEOUT:g}s")
+                await pubsub.ping()
+                awaiting_answer, deadline = True, loop.time() + OPERATION_TIMEOUT
+                continue
+            awaiting_answer, deadline = False, loop.time() + LIVENESS_PING_AFTER
+            if message["type"] == "subscribe":
+                if self._retry_delay > RETRY_FIRST_DELAY:
+                    log.warning("subscribed to Redis at %s again", self._where)
+                self._active, self._retry_delay = True, RETRY_FIRST_DELAY
+                self._callback(None)
+            elif message["type"] == "message":
+                self._callback(message["data"])
 
 
 class RedisState(StateBackend):
@@ -138,12 +162,12 @@ class RedisState(StateBackend):
         self._client = redis.Redis.from_url(
             self.url, socket_timeout=OPERATION_TIMEOUT, socket_connect_timeout=OPERATION_TIMEOUT
         )
-        # Subscriptions wait on reads indefinitely, and resubscribe themselves (no silent retry).
+        # Subscriptions check that Redis answers themselves and resubscribe (no silent retry).
         self._subscriber = redis.Redis.from_url(
             self.url,
+            socket_timeout=OPERATION_TIMEOUT,
             socket_connect_timeout=OPERATION_TIMEOUT,
             retry=Retry(NoBackoff(), 0),
-            health_check_interval=HEALTH_CHECK_EVERY,
         )
         try:
             await self._client.ping()

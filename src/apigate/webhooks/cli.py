@@ -148,11 +148,8 @@ async def webhooks_action(args: argparse.Namespace, service: ConsumerService) ->
         before = time.time() - parse_duration(args.older_than)
         count = await store.purge_webhook_events(before, args.source)
         _report(args, {"purged": count}, f"purged {count} event(s)")
-    else:  # secret
-        from apigate.webhooks.signing import SECRET_SETTING, new_secret
-
-        secret = await store.set_setting(SECRET_SETTING, new_secret(), only_if_absent=True)
-        _report(args, {"signing_secret": secret}, secret)
+    else:
+        await _secret_action(args, store)
     return 0
 
 
@@ -163,6 +160,39 @@ def _report(args: argparse.Namespace, value: dict[str, Any], text: str) -> None:
         _print_json(value)
     else:
         print(text)
+
+
+# -- signing secret ---------------------------------------------------------------------------------
+async def _secret_action(args: argparse.Namespace, store: Store) -> None:
+    """The secret the gateway signs deliveries with, chosen as the gateway chooses it. The secret
+    alone goes to stdout (for scripts); where it comes from goes to stderr."""
+    from apigate.cli import _config_for_store, _config_path, _print_json
+    from apigate.webhooks.signing import signing_secret_in_effect
+
+    config_read = not (args.store and not args.config)
+    config = _config_for_store(args) if config_read else None
+    path = _config_path(args.config) if config is not None else None
+    secret = await signing_secret_in_effect(config.webhooks.signing_secret if config else None, store)
+    if args.json:
+        _print_json(
+            {
+                "signing_secret": secret.value,
+                "source": secret.origin,
+                "created": secret.created,
+                "config": None if path is None else str(path),
+            }
+        )
+        return
+    print(secret.value)
+    if secret.origin == "config":
+        origin = f"from webhooks.signing_secret in {path} (the store's secret, if any, is not used)"
+    else:
+        setting = f"webhooks.signing_secret in {path}" if path else "config"
+        kept = "generated now and kept in the store" if secret.created else "kept in the store"
+        origin = f"{kept} (no {setting})"
+        if not config_read:
+            origin += "; a webhooks.signing_secret in the config would win: pass -c FILE to check"
+    print(f"apigate: signing secret {origin}", file=sys.stderr)
 
 
 # -- bulk replay ------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from apigate.webhooks.destinations.http import HttpDestination
 from apigate.webhooks.destinations.redis_streams import RedisConnections
 from apigate.webhooks.groupcommit import GroupCommit
 from apigate.webhooks.pollers import PUSH_REFUSED, PolledEvent, Pollers
-from apigate.webhooks.signing import SECRET_SETTING, Signer, new_secret
+from apigate.webhooks.signing import Signer, signing_secret_in_effect
 from apigate.webhooks.verify.model import Verifier
 from apigate.webhooks.verify.schemes import build_verifier
 
@@ -110,14 +110,8 @@ class WebhookRuntime:
         self._events: GroupCommit[NewWebhookEvent, bool] = GroupCommit(store.add_webhook_events)
 
     async def start(self) -> None:
-        secret = self.config.signing_secret
-        if secret is not None:
-            self.signer = Signer(secret.get_secret_value())
-        else:
-            # Generated once for the whole store, so every process and node signs alike.
-            self.signer = Signer(
-                await self.store.set_setting(SECRET_SETTING, new_secret(), only_if_absent=True)
-            )
+        secret = await signing_secret_in_effect(self.config.signing_secret, self.store)
+        self.signer = Signer(secret.value)
         self.worker = DeliveryWorker(
             self.store,
             self.signer,
