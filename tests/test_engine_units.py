@@ -26,7 +26,7 @@ from apigate.engine.server import Gateway
     ],
 )
 def test_split_target(target: bytes, path: str | None, query: bytes) -> None:
-    got_path, raw_path, got_query = split_target(target)
+    got_path, raw_path, got_query, _ = split_target(target)
     assert got_path == path
     assert got_query == query
     if path is not None:

@@ -88,8 +88,12 @@ class RawResponse:
 class RawConnection:
     """One client socket to the gateway; reads are buffered and bounded by a socket timeout."""
 
-    def __init__(self, port: int, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(
+        self, port: int, timeout: float = DEFAULT_TIMEOUT, host: str = "127.0.0.1", source: str | None = None
+    ) -> None:
+        """``source``: the local address to connect from (the gateway sees it as the peer)."""
+        source_address = (source, 0) if source is not None else None
+        self.sock = socket.create_connection((host, port), timeout=timeout, source_address=source_address)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buffer = bytearray()
         self.eof = False

@@ -59,6 +59,13 @@ def check_http_url(url: str) -> str:
     return url
 
 
+def _networks(value: Any) -> Any:
+    """Addresses and networks as written (``10.0.0.1``, ``10.0.0.0/8``), host bits allowed."""
+    if isinstance(value, list):
+        return [ipaddress.ip_network(v, strict=False) if isinstance(v, str) else v for v in value]
+    return value
+
+
 class ListenConfig(Strict):
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -126,11 +133,21 @@ class EndpointsConfig(Strict):
     routes: str | None = "/routes"
     stats: str | None = "/stats"
     token: SecretStr | None = Field(default=None, description="bearer token required for routes and stats")
+    allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = Field(
+        default=None,
+        description="client networks that may read routes and stats; "
+        "default: loopback and trusted_proxies without a token, any with one",
+    )
 
     @field_validator("token", mode="before")
     @classmethod
     def _empty_token_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("allow", mode="before")
+    @classmethod
+    def _allow_networks(cls, value: Any) -> Any:
+        return _networks(value)
 
 
 class StoreConfig(Strict):
@@ -343,12 +360,9 @@ class GatewayConfig(Strict):
     routes: list[RouteConfig] = Field(default_factory=list)
     webhooks: WebhooksConfig = Field(default_factory=lambda: WebhooksConfig())
 
-    @field_validator("trusted_proxies", mode="before")
-    @classmethod
-    def _strict_networks(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [ipaddress.ip_network(v, strict=False) if isinstance(v, str) else v for v in value]
-        return value
+    _strict_networks = field_validator("trusted_proxies", mode="before")(
+        classmethod(lambda cls, v: _networks(v))
+    )
 
 
 class ConfigIssue(BaseModel):

@@ -9,6 +9,7 @@ Flow control is a set of pause reasons so that independent causes never resume e
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 
 # Plain heads are read by the compiled reader; llhttp reads the rest (and all when uncompiled).
 READ_HEADS: Final = heads.COMPILED
+# scheme://authority followed by the path, query or fragment (or nothing); no userinfo.
+_ABSOLUTE_FORM: Final = re.compile(rb"(?i)https?://([^/?#@]+)(?=[/?#]|$)")
 
 
 class HeadersTooLarge(Exception):
@@ -124,6 +127,9 @@ class ClientConnection(wire.HeadReader):
             data = self.read_plain(data)
             if not data:
                 return
+        if not self.parser_busy and not single_spaced_request_line(data):
+            self.refuse(400, "the request line must be method, target and version separated by single spaces")
+            return
         in_head = self.in_head
         parsing = self.parsing
         body_before = parsing.bytes_in if parsing is not None else 0
@@ -136,6 +142,8 @@ class ClientConnection(wire.HeadReader):
             cause = exc.__context__
             if isinstance(cause, HeadersTooLarge):
                 self.refuse(431, "request headers are too large")
+            elif str(exc) == "Invalid HTTP version":  # llhttp's words for HTTP/1.2, HTTP/3.0...
+                self.refuse(505, "this HTTP version is not supported here; send HTTP/1.1")
             else:
                 self.refuse(400, "malformed HTTP request")
             return
@@ -246,8 +254,10 @@ class ClientConnection(wire.HeadReader):
         unknown_method: bool,
     ) -> None:
         """A request head is read: queue its exchange, and start it if it is first in line."""
-        path, raw_path, query = split_target(url)
-        exchange = Exchange(self, method, path or "/", raw_path, query, headers, version, keep_alive, upgrade)
+        path, raw_path, query, authority = split_target(url)
+        exchange = Exchange(
+            self, method, path or "/", raw_path, query, headers, version, keep_alive, upgrade, authority
+        )
         self.parsing = exchange
         self.queue.append(exchange)
         if unknown_method:
@@ -408,24 +418,48 @@ class ClientConnection(wire.HeadReader):
         return not self.queue and self.tunnel is None
 
 
-def split_target(url: bytes) -> tuple[str | None, bytes, bytes]:
-    """Path (as text and as bytes) and query of a request target; None for a target not accepted.
+def single_spaced_request_line(data: bytes) -> bool:
+    """False if the request line at the start of ``data`` has more than one space between its
+    parts, which llhttp lets through but RFC 9112 §3 does not; True too when the line is not
+    whole yet (llhttp reads it as it comes)."""
+    if data[:1] in (b"\r", b"\n"):
+        data = data.lstrip(b"\r\n")  # empty lines before a request are allowed (RFC 9112 §2.2)
+    end = data.find(b"\n")
+    if end < 0:
+        return True
+    parts = data[:end].split(b" ")
+    return len(parts) == 3 and all(parts)
+
+
+def absolute_form_authority(url: bytes) -> bytes | None:
+    """The host[:port] of an http(s) absolute-form target; None for anything else, for an empty
+    host, and for userinfo, which RFC 9110 §4.2.4 has recipients treat as an error."""
+    match = _ABSOLUTE_FORM.match(url)
+    if match is None or match.group(1)[:1] == b":":
+        return None
+    return match.group(1)
+
+
+def split_target(url: bytes) -> tuple[str | None, bytes, bytes, bytes | None]:
+    """Path (as text and as bytes), query and, for an absolute-form target, authority of a request
+    target; the path is None for a target not accepted.
 
     Dot segments and percent-encoded dots are resolved before routing, so that
     ``/public/../admin`` cannot reach a route that ``/admin`` would not.
     """
+    authority = None
     if url[:1] != b"/":
-        if url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
-            parsed = httptools.parse_url(url)
-            url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
-        else:
-            return None, b"", b""
+        authority = absolute_form_authority(url)
+        if authority is None:
+            return None, b"", b"", None
+        parsed = httptools.parse_url(url)
+        url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
     path, _, query = url.partition(b"?")
     text = path.decode("latin-1")
     if "%" in text or "/." in text or "//" in text:
         text = normalize_path(text)
         path = text.encode("latin-1")
-    return text, path, query
+    return text, path, query, authority
 
 
 def normalize_path(path: str) -> str:

@@ -47,6 +47,10 @@ _SPECIAL: Final = {
 _RESPONSE_OWN: Final = wire.HOP_BY_HOP | {b"x-request-id"}
 # A buffered body is sent with its own Content-Length (a body hook may have replaced it).
 _REQUEST_OWN_BUFFERED: Final = _REQUEST_OWN | {b"content-length"}
+# What a client's Connection header cannot take away: the engine reads these for Host and
+# framing (RFC 9112 §6), and the Upgrade handshake needs its Upgrade field.
+_NOT_NOMINATED: Final = frozenset({b"host", b"content-length", b"transfer-encoding", b"upgrade"})
+# Methods a route without its own ``methods`` list answers to: TRACE only where a route lists it.
 _STATUS_101: Final = wire.status_line(101)
 _NO_PARAMS: Final[dict[str, str]] = {}
 _NO_HEADERS: Final[list[tuple[bytes, bytes]]] = []
@@ -121,6 +125,7 @@ class Exchange:
     finished = False
     tunnel = False
     upgrade_to = b""  # the protocols offered to the upstream, when the route allows an upgrade
+    # A head read but not acceptable: answered in begin(), when its turn comes.
     refusal: tuple[int, str, list[tuple[bytes, bytes]]] | None = None
     # Request-body progress as the sweep last saw it (no clock call per chunk).
     body_mark = -1
@@ -143,7 +148,9 @@ class Exchange:
         version: str,
         keep_alive: bool,
         upgrade: bool,
+        authority: bytes | None = None,
     ) -> None:
+        """``authority``: the host of an absolute-form target, which replaces Host (RFC 9112 §3.2.2)."""
         self.client = client
         self.method = method
         self.path = path
@@ -161,6 +168,7 @@ class Exchange:
         host = xff = rid = proto = fwd_host = None
         content_length: int | None = None
         chunked = expect = False
+        hosts = 0
         tokens: set[bytes] | None = None
         for name, value in headers:
             kind = _SPECIAL.get(name)
@@ -168,6 +176,7 @@ class Exchange:
                 continue
             if kind == 0:
                 host = value
+                hosts += 1
             elif kind == 1:
                 content_length = int(value)  # llhttp already refused malformed and conflicting ones
             elif kind == 2:
@@ -186,11 +195,14 @@ class Exchange:
                 proto = value
             else:
                 fwd_host = value
+        if hosts != 1 or version != "1.1" or authority is not None:
+            host = self._check_head(hosts, version, authority, host)
+        if tokens:
+            self._drop_nominated(tokens)
         self.host = host.decode("latin-1") if host is not None else None
         self.content_length = content_length
         self.request_chunked = chunked
         self.expect_continue = expect and version == "1.1"
-        self.connection_tokens = tokens
         self.xff = xff
         gateway = client.gateway
         self.rid = rid if rid is not None and _sane_id(rid) else client.request_ids.next()
@@ -200,6 +212,30 @@ class Exchange:
         )
         self.forwarded_proto = proto if trusted and proto else b"http"
         self.forwarded_host = fwd_host if trusted and fwd_host else host
+
+    def _check_head(
+        self, hosts: int, version: str, authority: bytes | None, host: bytes | None
+    ) -> bytes | None:
+        """Note a refusal for a head that RFC 9112 rejects; returns the Host the request goes by."""
+        if version not in ("1.0", "1.1"):
+            self.refuse_with(505, f"HTTP/{version} is not supported here; send HTTP/1.1")
+        elif hosts > 1:
+            self.refuse_with(400, "the request has more than one Host header")
+        elif hosts == 0 and version == "1.1":
+            self.refuse_with(400, "an HTTP/1.1 request needs a Host header")
+        if authority is None or self.refusal is not None:
+            return host
+        # An absolute-form target names the host: it replaces the Host header (RFC 9112 §3.2.2).
+        self.headers = [pair for pair in self.headers if pair[0] != b"host"]
+        self.headers.append((b"host", authority))
+        return authority
+
+    def _drop_nominated(self, tokens: set[bytes]) -> None:
+        """Remove the client's own headers that its Connection header names (RFC 9110 §7.6.1), once,
+        before any policy runs, so that headers the gateway sets later are never taken away."""
+        names = tokens - _NOT_NOMINATED
+        if names:
+            self.headers = [pair for pair in self.headers if pair[0] not in names]
 
     # -- what policies use ---------------------------------------------------------------------
     @property
@@ -243,12 +279,13 @@ class Exchange:
             self.fail(404, "no route matches this request")
             return
         if isinstance(match, MethodNotAllowed):
-            allow = ", ".join(match.allowed).encode()
-            self.reply(
-                Reply(405, wire.error_body("method not allowed", self.request_id), [(b"allow", allow)])
-            )
+            self._method_not_allowed(", ".join(match.allowed).encode())
             return
         route: CompiledRoute = match.payload  # type: ignore[assignment]
+        if self.method == "TRACE" and route.config.methods is None:
+            # TRACE echoes the request, credentials included (RFC 9110 §9.3.8): only where listed.
+            self._method_not_allowed(wire.ALLOWED_METHODS)
+            return
         self.route = route
         self.params = match.params
         self.remainder = match.remainder
@@ -274,6 +311,9 @@ class Exchange:
             self.upgrade_to = b", ".join(offered)
         else:
             self.upgrade = False
+
+    def _method_not_allowed(self, allow: bytes) -> None:
+        self.reply(Reply(405, wire.error_body("method not allowed", self.request_id), [(b"allow", allow)]))
 
     def _run_hooks(self, hooks: tuple[Any, ...], index: int, body_phase: bool) -> None:
         """Run a phase's hooks from ``index``; an early answer ends the exchange, passing moves on.
@@ -456,10 +496,9 @@ class Exchange:
         host = self.host.encode("latin-1") if route.preserve_host and self.host else target.host_header
         # Pieces joined once at the end: cheaper than formatting each line.
         out = [self.method.encode(), b" ", path, b" HTTP/1.1\r\nhost: ", host, b"\r\n"]
-        tokens = self.connection_tokens
         own = _REQUEST_OWN if self.body is None else _REQUEST_OWN_BUFFERED
         for name, value in self.headers:
-            if name in own or (tokens is not None and name in tokens):
+            if name in own:
                 continue
             out.append(name)
             out.append(b": ")

@@ -29,7 +29,7 @@ import time
 import weakref
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 from urllib.parse import unquote_to_bytes
 
 import jwt as pyjwt
@@ -78,12 +78,17 @@ _KEY_SOURCES = "secret, public_key, public_key_file, jwks_url or issuer_discover
 
 # reason -> (status, message). Messages say what is wrong with the token, never which part of
 # a signature check failed or anything about the keys.
+_NUMERIC_DATES: Final = ("exp", "nbf", "iat")
 _REASONS: dict[str, tuple[int, str]] = {
     **BEARER_REASONS,
     "token_not_yet_valid": (401, "the bearer token is not valid yet"),
     "invalid_issuer": (401, "the bearer token's issuer is not accepted here"),
     "invalid_audience": (401, "the bearer token is not meant for this audience"),
     "missing_claim": (401, "the bearer token lacks a required claim"),
+    **{
+        f"invalid_{claim}": (401, f"the bearer token's {claim} claim must be a JSON number (a NumericDate)")
+        for claim in _NUMERIC_DATES
+    },
     "unknown_key": (401, "the bearer token was signed with an unknown key"),
     "token_revoked": (401, "the bearer token has been revoked"),
     "revocations_unavailable": (503, "the list of revoked tokens cannot be read right now"),
@@ -438,6 +443,10 @@ class JwtPolicy(Policy):
             break
         if claims is None:
             return self._reject(exchange, reason)
+        # RFC 7519 §2: a NumericDate is a JSON number. PyJWT also takes "1700000000" and true.
+        for claim in _NUMERIC_DATES:
+            if claim in claims and claims[claim].__class__ not in (int, float):
+                return self._reject(exchange, f"invalid_{claim}")
         jti = claims.get("jti")
         if jti is not None and jti in self._denied:
             return self._reject(exchange, "token_revoked")
