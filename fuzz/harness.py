@@ -8,6 +8,7 @@ finding) and ends with ``if __name__ == "__main__": fuzz(check)``; its seed inpu
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -73,10 +74,8 @@ def llhttp_completes(parser_type: type, data: bytes) -> tuple[bool, bytes]:
     """Whether llhttp reads a whole first message in ``data``, and that message's body."""
     recorder = _Ends()
     recorder.parser = parser = parser_type(recorder)
-    try:
+    with contextlib.suppress(httptools.HttpParserError, httptools.HttpParserUpgrade):
         parser.feed_data(data)
-    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-        pass
     return recorder.complete, recorder.body
 
 
