@@ -20,6 +20,8 @@ from typing import Literal
 from urllib.parse import unquote
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.support.gateway import GatewayProcess
 from tests.support.hostile_upstream import HostileUpstream
@@ -53,6 +55,9 @@ class Servers:
     gateway: GatewayProcess
     upstream: UpstreamServer
     hostile: HostileUpstream
+
+    def __repr__(self) -> str:  # short in Hypothesis's falsifying examples
+        return f"Servers(gateway port {self.gateway.port})"
 
 
 @pytest.fixture(scope="module")
@@ -447,3 +452,64 @@ def test_slow_body_on_a_buffering_route_is_408(tmp_path: Path, start_gateway) ->
         assert response.status == 408
         assert time.monotonic() - started < 4, "the route's 2 s timeout must bound the body"
         assert conn.closed_by_peer()
+
+
+# -- one connection, many requests: the upstream only sees what the gateway admitted ---------------------
+FRAGMENTS = ("public", "protected", "content-length with chunked", "upgrade", "stray bytes", "bad chunk")
+
+
+def fragment(kind: str, marker: str) -> bytes:
+    """A request (or a hostile piece of one) to send on a shared connection; public requests
+    carry ``marker`` in their path and in X-Marker, so that each can be admitted only once."""
+    if kind == "public":
+        return get(f"/p/{marker}", f"X-Marker: {marker}\r\n")
+    if kind == "protected":
+        return get(f"/jwt/{marker}", f"X-Marker: {marker}\r\nX-Consumer-ID: admin\r\n")
+    if kind == "content-length with chunked":
+        return post("Content-Length: 4\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n")
+    if kind == "upgrade":
+        return get(
+            f"/p/{marker}", f"X-Marker: {marker}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n{WS_KEY}"
+        )
+    if kind == "stray bytes":
+        return b"\r\n\x00\x01garbage " + SMUGGLED
+    return post("Transfer-Encoding: chunked\r\n", b"4\r\nabc\r\nzz\r\n")
+
+
+def read_all_answers(conn: RawConnection) -> list[int]:
+    statuses = []
+    while True:
+        try:
+            statuses.append(conn.read_response().status)
+        except (EOFError, TimeoutError, ConnectionResetError, ValueError):
+            return statuses
+
+
+@settings(max_examples=25, derandomize=True, deadline=None)
+@given(kinds=st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=6))
+def test_upstream_sees_only_admitted_requests(servers: Servers, kinds: list[str]) -> None:
+    upstream = servers.upstream
+    before = len(upstream.requests)
+    markers = [f"m{before}-{index}" for index in range(len(kinds))]
+    last = f"m{before}-last"
+    raw = b"".join(fragment(kind, marker) for kind, marker in zip(kinds, markers, strict=True))
+    raw += get(f"/p/{last}", f"X-Marker: {last}\r\nConnection: close\r\n")
+    with RawConnection(servers.gateway.port, timeout=2) as conn:
+        conn.send(raw)
+        statuses = read_all_answers(conn)
+    assert_still_serving(servers, "property")
+    seen = [s for s in upstream.requests[before:] if not s.path.startswith("/after/")]
+    admitted = {m for kind, m in zip(kinds, markers, strict=True) if kind in ("public", "upgrade")} | {last}
+    problems = [problem for s in seen for problem in framing_violations(s)]
+    problems += [
+        f"{s.path}: not a public request of this connection" for s in seen if s.path[3:] not in admitted
+    ]
+    problems += [
+        f"{s.path}: X-Marker {s.header('x-marker')}" for s in seen if s.header("x-marker") != s.path[3:]
+    ]
+    markers_seen = [s.path for s in seen]
+    assert not problems, (kinds, problems)
+    assert len(markers_seen) == len(set(markers_seen)), (
+        f"a request reached the upstream twice: {markers_seen}"
+    )
+    assert len(seen) <= sum(200 <= status < 300 for status in statuses), (kinds, statuses, markers_seen)
