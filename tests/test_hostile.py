@@ -50,13 +50,15 @@ def suite_config(directory: Path, upstream: str, hostile: str, websocket: str) -
     }
 
 
-@dataclass
 class Servers:
-    gateway: GatewayProcess
-    upstream: UpstreamServer
-    hostile: HostileUpstream
+    """The module's gateway and its upstreams (a plain class: Hypothesis prints its short repr)."""
 
-    def __repr__(self) -> str:  # short in Hypothesis's falsifying examples
+    def __init__(self, gateway: GatewayProcess, upstream: UpstreamServer, hostile: HostileUpstream) -> None:
+        self.gateway = gateway
+        self.upstream = upstream
+        self.hostile = hostile
+
+    def __repr__(self) -> str:
         return f"Servers(gateway port {self.gateway.port})"
 
 
