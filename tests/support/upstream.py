@@ -11,7 +11,11 @@ Behaviour is chosen by path, so one server covers most cases:
   /close             closes the connection without answering
   /garbage           answers something that is not HTTP
   /hop               answers with hop-by-hop headers that must not reach the client
-Every request is also recorded in ``requests`` (method, path, headers dict, body length).
+Every request is also recorded in ``requests`` (method, path, query, headers, body length).
+
+With ``keeps_parsing_after_upgrade`` the server behaves like a backend that does not speak any
+upgraded protocol: it answers an Upgrade request as a plain one and reads whatever follows on the
+connection as further HTTP requests, so bytes a proxy tunnels after such a head are recorded.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class Seen:
     headers: list[tuple[str, str]]
     body_length: int = 0
     connection_id: int = 0
+    query: str = ""
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
@@ -49,6 +54,7 @@ class UpstreamServer:
     requests: list[Seen] = field(default_factory=list)
     connections: int = 0
     closed: int = 0
+    keeps_parsing_after_upgrade: bool = False
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
@@ -108,8 +114,10 @@ class _Handler(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass
+        except httptools.HttpParserUpgrade as upgrade:
+            if self.server.keeps_parsing_after_upgrade:
+                self.parser = httptools.HttpRequestParser(self)
+                self.data_received(data[upgrade.args[0] :])
         except httptools.HttpParserError:
             self.transport.close()
 
@@ -135,7 +143,7 @@ class _Handler(asyncio.Protocol):
     def on_message_complete(self) -> None:
         method = self.parser.get_method().decode()
         path, _, query = self.url.decode("latin-1").partition("?")
-        seen = Seen(method, path, list(self.headers), self.body_length, self.connection_id)
+        seen = Seen(method, path, list(self.headers), self.body_length, self.connection_id, query)
         self.server.requests.append(seen)
         keep_alive = self.parser.should_keep_alive()
         task = asyncio.ensure_future(self.respond(seen, query, self.body.hexdigest(), keep_alive))

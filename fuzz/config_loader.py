@@ -1,0 +1,31 @@
+"""The YAML config loader: any text gives a config or a ConfigError, never another exception."""
+
+from __future__ import annotations
+
+import contextlib
+
+import atheris
+
+with atheris.instrument_imports():
+    from apigate.config import loader
+    from apigate.config.loader import ConfigError, load_config
+
+from fuzz.harness import fuzz
+
+
+def _no_plugins(plugins: list) -> list:
+    return []
+
+
+# `plugins:` names modules to import: fuzzed names would import arbitrary ones.
+loader.load_plugins = _no_plugins
+
+
+def check(data: bytes) -> None:
+    text = data.decode("utf-8", "replace")
+    with contextlib.suppress(ConfigError):
+        load_config(text=text, environ={})
+
+
+if __name__ == "__main__":
+    fuzz(check)
