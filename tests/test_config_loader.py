@@ -294,6 +294,21 @@ ROUTE = "routes:\n  - path: /a\n"  # line 2 is the route; add its keys from line
             id="negative-size",
         ),
         pytest.param(
+            ROUTE + "    target: http://a:1\n    max_body_size: 1iB\n",
+            [(4, "routes[0].max_body_size", "expected a size such as 1048576, 512KB or 10MiB")],
+            id="size-unit-without-multiplier",
+        ),
+        pytest.param(
+            ROUTE + "    target: http://a:1\n    upgrades: [web socket]\n",
+            [(4, "routes[0].upgrades", "is not a protocol name such as websocket")],
+            id="bad-upgrade-protocol",
+        ),
+        pytest.param(
+            "timeouts: {body_idle: never}\n",
+            [(1, "timeouts.body_idle", "expected a duration such as 30s, 250ms or 5m")],
+            id="bad-body-idle",
+        ),
+        pytest.param(
             "upstreams:\n  main:\n    targets:\n      - http://a:1\n      - {url: 'a:1', weight: 2}\n",
             [(5, "upstreams.main.targets[1].url", "must be an http:// or https:// URL")],
             id="bad-upstream-target",

@@ -10,7 +10,8 @@ from pydantic import BeforeValidator
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
 _DURATION_FACTOR = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+# "i" only after a multiplier: "1iB" is no unit.
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _SIZE_FACTOR = {"": 1, "b": 1}
 for _i, _p in enumerate("kmgt", start=1):
     _SIZE_FACTOR[_p] = _SIZE_FACTOR[_p + "b"] = 1000**_i
@@ -39,7 +40,7 @@ def parse_size(value: object) -> int:
     if isinstance(value, int):
         size = value
     elif isinstance(value, str) and (match := _SIZE.match(value)):
-        size = int(float(match.group(1)) * _SIZE_FACTOR[match.group(2).lower()])
+        size = int(float(match.group(1)) * _SIZE_FACTOR[(match.group(2) or "").lower()])
     else:
         raise ValueError("expected a size such as 1048576, 512KB or 10MiB")
     if size < 0:
