@@ -16,6 +16,7 @@ import httptools
 
 from apigate.engine import heads, wire
 from apigate.engine.exchange import Exchange
+from apigate.engine.paths import PathRefused, normalize_path
 
 if TYPE_CHECKING:
     from apigate.engine.server import Gateway
@@ -208,14 +209,21 @@ class ClientConnection(wire.HeadReader):
         unknown_method: bool,
     ) -> None:
         """A request head is read: queue its exchange, and start it if it is first in line."""
-        path, raw_path, query = split_target(url)
+        problem = "unsupported request target or method"
+        try:
+            path, raw_path, query = split_target(url, self.gateway.unescape_slashes)
+        except PathRefused as exc:
+            path, raw_path, query, problem = None, b"", b"", str(exc)
         exchange = Exchange(self, method, path or "/", raw_path, query, headers, version, keep_alive, upgrade)
         self.parsing = exchange
         self.queue.append(exchange)
         if unknown_method or path is None:
             exchange.close_after = True
+            # Kept on the exchange: a pipelined one is answered when its turn comes (_next).
+            status = 400 if path is None else 501
+            exchange.refusal = (status, problem)
             if len(self.queue) == 1:
-                exchange.fail(400 if path is None else 501, "unsupported request target or method")
+                exchange.fail(status, problem)
             return
         if len(self.queue) == 1:
             exchange.begin()
@@ -295,7 +303,11 @@ class ClientConnection(wire.HeadReader):
         if len(queue) <= 1 and self.read_pauses & self.PAUSE_PIPELINE:
             self.set_read_paused(self.PAUSE_PIPELINE, False)
         if queue:
-            queue[0].begin()
+            head = queue[0]
+            if head.refusal is None:
+                head.begin()
+            else:
+                head.fail(head.refusal[0], head.refusal[1])
 
     def refuse(self, status: int, message: str) -> None:
         """A request that cannot be parsed: answer once and close, as nothing after it can be trusted."""
@@ -356,11 +368,12 @@ class ClientConnection(wire.HeadReader):
         return not self.queue and self.tunnel is None
 
 
-def split_target(url: bytes) -> tuple[str | None, bytes, bytes]:
+def split_target(url: bytes, unescape_slashes: bool = False) -> tuple[str | None, bytes, bytes]:
     """Path (as text and as bytes) and query of a request target; None for a target not accepted.
 
-    Dot segments and percent-encoded dots are resolved before routing, so that
-    ``/public/../admin`` cannot reach a route that ``/admin`` would not.
+    The path comes back in its normal form (engine/paths.py), the form that is both routed and
+    sent upstream, so that ``/public/../admin`` or ``/%61dmin`` cannot reach a route that
+    ``/admin`` would not; a path with no normal form raises PathRefused.
     """
     if url[:1] != b"/":
         if url[:7].lower() == b"http://" or url[:8].lower() == b"https://":
@@ -370,23 +383,7 @@ def split_target(url: bytes) -> tuple[str | None, bytes, bytes]:
             return None, b"", b""
     path, _, query = url.partition(b"?")
     text = path.decode("latin-1")
-    if "%" in text or "/." in text or "//" in text:
-        text = normalize_path(text)
-        path = text.encode("latin-1")
-    return text, path, query
-
-
-def normalize_path(path: str) -> str:
-    """RFC 3986 §5.2.4 dot-segment removal after decoding %2E/%2F-free unreserved escapes; // collapsed."""
-    decoded = path.replace("%2e", ".").replace("%2E", ".")
-    output: list[str] = []
-    for segment in decoded.split("/"):
-        if segment == "..":
-            if output:
-                output.pop()
-        elif segment not in (".", ""):
-            output.append(segment)
-    result = "/" + "/".join(output)
-    if decoded.endswith(("/", "/.", "/..")) and result != "/":
-        result += "/"
-    return result
+    normal = normalize_path(text, unescape_slashes)
+    if normal is not text:
+        path = normal.encode("latin-1")
+    return normal, path, query

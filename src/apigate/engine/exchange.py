@@ -118,6 +118,7 @@ class Exchange:
     response_until_eof = False
     upstream_keep_alive = False
     close_after = False
+    refusal: tuple[int, str] | None = None  # a request answered without routing (status, why)
     finished = False
     tunnel = False
     t_first_byte = 0.0
