@@ -5,8 +5,8 @@ Path patterns
 - **Exact**: ``/a/b`` matches only ``/a/b``. A trailing slash is significant: ``/a/b/`` is a
   different path.
 - **Templated**: ``/users/{id}/orders/{oid}``. A parameter matches exactly one non-empty path
-  segment; its value is returned in ``params`` (``{"id": "7", "oid": "42"}``), as sent (no
-  percent-decoding).
+  segment; its value is returned in ``params`` (``{"id": "7", "oid": "42"}``) as the path has
+  it (the caller passes the normal form of engine/paths.py: only unreserved escapes decoded).
 - **Prefix**: ``/api/v1/*`` matches ``/api/v1``, ``/api/v1/`` and anything under ``/api/v1/``,
   but never ``/api/v1x``. ``/*`` matches every path. A prefix may contain parameters
   (``/t/{tenant}/*``). The match reports ``prefix``, the matched part without trailing slash
