@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from apigate.engine.client import normalize_path, split_target
+from apigate.engine.client import split_target
+from apigate.engine.paths import normalize_path
 from apigate.engine.server import Gateway
 
 

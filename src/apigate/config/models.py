@@ -9,17 +9,30 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from apigate.config.headernames import HEADER_NAME
 from apigate.config.units import ByteSize, Duration
+from apigate.engine.paths import PathRefused, normalize_path
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 _PARAM = re.compile(r"^\{[A-Za-z_][A-Za-z0-9_]*\}$")
 _HOST = re.compile(r"^(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:\d+)?$")
+
+
+def _is_routable(segment: str, last: bool) -> bool:
+    """Whether a route segment can meet a request path in its normal form (engine/paths.py)."""
+    if segment == "*" or _PARAM.match(segment):
+        return True
+    if not segment:
+        return last  # only a trailing slash leaves an empty segment
+    try:
+        return ";" not in segment and normalize_path("/" + segment) == "/" + segment
+    except PathRefused:
+        return False
 
 
 class Strict(BaseModel):
@@ -124,6 +137,15 @@ class TimeoutsConfig(Strict):
 class LimitsConfig(Strict):
     max_header_bytes: ByteSize = Field(default=32 * 1024, ge=1024)
     max_body_size: ByteSize | None = Field(default=None, description="default request body limit")
+
+
+class PathsConfig(Strict):
+    """How request paths are normalised before routing (engine/paths.py)."""
+
+    escaped_slashes: Literal["reject", "unescape"] = Field(
+        default="reject",
+        description="%2F or %5C in a path: reject answers 400; unescape routes and forwards it as /",
+    )
 
 
 class EndpointsConfig(Strict):
@@ -256,6 +278,11 @@ class RouteConfig(Strict):
                 raise ValueError("* is allowed only as the whole last segment, as in /api/*")
             if ("{" in segment or "}" in segment) and not _PARAM.match(segment):
                 raise ValueError(f"segment {segment!r} must be a whole parameter such as {{id}}")
+            if not _is_routable(segment, index == len(segments) - 1):
+                raise ValueError(
+                    f"segment {segment!r} is not in the normal form requests are routed in "
+                    "(no empty, . or .. segment, no ;, escapes only of reserved characters in upper case)"
+                )
         names = [s[1:-1] for s in segments if _PARAM.match(s)]
         if len(names) != len(set(names)):
             raise ValueError("parameter names must be unique within a path")
@@ -348,6 +375,7 @@ class GatewayConfig(Strict):
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
     timeouts: TimeoutsConfig = TimeoutsConfig()
     limits: LimitsConfig = LimitsConfig()
+    paths: PathsConfig = PathsConfig()
     endpoints: EndpointsConfig = EndpointsConfig()
     store: StoreConfig = Field(default_factory=StoreConfig)
     state: StateConfig = Field(default_factory=StateConfig)

@@ -17,6 +17,7 @@ import httptools
 
 from apigate.engine import heads, wire
 from apigate.engine.exchange import Exchange
+from apigate.engine.paths import PathRefused, normalize_path
 
 if TYPE_CHECKING:
     from apigate.engine.server import Gateway
@@ -61,6 +62,7 @@ class ClientConnection(wire.HeadReader):
         "queue",
         "quiet_since",
         "read_pauses",
+        "refused_after",
         "request_ids",
         "seen",
         "transport",
@@ -82,6 +84,7 @@ class ClientConnection(wire.HeadReader):
         self.in_head = False  # llhttp is reading a request head
         self.framing_bytes = 0  # chunked-body framing read since the last body byte
         self.held: bytes | None = None  # what followed an upgrade request's head, until its 101
+        self.refused_after: tuple[int, str] | None = None  # a broken head's answer, after the queue's
         self.read_pauses = 0
         self.out: list[bytes] | None = None
         self.closed = False
@@ -254,7 +257,11 @@ class ClientConnection(wire.HeadReader):
         unknown_method: bool,
     ) -> None:
         """A request head is read: queue its exchange, and start it if it is first in line."""
-        path, raw_path, query, authority = split_target(url)
+        problem = "unsupported request target"
+        try:
+            path, raw_path, query, authority = split_target(url, self.gateway.unescape_slashes)
+        except PathRefused as exc:
+            path, raw_path, query, authority, problem = None, b"", b"", None, str(exc)
         exchange = Exchange(
             self, method, path or "/", raw_path, query, headers, version, keep_alive, upgrade, authority
         )
@@ -266,7 +273,7 @@ class ClientConnection(wire.HeadReader):
             # A reverse proxy has no tunnels to open to arbitrary authorities (RFC 9110 §9.3.6).
             exchange.refuse_with(405, "CONNECT is not supported", [(b"allow", wire.ALLOWED_METHODS)])
         elif path is None:
-            exchange.refuse_with(400, "unsupported request target")
+            exchange.refuse_with(400, problem)
         elif upgrade:
             # Whatever happens, the connection ends with this exchange: a tunnel, or an answer
             # after which the bytes that followed the head are never read as HTTP.
@@ -344,6 +351,10 @@ class ClientConnection(wire.HeadReader):
             self.close()
             return
         if exchange.close_after or (self.draining and len(self.queue) <= 1):
+            refused = self.refused_after
+            if refused is not None and exchange is self.queue[-1]:
+                self.refused_after = None
+                self.answer_refusal(*refused)
             self.close()
             return
         if exchange is self.parsing:
@@ -357,27 +368,39 @@ class ClientConnection(wire.HeadReader):
         if len(queue) <= 1 and self.read_pauses & self.PAUSE_PIPELINE:
             self.set_read_paused(self.PAUSE_PIPELINE, False)
         if queue:
-            queue[0].begin()
+            head = queue[0]
+            if head.refusal is None:
+                head.begin()
+            else:
+                head.fail(head.refusal[0], head.refusal[1])
 
     def refuse(self, status: int, message: str) -> None:
-        """A request that cannot be parsed: answer once and close, as nothing after it can be trusted."""
+        """A request that cannot be parsed: answer it in its turn and close, as nothing after it
+        can be trusted. Requests before it in the pipeline still get their answers."""
         if self.closed:
             return
         active = self.queue[0] if self.queue else None
-        if active is not None and active is self.parsing and not active.finished:
-            # The request being answered is the broken one (a bad chunk in its body, say).
-            self.parsing = None
-            active.close_after = True
-            active.fail(status, message)
+        broken = self.parsing  # the broken message's exchange, if its head was read
+        self.parsing = None
+        if broken is not None and not broken.finished:
+            if broken is active:
+                broken.close_after = True
+                broken.fail(status, message)
+                return
+            broken.refuse_with(status, message)  # a bad chunk in a pipelined body, say
+        elif active is not None and not (active.finished and active is self.queue[-1]):
+            # The broken head has no exchange: its answer follows the last one in line.
+            self.queue[-1].close_after = True
+            self.refused_after = (status, message)
+        else:
+            self.answer_refusal(status, message)
             return
-        if active is not None and not active.finished:
-            # Earlier requests still get their answers; the bad one ends the connection after them.
-            self.parser = httptools.HttpRequestParser(self)
-            self.parser_busy = self.in_head = False
-            self.url, self.headers, self.header_bytes = b"", [], 0
-            self.set_read_paused(self.PAUSE_PIPELINE, True)
-            active.close_after = True
-            return
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser_busy = self.in_head = False
+        self.url, self.headers, self.header_bytes = b"", [], 0
+        self.set_read_paused(self.PAUSE_PIPELINE, True)
+
+    def answer_refusal(self, status: int, message: str) -> None:
         self.gateway.stats.count_error(status)
         request_id = self.gateway.next_request_id()
         body = wire.error_body(message, request_id.decode())
@@ -440,12 +463,13 @@ def absolute_form_authority(url: bytes) -> bytes | None:
     return match.group(1)
 
 
-def split_target(url: bytes) -> tuple[str | None, bytes, bytes, bytes | None]:
+def split_target(url: bytes, unescape_slashes: bool = False) -> tuple[str | None, bytes, bytes, bytes | None]:
     """Path (as text and as bytes), query and, for an absolute-form target, authority of a request
     target; the path is None for a target not accepted.
 
-    Dot segments and percent-encoded dots are resolved before routing, so that
-    ``/public/../admin`` cannot reach a route that ``/admin`` would not.
+    The path comes back in its normal form (engine/paths.py), the form that is both routed and
+    sent upstream, so that ``/public/../admin`` or ``/%61dmin`` cannot reach a route that
+    ``/admin`` would not; a path with no normal form raises PathRefused.
     """
     authority = None
     if url[:1] != b"/":
@@ -456,23 +480,7 @@ def split_target(url: bytes) -> tuple[str | None, bytes, bytes, bytes | None]:
         url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
     path, _, query = url.partition(b"?")
     text = path.decode("latin-1")
-    if "%" in text or "/." in text or "//" in text:
-        text = normalize_path(text)
-        path = text.encode("latin-1")
-    return text, path, query, authority
-
-
-def normalize_path(path: str) -> str:
-    """RFC 3986 §5.2.4 dot-segment removal after decoding %2E/%2F-free unreserved escapes; // collapsed."""
-    decoded = path.replace("%2e", ".").replace("%2E", ".")
-    output: list[str] = []
-    for segment in decoded.split("/"):
-        if segment == "..":
-            if output:
-                output.pop()
-        elif segment not in (".", ""):
-            output.append(segment)
-    result = "/" + "/".join(output)
-    if decoded.endswith(("/", "/.", "/..")) and result != "/":
-        result += "/"
-    return result
+    normal = normalize_path(text, unescape_slashes)
+    if normal is not text:
+        path = normal.encode("latin-1")
+    return normal, path, query, authority

@@ -122,6 +122,7 @@ class Exchange:
     response_until_eof = False
     upstream_keep_alive = False
     close_after = False
+    refusal: tuple[int, str] | None = None  # a request answered without routing (status, why)
     finished = False
     tunnel = False
     upgrade_to = b""  # the protocols offered to the upstream, when the route allows an upgrade

@@ -5,14 +5,16 @@ Path patterns
 - **Exact**: ``/a/b`` matches only ``/a/b``. A trailing slash is significant: ``/a/b/`` is a
   different path.
 - **Templated**: ``/users/{id}/orders/{oid}``. A parameter matches exactly one non-empty path
-  segment; its value is returned in ``params`` (``{"id": "7", "oid": "42"}``), as sent (no
-  percent-decoding).
+  segment; its value is returned in ``params`` (``{"id": "7", "oid": "42"}``) as the path has
+  it (the caller passes the normal form of engine/paths.py: only unreserved escapes decoded).
 - **Prefix**: ``/api/v1/*`` matches ``/api/v1``, ``/api/v1/`` and anything under ``/api/v1/``,
   but never ``/api/v1x``. ``/*`` matches every path. A prefix may contain parameters
   (``/t/{tenant}/*``). The match reports ``prefix``, the matched part without trailing slash
   (``/api/v1``, or ``""`` for ``/*``), and ``remainder``, what the ``*`` covered, always starting
   with ``/`` (``/`` when nothing is left): ``/api/v1/users/7`` gives prefix ``/api/v1`` and
   remainder ``/users/7``.
+- **Path parameters**: a literal segment matches a request segment up to its first ``;``
+  (``/users/me`` matches ``/users/me;v=1``), as servlet containers map paths.
 
 Conditions
 ----------
@@ -234,13 +236,19 @@ class Router:
     def _lookup(self, path: str) -> tuple[_Group, ...]:
         """All candidate groups for a path, best first (path specificity only)."""
         groups: list[_Group] = []
-        exact = self._exact.get(path)
+        # Servlet containers and Spring strip path parameters ("users;v=1", RFC 3986 §3.3) from
+        # each segment before they map a path, so literal segments are compared without them:
+        # the route chosen is the one such an upstream's own mapping agrees with. Parameter
+        # values, prefix and remainder keep them, as sent.
+        key = _without_path_parameters(path) if ";" in path else path
+        exact = self._exact.get(key)
         if exact is not None:
             groups.append(exact)
         if not self._uses_trie:
             return tuple(groups)
 
         segments = path.split("/")
+        names = segments if key is path else key.split("/")
         count = len(segments)
         templated: list[_Group] = []
         prefixes: list[tuple[int, _Group]] = []
@@ -259,12 +267,12 @@ class Router:
                 if node.terminal:
                     templated.append((node.terminal, _params_table(node.terminal_names, values), None, None))
                 return
-            segment = segments[i]
-            child = node.static.get(segment)
+            name = names[i]
+            child = node.static.get(name)
             if child is not None:
                 walk(child, i + 1)
-            if node.param is not None and segment:
-                values.append(segment)
+            if node.param is not None and name:
+                values.append(segments[i])
                 walk(node.param, i + 1)
                 values.pop()
 
@@ -329,6 +337,10 @@ def _params_table(names_table: tuple[tuple[str, ...], ...], values: list[str]) -
     if len(names_table) == 1:  # the usual case; skips the generator on every cache miss
         return (dict(zip(names_table[0], values, strict=True)),)
     return tuple(dict(zip(names, values, strict=True)) for names in names_table)
+
+
+def _without_path_parameters(path: str) -> str:
+    return "/".join(segment.partition(";")[0] for segment in path.split("/"))
 
 
 def _first(item: tuple[Any, ...]) -> Any:

@@ -51,6 +51,7 @@ class Gateway:
         self.snapshot: Snapshot
         self.builtins: dict[str, Callable[[Exchange], Reply]] = {}
         self.max_header_bytes = 0
+        self.unescape_slashes = False
         self.apply(config)
 
     # -- configuration ------------------------------------------------------------------------------
@@ -60,6 +61,7 @@ class Gateway:
         self.snapshot = snapshot
         self.builtins = builtin.endpoints(self, snapshot)
         self.max_header_bytes = config.limits.max_header_bytes
+        self.unescape_slashes = config.paths.escaped_slashes == "unescape"
         for name, inactive in snapshot.inactive.items():
             log.warning(
                 "route %s: %s not active (no such policy in this version, or the policy needs settings "
