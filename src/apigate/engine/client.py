@@ -35,6 +35,8 @@ class HeadersTooLarge(Exception):
 
 # A chunked body's framing (sizes, extensions, trailers) read without a byte of data; past it: 400.
 MAX_CHUNK_FRAMING: Final = 16 * 1024
+# Raw bytes of an unfinished head may exceed max_header_bytes by this much (request line, CRLFs).
+HEAD_SLACK: Final = 1024
 
 
 class ClientConnection(wire.HeadReader):
@@ -44,10 +46,12 @@ class ClientConnection(wire.HeadReader):
     PAUSE_UPGRADE = 8  # bytes after an upgrade request's head wait for the upstream's 101
 
     __slots__ = (
+        "body_read",
         "closed",
         "draining",
         "framing_bytes",
         "gateway",
+        "head_read",
         "head_since",
         "header_bytes",
         "headers",
@@ -80,8 +84,10 @@ class ClientConnection(wire.HeadReader):
         self.parsing: Exchange | None = None
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.header_bytes = 0
+        self.header_bytes = 0  # of the head's finished fields, exactly
         self.in_head = False  # llhttp is reading a request head
+        self.head_read = 0  # bytes read while a head was unfinished (see data_received)
+        self.body_read = 0  # request body bytes read on this connection, answered or not
         self.framing_bytes = 0  # chunked-body framing read since the last body byte
         self.held: bytes | None = None  # what followed an upgrade request's head, until its 101
         self.refused_after: tuple[int, str] | None = None  # a broken head's answer, after the queue's
@@ -135,7 +141,7 @@ class ClientConnection(wire.HeadReader):
             return
         in_head = self.in_head
         parsing = self.parsing
-        body_before = parsing.bytes_in if parsing is not None else 0
+        body_before = self.body_read
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -152,16 +158,17 @@ class ClientConnection(wire.HeadReader):
             return
         if self.in_head:
             # httptools keeps an unfinished header line in memory and copies it again as it grows,
-            # so an unfinished head is measured on every read, not only when a line completes.
-            # The read in which the head began is not counted: it may hold the previous message.
+            # so an unfinished head is measured on every read, not only when a field completes.
+            # The read in which the head began is not counted (it may hold the previous message);
+            # the slack covers the request line and line ends, which the field count leaves out.
             if in_head:
-                self.header_bytes += len(data)
-                if self.header_bytes > self.gateway.max_header_bytes:
+                self.head_read += len(data)
+                if self.head_read > self.gateway.max_header_bytes + HEAD_SLACK:
                     self.refuse(431, "request headers are too large")
         elif parsing is not None and parsing is self.parsing and parsing.request_chunked:
             # llhttp skips chunk extensions without a limit: a chunk header that never ends
             # would hold the connection for good.
-            if parsing.bytes_in != body_before:
+            if self.body_read != body_before:
                 self.framing_bytes = 0
             else:
                 self.framing_bytes += len(data)
@@ -209,7 +216,7 @@ class ClientConnection(wire.HeadReader):
     def on_message_begin(self) -> None:
         self.parser_busy = True
         self.in_head = True
-        self.header_bytes = 0
+        self.header_bytes = self.head_read = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -287,6 +294,7 @@ class ClientConnection(wire.HeadReader):
             self.set_read_paused(self.PAUSE_PIPELINE, True)
 
     def on_body(self, body: bytes) -> None:
+        self.body_read += len(body)
         exchange = self.parsing
         if exchange is not None and not exchange.finished:
             exchange.on_request_body(body)
@@ -368,11 +376,7 @@ class ClientConnection(wire.HeadReader):
         if len(queue) <= 1 and self.read_pauses & self.PAUSE_PIPELINE:
             self.set_read_paused(self.PAUSE_PIPELINE, False)
         if queue:
-            head = queue[0]
-            if head.refusal is None:
-                head.begin()
-            else:
-                head.fail(head.refusal[0], head.refusal[1])
+            queue[0].begin()  # begin() answers a refused head with its error
 
     def refuse(self, status: int, message: str) -> None:
         """A request that cannot be parsed: answer it in its turn and close, as nothing after it
@@ -388,13 +392,18 @@ class ClientConnection(wire.HeadReader):
                 broken.fail(status, message)
                 return
             broken.refuse_with(status, message)  # a bad chunk in a pipelined body, say
-        elif active is not None and not (active.finished and active is self.queue[-1]):
+        elif active is None:
+            self.answer_refusal(status, message)
+            return
+        elif active.finished and active is self.queue[-1]:
+            # Its answer was sent (early, while its body still arrived): a second answer could be
+            # taken for the next request's, so the connection just ends.
+            self.close()
+            return
+        else:
             # The broken head has no exchange: its answer follows the last one in line.
             self.queue[-1].close_after = True
             self.refused_after = (status, message)
-        else:
-            self.answer_refusal(status, message)
-            return
         self.parser = httptools.HttpRequestParser(self)
         self.parser_busy = self.in_head = False
         self.url, self.headers, self.header_bytes = b"", [], 0
@@ -454,15 +463,6 @@ def single_spaced_request_line(data: bytes) -> bool:
     return len(parts) == 3 and all(parts)
 
 
-def absolute_form_authority(url: bytes) -> bytes | None:
-    """The host[:port] of an http(s) absolute-form target; None for anything else, for an empty
-    host, and for userinfo, which RFC 9110 §4.2.4 has recipients treat as an error."""
-    match = _ABSOLUTE_FORM.match(url)
-    if match is None or match.group(1)[:1] == b":":
-        return None
-    return match.group(1)
-
-
 def split_target(url: bytes, unescape_slashes: bool = False) -> tuple[str | None, bytes, bytes, bytes | None]:
     """Path (as text and as bytes), query and, for an absolute-form target, authority of a request
     target; the path is None for a target not accepted.
@@ -471,13 +471,17 @@ def split_target(url: bytes, unescape_slashes: bool = False) -> tuple[str | None
     sent upstream, so that ``/public/../admin`` or ``/%61dmin`` cannot reach a route that
     ``/admin`` would not; a path with no normal form raises PathRefused.
     """
-    authority = None
+    authority: bytes | None = None
     if url[:1] != b"/":
-        authority = absolute_form_authority(url)
-        if authority is None:
+        # An http(s) absolute-form target; an empty host or userinfo, which RFC 9110 §4.2.4 has
+        # recipients treat as an error, is not accepted.
+        match = _ABSOLUTE_FORM.match(url)
+        if match is None or match.group(1)[:1] == b":":
             return None, b"", b"", None
-        parsed = httptools.parse_url(url)
-        url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
+        authority = match.group(1)
+        url = url[match.end() :].partition(b"#")[0]
+        if url[:1] != b"/":
+            url = b"/" + url  # "http://host" or "http://host?q"
     path, _, query = url.partition(b"?")
     text = path.decode("latin-1")
     normal = normalize_path(text, unescape_slashes)

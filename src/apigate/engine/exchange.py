@@ -122,7 +122,6 @@ class Exchange:
     response_until_eof = False
     upstream_keep_alive = False
     close_after = False
-    refusal: tuple[int, str] | None = None  # a request answered without routing (status, why)
     finished = False
     tunnel = False
     upgrade_to = b""  # the protocols offered to the upstream, when the route allows an upgrade
@@ -707,20 +706,24 @@ class Exchange:
     def check_body_timeouts(self, now: float, body_idle: float) -> None:
         """Called by the gateway's sweep while the request body is still arriving. Silence longer
         than ``body_idle``, or the route's whole timeout passing, ends it with 408: a route that
-        buffers bodies has no upstream yet whose timeouts would end a trickled body."""
-        if self.expect_continue:
-            return  # the client waits for our 100 Continue before it sends the body
-        if self.bytes_in != self.body_mark:
-            self.body_mark = self.bytes_in
+        buffers bodies has no upstream yet whose timeouts would end a trickled body. Silence the
+        gateway causes (reading paused while the upstream does not take the body, or while a
+        connection is awaited) is not the client's: the upstream's timeouts judge that."""
+        client = self.client
+        if self.expect_continue or client.read_pauses & (client.PAUSE_BODY | client.PAUSE_UPSTREAM):
+            self.body_quiet_since = now  # the client waits for us (100 Continue, or a paused read)
+            return
+        if client.body_read != self.body_mark:
+            self.body_mark = client.body_read
             self.body_quiet_since = now
             idle = False
         else:
             idle = now - self.body_quiet_since > body_idle
         route = self.route
         if idle or (route is not None and now - self.t_start > route.timeout):
-            self.client.gateway.stats.timeouts += 1
+            client.gateway.stats.timeouts += 1
             if self.finished:  # answered early; its body was being read to keep the connection
-                self.client.close()
+                client.close()
             else:
                 self.close_after = True
                 self.fail(408, "the request body did not arrive in time")

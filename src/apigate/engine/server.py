@@ -121,10 +121,11 @@ class Gateway:
         for conn in list(self.connections):
             exchange = conn.tunnel or (conn.queue[0] if conn.queue else None)
             if exchange is not None:
-                if exchange.upstream is not None:
-                    exchange.check_timeouts(now, timeouts.read)
                 if not exchange.request_done and not exchange.tunnel:
                     exchange.check_body_timeouts(now, timeouts.body_idle)
+                # An exchange just ended above has no upstream left: it is not counted twice.
+                if exchange.upstream is not None:
+                    exchange.check_timeouts(now, timeouts.read)
             elif slow:
                 conn.check_idle(now, timeouts.keepalive, timeouts.header)
         if slow:

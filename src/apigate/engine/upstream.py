@@ -27,6 +27,8 @@ READ_HEADS: Final = heads.COMPILED
 MAX_RESPONSE_HEAD: Final = 64 * 1024
 # A chunked body's framing (sizes, extensions, trailers) read without a byte of data; past it: 502.
 MAX_CHUNK_FRAMING: Final = 16 * 1024
+# Raw bytes of an unfinished head may exceed the limit by this much (status line, CRLFs).
+HEAD_SLACK: Final = 1024
 
 
 class PoolTimeout(Exception):
@@ -40,6 +42,7 @@ class UpstreamConnection(wire.HeadReader):
         "framing_bytes",
         "head_bytes",
         "head_only",
+        "head_read",
         "headers",
         "idle_since",
         "in_head",
@@ -59,7 +62,8 @@ class UpstreamConnection(wire.HeadReader):
         self.exchange: Exchange | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.in_head = False  # llhttp is reading a response head
-        self.head_bytes = 0  # of that head, counted on every read (see data_received)
+        self.head_bytes = 0  # of that head's finished fields (or of the trailers), exactly
+        self.head_read = 0  # bytes read while a head was unfinished (see read_with_llhttp)
         self.framing_bytes = 0  # chunked-body framing read since the last body byte
         self.idle_since = 0.0
         self.closed = False
@@ -107,6 +111,7 @@ class UpstreamConnection(wire.HeadReader):
 
     def read_with_llhttp(self, exchange: Exchange, data: bytes) -> None:
         in_head = self.in_head
+        in_body = self.parser_busy and not in_head  # this read began inside a body
         body_before = exchange.bytes_out
         try:
             self.parser.feed_data(data)
@@ -130,10 +135,10 @@ class UpstreamConnection(wire.HeadReader):
             # Measured on every read: httptools keeps an unfinished header line and copies it
             # again as it grows. The read in which the head began is not counted.
             if in_head:
-                self.head_bytes += len(data)
-                if self.head_bytes > MAX_RESPONSE_HEAD:
+                self.head_read += len(data)
+                if self.head_read > MAX_RESPONSE_HEAD + HEAD_SLACK:
                     self.refuse(exchange)
-        elif exchange.bytes_out != body_before:
+        elif not in_body or exchange.bytes_out != body_before:
             self.framing_bytes = 0
         else:
             self.framing_bytes += len(data)
@@ -173,7 +178,7 @@ class UpstreamConnection(wire.HeadReader):
     def on_message_begin(self) -> None:
         self.parser_busy = True
         self.in_head = True
-        self.head_bytes = 0
+        self.head_bytes = self.head_read = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_bytes += len(name) + len(value) + 4
@@ -185,7 +190,7 @@ class UpstreamConnection(wire.HeadReader):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        self.framing_bytes = 0
+        self.framing_bytes = self.head_bytes = 0
         status = self.parser.get_status_code()
         headers = self.headers
         self.headers = []
