@@ -394,9 +394,10 @@ def test_broken_upstream_answer_is_502_never_passed_on(servers: Servers, path: s
     assert_still_serving(servers, path.rsplit("/", 1)[1])
 
 
-def test_bytes_beyond_content_length_never_reach_the_next_request(servers: Servers) -> None:
+@pytest.mark.parametrize("first_path", ["/evil/longer-than-length", "/evil/longer-than-length-partial"])
+def test_bytes_beyond_content_length_never_reach_the_next_request(servers: Servers, first_path: str) -> None:
     with RawConnection(servers.gateway.port, timeout=TIMEOUT) as conn:
-        first = conn.exchange("GET", "/evil/longer-than-length")
+        first = conn.exchange("GET", first_path)
         assert first.status == 200 and first.body == b"hello"
         for _ in range(3):  # on whichever pooled upstream connection the gateway picks
             second = conn.exchange("GET", "/evil/second")

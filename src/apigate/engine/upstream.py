@@ -176,6 +176,10 @@ class UpstreamConnection(wire.HeadReader):
 
     # -- llhttp callbacks (reached only for the responses that read_plain leaves to llhttp) -----
     def on_message_begin(self) -> None:
+        if self.exchange is None:
+            # A response nobody asked for, here after the one that ended in this read (bytes past
+            # its length): the connection goes, so no later request reads them as its answer.
+            raise ValueError("unsolicited response")
         self.parser_busy = True
         self.in_head = True
         self.head_bytes = self.head_read = 0
