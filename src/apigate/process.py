@@ -1,7 +1,10 @@
 """Processes: bind the listener once, run one gateway per worker, reload on SIGHUP or file change,
-drain on SIGTERM. Workers are forked children sharing the parent's listening socket; a worker
-whose parent is gone (killed with SIGKILL, say) drains and exits as on SIGTERM, so no worker
-serves unsupervised or keeps the port from the next `apigate run`.
+drain on SIGTERM. ``Runtime`` is the one place that wires the layers together: config → compiled
+plan → engine, and the services the plan's policies need.
+
+Workers are forked children sharing the parent's listening socket; a worker whose parent is gone
+(killed with SIGKILL, say) drains and exits as on SIGTERM, so no worker serves unsupervised or
+keeps the port from the next `apigate run`.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from pathlib import Path
 
 import uvloop
 
+from apigate.config.compile import compile_plan, needs_of
 from apigate.config.loader import ConfigError, load_config
 from apigate.config.models import GatewayConfig
 from apigate.engine.server import Gateway
+from apigate.services import Services
 
 log = logging.getLogger("apigate")
 
@@ -100,6 +105,57 @@ def _worker(
     return asyncio.run(_serve(source, config, sock, demo_sock, parent_alive))
 
 
+class Runtime:
+    """One worker's gateway, the shared services and the config they were built from."""
+
+    def __init__(self, source: ConfigSource, loop: asyncio.AbstractEventLoop) -> None:
+        self.source = source
+        self.gateway = Gateway(loop)
+        self.services = Services()  # outlive reloads: a reload recompiles policies, not connections
+
+    def apply(self, config: GatewayConfig) -> None:
+        """Compile ``config`` and serve it; raises (and keeps the running plan) if compiling fails."""
+        plan = compile_plan(config, self.gateway.pools, self.services)
+        self.gateway.apply(plan)
+        self.config = config
+        for name, inactive in plan.inactive.items():
+            log.warning(
+                "route %s: %s not active (no such policy in this version, or the policy needs settings "
+                "the shorthand cannot give: configure it under policies)",
+                name,
+                ", ".join(inactive),
+            )
+
+    async def start_services(self) -> None:
+        """Start the shared services the current plan's policies need (before serving)."""
+        await self.services.start(self.config, needs_of(self.gateway.plan))
+
+    def reload(self, why: str) -> None:
+        try:
+            config = self.source.load()
+            self.apply(config)
+        except ConfigError as exc:
+            log.error("reload (%s) refused, the running config stays:\n%s", why, exc)
+            return
+        except Exception:
+            log.exception("reload (%s) failed, the running config stays", why)
+            return
+        self.gateway.spawn(self._start_services_after_reload())
+        log.info("reloaded config (%s): %d routes", why, len(config.routes))
+
+    async def _start_services_after_reload(self) -> None:
+        try:
+            await self.start_services()
+        except Exception:
+            log.exception("starting services after a reload failed; policies that need them answer 503")
+
+    async def drain(self) -> None:
+        timeout = self.gateway.plan.timeouts.drain
+        log.info("draining (up to %.0fs)", timeout)
+        await self.gateway.drain(timeout)
+        await self.services.stop()
+
+
 async def _serve(
     source: ConfigSource,
     config: GatewayConfig,
@@ -108,24 +164,24 @@ async def _serve(
     parent_alive: int | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
-    gateway = Gateway(config, loop)
-    await gateway.start_services()
+    runtime = Runtime(source, loop)
+    runtime.apply(config)
+    await runtime.start_services()
     if demo_sock is not None:
         from apigate.demo.upstream import serve_demo
 
         await serve_demo(demo_sock)
-    await gateway.serve(sock)
+    await runtime.gateway.serve(sock)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(gateway, source, "SIGHUP"))
+    loop.add_signal_handler(signal.SIGHUP, runtime.reload, "SIGHUP")
     if parent_alive is not None:
         loop.add_reader(parent_alive, _parent_gone, loop, parent_alive, stop)
-    watcher = loop.create_task(_watch(gateway, source))
+    watcher = loop.create_task(_watch(runtime, source))
     await stop.wait()
     watcher.cancel()
-    log.info("draining (up to %.0fs)", gateway.snapshot.config.timeouts.drain)
-    await gateway.drain(gateway.snapshot.config.timeouts.drain)
+    await runtime.drain()
     return 0
 
 
@@ -136,28 +192,7 @@ def _parent_gone(loop: asyncio.AbstractEventLoop, parent_alive: int, stop: async
     stop.set()
 
 
-def _reload(gateway: Gateway, source: ConfigSource, why: str) -> None:
-    try:
-        config = source.load()
-        gateway.apply(config)
-        gateway.spawn(_start_services(gateway))
-    except ConfigError as exc:
-        log.error("reload (%s) refused, the running config stays:\n%s", why, exc)
-        return
-    except Exception:
-        log.exception("reload (%s) failed, the running config stays", why)
-        return
-    log.info("reloaded config (%s): %d routes", why, len(config.routes))
-
-
-async def _start_services(gateway: Gateway) -> None:
-    try:
-        await gateway.start_services()
-    except Exception:
-        log.exception("starting services after a reload failed; policies that need them answer 503")
-
-
-async def _watch(gateway: Gateway, source: ConfigSource) -> None:
+async def _watch(runtime: Runtime, source: ConfigSource) -> None:
     """Reload when the file changes (mtime polled once a second: portable and cheap)."""
     seen = source.mtime()
     while True:
@@ -165,7 +200,7 @@ async def _watch(gateway: Gateway, source: ConfigSource) -> None:
         current = source.mtime()
         if current != seen:
             seen = current
-            _reload(gateway, source, "file changed")
+            runtime.reload("file changed")
 
 
 def _supervise(

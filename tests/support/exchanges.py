@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from apigate.config.compile import compile_plan
 from apigate.config.loader import load_config
 from apigate.engine.client import ClientConnection
 from apigate.engine.exchange import Exchange
@@ -51,7 +52,8 @@ def _shared_gateway() -> Gateway:
     if _gateway is None:
         config = load_config(text="routes:\n  - path: /*\n    target: http://127.0.0.1:9\n")
         loop = asyncio.new_event_loop()
-        _gateway = Gateway(config, loop=loop)
+        _gateway = Gateway(loop=loop)
+        _gateway.apply(compile_plan(config, _gateway.pools))
         loop.close()  # nothing is routed or sent, so nothing ever runs on it
     return _gateway
 

@@ -1,9 +1,9 @@
-"""Compile a validated GatewayConfig into one immutable Snapshot the data plane reads.
+"""Compile a validated GatewayConfig into the engine's Plan (engine/plan.py).
 
 Everything that can be decided before traffic arrives is decided here: the route table,
 each route's policy chain split by phase, upstream groups with their balancers and pools,
-rewrite templates and header byte strings. A reload builds a new Snapshot and swaps one
-reference; requests already running keep the snapshot they started with.
+rewrite templates, header byte strings, timeouts as seconds and what /routes shows. The
+process applies the Plan to the gateway (one reference swapped); the engine never sees the config.
 """
 
 from __future__ import annotations
@@ -13,21 +13,22 @@ import os
 import re
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 from apigate.config.models import GatewayConfig, RouteConfig, UpstreamConfig
+from apigate.engine.plan import CompiledRoute, Endpoints, Network, Plan, Target, Timeouts, UpstreamGroup
 from apigate.engine.router import RouteEntry, Router
 from apigate.policies.base import Policy
 from apigate.policies.registry import build_policy, registry, validate_policy_config
 from apigate.webhooks.routes import source_routes
 
 if TYPE_CHECKING:
-    from apigate.engine.upstream import ConnectionPool, PoolManager
+    from apigate.engine.upstream import PoolManager
     from apigate.services import Services
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_LOOPBACK: Final = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+_SECRET_KEY: Final = re.compile(r"secret|token|password|passwd|api[_-]?key|private|credential", re.IGNORECASE)
 
 
 def _auth_shorthand(value: str) -> tuple[str, dict[str, Any]]:
@@ -49,93 +50,6 @@ SHORTHANDS: dict[str, Callable[[str], tuple[str, dict[str, Any]]]] = {
     "rate_limit": lambda value: ("rate-limit", {"limit": value}),
     "cache": lambda value: ("cache", {"ttl": value}),
 }
-
-
-@dataclass(slots=True)
-class Target:
-    """One upstream server: where to connect and what Host to send."""
-
-    scheme: str
-    host: str
-    port: int
-    host_header: bytes
-    weight: int
-    pool: ConnectionPool
-    ssl: ssl.SSLContext | None = None
-
-
-class UpstreamGroup:
-    """Targets behind one name; smooth weighted round robin (as nginx does) picks one per request."""
-
-    __slots__ = ("_current", "name", "single", "targets")
-
-    def __init__(self, name: str, targets: list[Target]) -> None:
-        self.name = name
-        self.targets = [t for t in targets if t.weight > 0] or targets
-        # The only target, if there is one: the proxy then skips pick() (one call fewer per request).
-        self.single = self.targets[0] if len(self.targets) == 1 else None
-        self._current = [0] * len(self.targets)
-
-    def pick(self, exclude: Target | None = None) -> Target:
-        if self.single is not None:
-            return self.single
-        total = 0
-        best = -1
-        current = self._current
-        for index, target in enumerate(self.targets):
-            if target is exclude:
-                continue
-            current[index] += target.weight
-            total += target.weight
-            if best < 0 or current[index] > current[best]:
-                best = index
-        if best < 0:  # every target excluded: fall back to the excluded one
-            return exclude  # type: ignore[return-value]
-        current[best] -= total
-        return self.targets[best]
-
-
-@dataclass(slots=True)
-class CompiledRoute:
-    name: str
-    config: RouteConfig
-    upstream: UpstreamGroup | None  # None: a terminal policy answers every request
-    prefix_strip: bool
-    rewrite: tuple[tuple[bool, str], ...] | None
-    preserve_host: bool
-    timeout: float
-    retries: int
-    max_body_size: int | None
-    policies: tuple[Policy, ...]
-    request_hooks: tuple[Callable[..., Any], ...]
-    response_hooks: tuple[Callable[..., Any], ...]
-    log_hooks: tuple[Callable[..., Any], ...]
-    body_hooks: tuple[Callable[..., Any], ...] = ()
-    body_limit: int = 0  # largest body the body hooks buffer
-    inactive: tuple[str, ...] = ()
-    upgrades: frozenset[bytes] = frozenset()  # Upgrade protocols this route tunnels (lowercase)
-    requests: int = 0  # served by this worker since the snapshot was compiled
-
-    def upstream_path(
-        self, path: str, params: dict[str, str], remainder: str | None, prefix: str | None
-    ) -> str:
-        if self.rewrite is not None:
-            values = dict(params)
-            values["path"] = (remainder or "/").lstrip("/")
-            return "".join(values[text] if is_param else text for is_param, text in self.rewrite)
-        if self.prefix_strip and remainder is not None:
-            return remainder
-        return path
-
-
-@dataclass(slots=True)
-class Snapshot:
-    config: GatewayConfig
-    router: Router
-    routes: tuple[CompiledRoute, ...]
-    trusted_proxies: tuple[Network, ...]
-    inactive: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    needs: frozenset[str] = frozenset()  # shared services some policy of this snapshot uses
 
 
 def _compile_rewrite(template: str | None) -> tuple[tuple[bool, str], ...] | None:
@@ -198,7 +112,9 @@ def _hooks(policies: tuple[Policy, ...], phase: str) -> tuple[Callable[..., Any]
     return tuple(getattr(p, phase) for p in policies if getattr(type(p), phase) is not base)
 
 
-def compile_snapshot(config: GatewayConfig, pools: PoolManager, services: Services | None = None) -> Snapshot:
+def compile_plan(config: GatewayConfig, pools: PoolManager, services: Services | None = None) -> Plan:
+    """The Plan for ``config``: upstream targets get their pools from ``pools`` (kept across
+    reloads), policies get ``services``."""
     groups: dict[str, UpstreamGroup] = {}
     for name, upstream in config.upstreams.items():
         groups[name] = _group(name, upstream, pools)
@@ -222,7 +138,7 @@ def compile_snapshot(config: GatewayConfig, pools: PoolManager, services: Servic
             body_limit = min(body_limit, max_body)
         item = CompiledRoute(
             name=route.display_name,
-            config=route,
+            path=route.path,
             upstream=group,
             prefix_strip=route.strip_prefix,
             rewrite=_compile_rewrite(route.rewrite),
@@ -230,6 +146,7 @@ def compile_snapshot(config: GatewayConfig, pools: PoolManager, services: Servic
             timeout=route.timeout,
             retries=route.retries,
             max_body_size=max_body,
+            lists_methods=route.methods is not None,
             policies=policies,
             request_hooks=request_hooks,
             response_hooks=tuple(reversed(_hooks(policies, "on_response"))),
@@ -238,6 +155,7 @@ def compile_snapshot(config: GatewayConfig, pools: PoolManager, services: Servic
             body_limit=body_limit,
             inactive=route_inactive,
             upgrades=frozenset(p.encode() for p in route.upgrades),
+            description=_describe(route, policies, route_inactive),
         )
         if route_inactive:
             inactive[item.name] = route_inactive
@@ -255,14 +173,63 @@ def compile_snapshot(config: GatewayConfig, pools: PoolManager, services: Servic
                 order=order,
             )
         )
-    return Snapshot(
-        config=config,
+    timeouts = config.timeouts
+    return Plan(
         router=Router(entries),
         routes=tuple(compiled),
         trusted_proxies=tuple(config.trusted_proxies),
+        timeouts=Timeouts(
+            connect=timeouts.connect,
+            read=timeouts.read,
+            keepalive=timeouts.keepalive,
+            header=timeouts.header,
+            body_idle=timeouts.body_idle,
+            drain=timeouts.drain,
+        ),
+        endpoints=_endpoints(config),
+        max_header_bytes=config.limits.max_header_bytes,
+        unescape_slashes=config.paths.escaped_slashes == "unescape",
         inactive=inactive,
-        needs=frozenset().union(*(p.needs for r in compiled for p in r.policies)),
     )
+
+
+def needs_of(plan: Plan) -> frozenset[str]:
+    """The shared services the plan's policies use (the process starts them before serving)."""
+    return frozenset().union(*(policy.needs for route in plan.routes for policy in route.policies))
+
+
+def _endpoints(config: GatewayConfig) -> Endpoints:
+    """The built-in endpoints. Who may read /routes and /stats: ``endpoints.allow`` if set;
+    otherwise a token alone guards them, and without one loopback and the trusted proxies do."""
+    endpoints = config.endpoints
+    token = endpoints.token.get_secret_value().encode() if endpoints.token is not None else None
+    allow: tuple[Network, ...] | None
+    if endpoints.allow is not None:
+        allow = tuple(endpoints.allow)
+    else:
+        allow = None if token is not None else (*_LOOPBACK, *config.trusted_proxies)
+    return Endpoints(
+        health=endpoints.health, routes=endpoints.routes, stats=endpoints.stats, token=token, allow=allow
+    )
+
+
+def _describe(route: RouteConfig, policies: tuple[Policy, ...], inactive: tuple[str, ...]) -> dict[str, Any]:
+    """What /routes shows of a route: its config and its policies' configs, secrets masked."""
+    item: dict[str, Any] = mask_secrets(route.model_dump(mode="json", exclude_none=True))
+    item["name"] = route.display_name
+    item["policies"] = {p.name: mask_secrets(p.describe()) for p in policies}
+    if inactive:
+        item["inactive"] = list(inactive)
+    return item
+
+
+def mask_secrets(value: Any) -> Any:
+    """A copy of a config value with every secret-looking field replaced by '***'."""
+    if isinstance(value, dict):
+        return {k: ("***" if _SECRET_KEY.search(str(k)) and v else mask_secrets(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_secrets(v) for v in value]
+    return value
 
 
 def _group(name: str, upstream: UpstreamConfig, pools: PoolManager) -> UpstreamGroup:

@@ -10,35 +10,22 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING
 
 from apigate.engine import wire
 from apigate.engine.exchange import Exchange, Reply, json_reply
 
 if TYPE_CHECKING:
-    from apigate.config.compile import Snapshot
+    from apigate.engine.plan import Network, Plan
     from apigate.engine.server import Gateway
 
-_LOOPBACK: Final = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
-_SECRET_KEY = re.compile(r"secret|token|password|passwd|api[_-]?key|private|credential", re.IGNORECASE)
 
-
-def mask_secrets(value: Any) -> Any:
-    """A copy of a config value with every secret-looking field replaced by '***'."""
-    if isinstance(value, dict):
-        return {k: ("***" if _SECRET_KEY.search(str(k)) and v else mask_secrets(v)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [mask_secrets(v) for v in value]
-    return value
-
-
-def endpoints(gateway: Gateway, snapshot: Snapshot) -> dict[str, Callable[[Exchange], Reply]]:
-    config = snapshot.config.endpoints
-    token = config.token.get_secret_value().encode() if config.token is not None else None
-    exact_user_paths = {route.config.path for route in snapshot.routes}
-    allow = allowed_networks(config.allow, token is not None, snapshot.trusted_proxies)
+def endpoints(gateway: Gateway, plan: Plan) -> dict[str, Callable[[Exchange], Reply]]:
+    config = plan.endpoints
+    token = config.token
+    exact_user_paths = {route.path for route in plan.routes}
+    allow = config.allow
 
     def guarded(handler: Callable[[Exchange], Reply]) -> Callable[[Exchange], Reply]:
         def check(exchange: Exchange) -> Reply:
@@ -65,43 +52,21 @@ def endpoints(gateway: Gateway, snapshot: Snapshot) -> dict[str, Callable[[Excha
         return check
 
     def health(exchange: Exchange) -> Reply:
-        return json_reply(200, {"status": "ok", "routes": len(snapshot.routes)})
+        return json_reply(200, {"status": "ok", "routes": len(plan.routes)})
 
     def routes(exchange: Exchange) -> Reply:
-        listed = []
-        for route in snapshot.routes:
-            item = mask_secrets(route.config.model_dump(mode="json", exclude_none=True))
-            item["name"] = route.name
-            item["policies"] = {p.name: mask_secrets(p.describe()) for p in route.policies}
-            if route.inactive:
-                item["inactive"] = list(route.inactive)
-            listed.append(item)
-        return json_reply(200, {"routes": listed})
+        return json_reply(200, {"routes": [route.description for route in plan.routes]})
 
     def stats(exchange: Exchange) -> Reply:
         in_flight = sum(1 for conn in gateway.connections if not conn.idle())
-        per_route = {route.name: route.requests for route in snapshot.routes}
+        per_route = {route.name: route.requests for route in plan.routes}
         return json_reply(200, gateway.stats.snapshot(len(gateway.connections), in_flight, per_route))
 
     table = {config.health: health, config.routes: guarded(routes), config.stats: guarded(stats)}
     return {path: handler for path, handler in table.items() if path and path not in exact_user_paths}
 
 
-def allowed_networks(
-    allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None,
-    has_token: bool,
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
-) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
-    """The networks whose clients may read /routes and /stats; None for any client.
-
-    Unset, a token alone guards them; without a token, loopback and the trusted proxies do.
-    """
-    if allow is not None:
-        return tuple(allow)
-    return None if has_token else (*_LOOPBACK, *trusted_proxies)
-
-
-def _address_in(ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+def _address_in(ip: str, networks: tuple[Network, ...]) -> bool:
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:

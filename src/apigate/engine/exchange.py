@@ -20,8 +20,8 @@ from apigate.engine.router import MethodNotAllowed
 from apigate.engine.upstream import PoolTimeout, UpstreamConnection
 
 if TYPE_CHECKING:
-    from apigate.config.compile import CompiledRoute, Target
     from apigate.engine.client import ClientConnection
+    from apigate.engine.plan import CompiledRoute, Plan, Target
 
 # Request headers the proxy regenerates or consumes itself, besides the hop-by-hop ones.
 _REQUEST_OWN: Final = wire.HOP_BY_HOP | {
@@ -161,7 +161,7 @@ class Exchange:
         self.keep_alive = keep_alive
         self.upgrade = upgrade
         self.t_start = time.monotonic()
-        self.snapshot = client.gateway.snapshot
+        self.plan: Plan = client.gateway.plan
         self.params = _NO_PARAMS  # shared and never mutated in place: routing replaces it
         self.response_headers = _NO_HEADERS
         # One pass over the headers for what the proxy itself needs (one dict probe per header).
@@ -208,7 +208,7 @@ class Exchange:
         self.rid = rid if rid is not None and _sane_id(rid) else client.request_ids.next()
         trusted = client.peer_trusted
         self.client_ip = (
-            gateway.client_ip_from(client.peer_ip, xff, self.snapshot) if trusted and xff else client.peer_ip
+            gateway.client_ip_from(client.peer_ip, xff, self.plan) if trusted and xff else client.peer_ip
         )
         self.forwarded_proto = proto if trusted and proto else b"http"
         self.forwarded_host = fwd_host if trusted and fwd_host else host
@@ -269,12 +269,11 @@ class Exchange:
         if refusal is not None:
             self.fail(*refusal)
             return
-        snapshot = self.snapshot
         builtin = self.client.gateway.builtins.get(self.path)
         if builtin is not None and self.method in ("GET", "HEAD"):
             self.reply(builtin(self))
             return
-        match = snapshot.router.match(self.method, self.path, self.host, self.headers)
+        match = self.plan.router.match(self.method, self.path, self.host, self.headers)
         if match is None:
             self.fail(404, "no route matches this request")
             return
@@ -282,7 +281,7 @@ class Exchange:
             self._method_not_allowed(", ".join(match.allowed).encode())
             return
         route: CompiledRoute = match.payload  # type: ignore[assignment]
-        if self.method == "TRACE" and route.config.methods is None:
+        if self.method == "TRACE" and not route.lists_methods:
             # TRACE echoes the request, credentials included (RFC 9110 §9.3.8): only where listed.
             self._method_not_allowed(wire.ALLOWED_METHODS)
             return
@@ -422,9 +421,8 @@ class Exchange:
             self.client.gateway.spawn(self._connect(target))
 
     async def _connect(self, target: Target) -> None:
-        timeouts = self.snapshot.config.timeouts
         try:
-            conn = await target.pool.connect(timeouts.connect)
+            conn = await target.pool.connect(self.plan.timeouts.connect)
         except (PoolTimeout, TimeoutError):
             self.retry_or_fail(504, "upstream connect timed out")
             return

@@ -1,6 +1,7 @@
-"""The gateway in one process: the listener, the current snapshot, pools, counters and timers.
+"""The gateway in one process: the listener, the current plan, pools, counters and timers.
 
-Reload swaps ``snapshot`` (one reference); exchanges keep the snapshot they started with.
+``apply`` swaps ``plan`` (one reference); exchanges keep the plan they started with. The gateway
+compiles nothing and starts no service: the process builds the plan and wires the services.
 Timeouts are checked by one periodic sweep instead of a timer per request, which keeps the
 hot path free of timer handles; their resolution is ``SWEEP_INTERVAL``.
 """
@@ -15,14 +16,13 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from apigate.config.compile import Snapshot, compile_snapshot
-from apigate.config.models import GatewayConfig
 from apigate.engine import builtin, wire
 from apigate.engine.client import ClientConnection
 from apigate.engine.exchange import Exchange, Reply
+from apigate.engine.plan import Plan
+from apigate.engine.router import Router
 from apigate.engine.stats import Stats
 from apigate.engine.upstream import PoolManager
-from apigate.services import Services
 
 log = logging.getLogger("apigate")
 
@@ -31,14 +31,9 @@ SLOW_SWEEP_EVERY = 10  # pools and idle clients are checked once a second
 
 
 class Gateway:
-    def __init__(
-        self,
-        config: GatewayConfig,
-        loop: asyncio.AbstractEventLoop | None = None,
-        services: Services | None = None,
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """A gateway serving an empty plan (every request 404) until ``apply`` gives it one."""
         self.loop = loop or asyncio.get_running_loop()
-        self.services = services or Services()
         self.pools = PoolManager(self.loop)
         self.stats = Stats()
         self.connections: set[ClientConnection] = set()
@@ -48,30 +43,22 @@ class Gateway:
         self.request_ids = wire.RequestIds()
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweeps = 0
-        self.snapshot: Snapshot
         self.builtins: dict[str, Callable[[Exchange], Reply]] = {}
-        self.max_header_bytes = 0
-        self.unescape_slashes = False
-        self.apply(config)
+        self.plan = Plan(router=Router(()), routes=())
+        self.max_header_bytes = self.plan.max_header_bytes
+        self.unescape_slashes = self.plan.unescape_slashes
 
     # -- configuration ------------------------------------------------------------------------------
-    def apply(self, config: GatewayConfig) -> None:
-        """Compile and swap in a new config; raises (and keeps the old one) if compiling fails."""
-        snapshot = compile_snapshot(config, self.pools, self.services)
-        self.snapshot = snapshot
-        self.builtins = builtin.endpoints(self, snapshot)
-        self.max_header_bytes = config.limits.max_header_bytes
-        self.unescape_slashes = config.paths.escaped_slashes == "unescape"
-        for name, inactive in snapshot.inactive.items():
-            log.warning(
-                "route %s: %s not active (no such policy in this version, or the policy needs settings "
-                "the shorthand cannot give: configure it under policies)",
-                name,
-                ", ".join(inactive),
-            )
+    def apply(self, plan: Plan) -> None:
+        """Serve ``plan`` from now on; requests already running keep the plan they started with."""
+        self.builtins = builtin.endpoints(self, plan)
+        # Kept here as well: the client protocol reads them on every head.
+        self.max_header_bytes = plan.max_header_bytes
+        self.unescape_slashes = plan.unescape_slashes
+        self.plan = plan
 
     def is_trusted(self, ip: str) -> bool:
-        proxies = self.snapshot.trusted_proxies
+        proxies = self.plan.trusted_proxies
         if not proxies:
             return False
         try:
@@ -80,7 +67,7 @@ class Gateway:
             return False
         return any(address in network for network in proxies)
 
-    def client_ip_from(self, peer: str, xff: bytes, snapshot: Snapshot) -> str:
+    def client_ip_from(self, peer: str, xff: bytes, plan: Plan) -> str:
         """The first address from the right of X-Forwarded-For that is not a trusted proxy."""
         hops = [h.strip() for h in xff.decode("latin-1").split(",") if h.strip()]
         for hop in reversed(hops):
@@ -88,7 +75,7 @@ class Gateway:
                 address = ipaddress.ip_address(hop)
             except ValueError:
                 return peer  # a forged or broken entry: trust nothing left of it
-            if not any(address in network for network in snapshot.trusted_proxies):
+            if not any(address in network for network in plan.trusted_proxies):
                 return hop
         return hops[0] if hops else peer
 
@@ -96,10 +83,6 @@ class Gateway:
         return self.request_ids.next()
 
     # -- running ---------------------------------------------------------------------------------
-    async def start_services(self) -> None:
-        """Start the shared services the current snapshot's policies need (before serving)."""
-        await self.services.start(self.snapshot.config, self.snapshot.needs)
-
     async def serve(self, sock: socket.socket) -> None:
         self.server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=2048)
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
@@ -115,7 +98,7 @@ class Gateway:
 
     def _sweep(self) -> None:
         now = time.monotonic()
-        timeouts = self.snapshot.config.timeouts
+        timeouts = self.plan.timeouts
         slow = self._sweeps % SLOW_SWEEP_EVERY == 0
         self._sweeps += 1
         for conn in list(self.connections):
@@ -149,4 +132,3 @@ class Gateway:
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.pools.close_idle()
-        await self.services.stop()
