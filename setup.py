@@ -23,6 +23,7 @@ COMPILED = [
     "src/apigate/engine/client.py",
     "src/apigate/engine/exchange.py",
     "src/apigate/engine/plan.py",
+    "src/apigate/engine/replies.py",
     "src/apigate/engine/router.py",
     "src/apigate/engine/stats.py",
     "src/apigate/engine/upstream.py",

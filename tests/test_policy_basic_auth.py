@@ -20,7 +20,7 @@ from apigate.config.models import ConsumerConfig
 from apigate.consumers import passwords
 from apigate.consumers.passwords import hash_password, parse_hash, verify_password
 from apigate.consumers.registry import Login
-from apigate.engine.exchange import Reply
+from apigate.engine.replies import Reply
 from apigate.policies.registry import build_policy, validate_policy_config
 from apigate.store.base import Consumer
 from tests.support.errors_helpers import Response, request, wait_until

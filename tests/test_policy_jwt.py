@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from apigate.consumers.service import REVOKED_TOKEN_GRACE, ConsumerService
-from apigate.engine.exchange import Exchange, Reply
+from apigate.engine.exchange import Exchange
+from apigate.engine.replies import Reply
 from apigate.policies.registry import build_policy
 from apigate.store.sqlite import SqliteStore
 from tests.support.cli import apigate_json, seconds_until

@@ -444,7 +444,7 @@ def test_the_policy_follows_a_restarted_registry(tmp_path: Path) -> None:
     """The usual request reads the running registry's key index directly; when that registry
     stops, the policy answers 503 instead of serving its keys, and it finds the next one."""
     from apigate.config.loader import load_config
-    from apigate.engine.exchange import Reply
+    from apigate.engine.replies import Reply
     from apigate.policies.registry import build_policy
     from apigate.services import Services
     from tests.support.exchanges import request_exchange

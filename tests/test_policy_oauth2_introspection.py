@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from apigate.engine.exchange import Exchange, Reply
+from apigate.engine.exchange import Exchange
+from apigate.engine.replies import Reply
 from apigate.policies.registry import build_policy, validate_policy_config
 from tests.support.errors_helpers import ClosedPort, Response, request
 from tests.support.exchanges import request_exchange

@@ -6,7 +6,8 @@ import asyncio
 import hashlib
 from typing import ClassVar
 
-from apigate.engine.exchange import Exchange, Reply, json_reply
+from apigate.engine.exchange import Exchange
+from apigate.engine.replies import Reply, json_reply
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.registry import register
 

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from apigate.config.models import GatewayConfig, RouteConfig, UpstreamConfig
 from apigate.engine.plan import CompiledRoute, Endpoints, Network, Plan, Target, Timeouts, UpstreamGroup
 from apigate.engine.router import RouteEntry, Router
+from apigate.httpspec import host_field
 from apigate.policies.base import Policy
 from apigate.policies.registry import build_policy, registry, validate_policy_config
 from apigate.webhooks.routes import source_routes
@@ -67,9 +68,7 @@ def _make_target(url: str, weight: int, pool_config: Any, pools: PoolManager) ->
     scheme = parts.scheme
     host = parts.hostname or ""
     port = parts.port or (443 if scheme == "https" else 80)
-    default_port = (scheme == "https" and port == 443) or (scheme == "http" and port == 80)
-    host_for_header = f"[{host}]" if ":" in host else host
-    host_header = (host_for_header if default_port else f"{host_for_header}:{port}").encode()
+    host_header = host_field(scheme, host, port)
     tls = ssl.create_default_context() if scheme == "https" else None
     pool = pools.pool_for(scheme, host, port, tls, pool_config)
     return Target(scheme, host, port, host_header, weight, pool, tls)

@@ -13,8 +13,8 @@ import ipaddress
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from apigate.engine import wire
-from apigate.engine.exchange import Exchange, Reply, json_reply
+from apigate.engine.exchange import Exchange
+from apigate.engine.replies import Reply, error_body, json_reply
 
 if TYPE_CHECKING:
     from apigate.engine.plan import Network, Plan
@@ -32,7 +32,7 @@ def endpoints(gateway: Gateway, plan: Plan) -> dict[str, Callable[[Exchange], Re
             if allow is not None and not _address_in(exchange.client_ip, allow):
                 return Reply(
                     403,
-                    wire.error_body(
+                    error_body(
                         "this endpoint answers only the client addresses in endpoints.allow",
                         exchange.request_id,
                     ),
@@ -44,7 +44,7 @@ def endpoints(gateway: Gateway, plan: Plan) -> dict[str, Callable[[Exchange], Re
             if scheme.lower() != b"bearer" or not hmac.compare_digest(credential.strip(), token):
                 return Reply(
                     401,
-                    wire.error_body("a valid bearer token is required", exchange.request_id),
+                    error_body("a valid bearer token is required", exchange.request_id),
                     [(b"www-authenticate", b'Bearer realm="apigate"')],
                 )
             return handler(exchange)

@@ -18,6 +18,7 @@ import httptools
 from apigate.engine import heads, wire
 from apigate.engine.exchange import Exchange
 from apigate.engine.paths import PathRefused, normalize_path
+from apigate.engine.replies import error_body
 
 if TYPE_CHECKING:
     from apigate.engine.server import Gateway
@@ -182,7 +183,7 @@ class ClientConnection(wire.HeadReader):
         if self.closed:
             return
         self.held = rest
-        self.set_read_paused(self.PAUSE_UPGRADE, True)
+        self.pause(self.PAUSE_UPGRADE)
 
     def eof_received(self) -> bool:
         # A half-closed client may still wait for its answers; keep the socket open for them.
@@ -291,7 +292,7 @@ class ClientConnection(wire.HeadReader):
         if len(self.queue) == 1:
             exchange.begin()
         else:
-            self.set_read_paused(self.PAUSE_PIPELINE, True)
+            self.pause(self.PAUSE_PIPELINE)
 
     def on_body(self, body: bytes) -> None:
         self.body_read += len(body)
@@ -333,16 +334,26 @@ class ClientConnection(wire.HeadReader):
             if out and not self.closed:
                 self.transport.write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[union-attr]
 
-    def set_read_paused(self, reason: int, paused: bool) -> None:
+    def pause(self, reason: int) -> None:
+        """Stop reading from the client for ``reason`` (one of the PAUSE_ values); reading stays
+        stopped until every reason given has been resumed."""
         before = self.read_pauses
-        after = before | reason if paused else before & ~reason
-        self.read_pauses = after
-        if self.closed or self.transport is None:
-            return
-        if before == 0 and after != 0:
+        self.read_pauses = before | reason
+        if before == 0 and not self.closed and self.transport is not None:
             self.transport.pause_reading()
-        elif before != 0 and after == 0:
+
+    def resume(self, reason: int) -> None:
+        """``reason`` no longer holds reading back; a no-op if it did not."""
+        before = self.read_pauses
+        if not before & reason:
+            return
+        after = before & ~reason
+        self.read_pauses = after
+        if after == 0 and not self.closed and self.transport is not None:
             self.transport.resume_reading()
+
+    def paused_for(self, reasons: int) -> bool:
+        return bool(self.read_pauses & reasons)
 
     def start_tunnel(self, exchange: Exchange) -> None:
         """The upstream switched protocols: from now on bytes flow both ways unread."""
@@ -351,7 +362,7 @@ class ClientConnection(wire.HeadReader):
         self.held = None
         if held:
             exchange.tunnel_to_upstream(held)
-        self.set_read_paused(self.PAUSE_UPGRADE, False)
+        self.resume(self.PAUSE_UPGRADE)
 
     def exchange_finished(self, exchange: Exchange) -> None:
         if exchange is self.tunnel:
@@ -373,8 +384,8 @@ class ClientConnection(wire.HeadReader):
     def _next(self) -> None:
         queue = self.queue
         queue.popleft()
-        if len(queue) <= 1 and self.read_pauses & self.PAUSE_PIPELINE:
-            self.set_read_paused(self.PAUSE_PIPELINE, False)
+        if len(queue) <= 1:
+            self.resume(self.PAUSE_PIPELINE)
         if queue:
             queue[0].begin()  # begin() answers a refused head with its error
 
@@ -407,12 +418,12 @@ class ClientConnection(wire.HeadReader):
         self.parser = httptools.HttpRequestParser(self)
         self.parser_busy = self.in_head = False
         self.url, self.headers, self.header_bytes = b"", [], 0
-        self.set_read_paused(self.PAUSE_PIPELINE, True)
+        self.pause(self.PAUSE_PIPELINE)
 
     def answer_refusal(self, status: int, message: str) -> None:
         self.gateway.stats.count_error(status)
         request_id = self.gateway.next_request_id()
-        body = wire.error_body(message, request_id.decode())
+        body = error_body(message, request_id.decode())
         self.write(
             wire.status_line(status)
             + b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body)

@@ -13,18 +13,29 @@ from collections.abc import Awaitable
 from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any, Final
 
-import orjson
-
 from apigate.engine import wire
+from apigate.engine.replies import Reply, error_body
 from apigate.engine.router import MethodNotAllowed
 from apigate.engine.upstream import PoolTimeout, UpstreamConnection
+from apigate.engine.wire import (
+    FIELD_CONNECTION,
+    FIELD_CONTENT_LENGTH,
+    FIELD_EXPECT,
+    FIELD_HOST,
+    FIELD_TRANSFER_ENCODING,
+    FIELD_X_FORWARDED_FOR,
+    FIELD_X_FORWARDED_PROTO,
+    FIELD_X_REQUEST_ID,
+    PROXY_READ_FIELDS,
+)
+from apigate.httpspec import HOP_BY_HOP, IDEMPOTENT_METHODS
 
 if TYPE_CHECKING:
     from apigate.engine.client import ClientConnection
     from apigate.engine.plan import CompiledRoute, Plan, Target
 
 # Request headers the proxy regenerates or consumes itself, besides the hop-by-hop ones.
-_REQUEST_OWN: Final = wire.HOP_BY_HOP | {
+_REQUEST_OWN: Final = HOP_BY_HOP | {
     b"host",
     b"x-forwarded-for",
     b"x-forwarded-proto",
@@ -32,19 +43,8 @@ _REQUEST_OWN: Final = wire.HOP_BY_HOP | {
     b"x-request-id",
     b"expect",
 }
-_SPECIAL: Final = {
-    b"host": 0,
-    b"content-length": 1,
-    b"transfer-encoding": 2,
-    b"x-forwarded-for": 3,
-    b"x-request-id": 4,
-    b"expect": 5,
-    b"connection": 6,
-    b"x-forwarded-proto": 7,
-    b"x-forwarded-host": 8,
-}
 # Response headers the proxy owns: hop-by-hop ones, and X-Request-ID (it sends its own).
-_RESPONSE_OWN: Final = wire.HOP_BY_HOP | {b"x-request-id"}
+_RESPONSE_OWN: Final = HOP_BY_HOP | {b"x-request-id"}
 # A buffered body is sent with its own Content-Length (a body hook may have replaced it).
 _REQUEST_OWN_BUFFERED: Final = _REQUEST_OWN | {b"content-length"}
 # What a client's Connection header cannot take away: the engine reads these for Host and
@@ -54,42 +54,12 @@ _NOT_NOMINATED: Final = frozenset({b"host", b"content-length", b"transfer-encodi
 _STATUS_101: Final = wire.status_line(101)
 _NO_PARAMS: Final[dict[str, str]] = {}
 _NO_HEADERS: Final[list[tuple[bytes, bytes]]] = []
-_IDEMPOTENT: Final = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 # A body this small is kept so the request can be replayed on another connection.
 REPLAY_LIMIT = 64 * 1024
 # An early answer keeps the connection if the unread request body is at most this big.
 DISCARD_LIMIT = 64 * 1024
 # Pending request body above this pauses reading from the client until the upstream takes it.
 BODY_HIGH_WATER = 256 * 1024
-
-
-class Reply:
-    """An answer made by the gateway itself (an error, a policy's early answer, a built-in endpoint)."""
-
-    __slots__ = ("body", "content_type", "headers", "status")
-
-    def __init__(
-        self,
-        status: int,
-        body: bytes = b"",
-        headers: list[tuple[bytes, bytes]] | None = None,
-        content_type: bytes = b"application/json",
-    ) -> None:
-        self.status = status
-        self.body = body
-        self.headers = headers or []
-        self.content_type = content_type
-
-
-def json_reply(status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None) -> Reply:
-    return Reply(status, orjson.dumps(payload), headers)
-
-
-class ProxyError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class Exchange:
@@ -171,29 +141,29 @@ class Exchange:
         hosts = 0
         tokens: set[bytes] | None = None
         for name, value in headers:
-            kind = _SPECIAL.get(name)
+            kind = PROXY_READ_FIELDS.get(name)
             if kind is None:
                 continue
-            if kind == 0:
+            if kind == FIELD_HOST:
                 host = value
                 hosts += 1
-            elif kind == 1:
+            elif kind == FIELD_CONTENT_LENGTH:
                 content_length = int(value)  # llhttp already refused malformed and conflicting ones
-            elif kind == 2:
+            elif kind == FIELD_TRANSFER_ENCODING:
                 chunked = True
-            elif kind == 3:
+            elif kind == FIELD_X_FORWARDED_FOR:
                 xff = value if xff is None else xff + b", " + value
-            elif kind == 4:
+            elif kind == FIELD_X_REQUEST_ID:
                 rid = value
-            elif kind == 5:
+            elif kind == FIELD_EXPECT:
                 expect = value.lower() == b"100-continue"
-            elif kind == 6:
+            elif kind == FIELD_CONNECTION:
                 found = wire.connection_tokens(value)
                 if found:
                     tokens = found if tokens is None else tokens | found
-            elif kind == 7:
+            elif kind == FIELD_X_FORWARDED_PROTO:
                 proto = value
-            else:
+            else:  # FIELD_X_FORWARDED_HOST
                 fwd_host = value
         if hosts != 1 or version != "1.1" or authority is not None:
             host = self._check_head(hosts, version, authority, host)
@@ -312,7 +282,7 @@ class Exchange:
             self.upgrade = False
 
     def _method_not_allowed(self, allow: bytes) -> None:
-        self.reply(Reply(405, wire.error_body("method not allowed", self.request_id), [(b"allow", allow)]))
+        self.reply(Reply(405, error_body("method not allowed", self.request_id), [(b"allow", allow)]))
 
     def _run_hooks(self, hooks: tuple[Any, ...], index: int, body_phase: bool) -> None:
         """Run a phase's hooks from ``index``; an early answer ends the exchange, passing moves on.
@@ -379,8 +349,7 @@ class Exchange:
         if self.expect_continue:
             self.expect_continue = False
             client.write(wire.CONTINUE_100)
-        if client.read_pauses & client.PAUSE_BODY:
-            client.set_read_paused(client.PAUSE_BODY, False)
+        client.resume(client.PAUSE_BODY)
 
     def _body_complete(self) -> None:
         self.buffering = False
@@ -450,7 +419,7 @@ class Exchange:
             and self.attempt <= route.retries
             and self.replayable
             and not self.finished
-            and (not sent or self.method in _IDEMPOTENT)
+            and (not sent or self.method in IDEMPOTENT_METHODS)
         ):
             self.client.gateway.stats.retries += 1
             self.go_upstream()
@@ -479,8 +448,7 @@ class Exchange:
             head += wire.LAST_CHUNK
         conn.send(head)
         client = self.client
-        if client.read_pauses & client.PAUSE_BODY:
-            client.set_read_paused(client.PAUSE_BODY, False)
+        client.resume(client.PAUSE_BODY)
 
     def _upstream_head(self, route: CompiledRoute) -> bytes:
         target = self.target
@@ -554,7 +522,7 @@ class Exchange:
                 self.close_after = True
                 self.fail(413, f"request body exceeds the limit of {route.body_limit} bytes")
         elif self.body_pending_size > BODY_HIGH_WATER:
-            self.client.set_read_paused(self.client.PAUSE_BODY, True)
+            self.client.pause(self.client.PAUSE_BODY)
 
     def on_request_end(self) -> None:
         self.request_done = True
@@ -566,7 +534,10 @@ class Exchange:
             conn.send(wire.LAST_CHUNK)
 
     def upstream_write_paused(self, paused: bool) -> None:
-        self.client.set_read_paused(self.client.PAUSE_UPSTREAM, paused)
+        if paused:
+            self.client.pause(self.client.PAUSE_UPSTREAM)
+        else:
+            self.client.resume(self.client.PAUSE_UPSTREAM)
 
     # -- response from the upstream -------------------------------------------------------------------
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
@@ -708,7 +679,7 @@ class Exchange:
         gateway causes (reading paused while the upstream does not take the body, or while a
         connection is awaited) is not the client's: the upstream's timeouts judge that."""
         client = self.client
-        if self.expect_continue or client.read_pauses & (client.PAUSE_BODY | client.PAUSE_UPSTREAM):
+        if self.expect_continue or client.paused_for(client.PAUSE_BODY | client.PAUSE_UPSTREAM):
             self.body_quiet_since = now  # the client waits for us (100 Continue, or a paused read)
             return
         if client.body_read != self.body_mark:
@@ -790,7 +761,7 @@ class Exchange:
             self.abort()
             return
         self.client.gateway.stats.count_error(status)
-        self.reply(Reply(status, wire.error_body(message, self.request_id), headers))
+        self.reply(Reply(status, error_body(message, self.request_id), headers))
 
     def abort(self) -> None:
         """The response cannot be completed: close both sides so the client sees a truncated reply."""

@@ -17,7 +17,8 @@ from typing import Any
 
 # Imported at run time, not only for type checking: mypyc builds these dataclasses from their
 # annotations when the module loads, so every name they use must exist then.
-from apigate.engine.exchange import Exchange, Reply
+from apigate.engine.exchange import Exchange
+from apigate.engine.replies import Reply
 from apigate.engine.router import Router
 from apigate.engine.upstream import ConnectionPool
 

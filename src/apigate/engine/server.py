@@ -18,8 +18,9 @@ from typing import Any
 
 from apigate.engine import builtin, wire
 from apigate.engine.client import ClientConnection
-from apigate.engine.exchange import Exchange, Reply
+from apigate.engine.exchange import Exchange
 from apigate.engine.plan import Plan
+from apigate.engine.replies import Reply
 from apigate.engine.router import Router
 from apigate.engine.stats import Stats
 from apigate.engine.upstream import PoolManager

@@ -11,24 +11,6 @@ import os
 from http import HTTPStatus
 from typing import Final
 
-import orjson
-
-# RFC 9110 §7.6.1: connection-specific fields never cross a proxy. ``proxy-connection`` is a
-# non-standard relic that some clients still send. ``te`` and ``trailer`` are per hop too.
-HOP_BY_HOP: Final = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-
 METHODS: Final = {
     m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 }
@@ -67,6 +49,29 @@ def serialize_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
     return b"".join(out)
 
 
+# Request fields the proxy reads itself, each with its kind: the exchange reads them all in one
+# pass over the head (one dict probe per field), dispatching on the kind.
+FIELD_HOST: Final = 0
+FIELD_CONTENT_LENGTH: Final = 1
+FIELD_TRANSFER_ENCODING: Final = 2
+FIELD_X_FORWARDED_FOR: Final = 3
+FIELD_X_REQUEST_ID: Final = 4
+FIELD_EXPECT: Final = 5
+FIELD_CONNECTION: Final = 6
+FIELD_X_FORWARDED_PROTO: Final = 7
+FIELD_X_FORWARDED_HOST: Final = 8
+PROXY_READ_FIELDS: Final = {
+    b"host": FIELD_HOST,
+    b"content-length": FIELD_CONTENT_LENGTH,
+    b"transfer-encoding": FIELD_TRANSFER_ENCODING,
+    b"x-forwarded-for": FIELD_X_FORWARDED_FOR,
+    b"x-request-id": FIELD_X_REQUEST_ID,
+    b"expect": FIELD_EXPECT,
+    b"connection": FIELD_CONNECTION,
+    b"x-forwarded-proto": FIELD_X_FORWARDED_PROTO,
+    b"x-forwarded-host": FIELD_X_FORWARDED_HOST,
+}
+
 PLAIN_CONNECTION: Final = frozenset(
     {b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"}
 )
@@ -90,10 +95,6 @@ class RequestIds:
     def next(self) -> bytes:
         self.count += 1
         return self.prefix + b"%016x" % self.count
-
-
-def error_body(message: str, request_id: str) -> bytes:
-    return orjson.dumps({"error": message, "request_id": request_id})
 
 
 def chunk(data: bytes) -> bytes:

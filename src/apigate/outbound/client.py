@@ -37,10 +37,10 @@ from urllib.parse import urlsplit
 import httptools
 
 from apigate import __version__
+from apigate.httpspec import IDEMPOTENT_METHODS, host_field
 
 ErrorKind = Literal["connect", "timeout", "protocol", "too_large", "tls"]
 
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 MAX_HEAD_BYTES = 64 * 1024  # status line and headers of a response
 USER_AGENT = f"apigate/{__version__}".encode()
 
@@ -136,14 +136,7 @@ def _split_url(url: str) -> tuple[_Origin, str]:
     if _UNSAFE_TARGET.search(target):
         raise ValueError("the URL's path or query holds spaces or control characters")
     default_port = 443 if scheme == "https" else 80
-    shown = f"[{host}]" if ":" in host else host
-    if port is not None and port != default_port:
-        shown += f":{port}"
-    try:
-        host_header = shown.encode("ascii")
-    except UnicodeEncodeError:
-        host_header = shown.encode("idna")
-    return _Origin(scheme, host, port or default_port, host_header), target
+    return _Origin(scheme, host, port or default_port, host_field(scheme, host, port)), target
 
 
 def _request_head(

@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
-    from apigate.engine.exchange import Exchange, Reply
+    from apigate.engine.exchange import Exchange
+    from apigate.engine.replies import Reply
     from apigate.services import Services
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 
 from apigate.config.headernames import check_header_name
-from apigate.engine.exchange import Reply, json_reply
+from apigate.engine.replies import Reply, json_reply
 
 if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, ClassVar
 
-from apigate.engine.exchange import Reply
+from apigate.engine.replies import Reply
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.registry import register
 from apigate.webhooks.requests import refuse, verdict_reply, webhook_request

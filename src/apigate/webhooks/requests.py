@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from apigate.engine.exchange import Reply, json_reply
+from apigate.engine.replies import Reply, json_reply
 from apigate.webhooks.verify.model import Reason, Verdict, WebhookRequest
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from apigate.engine.exchange import Reply, json_reply
+from apigate.engine.replies import Reply, json_reply
 from apigate.outbound import HttpClient, OutboundError
 from apigate.store.base import NewWebhookEvent, Store
 from apigate.webhooks.config import SourceConfig, WebhooksConfig

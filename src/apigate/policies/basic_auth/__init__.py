@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 
 from apigate.consumers.keyindex import header_value
 from apigate.consumers.passwords import PasswordChecksBusy, check_password_off_loop
-from apigate.engine.exchange import Reply, json_reply
+from apigate.engine.replies import Reply, json_reply
 from apigate.policies.authconfig import AuthConfig, check_forwarded_names
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.key_auth import ForwardHeaders

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from apigate.config.headernames import check_header_name
-from apigate.engine.exchange import Reply, json_reply
+from apigate.engine.replies import Reply, json_reply
 from apigate.policies.authconfig import AuthConfig, check_forwarded_names
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.registry import register

@@ -39,7 +39,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from apigate.config.headernames import HEADER_NAME, check_header_name
 from apigate.config.models import check_http_url
 from apigate.config.units import ByteSize, Duration
-from apigate.engine.exchange import Reply
+from apigate.engine.replies import Reply
 from apigate.policies.authconfig import AuthConfig
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.claims import (

@@ -17,7 +17,7 @@ from urllib.parse import unquote_to_bytes
 from pydantic import Field, field_validator, model_validator
 
 from apigate.config.headernames import check_header_name
-from apigate.engine.exchange import Reply, json_reply
+from apigate.engine.replies import Reply, json_reply
 from apigate.policies.authconfig import AuthConfig, check_forwarded_names
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.key_auth.hotpath import KeyCheck, admit

@@ -44,7 +44,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from apigate.config.units import Duration
 from apigate.consumers.passwords import PasswordChecksBusy, check_password_off_loop
-from apigate.engine.exchange import Reply, json_reply
+from apigate.engine.replies import Reply, json_reply
 from apigate.policies.authconfig import check_realm
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.basic_auth import MalformedBasic, parse_basic

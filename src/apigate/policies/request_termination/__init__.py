@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import Field
 
-from apigate.engine.exchange import Reply, json_reply
+from apigate.engine.replies import Reply, json_reply
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.registry import register
 

@@ -18,7 +18,8 @@ from apigate.webhooks.requests import verdict_reply, webhook_request
 from apigate.webhooks.verify import SchemeConfig, build_verifier
 
 if TYPE_CHECKING:
-    from apigate.engine.exchange import Exchange, Reply
+    from apigate.engine.exchange import Exchange
+    from apigate.engine.replies import Reply
     from apigate.services import Services
 
 
