@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from apigate.config.models import ConfigIssue
+from apigate.config.issues import ConfigIssue
 from apigate.policies.base import Policy
 
 if TYPE_CHECKING:
