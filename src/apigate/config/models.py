@@ -222,6 +222,10 @@ class ConsumerConfig(Strict):
         return value
 
 
+# The route keys that stand for a policy, in the order /routes lists those that are inactive.
+ROUTE_SHORTHANDS = ("auth", "rate_limit", "cache")
+
+
 class RouteConfig(Strict):
     name: str | None = None
     path: str
@@ -240,7 +244,8 @@ class RouteConfig(Strict):
         default_factory=lambda: ["websocket"], description="Upgrade protocols tunneled to the upstream"
     )
     policies: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
-    # Shorthands from the seed's routes.yaml, mapped onto policies when those are available.
+    # Shorthands of routes.yaml files written for the Pactown gateway (ROUTE_SHORTHANDS): each
+    # stands for the policy that declares it, and is reported inactive while none does.
     auth: str | None = None
     rate_limit: str | None = None
     cache: str | None = None

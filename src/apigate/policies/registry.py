@@ -52,6 +52,11 @@ def registry() -> dict[str, type[Policy]]:
     return _registry
 
 
+def shorthand_policies(key: str) -> list[type[Policy]]:
+    """The policies that declare the route key ``key`` (``auth``, ``rate_limit``...) as their shorthand."""
+    return [cls for _, cls in sorted(registry().items()) if cls.shorthand == key]
+
+
 def load_plugins(modules: list[Any]) -> list[ConfigIssue]:
     """Import modules that register policies of their own (``plugins:`` in the config)."""
     issues: list[ConfigIssue] = []
