@@ -9,19 +9,18 @@ process applies the Plan to the gateway (one reference swapped); the engine neve
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
-from apigate.config.models import GatewayConfig, RouteConfig, UpstreamConfig
+from apigate.config.models import ROUTE_SHORTHANDS, GatewayConfig, RouteConfig, UpstreamConfig
 from apigate.engine.plan import CompiledRoute, Endpoints, Network, Plan, Target, Timeouts, UpstreamGroup
 from apigate.engine.router import RouteEntry, Router
 from apigate.httpspec import host_field
 from apigate.policies.base import Policy
-from apigate.policies.registry import build_policy, registry, validate_policy_config
+from apigate.policies.registry import build_policy, registry, shorthand_policies, validate_policy_config
 from apigate.webhooks.routes import source_routes
 
 if TYPE_CHECKING:
@@ -32,25 +31,20 @@ _LOOPBACK: Final = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network(":
 _SECRET_KEY: Final = re.compile(r"secret|token|password|passwd|api[_-]?key|private|credential", re.IGNORECASE)
 
 
-def _auth_shorthand(value: str) -> tuple[str, dict[str, Any]]:
-    """``auth: jwt`` names a policy; the seed's webhook schemes name a preset and its secret's variable."""
-    from apigate.webhooks.verify import shorthand_scheme
+def _shorthand(key: str, value: str) -> tuple[str | None, dict[str, Any] | None]:
+    """The policy a route's ``key: value`` stands for and its config (None: it cannot be honoured).
 
-    try:
-        scheme = shorthand_scheme(value, os.environ)
-    except ValueError:
-        return ("webhook-verify", {})  # the secret's variable is unset: not active (fails closed)
-    if scheme is None:
-        return (value.replace("_", "-"), {})
-    return ("webhook-verify", {"verify": scheme.model_dump()})
-
-
-# The seed's route shorthands and the policy each one stands for.
-SHORTHANDS: dict[str, Callable[[str], tuple[str, dict[str, Any]]]] = {
-    "auth": _auth_shorthand,
-    "rate_limit": lambda value: ("rate-limit", {"limit": value}),
-    "cache": lambda value: ("cache", {"ttl": value}),
-}
+    Each policy declares the key it takes (``Policy.shorthand``); ``auth:`` may also name a
+    policy itself (``auth: jwt``). A key no policy takes names none.
+    """
+    for policy in shorthand_policies(key):
+        try:
+            config = policy.expand_shorthand(value)
+        except ValueError:
+            return (policy.name, None)  # e.g. a preset's secret is unset: not active (fails closed)
+        if config is not None:
+            return (policy.name, config)
+    return (value.replace("_", "-"), {}) if key == "auth" else (None, None)
 
 
 def _compile_rewrite(template: str | None) -> tuple[tuple[bool, str], ...] | None:
@@ -82,14 +76,14 @@ def _policy_chain(
     raw.update(route.policies)
     inactive: list[str] = []
     known = registry()
-    for key, expand in SHORTHANDS.items():
+    for key in ROUTE_SHORTHANDS:
         value = getattr(route, key)
         if value is None:
             continue
-        name, cfg = expand(value)
+        name, cfg = _shorthand(key, value)
         if name in raw:
             continue  # the policy is configured by name: the shorthand adds nothing
-        if name in known and not validate_policy_config(name, cfg, ()):
+        if name in known and cfg is not None and not validate_policy_config(name, cfg, ()):
             raw[name] = cfg
         else:
             inactive.append(f"{key}: {value}")  # no such policy yet, or it needs settings (jwt: keys)

@@ -21,7 +21,9 @@ import yaml
 from pydantic import ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from apigate.config.models import ConfigIssue, GatewayConfig, semantic_issues
+from apigate.config.check import semantic_issues
+from apigate.config.issues import ConfigIssue
+from apigate.config.models import GatewayConfig
 from apigate.policies.registry import load_plugins
 
 __all__ = ["ConfigError", "load_config"]

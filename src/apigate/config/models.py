@@ -1,7 +1,8 @@
 """Typed configuration: what a YAML file may say, validated before anything runs.
 
-Cross-field checks that need more than one model (upstream names, policy names and their
-configs) live in ``semantic_issues`` so that every problem is reported with its field path.
+Checks that need more than one model or the policy registry (upstream names, route
+destinations, policy names and their configs) live in ``config/check.py``, so that this module
+depends on no policy and every problem is reported with its field path.
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from apigate.config.headernames import HEADER_NAME
 from apigate.config.units import ByteSize, Duration
+from apigate.config.validators import Strict, check_http_url
 from apigate.engine.paths import PathRefused, normalize_path
+from apigate.webhooks.config import WebhooksConfig
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 _PARAM = re.compile(r"^\{[A-Za-z_][A-Za-z0-9_]*\}$")
@@ -35,41 +37,16 @@ def _is_routable(segment: str, last: bool) -> bool:
         return False
 
 
-class Strict(BaseModel):
-    """Unknown keys are errors: a typo must not silently disable a setting."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Number = TypeVar("_Number", int, float)
 
 
-def _env_float(name: str, default: float) -> float:
+def _env_default(name: str, default: _Number) -> _Number:
+    """A default taken from the environment variable ``name`` when it holds a number of its type."""
     raw = os.environ.get(name)
     try:
-        return float(raw) if raw else default
+        return type(default)(raw) if raw else default
     except ValueError:
         return default
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    try:
-        return int(raw) if raw else default
-    except ValueError:
-        return default
-
-
-def check_http_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise ValueError("must be an http:// or https:// URL")
-    if not parts.hostname:
-        raise ValueError("must name a host, for example http://127.0.0.1:9000")
-    try:
-        parts.port  # noqa: B018 - raises ValueError on a malformed port
-    except ValueError as exc:
-        raise ValueError("has an invalid port") from exc
-    if parts.query or parts.fragment:
-        raise ValueError("must not carry a query string or fragment")
-    return url
 
 
 def _networks(value: Any) -> Any:
@@ -149,7 +126,8 @@ class PathsConfig(Strict):
 
 
 class EndpointsConfig(Strict):
-    """The built-in endpoints on the proxy listener (the seed's /health, /routes, /stats)."""
+    """The built-in endpoints on the proxy listener (/health, /routes, /stats, as routes.yaml files
+    written for the Pactown gateway expect them)."""
 
     health: str | None = "/health"
     routes: str | None = "/routes"
@@ -244,6 +222,10 @@ class ConsumerConfig(Strict):
         return value
 
 
+# The route keys that stand for a policy, in the order /routes lists those that are inactive.
+ROUTE_SHORTHANDS = ("auth", "rate_limit", "cache")
+
+
 class RouteConfig(Strict):
     name: str | None = None
     path: str
@@ -255,14 +237,15 @@ class RouteConfig(Strict):
     strip_prefix: bool = False
     rewrite: str | None = Field(default=None, description="upstream path template: {param}, {path}")
     preserve_host: bool = False
-    timeout: Duration = Field(default_factory=lambda: _env_float("DEFAULT_TIMEOUT", 30.0))
-    retries: int = Field(default_factory=lambda: _env_int("MAX_RETRIES", 2), ge=0, le=10)
+    timeout: Duration = Field(default_factory=lambda: _env_default("DEFAULT_TIMEOUT", 30.0))
+    retries: int = Field(default_factory=lambda: _env_default("MAX_RETRIES", 2), ge=0, le=10)
     max_body_size: ByteSize | None = None
     upgrades: list[str] = Field(
         default_factory=lambda: ["websocket"], description="Upgrade protocols tunneled to the upstream"
     )
     policies: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
-    # Shorthands from the seed's routes.yaml, mapped onto policies when those are available.
+    # Shorthands of routes.yaml files written for the Pactown gateway (ROUTE_SHORTHANDS): each
+    # stands for the policy that declares it, and is reported inactive while none does.
     auth: str | None = None
     rate_limit: str | None = None
     cache: str | None = None
@@ -288,9 +271,9 @@ class RouteConfig(Strict):
             raise ValueError("parameter names must be unique within a path")
         return path
 
-    @field_validator("host", mode="before")
+    @field_validator("host", "methods", mode="before")
     @classmethod
-    def _host_list(cls, value: Any) -> Any:
+    def _one_or_a_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
     @field_validator("host")
@@ -302,11 +285,6 @@ class RouteConfig(Strict):
             if not _HOST.match(host):
                 raise ValueError(f"{host!r} is not a host name or *.domain pattern")
         return [h.lower() for h in hosts]
-
-    @field_validator("methods", mode="before")
-    @classmethod
-    def _method_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
 
     @field_validator("methods")
     @classmethod
@@ -353,8 +331,6 @@ class RouteConfig(Strict):
     def _one_destination(self) -> RouteConfig:
         if self.target is not None and self.upstream is not None:
             raise ValueError("a route takes one of target or upstream, not both")
-        if self.target is None and self.upstream is None and not _answers_itself(self.policies):
-            raise ValueError("a route needs a target or an upstream (or a policy that answers itself)")
         if self.strip_prefix and not self.path.endswith("/*"):
             raise ValueError("strip_prefix applies to prefix paths ending in /*")
         if self.rewrite:
@@ -370,7 +346,7 @@ class RouteConfig(Strict):
 
 
 class GatewayConfig(Strict):
-    listen: ListenConfig = Field(default_factory=lambda: ListenConfig(port=_env_int("PORT", 8000)))
+    listen: ListenConfig = Field(default_factory=lambda: ListenConfig(port=_env_default("PORT", 8000)))
     workers: int = Field(default=1, ge=1, le=256)
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
     timeouts: TimeoutsConfig = TimeoutsConfig()
@@ -386,84 +362,8 @@ class GatewayConfig(Strict):
     )
     policies: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
-    webhooks: WebhooksConfig = Field(default_factory=lambda: WebhooksConfig())
+    webhooks: WebhooksConfig = WebhooksConfig()
 
     _strict_networks = field_validator("trusted_proxies", mode="before")(
         classmethod(lambda cls, v: _networks(v))
     )
-
-
-class ConfigIssue(BaseModel):
-    """One problem with a config, located by its field path (and line, once the loader knows it)."""
-
-    loc: tuple[str | int, ...]
-    message: str
-    line: int | None = None
-
-    def path(self) -> str:
-        out = ""
-        for part in self.loc:
-            out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-        return out or "(top level)"
-
-    def __str__(self) -> str:
-        where = f"line {self.line}: " if self.line else ""
-        return f"{where}{self.path()}: {self.message}"
-
-
-def semantic_issues(data: dict[str, Any]) -> list[ConfigIssue]:
-    """Checks that span models: upstream references, route names, policy names and configs.
-
-    Works on the raw data, so it runs even when field validation failed and a config's
-    problems are all reported at once. Values of the wrong type are left to field validation.
-    """
-    from apigate.policies.registry import validate_policy_config
-
-    issues: list[ConfigIssue] = []
-    upstreams = data.get("upstreams")
-    known_upstreams = set(upstreams) if isinstance(upstreams, dict) else set()
-    routes = data.get("routes")
-    seen_names: dict[str, int] = {}
-    for index, route in enumerate(routes if isinstance(routes, list) else []):
-        if not isinstance(route, dict):
-            continue
-        loc: tuple[str | int, ...] = ("routes", index)
-        upstream = route.get("upstream")
-        if isinstance(upstream, str) and upstream not in known_upstreams:
-            issues.append(ConfigIssue(loc=(*loc, "upstream"), message=f"no upstream named {upstream!r}"))
-        name = route.get("name")
-        if isinstance(name, str):
-            if name in seen_names:
-                issues.append(
-                    ConfigIssue(
-                        loc=(*loc, "name"),
-                        message=f"route name {name!r} is already used by routes[{seen_names[name]}]",
-                    )
-                )
-            seen_names.setdefault(name, index)
-        issues.extend(_policy_issues(route.get("policies"), (*loc, "policies"), validate_policy_config))
-    issues.extend(_policy_issues(data.get("policies"), ("policies",), validate_policy_config))
-    return issues
-
-
-def _answers_itself(policies: Any) -> bool:
-    from apigate.policies.registry import registry
-
-    known = registry()
-    return isinstance(policies, dict) and any(name in known and known[name].terminal for name in policies)
-
-
-def _policy_issues(policies: Any, loc: tuple[str | int, ...], validate: Any) -> list[ConfigIssue]:
-    if not isinstance(policies, dict):
-        return []
-    issues: list[ConfigIssue] = []
-    for name, raw in policies.items():
-        if raw is None or isinstance(raw, dict):
-            issues.extend(validate(str(name), raw, (*loc, name)))
-    return issues
-
-
-# -- webhooks: its models build on the ones above, so the section is bound once they exist --------
-from apigate.webhooks.config import WebhooksConfig  # noqa: E402
-
-GatewayConfig.model_rebuild()

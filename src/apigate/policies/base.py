@@ -49,6 +49,9 @@ class Policy:
     """Shared services the policy uses, e.g. {"consumers"}; the gateway starts them before serving."""
     terminal: ClassVar[bool] = False
     """The policy always answers itself (a token endpoint, a webhook intake): its route needs no upstream."""
+    shorthand: ClassVar[str | None] = None
+    """The route key this policy also answers to (``rate_limit: 100/min``, ``auth: stripe_signature``,
+    see ``ROUTE_SHORTHANDS``); ``expand_shorthand`` turns the key's value into the policy's config."""
     body_limit: ClassVar[int] = 1 << 20
     """Largest request body ``on_body`` accepts; the route's ``max_body_size`` may lower it."""
     reads_body = True
@@ -57,6 +60,13 @@ class Policy:
     def __init__(self, config: Any, services: Services | None = None) -> None:
         self.config = config
         self.services = services
+
+    @classmethod
+    def expand_shorthand(cls, value: str) -> dict[str, Any] | None:
+        """This policy's raw config for the route's ``shorthand: value``; None when ``value`` is not
+        for this policy. A ValueError means it is, but cannot be honoured (a secret is unset, say):
+        the shorthand is then reported inactive."""
+        return None
 
     def on_request(self, exchange: Exchange) -> Reply | Awaitable[Reply | None] | None:
         return None

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from apigate.config.models import ConfigIssue
+from apigate.config.issues import ConfigIssue
 from apigate.policies.base import Policy
 
 if TYPE_CHECKING:
@@ -50,6 +50,11 @@ def registry() -> dict[str, type[Policy]]:
         for module in BUILTIN:
             importlib.import_module(module)
     return _registry
+
+
+def shorthand_policies(key: str) -> list[type[Policy]]:
+    """The policies that declare the route key ``key`` (``auth``, ``rate_limit``...) as their shorthand."""
+    return [cls for _, cls in sorted(registry().items()) if cls.shorthand == key]
 
 
 def load_plugins(modules: list[Any]) -> list[ConfigIssue]:

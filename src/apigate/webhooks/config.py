@@ -37,8 +37,6 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Discriminator,
     Field,
     SecretStr,
@@ -48,6 +46,7 @@ from pydantic import (
 )
 
 from apigate.config.units import ByteSize, Duration
+from apigate.config.validators import Strict, check_http_url
 from apigate.webhooks.pollers.config import PollConfig
 from apigate.webhooks.verify.schemes import SchemeConfig
 
@@ -58,12 +57,10 @@ _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour
 _RATE_PERIOD = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
 _RATE_PERIOD |= {"h": 3600.0, "hour": 3600.0}
 
-
-class Strict(BaseModel):
-    """As the rest of the config: unknown keys are errors. (Not imported from config.models, which
-    imports this module to bind the section.)"""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+# The fields every Redis stream entry has (see destinations/redis_streams.py); no header may take one.
+ENTRY_FIELDS = frozenset(
+    {"webhook-id", "webhook-timestamp", "webhook-signature", "source", "type", "attempt", "body"}
+)
 
 
 def _check_name(name: str, what: str) -> str:
@@ -115,8 +112,6 @@ class HttpDestinationConfig(DeliveryLimits):
     @field_validator("url")
     @classmethod
     def _check_url(cls, url: str) -> str:
-        from apigate.config.models import check_http_url
-
         return check_http_url(url)
 
 
@@ -143,8 +138,6 @@ class RedisStreamDestinationConfig(DeliveryLimits):
     @field_validator("headers")
     @classmethod
     def _check_headers(cls, names: list[str]) -> list[str]:
-        from apigate.webhooks.destinations.redis_streams import ENTRY_FIELDS
-
         lowered = [name.lower() for name in names]
         for name in lowered:
             if name in ENTRY_FIELDS:

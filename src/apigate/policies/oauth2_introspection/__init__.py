@@ -37,8 +37,8 @@ import orjson
 from pydantic import Field, SecretStr, field_validator
 
 from apigate.config.headernames import check_header_name
-from apigate.config.models import check_http_url
 from apigate.config.units import ByteSize, Duration
+from apigate.config.validators import check_http_url
 from apigate.engine.replies import Reply
 from apigate.outbound import HttpClient, OutboundError, default_tls_context
 from apigate.policies.authconfig import AuthConfig

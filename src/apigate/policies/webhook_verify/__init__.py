@@ -1,21 +1,23 @@
 """The `webhook-verify` policy: check a webhook's signature on a route that passes it through.
 
-For the seed's routes (``/webhooks/stripe`` with ``auth: stripe_signature`` and a ``target``): the
-request is verified on its exact raw bytes with one of the webhook presets, then proxied to the
-route's target, whose answer goes back to the provider. The provider retries what the handler
-did not take, so nothing is acknowledged that was not handled; for events kept durably and
-delivered with retries by the gateway itself, declare a source under ``webhooks:`` instead.
+For routes.yaml files written for the Pactown gateway (``/webhooks/stripe`` with
+``auth: stripe_signature`` and a ``target``): the request is verified on its exact raw bytes with
+one of the webhook presets, then proxied to the route's target, whose answer goes back to the
+provider. The provider retries what the handler did not take, so nothing is acknowledged that
+was not handled; for events kept durably and delivered with retries by the gateway itself,
+declare a source under ``webhooks:`` instead.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.registry import register
 from apigate.webhooks.requests import verdict_reply, webhook_request
-from apigate.webhooks.verify import SchemeConfig, build_verifier
+from apigate.webhooks.verify import SchemeConfig, build_verifier, shorthand_scheme
 
 if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
@@ -32,6 +34,13 @@ class WebhookVerify(Policy):
     name: ClassVar[str] = "webhook-verify"
     order: ClassVar[int] = 1000  # with the other authentication policies
     Config: ClassVar[type[PolicyConfig]] = WebhookVerifyConfig
+    shorthand: ClassVar[str | None] = "auth"  # auth: stripe_signature, hmac_sha256, webhook_secret
+
+    @classmethod
+    def expand_shorthand(cls, value: str) -> dict[str, Any] | None:
+        """The preset ``value`` names, its secret read from the environment (ValueError when unset)."""
+        scheme = shorthand_scheme(value, os.environ)
+        return None if scheme is None else {"verify": scheme.model_dump()}
 
     def __init__(self, config: WebhookVerifyConfig, services: Services | None = None) -> None:
         super().__init__(config, services)

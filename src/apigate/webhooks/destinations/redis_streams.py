@@ -30,9 +30,6 @@ from apigate.webhooks.destinations import Destination, Message, Result
 
 log = logging.getLogger("apigate.webhooks")
 
-ENTRY_FIELDS = frozenset(
-    {"webhook-id", "webhook-timestamp", "webhook-signature", "source", "type", "attempt", "body"}
-)
 # The gateway's own delivery headers, and the entry field each one becomes.
 _GATEWAY_HEADERS = {
     b"webhook-id": b"webhook-id",

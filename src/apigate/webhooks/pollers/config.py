@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from apigate.config.units import Duration
+from apigate.config.validators import check_http_url
 
 _EVENT_TYPE = re.compile(r"^[A-Z][A-Z0-9_]{0,99}$")
 
@@ -51,8 +52,6 @@ class AllegroPollConfig(BaseModel):
     @field_validator("api_url", "token_url")
     @classmethod
     def _check_url(cls, url: str) -> str:
-        from apigate.config.models import check_http_url
-
         return check_http_url(url.rstrip("/"))
 
     @field_validator("event_types")

@@ -1,0 +1,76 @@
+"""Checks that span models: upstream references, route names, destinations, policy names and configs.
+
+They work on the raw data, so they run even when field validation failed and a config's problems
+are all reported at once. Values of the wrong type are left to field validation. The policy
+registry is asked here, never by the models, so ``config.models`` depends on no policy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from apigate.config.issues import ConfigIssue
+from apigate.config.models import RouteConfig
+from apigate.policies.registry import registry, validate_policy_config
+
+
+def semantic_issues(data: dict[str, Any]) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    upstreams = data.get("upstreams")
+    known_upstreams = set(upstreams) if isinstance(upstreams, dict) else set()
+    routes = data.get("routes")
+    seen_names: dict[str, int] = {}
+    for index, route in enumerate(routes if isinstance(routes, list) else []):
+        if not isinstance(route, dict):
+            continue
+        loc: tuple[str | int, ...] = ("routes", index)
+        upstream = route.get("upstream")
+        if isinstance(upstream, str) and upstream not in known_upstreams:
+            issues.append(ConfigIssue(loc=(*loc, "upstream"), message=f"no upstream named {upstream!r}"))
+        if _lacks_destination(route):
+            issues.append(
+                ConfigIssue(
+                    loc=loc, message="a route needs a target or an upstream (or a policy that answers itself)"
+                )
+            )
+        name = route.get("name")
+        if isinstance(name, str):
+            if name in seen_names:
+                issues.append(
+                    ConfigIssue(
+                        loc=(*loc, "name"),
+                        message=f"route name {name!r} is already used by routes[{seen_names[name]}]",
+                    )
+                )
+            seen_names.setdefault(name, index)
+        issues.extend(_policy_issues(route.get("policies"), (*loc, "policies")))
+    issues.extend(_policy_issues(data.get("policies"), ("policies",)))
+    return issues
+
+
+def _lacks_destination(route: dict[Any, Any]) -> bool:
+    """No target, no upstream and no policy that answers itself, on a route whose own fields are
+    valid (a route with field errors is reported for those alone)."""
+    if route.get("target") is not None or route.get("upstream") is not None:
+        return False
+    known = registry()
+    policies = route.get("policies")
+    if isinstance(policies, dict) and any(name in known and known[name].terminal for name in policies):
+        return False
+    try:
+        RouteConfig.model_validate(route)
+    except ValidationError:
+        return False
+    return True
+
+
+def _policy_issues(policies: Any, loc: tuple[str | int, ...]) -> list[ConfigIssue]:
+    if not isinstance(policies, dict):
+        return []
+    issues: list[ConfigIssue] = []
+    for name, raw in policies.items():
+        if raw is None or isinstance(raw, dict):
+            issues.extend(validate_policy_config(str(name), raw, (*loc, name)))
+    return issues

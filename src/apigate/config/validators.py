@@ -1,0 +1,30 @@
+"""Building blocks every config model shares: the strict base model and the checks of common
+values. A leaf (it imports nothing of apigate), so that the config sections kept beside their
+features (webhooks, pollers, policies) use them without importing ``config.models``."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo must not silently disable a setting."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def check_http_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must be an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError("must name a host, for example http://127.0.0.1:9000")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as exc:
+        raise ValueError("has an invalid port") from exc
+    if parts.query or parts.fragment:
+        raise ValueError("must not carry a query string or fragment")
+    return url
