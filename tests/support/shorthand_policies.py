@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from apigate.engine.exchange import Exchange, Reply, json_reply
+from apigate.engine.exchange import Exchange
+from apigate.engine.replies import Reply, json_reply
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.registry import register
 
