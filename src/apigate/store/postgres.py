@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 
@@ -43,6 +44,10 @@ class PostgresStore(Store):
         if self._pool is None:
             raise RuntimeError("the PostgreSQL store is not open")
         return self._pool
+
+    async def _select_rows(self, columns: str, table: str, column: str, value: str | None) -> list[Any]:
+        sql, args = rows.select_rows(columns, table, column, value, "$1")
+        return list(await self._db.fetch(sql, *args))
 
     @staticmethod
     async def _record_change(conn: asyncpg.Connection, entity: str, entity_id: str) -> None:
@@ -87,12 +92,7 @@ class PostgresStore(Store):
         return None if row is None else rows.consumer_from_row(row)
 
     async def list_consumers(self, tenant: str | None = None) -> list[Consumer]:
-        if tenant is None:
-            found = await self._db.fetch(f"SELECT {rows.CONSUMER_COLUMNS} FROM consumers ORDER BY id")
-        else:
-            found = await self._db.fetch(
-                f"SELECT {rows.CONSUMER_COLUMNS} FROM consumers WHERE tenant = $1 ORDER BY id", tenant
-            )
+        found = await self._select_rows(rows.CONSUMER_COLUMNS, "consumers", "tenant", tenant)
         return [rows.consumer_from_row(row) for row in found]
 
     async def delete_consumer(self, consumer_id: str) -> bool:
@@ -141,12 +141,7 @@ class PostgresStore(Store):
         return None if row is None else rows.key_from_row(row)
 
     async def list_keys(self, consumer_id: str | None = None) -> list[ApiKey]:
-        if consumer_id is None:
-            found = await self._db.fetch(f"SELECT {rows.KEY_COLUMNS} FROM api_keys ORDER BY id")
-        else:
-            found = await self._db.fetch(
-                f"SELECT {rows.KEY_COLUMNS} FROM api_keys WHERE consumer_id = $1 ORDER BY id", consumer_id
-            )
+        found = await self._select_rows(rows.KEY_COLUMNS, "api_keys", "consumer_id", consumer_id)
         return [rows.key_from_row(row) for row in found]
 
     # -- revoked tokens (jti denylist) ------------------------------------------------------------------
@@ -179,11 +174,7 @@ class PostgresStore(Store):
             raise
 
     async def list_credentials(self, consumer_id: str | None = None) -> list[Credential]:
-        query = f"SELECT {rows.CREDENTIAL_COLUMNS} FROM credentials"
-        if consumer_id is None:
-            found = await self._db.fetch(query + " ORDER BY id")
-        else:
-            found = await self._db.fetch(query + " WHERE consumer_id = $1 ORDER BY id", consumer_id)
+        found = await self._select_rows(rows.CREDENTIAL_COLUMNS, "credentials", "consumer_id", consumer_id)
         return [rows.credential_from_row(row) for row in found]
 
     async def delete_credential(self, credential_id: str) -> bool:

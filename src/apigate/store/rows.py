@@ -36,6 +36,16 @@ def _optional_float(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
+def select_rows(
+    columns: str, table: str, column: str, value: str | None, param: str
+) -> tuple[str, tuple[Any, ...]]:
+    """SELECT of a table's rows whose ``column`` equals ``value`` (all rows when it is None), by id;
+    ``param`` spells the parameter."""
+    if value is None:
+        return f"SELECT {columns} FROM {table} ORDER BY id", ()
+    return f"SELECT {columns} FROM {table} WHERE {column} = {param} ORDER BY id", (value,)
+
+
 # -- consumers and API keys --------------------------------------------------------------------------
 CONSUMER_COLUMNS = "id, tenant, groups, metadata, disabled, created_at"
 KEY_COLUMNS = (

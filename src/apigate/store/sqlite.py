@@ -74,6 +74,10 @@ class SqliteStore(Store):
 
         return await self._run(transaction)
 
+    async def _select_rows(self, columns: str, table: str, column: str, value: str | None) -> list[Any]:
+        sql, args = rows.select_rows(columns, table, column, value, "?")
+        return await self._run(lambda conn: conn.execute(sql, args).fetchall())
+
     @staticmethod
     def _record_change(conn: sqlite3.Connection, entity: str, entity_id: str) -> None:
         conn.execute(
@@ -160,16 +164,8 @@ class SqliteStore(Store):
         return await self._run(job)
 
     async def list_consumers(self, tenant: str | None = None) -> list[Consumer]:
-        def job(conn: sqlite3.Connection) -> list[Consumer]:
-            if tenant is None:
-                found = conn.execute(f"SELECT {rows.CONSUMER_COLUMNS} FROM consumers ORDER BY id").fetchall()
-            else:
-                found = conn.execute(
-                    f"SELECT {rows.CONSUMER_COLUMNS} FROM consumers WHERE tenant = ? ORDER BY id", (tenant,)
-                ).fetchall()
-            return [rows.consumer_from_row(row) for row in found]
-
-        return await self._run(job)
+        found = await self._select_rows(rows.CONSUMER_COLUMNS, "consumers", "tenant", tenant)
+        return [rows.consumer_from_row(row) for row in found]
 
     async def delete_consumer(self, consumer_id: str) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
@@ -226,17 +222,8 @@ class SqliteStore(Store):
         return await self._run(job)
 
     async def list_keys(self, consumer_id: str | None = None) -> list[ApiKey]:
-        def job(conn: sqlite3.Connection) -> list[ApiKey]:
-            if consumer_id is None:
-                found = conn.execute(f"SELECT {rows.KEY_COLUMNS} FROM api_keys ORDER BY id").fetchall()
-            else:
-                found = conn.execute(
-                    f"SELECT {rows.KEY_COLUMNS} FROM api_keys WHERE consumer_id = ? ORDER BY id",
-                    (consumer_id,),
-                ).fetchall()
-            return [rows.key_from_row(row) for row in found]
-
-        return await self._run(job)
+        found = await self._select_rows(rows.KEY_COLUMNS, "api_keys", "consumer_id", consumer_id)
+        return [rows.key_from_row(row) for row in found]
 
     # -- revoked tokens (jti denylist) ------------------------------------------------------------------
     async def revoke_token(self, token: RevokedToken) -> None:
@@ -281,15 +268,8 @@ class SqliteStore(Store):
         await self._write(job)
 
     async def list_credentials(self, consumer_id: str | None = None) -> list[Credential]:
-        def job(conn: sqlite3.Connection) -> list[Credential]:
-            query = f"SELECT {rows.CREDENTIAL_COLUMNS} FROM credentials"
-            if consumer_id is None:
-                found = conn.execute(query + " ORDER BY id").fetchall()
-            else:
-                found = conn.execute(query + " WHERE consumer_id = ? ORDER BY id", (consumer_id,)).fetchall()
-            return [rows.credential_from_row(row) for row in found]
-
-        return await self._run(job)
+        found = await self._select_rows(rows.CREDENTIAL_COLUMNS, "credentials", "consumer_id", consumer_id)
+        return [rows.credential_from_row(row) for row in found]
 
     async def delete_credential(self, credential_id: str) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
