@@ -22,7 +22,7 @@ from apigate.consumers.passwords import hash_password, parse_hash, verify_passwo
 from apigate.consumers.registry import Login
 from apigate.engine.replies import Reply
 from apigate.policies.registry import build_policy, validate_policy_config
-from apigate.store.base import Consumer
+from apigate.store.roles.consumers import Consumer
 from tests.support.errors_helpers import Response, request, wait_until
 from tests.support.gateway import GatewayProcess
 from tests.support.proxy_http import find_request, running_gateway, running_upstream

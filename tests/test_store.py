@@ -18,9 +18,10 @@ import asyncpg
 import pytest
 
 from apigate.store import ApiKey, Consumer, Store, open_store
-from apigate.store.base import Credential, RevokedToken
 from apigate.store.migrations import MIGRATIONS
 from apigate.store.postgres import PostgresStore
+from apigate.store.roles.credentials import Credential
+from apigate.store.roles.tokens import RevokedToken
 from apigate.store.sqlite import SqliteStore
 from tests.support.pg import fresh_database
 

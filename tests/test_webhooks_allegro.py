@@ -17,8 +17,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from apigate.store import open_store
-from apigate.store.base import Store, WebhookEventQuery
+from apigate.store import Store, open_store
+from apigate.store.roles.webhooks import WebhookEventQuery
 from apigate.webhooks.pollers import PolledEvent
 from apigate.webhooks.pollers.allegro import REFRESH_MARGIN, AllegroPoller
 from apigate.webhooks.pollers.config import AllegroPollConfig

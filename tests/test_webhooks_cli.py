@@ -16,7 +16,7 @@ import orjson
 from standardwebhooks.webhooks import Webhook
 
 from apigate.store import open_store
-from apigate.store.base import DeliveryOutcome, NewWebhookEvent
+from apigate.store.roles.webhooks import DeliveryOutcome, NewWebhookEvent
 from apigate.webhooks import cli
 from apigate.webhooks.signing import SECRET_SETTING
 from tests.support.cli import apigate_json

@@ -11,7 +11,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from apigate.store import open_store
-from apigate.store.base import WebhookEventDetail
+from apigate.store.roles.webhooks import WebhookEventDetail
 from tests.support.cli import seconds_until
 from tests.support.gateway import GatewayProcess
 from tests.support.webhook_handler import WebhookHandler

@@ -14,7 +14,7 @@ import redis
 from standardwebhooks.webhooks import Webhook
 
 from apigate.store import open_store
-from apigate.store.base import DeliveryClaim
+from apigate.store.roles.webhooks import DeliveryClaim
 from apigate.webhooks.config import RedisStreamDestinationConfig
 from apigate.webhooks.delivery import delivery_message
 from apigate.webhooks.destinations import Message, Result

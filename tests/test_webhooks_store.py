@@ -17,14 +17,14 @@ import pytest
 
 from apigate.outbound import HttpClient
 from apigate.store import Store, open_store
-from apigate.store.base import DeliveryOutcome, NewWebhookEvent, WebhookEventQuery
+from apigate.store.groupcommit import GroupCommit
 from apigate.store.postgres import PostgresStore
+from apigate.store.roles.webhooks import DeliveryOutcome, NewWebhookEvent, WebhookEventQuery
 from apigate.store.sqlite import SqliteStore
 from apigate.webhooks import delivery
 from apigate.webhooks.config import HttpDestinationConfig, RetryConfig
 from apigate.webhooks.delivery import DeliveryWorker, Lane
 from apigate.webhooks.destinations.http import HttpDestination, retry_after
-from apigate.webhooks.groupcommit import GroupCommit
 from apigate.webhooks.runtime import kept_headers
 from apigate.webhooks.signing import Signer, new_secret
 from tests.support.cli import apigate_json

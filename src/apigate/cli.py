@@ -20,7 +20,8 @@ from apigate import __version__
 if TYPE_CHECKING:
     from apigate.config.models import GatewayConfig
     from apigate.consumers.service import ConsumerService
-    from apigate.store.base import ApiKey, Consumer, RevokedToken
+    from apigate.store.roles.consumers import ApiKey, Consumer
+    from apigate.store.roles.tokens import RevokedToken
 
 
 def _config_path(given: str | None) -> Path | None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Final
 
 from apigate.consumers.windows import Schedule
-from apigate.store.base import ApiKey, Consumer
+from apigate.store.roles.consumers import ApiKey, Consumer
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Presented keys longer than this are refused without hashing (generated keys are 35 chars).

@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - other interpreters and versions
     from hashlib import sha256 as _sha256
 
 if TYPE_CHECKING:
-    from apigate.store.base import Store
+    from apigate.store.roles.settings import SettingStore
 
 KEY_PREFIX = "ak_"
 KEY_RANDOM_CHARS = 32
@@ -93,7 +93,7 @@ def hash_key(secret: bytes, key: str | bytes) -> str:
     return hmac.new(secret, key.encode() if isinstance(key, str) else key, hashlib.sha256).hexdigest()
 
 
-async def load_key_secret(store: Store) -> bytes:
+async def load_key_secret(store: SettingStore) -> bytes:
     """``$APIGATE_KEY_SECRET``, else the store's ``key_hash_secret`` (created by the first caller)."""
     from_env = os.environ.get(SECRET_ENV)
     if from_env:

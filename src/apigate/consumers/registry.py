@@ -23,19 +23,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from apigate.consumers.keyindex import KeyIndex, KeyMatch
 from apigate.consumers.keys import KeyHasher, display_prefix, load_key_secret
 from apigate.consumers.passwords import PasswordHash, parse_hash
-from apigate.consumers.service import CHANGES_CHANNEL, REVOKED_TOKEN_GRACE
-from apigate.store.base import ApiKey, Consumer
+from apigate.consumers.service import CHANGES_CHANNEL, REVOKED_TOKEN_GRACE, ConsumerRecords
+from apigate.store.roles.changes import ChangeFeed
+from apigate.store.roles.consumers import ApiKey, Consumer
 
 if TYPE_CHECKING:
     from apigate.config.models import ConsumerConfig, GatewayConfig
     from apigate.state import StateBackend, Subscription
     from apigate.state.base import Message
-    from apigate.store.base import Credential, RevokedToken, Store
+    from apigate.store.roles.credentials import Credential
+    from apigate.store.roles.tokens import RevokedToken
 
 log = logging.getLogger("apigate.consumers")
 
@@ -47,6 +49,10 @@ FAILURE_LOG_EVERY = 60.0
 NOTIFIED_POLL_INTERVAL = 5.0
 
 
+class RegistrySource(ConsumerRecords, ChangeFeed, Protocol):
+    """The consumer records, and the change feed that says when to read them again."""
+
+
 class Login(NamedTuple):
     """A credential to verify a secret against, and the consumer it identifies."""
 
@@ -56,7 +62,9 @@ class Login(NamedTuple):
 
 
 class ConsumerRegistry:
-    def __init__(self, store: Store, config: GatewayConfig, state: StateBackend | None = None) -> None:
+    def __init__(
+        self, store: RegistrySource, config: GatewayConfig, state: StateBackend | None = None
+    ) -> None:
         self.store = store
         self.state = state
         self.config = config

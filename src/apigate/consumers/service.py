@@ -16,17 +16,19 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from apigate.consumers.keys import KeyHasher, display_prefix, generate_key, generate_key_id, load_key_secret
 from apigate.consumers.passwords import hash_password
 from apigate.consumers.windows import WindowError, check_windows
 from apigate.state import StateUnavailable
-from apigate.store.base import ApiKey, Consumer, Credential, RevokedToken
+from apigate.store.roles.consumers import ApiKey, Consumer, ConsumerStore
+from apigate.store.roles.credentials import Credential, CredentialStore
+from apigate.store.roles.settings import SettingStore
+from apigate.store.roles.tokens import RevokedToken, RevokedTokenStore
 
 if TYPE_CHECKING:
     from apigate.state import StateBackend
-    from apigate.store.base import Store
 
 log = logging.getLogger("apigate.consumers")
 
@@ -218,9 +220,19 @@ def credential_dict(credential: Credential) -> dict[str, Any]:
 
 
 # -- operations --------------------------------------------------------------------------------------
-class ConsumerService:
+class ConsumerRecords(ConsumerStore, CredentialStore, RevokedTokenStore, SettingStore, Protocol):
+    """What consumers are made of in the store; the key-hash secret is a setting."""
+
+
+StoreT = TypeVar("StoreT", bound=ConsumerRecords)
+
+
+class ConsumerService(Generic[StoreT]):
+    """The operations behind the CLI on the store it was given; the store keeps its own type, so a
+    command that opened the whole store reaches its other roles through ``service.store``."""
+
     def __init__(
-        self, store: Store, clock: Callable[[], float] = time.time, state: StateBackend | None = None
+        self, store: StoreT, clock: Callable[[], float] = time.time, state: StateBackend | None = None
     ) -> None:
         self.store = store
         self.clock = clock

@@ -1,8 +1,23 @@
-"""Durable entities (consumers, API keys, settings) behind one async interface; see base.py."""
+"""The store: entities that must survive restarts, behind small async interfaces, one per role.
+
+Each role (``roles/``) is the type its users depend on: consumers and keys, credentials, revoked
+tokens, settings, the change feed, webhooks, leases. Two backends implement every role: SQLite in
+WAL mode (embedded, the default) and PostgreSQL (a cluster of gateways on several machines).
+``Store`` is all of them together with opening and closing; ``open_store`` returns one such
+object, so a process holds one connection (SQLite) or one pool (PostgreSQL) for every role.
+"""
 
 from __future__ import annotations
 
-from apigate.store.base import ApiKey, Consumer, Store
+from typing import Protocol
+
+from apigate.store.roles.changes import ChangeFeed
+from apigate.store.roles.consumers import ApiKey, Consumer, ConsumerStore
+from apigate.store.roles.credentials import CredentialStore
+from apigate.store.roles.leases import LeaseStore
+from apigate.store.roles.settings import SettingStore
+from apigate.store.roles.tokens import RevokedTokenStore
+from apigate.store.roles.webhooks import WebhookStore
 
 __all__ = ["ApiKey", "Consumer", "Store", "open_store"]
 
@@ -10,6 +25,24 @@ ACCEPTED_URLS = (
     "sqlite:///relative/path.db, sqlite:////absolute/path.db, "
     "postgresql://user@host:port/dbname (or postgres://...)"
 )
+
+
+class Store(
+    ChangeFeed,
+    ConsumerStore,
+    CredentialStore,
+    RevokedTokenStore,
+    SettingStore,
+    WebhookStore,
+    LeaseStore,
+    Protocol,
+):
+    """Every role of one backend; the process that opens it closes it."""
+
+    async def open(self) -> None:
+        """Connect and apply schema migrations (versioned, idempotent)."""
+
+    async def close(self) -> None: ...
 
 
 def open_store(url: str) -> Store:

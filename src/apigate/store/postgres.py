@@ -4,55 +4,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 
-from apigate.store.base import (
-    ApiKey,
-    Consumer,
-    Credential,
+from apigate.store import Store, rows
+from apigate.store.migrations import migrate_postgres
+from apigate.store.roles.consumers import ApiKey, Consumer
+from apigate.store.roles.credentials import Credential
+from apigate.store.roles.tokens import RevokedToken
+from apigate.store.roles.webhooks import (
     DeliveryClaim,
     DeliveryOutcome,
     NewWebhookEvent,
-    RevokedToken,
-    Store,
-    WebhookAttempt,
-    WebhookDelivery,
     WebhookDestinationState,
     WebhookEventDetail,
     WebhookEventQuery,
     WebhookEventSummary,
-)
-from apigate.store.migrations import (
-    CONSUMER_COLUMNS,
-    CREDENTIAL_COLUMNS,
-    CREDENTIAL_UPSERT,
-    DESTINATION_DISABLED,
-    DESTINATION_HEALTH_UPSERT,
-    DISABLE_FAILING_DESTINATION,
-    DUPLICATE_HASH_MESSAGE,
-    ENABLE_DESTINATION,
-    KEY_COLUMNS,
-    RESUME_DESTINATION_DELIVERIES,
-    REVOKED_TOKEN_COLUMNS,
-    REVOKED_TOKEN_UPSERT,
-    USERNAME_TAKEN_MESSAGE,
-    WEBHOOK_DESTINATIONS_SELECT,
-    consumer_from_row,
-    consumer_to_row,
-    credential_from_row,
-    credential_to_row,
-    decode_headers,
-    destination_health_rows,
-    destination_state_from_row,
-    encode_headers,
-    key_from_row,
-    key_to_row,
-    migrate_postgres,
-    revoked_token_from_row,
-    revoked_token_to_row,
-    webhook_event_select,
-    webhook_summary_from_row,
 )
 
 # Serialises the final step of every write (take a change id, commit). Without it a bigserial id
@@ -76,6 +44,10 @@ class PostgresStore(Store):
         if self._pool is None:
             raise RuntimeError("the PostgreSQL store is not open")
         return self._pool
+
+    async def _select_rows(self, columns: str, table: str, column: str, value: str | None) -> list[Any]:
+        sql, args = rows.select_rows(columns, table, column, value, "$1")
+        return list(await self._db.fetch(sql, *args))
 
     @staticmethod
     async def _record_change(conn: asyncpg.Connection, entity: str, entity_id: str) -> None:
@@ -105,26 +77,23 @@ class PostgresStore(Store):
     async def upsert_consumer(self, consumer: Consumer) -> None:
         async with self._db.acquire() as conn, conn.transaction():
             await conn.execute(
-                f"INSERT INTO consumers ({CONSUMER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6) "
+                f"INSERT INTO consumers ({rows.CONSUMER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6) "
                 "ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, groups = excluded.groups, "
                 "metadata = excluded.metadata, disabled = excluded.disabled, "
                 "created_at = excluded.created_at",
-                *consumer_to_row(consumer),
+                *rows.consumer_to_row(consumer),
             )
             await self._record_change(conn, "consumer", consumer.id)
 
     async def get_consumer(self, consumer_id: str) -> Consumer | None:
-        row = await self._db.fetchrow(f"SELECT {CONSUMER_COLUMNS} FROM consumers WHERE id = $1", consumer_id)
-        return None if row is None else consumer_from_row(row)
+        row = await self._db.fetchrow(
+            f"SELECT {rows.CONSUMER_COLUMNS} FROM consumers WHERE id = $1", consumer_id
+        )
+        return None if row is None else rows.consumer_from_row(row)
 
     async def list_consumers(self, tenant: str | None = None) -> list[Consumer]:
-        if tenant is None:
-            rows = await self._db.fetch(f"SELECT {CONSUMER_COLUMNS} FROM consumers ORDER BY id")
-        else:
-            rows = await self._db.fetch(
-                f"SELECT {CONSUMER_COLUMNS} FROM consumers WHERE tenant = $1 ORDER BY id", tenant
-            )
-        return [consumer_from_row(row) for row in rows]
+        found = await self._select_rows(rows.CONSUMER_COLUMNS, "consumers", "tenant", tenant)
+        return [rows.consumer_from_row(row) for row in found]
 
     async def delete_consumer(self, consumer_id: str) -> bool:
         async with self._db.acquire() as conn, conn.transaction():
@@ -135,18 +104,18 @@ class PostgresStore(Store):
 
     # -- API keys -------------------------------------------------------------------------------
     async def add_key(self, key: ApiKey) -> None:
-        row = key_to_row(key)
+        row = rows.key_to_row(key)
         try:
             async with self._db.acquire() as conn, conn.transaction():
                 await conn.execute(
-                    f"INSERT INTO api_keys ({KEY_COLUMNS}) "
+                    f"INSERT INTO api_keys ({rows.KEY_COLUMNS}) "
                     "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                     *row,
                 )
                 await self._record_change(conn, "api_key", key.id)
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "api_keys_hash_unique":
-                raise ValueError(DUPLICATE_HASH_MESSAGE) from exc
+                raise ValueError(rows.DUPLICATE_HASH_MESSAGE) from exc
             raise
 
     async def update_key(self, key: ApiKey) -> None:
@@ -155,7 +124,7 @@ class PostgresStore(Store):
         id, consumer_id, hash, prefix, created_at and rotated_from are fixed at creation and
         ignored here. Raises KeyError if no key has this id.
         """
-        row = key_to_row(key)
+        row = rows.key_to_row(key)
         async with self._db.acquire() as conn, conn.transaction():
             found = await conn.fetchval(
                 "UPDATE api_keys SET scopes = $1, allowed_cidrs = $2, time_windows = $3, "
@@ -168,29 +137,24 @@ class PostgresStore(Store):
             await self._record_change(conn, "api_key", key.id)
 
     async def get_key(self, key_id: str) -> ApiKey | None:
-        row = await self._db.fetchrow(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1", key_id)
-        return None if row is None else key_from_row(row)
+        row = await self._db.fetchrow(f"SELECT {rows.KEY_COLUMNS} FROM api_keys WHERE id = $1", key_id)
+        return None if row is None else rows.key_from_row(row)
 
     async def list_keys(self, consumer_id: str | None = None) -> list[ApiKey]:
-        if consumer_id is None:
-            rows = await self._db.fetch(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY id")
-        else:
-            rows = await self._db.fetch(
-                f"SELECT {KEY_COLUMNS} FROM api_keys WHERE consumer_id = $1 ORDER BY id", consumer_id
-            )
-        return [key_from_row(row) for row in rows]
+        found = await self._select_rows(rows.KEY_COLUMNS, "api_keys", "consumer_id", consumer_id)
+        return [rows.key_from_row(row) for row in found]
 
     # -- revoked tokens (jti denylist) ------------------------------------------------------------------
     async def revoke_token(self, token: RevokedToken) -> None:
         async with self._db.acquire() as conn, conn.transaction():
             await conn.execute(
-                REVOKED_TOKEN_UPSERT.format("$1", "$2", "$3", "$4"), *revoked_token_to_row(token)
+                rows.REVOKED_TOKEN_UPSERT.format("$1", "$2", "$3", "$4"), *rows.revoked_token_to_row(token)
             )
             await self._record_change(conn, "revoked_token", token.jti)
 
     async def list_revoked_tokens(self) -> list[RevokedToken]:
-        rows = await self._db.fetch(f"SELECT {REVOKED_TOKEN_COLUMNS} FROM revoked_tokens ORDER BY jti")
-        return [revoked_token_from_row(row) for row in rows]
+        found = await self._db.fetch(f"SELECT {rows.REVOKED_TOKEN_COLUMNS} FROM revoked_tokens ORDER BY jti")
+        return [rows.revoked_token_from_row(row) for row in found]
 
     async def purge_revoked_tokens(self, expired_before: float) -> int:
         status = await self._db.execute("DELETE FROM revoked_tokens WHERE expires_at < $1", expired_before)
@@ -198,24 +162,20 @@ class PostgresStore(Store):
 
     # -- credentials ------------------------------------------------------------------------------------
     async def set_credential(self, credential: Credential) -> None:
-        upsert = CREDENTIAL_UPSERT.format("$1", "$2", "$3", "$4", "$5", "$6", "$7") + " RETURNING TRUE"
+        upsert = rows.CREDENTIAL_UPSERT.format("$1", "$2", "$3", "$4", "$5", "$6", "$7") + " RETURNING TRUE"
         try:
             async with self._db.acquire() as conn, conn.transaction():
-                if not await conn.fetchval(upsert, *credential_to_row(credential)):
-                    raise ValueError(USERNAME_TAKEN_MESSAGE)
+                if not await conn.fetchval(upsert, *rows.credential_to_row(credential)):
+                    raise ValueError(rows.USERNAME_TAKEN_MESSAGE)
                 await self._record_change(conn, "credential", credential.id)
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "credentials_username_key":
-                raise ValueError(USERNAME_TAKEN_MESSAGE) from exc
+                raise ValueError(rows.USERNAME_TAKEN_MESSAGE) from exc
             raise
 
     async def list_credentials(self, consumer_id: str | None = None) -> list[Credential]:
-        query = f"SELECT {CREDENTIAL_COLUMNS} FROM credentials"
-        if consumer_id is None:
-            rows = await self._db.fetch(query + " ORDER BY id")
-        else:
-            rows = await self._db.fetch(query + " WHERE consumer_id = $1 ORDER BY id", consumer_id)
-        return [credential_from_row(row) for row in rows]
+        found = await self._select_rows(rows.CREDENTIAL_COLUMNS, "credentials", "consumer_id", consumer_id)
+        return [rows.credential_from_row(row) for row in found]
 
     async def delete_credential(self, credential_id: str) -> bool:
         async with self._db.acquire() as conn, conn.transaction():
@@ -263,7 +223,7 @@ class PostgresStore(Store):
         unique = list(first.values())
         deliveries = [(event, name) for event in unique for name in event.destinations]
         # One statement (one round trip, one commit): the events, then the deliveries of the new ones.
-        rows = await self._db.fetch(
+        found = await self._db.fetch(
             "WITH new AS ("
             "INSERT INTO webhook_events (source, event_id, event_type, received_at, headers, body) "
             "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::bytea[]) "
@@ -278,14 +238,14 @@ class PostgresStore(Store):
             [e.event_id for e in unique],
             [e.event_type for e in unique],
             [e.received_at for e in unique],
-            [encode_headers(e.headers) for e in unique],
+            [rows.encode_headers(e.headers) for e in unique],
             [e.body for e in unique],
             [e.source for e, _ in deliveries],
             [e.event_id for e, _ in deliveries],
             [name for _, name in deliveries],
             [e.first_due for e, _ in deliveries],
         )
-        new = {(row[0], row[1]) for row in rows}
+        new = {(row[0], row[1]) for row in found}
         # The first occurrence of a key is the one that may be new; later ones in the batch are not.
         return [first[(e.source, e.event_id)] is e and (e.source, e.event_id) in new for e in events]
 
@@ -297,7 +257,8 @@ class PostgresStore(Store):
         lease_until: float,
         fifo_sources: frozenset[str] = frozenset(),
     ) -> list[DeliveryClaim]:
-        fifo_join, fifo_condition, fifo_args = "", "", ()
+        fifo_join, fifo_condition = "", ""
+        fifo_args: tuple[list[str], ...] = ()
         if fifo_sources:
             # Of a FIFO source only the delivery of its oldest pending event is a candidate. A claim
             # leaves it pending, so while it is leased (or waits for a retry) every claimer still
@@ -310,12 +271,12 @@ class PostgresStore(Store):
                 "GROUP BY e2.source)) "
             )
             fifo_args = (sorted(fifo_sources),)
-        rows = await self._db.fetch(
+        found = await self._db.fetch(
             "UPDATE webhook_deliveries d SET attempts = d.attempts + 1, lease_until = $4 "
             "FROM webhook_events e WHERE e.id = d.event AND d.id IN ("
             f"SELECT q.id FROM webhook_deliveries q {fifo_join}"
             "WHERE q.destination = $1 AND q.state = 'pending' AND q.next_at <= $2 AND q.lease_until <= $2 "
-            f"AND NOT EXISTS ({DESTINATION_DISABLED.format('$1')}) {fifo_condition}"
+            f"AND NOT EXISTS ({rows.DESTINATION_DISABLED.format('$1')}) {fifo_condition}"
             "ORDER BY q.next_at, q.id LIMIT $3 FOR UPDATE OF q SKIP LOCKED) "
             "RETURNING d.id, d.attempts, d.attempts - d.schedule_start, e.source, e.event_id, e.event_type, "
             "e.received_at, e.headers, e.body",
@@ -326,14 +287,13 @@ class PostgresStore(Store):
             *fifo_args,
         )
         return [
-            DeliveryClaim(row[0], destination, *row[1:7], decode_headers(row[7]), bytes(row[8]))
-            for row in sorted(rows, key=lambda row: row[0])
+            rows.delivery_claim_from_row(row, destination) for row in sorted(found, key=lambda row: row[0])
         ]
 
     async def record_webhook_outcomes(self, outcomes: Sequence[DeliveryOutcome]) -> None:
         if not outcomes:
             return
-        health = destination_health_rows(outcomes)
+        health = rows.destination_health_rows(outcomes)
         health_rows = (
             "SELECT * FROM unnest($10::text[], $11::float8[], $12::float8[], $13::text[], $14::float8[])"
         )
@@ -344,7 +304,7 @@ class PostgresStore(Store):
             "recorded AS ("
             "INSERT INTO webhook_attempts (delivery, attempt, started_at, latency, status, error) "
             "SELECT delivery, attempt, started_at, latency, status, error FROM outcome), "
-            f"health AS ({DESTINATION_HEALTH_UPSERT.format(rows=health_rows)}) "
+            f"health AS ({rows.DESTINATION_HEALTH_UPSERT.format(rows=health_rows)}) "
             # As on SQLite: an attempt overtaken by a replay only ends its lease.
             "UPDATE webhook_deliveries d SET "
             "state = CASE WHEN d.schedule_start = o.schedule_start THEN o.state ELSE d.state END, "
@@ -369,19 +329,24 @@ class PostgresStore(Store):
             return [
                 name
                 for name, cutoff in failing_before.items()
-                if await conn.execute(DISABLE_FAILING_DESTINATION.format("$1", "$2", "$3"), now, name, cutoff)
+                if await conn.execute(
+                    rows.DISABLE_FAILING_DESTINATION.format("$1", "$2", "$3"), now, name, cutoff
+                )
                 == "UPDATE 1"
             ]
 
     async def enable_webhook_destination(self, name: str, now: float) -> bool:
         async with self._db.acquire() as conn, conn.transaction():
-            if await conn.execute(ENABLE_DESTINATION.format("$1"), name) == "UPDATE 0":
+            if await conn.execute(rows.ENABLE_DESTINATION.format("$1"), name) == "UPDATE 0":
                 return False
-            await conn.execute(RESUME_DESTINATION_DELIVERIES.format("$1", "$2"), now, name)
+            await conn.execute(rows.RESUME_DESTINATION_DELIVERIES.format("$1", "$2"), now, name)
             return True
 
     async def list_webhook_destinations(self) -> list[WebhookDestinationState]:
-        return [destination_state_from_row(row) for row in await self._db.fetch(WEBHOOK_DESTINATIONS_SELECT)]
+        return [
+            rows.destination_state_from_row(row)
+            for row in await self._db.fetch(rows.WEBHOOK_DESTINATIONS_SELECT)
+        ]
 
     async def take_lease(self, name: str, holder: str, now: float, until: float) -> bool:
         taken = await self._db.fetchval(
@@ -396,11 +361,11 @@ class PostgresStore(Store):
         return bool(taken)
 
     async def list_webhook_events(self, query: WebhookEventQuery) -> list[WebhookEventSummary]:
-        sql, args = webhook_event_select(query, lambda n: f"${n}")
-        return [webhook_summary_from_row(row) for row in await self._db.fetch(sql, *args)]
+        sql, args = rows.webhook_event_select(query, lambda n: f"${n}")
+        return [rows.webhook_summary_from_row(row) for row in await self._db.fetch(sql, *args)]
 
     async def get_webhook_event(self, source: str, event_id: str) -> WebhookEventDetail | None:
-        sql, args = webhook_event_select(
+        sql, args = rows.webhook_event_select(
             WebhookEventQuery(source=source, event_id=event_id), lambda n: f"${n}"
         )
         async with self._db.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
@@ -408,31 +373,12 @@ class PostgresStore(Store):
             if row is None:
                 return None
             stored = await conn.fetchrow("SELECT headers, body FROM webhook_events WHERE id = $1", row[0])
-            attempts = await conn.fetch(
-                "SELECT a.delivery, a.attempt, a.started_at, a.latency, a.status, a.error "
-                "FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery "
-                "WHERE d.event = $1 ORDER BY a.attempt, a.id",
-                row[0],
-            )
-            deliveries = await conn.fetch(
-                "SELECT id, destination, state, attempts, next_at FROM webhook_deliveries "
-                "WHERE event = $1 ORDER BY destination",
-                row[0],
-            )
-        return WebhookEventDetail(
-            webhook_summary_from_row(row),
-            decode_headers(stored[0]),
-            bytes(stored[1]),
-            tuple(
-                WebhookDelivery(
-                    d[1], d[2], d[3], d[4], tuple(WebhookAttempt(*a[1:]) for a in attempts if a[0] == d[0])
-                )
-                for d in deliveries
-            ),
-        )
+            deliveries = await conn.fetch(rows.DELIVERIES_OF_EVENT.format("$1"), row[0])
+            attempts = await conn.fetch(rows.ATTEMPTS_OF_EVENT.format("$1"), row[0])
+        return rows.webhook_detail_from_rows(row, stored[0], stored[1], deliveries, attempts)
 
     async def replay_webhook_events(self, query: WebhookEventQuery, now: float) -> int:
-        sql, args = webhook_event_select(query, lambda n: f"${n + 1}")
+        sql, args = rows.webhook_event_select(query, lambda n: f"${n + 1}")
         # A data-modifying CTE runs whether or not the outer query reads it.
         return int(
             await self._db.fetchval(

@@ -18,54 +18,21 @@ from typing import Any, TypeVar
 
 import orjson
 
-from apigate.store.base import (
-    ApiKey,
-    Consumer,
-    Credential,
+from apigate.store import Store, rows
+from apigate.store.groupcommit import GroupCommit
+from apigate.store.migrations import migrate_sqlite
+from apigate.store.roles.consumers import ApiKey, Consumer
+from apigate.store.roles.credentials import Credential
+from apigate.store.roles.tokens import RevokedToken
+from apigate.store.roles.webhooks import (
     DeliveryClaim,
     DeliveryOutcome,
     NewWebhookEvent,
-    RevokedToken,
-    Store,
-    WebhookAttempt,
-    WebhookDelivery,
     WebhookDestinationState,
     WebhookEventDetail,
     WebhookEventQuery,
     WebhookEventSummary,
 )
-from apigate.store.migrations import (
-    CONSUMER_COLUMNS,
-    CREDENTIAL_COLUMNS,
-    CREDENTIAL_UPSERT,
-    DESTINATION_DISABLED,
-    DESTINATION_HEALTH_UPSERT,
-    DISABLE_FAILING_DESTINATION,
-    DUPLICATE_HASH_MESSAGE,
-    ENABLE_DESTINATION,
-    KEY_COLUMNS,
-    RESUME_DESTINATION_DELIVERIES,
-    REVOKED_TOKEN_COLUMNS,
-    REVOKED_TOKEN_UPSERT,
-    USERNAME_TAKEN_MESSAGE,
-    WEBHOOK_DESTINATIONS_SELECT,
-    consumer_from_row,
-    consumer_to_row,
-    credential_from_row,
-    credential_to_row,
-    decode_headers,
-    destination_health_rows,
-    destination_state_from_row,
-    encode_headers,
-    key_from_row,
-    key_to_row,
-    migrate_sqlite,
-    revoked_token_from_row,
-    revoked_token_to_row,
-    webhook_event_select,
-    webhook_summary_from_row,
-)
-from apigate.webhooks.groupcommit import GroupCommit
 
 T = TypeVar("T")
 
@@ -106,6 +73,10 @@ class SqliteStore(Store):
             return result
 
         return await self._run(transaction)
+
+    async def _select_rows(self, columns: str, table: str, column: str, value: str | None) -> list[Any]:
+        sql, args = rows.select_rows(columns, table, column, value, "?")
+        return await self._run(lambda conn: conn.execute(sql, args).fetchall())
 
     @staticmethod
     def _record_change(conn: sqlite3.Connection, entity: str, entity_id: str) -> None:
@@ -169,11 +140,11 @@ class SqliteStore(Store):
 
     # -- consumers ----------------------------------------------------------------------------
     async def upsert_consumer(self, consumer: Consumer) -> None:
-        row = consumer_to_row(consumer)
+        row = rows.consumer_to_row(consumer)
 
         def job(conn: sqlite3.Connection) -> None:
             conn.execute(
-                f"INSERT INTO consumers ({CONSUMER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO consumers ({rows.CONSUMER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant, groups = excluded.groups, "
                 "metadata = excluded.metadata, disabled = excluded.disabled, "
                 "created_at = excluded.created_at",
@@ -186,23 +157,15 @@ class SqliteStore(Store):
     async def get_consumer(self, consumer_id: str) -> Consumer | None:
         def job(conn: sqlite3.Connection) -> Consumer | None:
             row = conn.execute(
-                f"SELECT {CONSUMER_COLUMNS} FROM consumers WHERE id = ?", (consumer_id,)
+                f"SELECT {rows.CONSUMER_COLUMNS} FROM consumers WHERE id = ?", (consumer_id,)
             ).fetchone()
-            return None if row is None else consumer_from_row(row)
+            return None if row is None else rows.consumer_from_row(row)
 
         return await self._run(job)
 
     async def list_consumers(self, tenant: str | None = None) -> list[Consumer]:
-        def job(conn: sqlite3.Connection) -> list[Consumer]:
-            if tenant is None:
-                rows = conn.execute(f"SELECT {CONSUMER_COLUMNS} FROM consumers ORDER BY id").fetchall()
-            else:
-                rows = conn.execute(
-                    f"SELECT {CONSUMER_COLUMNS} FROM consumers WHERE tenant = ? ORDER BY id", (tenant,)
-                ).fetchall()
-            return [consumer_from_row(row) for row in rows]
-
-        return await self._run(job)
+        found = await self._select_rows(rows.CONSUMER_COLUMNS, "consumers", "tenant", tenant)
+        return [rows.consumer_from_row(row) for row in found]
 
     async def delete_consumer(self, consumer_id: str) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
@@ -215,17 +178,17 @@ class SqliteStore(Store):
 
     # -- API keys -------------------------------------------------------------------------------
     async def add_key(self, key: ApiKey) -> None:
-        row = key_to_row(key)
+        row = rows.key_to_row(key)
 
         def job(conn: sqlite3.Connection) -> None:
             try:
                 conn.execute(
-                    f"INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row
+                    f"INSERT INTO api_keys ({rows.KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row
                 )
             except sqlite3.IntegrityError as exc:
                 # SQLite names the failing columns in the message; only the hash maps to ValueError.
                 if "UNIQUE constraint failed: api_keys.hash" in str(exc):
-                    raise ValueError(DUPLICATE_HASH_MESSAGE) from exc
+                    raise ValueError(rows.DUPLICATE_HASH_MESSAGE) from exc
                 raise
             self._record_change(conn, "api_key", key.id)
 
@@ -237,7 +200,7 @@ class SqliteStore(Store):
         id, consumer_id, hash, prefix, created_at and rotated_from are fixed at creation and
         ignored here. Raises KeyError if no key has this id.
         """
-        row = key_to_row(key)
+        row = rows.key_to_row(key)
 
         def job(conn: sqlite3.Connection) -> None:
             cursor = conn.execute(
@@ -253,37 +216,31 @@ class SqliteStore(Store):
 
     async def get_key(self, key_id: str) -> ApiKey | None:
         def job(conn: sqlite3.Connection) -> ApiKey | None:
-            row = conn.execute(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
-            return None if row is None else key_from_row(row)
+            row = conn.execute(f"SELECT {rows.KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+            return None if row is None else rows.key_from_row(row)
 
         return await self._run(job)
 
     async def list_keys(self, consumer_id: str | None = None) -> list[ApiKey]:
-        def job(conn: sqlite3.Connection) -> list[ApiKey]:
-            if consumer_id is None:
-                rows = conn.execute(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY id").fetchall()
-            else:
-                rows = conn.execute(
-                    f"SELECT {KEY_COLUMNS} FROM api_keys WHERE consumer_id = ? ORDER BY id", (consumer_id,)
-                ).fetchall()
-            return [key_from_row(row) for row in rows]
-
-        return await self._run(job)
+        found = await self._select_rows(rows.KEY_COLUMNS, "api_keys", "consumer_id", consumer_id)
+        return [rows.key_from_row(row) for row in found]
 
     # -- revoked tokens (jti denylist) ------------------------------------------------------------------
     async def revoke_token(self, token: RevokedToken) -> None:
-        row = revoked_token_to_row(token)
+        row = rows.revoked_token_to_row(token)
 
         def job(conn: sqlite3.Connection) -> None:
-            conn.execute(REVOKED_TOKEN_UPSERT.format("?", "?", "?", "?"), row)
+            conn.execute(rows.REVOKED_TOKEN_UPSERT.format("?", "?", "?", "?"), row)
             self._record_change(conn, "revoked_token", token.jti)
 
         await self._write(job)
 
     async def list_revoked_tokens(self) -> list[RevokedToken]:
         def job(conn: sqlite3.Connection) -> list[RevokedToken]:
-            rows = conn.execute(f"SELECT {REVOKED_TOKEN_COLUMNS} FROM revoked_tokens ORDER BY jti").fetchall()
-            return [revoked_token_from_row(row) for row in rows]
+            found = conn.execute(
+                f"SELECT {rows.REVOKED_TOKEN_COLUMNS} FROM revoked_tokens ORDER BY jti"
+            ).fetchall()
+            return [rows.revoked_token_from_row(row) for row in found]
 
         return await self._run(job)
 
@@ -295,31 +252,24 @@ class SqliteStore(Store):
 
     # -- credentials ------------------------------------------------------------------------------------
     async def set_credential(self, credential: Credential) -> None:
-        row = credential_to_row(credential)
+        row = rows.credential_to_row(credential)
 
         def job(conn: sqlite3.Connection) -> None:
             try:
-                changed = conn.execute(CREDENTIAL_UPSERT.format(*"???????"), row).rowcount
+                changed = conn.execute(rows.CREDENTIAL_UPSERT.format(*"???????"), row).rowcount
             except sqlite3.IntegrityError as exc:
                 if "UNIQUE constraint failed: credentials.username" in str(exc):
-                    raise ValueError(USERNAME_TAKEN_MESSAGE) from exc
+                    raise ValueError(rows.USERNAME_TAKEN_MESSAGE) from exc
                 raise
             if not changed:
-                raise ValueError(USERNAME_TAKEN_MESSAGE)
+                raise ValueError(rows.USERNAME_TAKEN_MESSAGE)
             self._record_change(conn, "credential", credential.id)
 
         await self._write(job)
 
     async def list_credentials(self, consumer_id: str | None = None) -> list[Credential]:
-        def job(conn: sqlite3.Connection) -> list[Credential]:
-            query = f"SELECT {CREDENTIAL_COLUMNS} FROM credentials"
-            if consumer_id is None:
-                rows = conn.execute(query + " ORDER BY id").fetchall()
-            else:
-                rows = conn.execute(query + " WHERE consumer_id = ? ORDER BY id", (consumer_id,)).fetchall()
-            return [credential_from_row(row) for row in rows]
-
-        return await self._run(job)
+        found = await self._select_rows(rows.CREDENTIAL_COLUMNS, "credentials", "consumer_id", consumer_id)
+        return [rows.credential_from_row(row) for row in found]
 
     async def delete_credential(self, credential_id: str) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
@@ -403,7 +353,7 @@ class SqliteStore(Store):
                         event.event_id,
                         event.event_type,
                         event.received_at,
-                        encode_headers(event.headers),
+                        rows.encode_headers(event.headers),
                         event.body,
                     ),
                 )
@@ -427,7 +377,8 @@ class SqliteStore(Store):
         lease_until: float,
         fifo_sources: frozenset[str] = frozenset(),
     ) -> list[DeliveryClaim]:
-        fifo_condition, fifo_args = "", ()
+        fifo_condition = ""
+        fifo_args: tuple[str, ...] = ()
         if fifo_sources:
             # Of a FIFO source only the delivery of its oldest pending event (leased or not) is
             # claimable; the one delivering process then holds it until it is delivered or dead.
@@ -442,23 +393,20 @@ class SqliteStore(Store):
 
         def job(conn: sqlite3.Connection) -> list[DeliveryClaim]:
             # Read and update in one write transaction of the one delivering process: atomic.
-            rows = conn.execute(
+            found = conn.execute(
                 "SELECT d.id, d.attempts + 1, d.attempts + 1 - d.schedule_start, e.source, e.event_id, "
                 "e.event_type, e.received_at, e.headers, e.body "
                 "FROM webhook_deliveries d JOIN webhook_events e ON e.id = d.event "
                 "WHERE d.destination = ? AND d.state = 'pending' AND d.next_at <= ? AND d.lease_until <= ? "
-                f"AND NOT EXISTS ({DESTINATION_DISABLED.format('?')}) {fifo_condition}"
+                f"AND NOT EXISTS ({rows.DESTINATION_DISABLED.format('?')}) {fifo_condition}"
                 "ORDER BY d.next_at, d.id LIMIT ?",
                 (destination, now, now, destination, *fifo_args, limit),
             ).fetchall()
             conn.executemany(
                 "UPDATE webhook_deliveries SET attempts = ?, lease_until = ? WHERE id = ?",
-                [(row[1], lease_until, row[0]) for row in rows],
+                [(row[1], lease_until, row[0]) for row in found],
             )
-            return [
-                DeliveryClaim(row[0], destination, *row[1:7], decode_headers(row[7]), bytes(row[8]))
-                for row in rows
-            ]
+            return [rows.delivery_claim_from_row(row, destination) for row in found]
 
         return await self._write_webhooks(job)
 
@@ -483,8 +431,8 @@ class SqliteStore(Store):
                 ],
             )
             conn.executemany(
-                DESTINATION_HEALTH_UPSERT.format(rows="VALUES (?, ?, ?, ?, ?)"),
-                destination_health_rows(outcomes),
+                rows.DESTINATION_HEALTH_UPSERT.format(rows="VALUES (?, ?, ?, ?, ?)"),
+                rows.destination_health_rows(outcomes),
             )
 
         await self._write_webhooks(job)
@@ -497,7 +445,7 @@ class SqliteStore(Store):
                 name
                 for name, cutoff in failing_before.items()
                 if conn.execute(
-                    DISABLE_FAILING_DESTINATION.format("?", "?", "?"), (now, name, cutoff)
+                    rows.DISABLE_FAILING_DESTINATION.format("?", "?", "?"), (now, name, cutoff)
                 ).rowcount
             ]
 
@@ -505,16 +453,18 @@ class SqliteStore(Store):
 
     async def enable_webhook_destination(self, name: str, now: float) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
-            if not conn.execute(ENABLE_DESTINATION.format("?"), (name,)).rowcount:
+            if not conn.execute(rows.ENABLE_DESTINATION.format("?"), (name,)).rowcount:
                 return False
-            conn.execute(RESUME_DESTINATION_DELIVERIES.format("?", "?"), (now, name))
+            conn.execute(rows.RESUME_DESTINATION_DELIVERIES.format("?", "?"), (now, name))
             return True
 
         return await self._write_webhooks(job)
 
     async def list_webhook_destinations(self) -> list[WebhookDestinationState]:
         def job(conn: sqlite3.Connection) -> list[WebhookDestinationState]:
-            return [destination_state_from_row(row) for row in conn.execute(WEBHOOK_DESTINATIONS_SELECT)]
+            return [
+                rows.destination_state_from_row(row) for row in conn.execute(rows.WEBHOOK_DESTINATIONS_SELECT)
+            ]
 
         return await self._run(job)
 
@@ -534,15 +484,17 @@ class SqliteStore(Store):
         return await self._write_webhooks(job)
 
     async def list_webhook_events(self, query: WebhookEventQuery) -> list[WebhookEventSummary]:
-        sql, args = webhook_event_select(query, lambda _: "?")
+        sql, args = rows.webhook_event_select(query, lambda _: "?")
 
         def job(conn: sqlite3.Connection) -> list[WebhookEventSummary]:
-            return [webhook_summary_from_row(row) for row in conn.execute(sql, args).fetchall()]
+            return [rows.webhook_summary_from_row(row) for row in conn.execute(sql, args).fetchall()]
 
         return await self._run(job)
 
     async def get_webhook_event(self, source: str, event_id: str) -> WebhookEventDetail | None:
-        sql, args = webhook_event_select(WebhookEventQuery(source=source, event_id=event_id), lambda _: "?")
+        sql, args = rows.webhook_event_select(
+            WebhookEventQuery(source=source, event_id=event_id), lambda _: "?"
+        )
 
         def job(conn: sqlite3.Connection) -> WebhookEventDetail | None:
             row = conn.execute(sql, args).fetchone()
@@ -551,30 +503,14 @@ class SqliteStore(Store):
             headers, body = conn.execute(
                 "SELECT headers, body FROM webhook_events WHERE id = ?", (row[0],)
             ).fetchone()
-            deliveries = []
-            for delivery_id, destination, state, attempts, next_at in conn.execute(
-                "SELECT id, destination, state, attempts, next_at FROM webhook_deliveries "
-                "WHERE event = ? ORDER BY destination",
-                (row[0],),
-            ).fetchall():
-                log = conn.execute(
-                    "SELECT attempt, started_at, latency, status, error FROM webhook_attempts "
-                    "WHERE delivery = ? ORDER BY attempt, id",
-                    (delivery_id,),
-                ).fetchall()
-                deliveries.append(
-                    WebhookDelivery(
-                        destination, state, attempts, next_at, tuple(WebhookAttempt(*a) for a in log)
-                    )
-                )
-            return WebhookEventDetail(
-                webhook_summary_from_row(row), decode_headers(headers), bytes(body), tuple(deliveries)
-            )
+            deliveries = conn.execute(rows.DELIVERIES_OF_EVENT.format("?"), (row[0],)).fetchall()
+            attempts = conn.execute(rows.ATTEMPTS_OF_EVENT.format("?"), (row[0],)).fetchall()
+            return rows.webhook_detail_from_rows(row, headers, body, deliveries, attempts)
 
         return await self._run(job)
 
     async def replay_webhook_events(self, query: WebhookEventQuery, now: float) -> int:
-        sql, args = webhook_event_select(query, lambda _: "?")
+        sql, args = rows.webhook_event_select(query, lambda _: "?")
 
         def job(conn: sqlite3.Connection) -> int:
             ids = [row[0] for row in conn.execute(sql, args).fetchall()]

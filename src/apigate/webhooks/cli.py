@@ -11,17 +11,19 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 from apigate.config.units import parse_duration
-from apigate.store.base import (
+from apigate.store.roles.settings import SettingStore
+from apigate.store.roles.webhooks import (
     EVENT_STATES,
-    Store,
     WebhookDestinationState,
     WebhookEventDetail,
     WebhookEventQuery,
     WebhookEventSummary,
+    WebhookStore,
 )
 
 if TYPE_CHECKING:
     from apigate.consumers.service import ConsumerService
+    from apigate.store import Store
 
 
 def add_webhook_commands(commands: Any, common: argparse.ArgumentParser, run: Callable[..., int]) -> None:
@@ -112,7 +114,7 @@ def detail_dict(detail: WebhookEventDetail) -> dict[str, Any]:
     }
 
 
-async def webhooks_action(args: argparse.Namespace, service: ConsumerService) -> int:
+async def webhooks_action(args: argparse.Namespace, service: ConsumerService[Store]) -> int:
     from apigate.cli import CliError, _print_json, _table, _when
 
     store = service.store
@@ -163,7 +165,7 @@ def _report(args: argparse.Namespace, value: dict[str, Any], text: str) -> None:
 
 
 # -- signing secret ---------------------------------------------------------------------------------
-async def _secret_action(args: argparse.Namespace, store: Store) -> None:
+async def _secret_action(args: argparse.Namespace, store: SettingStore) -> None:
     """The secret the gateway signs deliveries with, chosen as the gateway chooses it. The secret
     alone goes to stdout (for scripts); where it comes from goes to stderr."""
     from apigate.cli import _config_for_store, _config_path, _print_json
@@ -201,7 +203,7 @@ REPLAY_BATCH = 500
 
 
 async def replay_in_batches(
-    store: Store, query: WebhookEventQuery, now: float, progress: Callable[[int, int], None]
+    store: WebhookStore, query: WebhookEventQuery, now: float, progress: Callable[[int, int], None]
 ) -> int:
     """Replay the events matching ``query`` in batches, calling ``progress(done, total)`` after each;
     returns how many were replayed (an event that stopped matching meanwhile is left alone)."""
@@ -264,7 +266,7 @@ def _configured_destinations(args: argparse.Namespace) -> set[str] | None:
     return None if config is None else set(config.webhooks.destinations)
 
 
-async def _destinations_action(args: argparse.Namespace, store: Store) -> None:
+async def _destinations_action(args: argparse.Namespace, store: WebhookStore) -> None:
     from apigate.cli import CliError, _print_json, _table, _when
 
     if args.command == "enable":

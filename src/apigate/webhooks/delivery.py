@@ -31,11 +31,13 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from apigate.store.base import DeliveryClaim, DeliveryOutcome, Store
+from apigate.store.groupcommit import GroupCommit
+from apigate.store.roles.leases import LeaseStore
+from apigate.store.roles.webhooks import DeliveryClaim, DeliveryOutcome, WebhookStore
 from apigate.webhooks.config import RetryConfig
 from apigate.webhooks.destinations import Destination, Message, Result
-from apigate.webhooks.groupcommit import GroupCommit
 from apigate.webhooks.signing import Signer
 
 log = logging.getLogger("apigate.webhooks")
@@ -89,10 +91,14 @@ def delivery_message(claim: DeliveryClaim, signer: Signer, now: float) -> Messag
     return Message(headers, claim.body)
 
 
+class DeliveryStore(WebhookStore, LeaseStore, Protocol):
+    """Deliveries to claim and record, and the owner lease where one process must deliver."""
+
+
 class DeliveryWorker:
     def __init__(
         self,
-        store: Store,
+        store: DeliveryStore,
         signer: Signer,
         poll_interval: float,
         clock: Callable[[], float] = time.time,

@@ -12,17 +12,18 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from apigate.engine.replies import Reply, json_reply
 from apigate.outbound import HttpClient, OutboundError
-from apigate.store.base import NewWebhookEvent, Store
+from apigate.store.groupcommit import GroupCommit
+from apigate.store.roles.webhooks import NewWebhookEvent
 from apigate.webhooks.config import SourceConfig, WebhooksConfig
-from apigate.webhooks.delivery import DeliveryWorker, Lane
+from apigate.webhooks.delivery import DeliveryStore, DeliveryWorker, Lane
 from apigate.webhooks.destinations import Destination, Message, build_destination
 from apigate.webhooks.destinations.http import HttpDestination
 from apigate.webhooks.destinations.redis_streams import RedisConnections
-from apigate.webhooks.groupcommit import GroupCommit
-from apigate.webhooks.pollers import PUSH_REFUSED, PolledEvent, Pollers
+from apigate.webhooks.pollers import PUSH_REFUSED, PolledEvent, Pollers, PollerStore
 from apigate.webhooks.signing import Signer, signing_secret_in_effect
 from apigate.webhooks.verify.model import Verifier
 from apigate.webhooks.verify.schemes import build_verifier
@@ -95,8 +96,15 @@ def content_event_id(body: bytes) -> str:
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
+class WebhookRuntimeStore(DeliveryStore, PollerStore, Protocol):
+    """Intake commits events, delivery claims them, pollers lease sources; the signing secret is
+    a setting."""
+
+
 class WebhookRuntime:
-    def __init__(self, store: Store, config: WebhooksConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, store: WebhookRuntimeStore, config: WebhooksConfig, clock: Callable[[], float] = time.time
+    ) -> None:
         self.store = store
         self.clock = clock
         self.config = config

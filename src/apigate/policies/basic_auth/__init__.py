@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from apigate.consumers.registry import Login
     from apigate.engine.exchange import Exchange
     from apigate.services import Services
-    from apigate.store.base import Consumer
+    from apigate.store.roles.consumers import Consumer
 
 AUTHORIZATION = b"authorization"
 MAX_AUTHORIZATION = 4096  # bytes of header value; longer is malformed

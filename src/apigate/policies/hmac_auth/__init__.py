@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
     from apigate.services import Services
     from apigate.state import StateBackend
-    from apigate.store.base import Consumer
+    from apigate.store.roles.consumers import Consumer
 
 Algorithm = Literal["hmac-sha256", "hmac-sha384", "hmac-sha512"]
 _DIGESTS = {"hmac-sha256": hashlib.sha256, "hmac-sha384": hashlib.sha384, "hmac-sha512": hashlib.sha512}

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from apigate.consumers.registry import ConsumerRegistry, Login
     from apigate.engine.exchange import Exchange
     from apigate.services import Services
-    from apigate.store.base import Consumer
+    from apigate.store.roles.consumers import Consumer
 
 Grant = Literal["client_credentials", "password"]
 

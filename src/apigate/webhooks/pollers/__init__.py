@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from apigate.outbound import HttpClient
-from apigate.store.base import Store
+from apigate.store.roles.leases import LeaseStore
+from apigate.store.roles.settings import SettingStore
 from apigate.webhooks.pollers.config import PollConfig
 from apigate.webhooks.verify.model import Reason, Verdict, WebhookRequest
 
@@ -43,6 +44,10 @@ class PolledEvent:
     event_type: str | None
     body: bytes
     headers: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
+
+
+class PollerStore(LeaseStore, SettingStore, Protocol):
+    """What polling keeps in the store: one lease per source, and each poller's cursor and tokens."""
 
 
 CommitPolled = Callable[[str, Sequence[PolledEvent]], Awaitable[None]]
@@ -80,7 +85,7 @@ PUSH_REFUSED = PushRefused()
 def build_poller(
     source: str,
     config: PollConfig,
-    store: Store,
+    store: PollerStore,
     client: HttpClient,
     commit: CommitPolled,
     clock: Callable[[], float],
@@ -95,7 +100,7 @@ class Pollers:
 
     def __init__(
         self,
-        store: Store,
+        store: PollerStore,
         client: HttpClient,
         commit: CommitPolled,
         clock: Callable[[], float] = time.time,

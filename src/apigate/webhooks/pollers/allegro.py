@@ -26,7 +26,7 @@ from urllib.parse import urlencode
 import orjson
 
 from apigate.outbound import HttpClient, OutboundError, Response
-from apigate.store.base import Store
+from apigate.store.roles.settings import SettingStore
 from apigate.webhooks.destinations.http import retry_after
 from apigate.webhooks.pollers import CommitPolled, PolledEvent, PollError
 from apigate.webhooks.pollers.config import AllegroPollConfig
@@ -45,7 +45,7 @@ class AllegroPoller:
         self,
         source: str,
         config: AllegroPollConfig,
-        store: Store,
+        store: SettingStore,
         client: HttpClient,
         commit: CommitPolled,
         clock: Callable[[], float] = time.time,
