@@ -15,9 +15,9 @@ from pathlib import Path
 import orjson
 from standardwebhooks.webhooks import Webhook
 
+from apigate.cli import webhooks as cli
 from apigate.store import open_store
 from apigate.store.base import DeliveryOutcome, NewWebhookEvent
-from apigate.webhooks import cli
 from apigate.webhooks.signing import SECRET_SETTING
 from tests.support.cli import apigate_json
 from tests.support.gateway import GatewayProcess
