@@ -31,7 +31,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def _auth_shorthand(value: str) -> tuple[str, dict[str, Any]]:
-    """``auth: jwt`` names a policy; the seed's webhook schemes name a preset and its secret's variable."""
+    """``auth: jwt`` names a policy; the Pactown gateway's webhook schemes name a preset and its variable."""
     from apigate.webhooks.verify import shorthand_scheme
 
     try:
@@ -43,7 +43,7 @@ def _auth_shorthand(value: str) -> tuple[str, dict[str, Any]]:
     return ("webhook-verify", {"verify": scheme.model_dump()})
 
 
-# The seed's route shorthands and the policy each one stands for.
+# The route shorthands of routes.yaml files written for the Pactown gateway, and the policy each stands for.
 SHORTHANDS: dict[str, Callable[[str], tuple[str, dict[str, Any]]]] = {
     "auth": _auth_shorthand,
     "rate_limit": lambda value: ("rate-limit", {"limit": value}),

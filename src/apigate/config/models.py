@@ -149,7 +149,7 @@ class PathsConfig(Strict):
 
 
 class EndpointsConfig(Strict):
-    """The built-in endpoints on the proxy listener (the seed's /health, /routes, /stats)."""
+    """The built-in endpoints on the proxy listener (the Pactown gateway's /health, /routes, /stats)."""
 
     health: str | None = "/health"
     routes: str | None = "/routes"
@@ -262,7 +262,7 @@ class RouteConfig(Strict):
         default_factory=lambda: ["websocket"], description="Upgrade protocols tunneled to the upstream"
     )
     policies: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
-    # Shorthands from the seed's routes.yaml, mapped onto policies when those are available.
+    # Shorthands of routes.yaml files written for the Pactown gateway, mapped onto policies when available.
     auth: str | None = None
     rate_limit: str | None = None
     cache: str | None = None

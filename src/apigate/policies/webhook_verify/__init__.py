@@ -1,6 +1,7 @@
 """The `webhook-verify` policy: check a webhook's signature on a route that passes it through.
 
-For the seed's routes (``/webhooks/stripe`` with ``auth: stripe_signature`` and a ``target``): the
+For routes written for the Pactown gateway (``/webhooks/stripe`` with ``auth: stripe_signature`` and a
+``target``): the
 request is verified on its exact raw bytes with one of the webhook presets, then proxied to the
 route's target, whose answer goes back to the provider. The provider retries what the handler
 did not take, so nothing is acknowledged that was not handled; for events kept durably and
