@@ -11,7 +11,7 @@ import pytest
 
 from apigate.config.loader import ConfigError, load_config
 from apigate.config.models import GatewayConfig
-from tests.support.seed import SEED_ROUTES_YAML
+from tests.support.pactown import PACTOWN_ROUTES_YAML
 
 SECRET = "sk_live_9f8e7d6c5b4a39281706"
 
@@ -202,11 +202,11 @@ def test_merge_keys_are_overridden_without_duplicate_error(tmp_path: Path) -> No
     assert [(r.path, r.timeout) for r in config.routes] == [("/a", 5.0), ("/b", 5.0)]
 
 
-# --- the seed's routes.yaml ------------------------------------------------------------------
+# --- a routes.yaml written for the Pactown gateway ----------------------------------------------
 
 
-def test_seed_config_loads_unchanged(tmp_path: Path) -> None:
-    path = write(tmp_path, SEED_ROUTES_YAML, dedent=False)  # dedent would empty the whitespace-only lines
+def test_pactown_routes_yaml_loads_unchanged(tmp_path: Path) -> None:
+    path = write(tmp_path, PACTOWN_ROUTES_YAML, dedent=False)  # dedent would empty the whitespace-only lines
     assert "\n    \n" in path.read_text()
     config = load_config(path, environ={})
     assert [r.path for r in config.routes] == [
@@ -221,11 +221,11 @@ def test_seed_config_loads_unchanged(tmp_path: Path) -> None:
     assert all(r.timeout == 30.0 and r.retries == 2 for r in config.routes)
 
 
-def test_seed_config_reads_its_env_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pactown_routes_yaml_reads_its_env_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PORT", "9123")
     monkeypatch.setenv("DEFAULT_TIMEOUT", "12")
     monkeypatch.setenv("MAX_RETRIES", "5")
-    config = load_config(write(tmp_path, SEED_ROUTES_YAML, dedent=False))  # environ defaults to os.environ
+    config = load_config(write(tmp_path, PACTOWN_ROUTES_YAML, dedent=False))  # environ defaults to os.environ
     assert config.listen.port == 9123
     assert all(r.timeout == 12.0 and r.retries == 5 for r in config.routes)
 

@@ -73,7 +73,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     with running_upstream() as upstream:
         config = {
             "store": {"url": store},
-            # The seed's quick start: a config consumer whose id is the login name.
+            # The Pactown gateway's login: a config consumer whose id is the login name.
             "consumers": [{"id": "testuser", "password_hash": hash_password("testpass")}],
             "routes": [
                 {
@@ -239,8 +239,8 @@ def test_invalid_client(env: Env, client_id: str, secret: str) -> None:
     refused(post(env, "/oauth/token", form), 401, "invalid_client")
 
 
-# -- the password grant and the seed's login ----------------------------------------------------------------
-def test_seed_login_with_a_json_body(env: Env) -> None:
+# -- the password grant and the Pactown gateway's login -----------------------------------------------------
+def test_pactown_login_with_a_json_body(env: Env) -> None:
     body = json.dumps({"username": "testuser", "password": "testpass"}).encode()
     token = issued(post(env, "/api/auth/login", body, "application/json"))["access_token"]
     assert claims_of(token, audience="orders-api")["sub"] == "testuser"

@@ -1,4 +1,4 @@
-"""webhook-verify: the seed's webhook routes verify signatures, then pass the request through."""
+"""webhook-verify: the Pactown gateway's webhook routes verify signatures, then pass the request through."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ GITHUB_SECRET = "It's a Secret to Everybody"
 def gateway(start_gateway, upstream):
     config = {
         "routes": [
-            # the seed's routes, as its routes.yaml writes them
+            # routes as a routes.yaml written for the Pactown gateway has them
             {"path": "/webhooks/allegro", "target": upstream.url, "auth": "webhook_secret"},
             {"path": "/webhooks/inpost", "target": upstream.url, "auth": "hmac_sha256"},
             {"path": "/webhooks/stripe", "target": upstream.url, "auth": "stripe_signature"},
@@ -72,7 +72,7 @@ def test_stripe_refusals_never_reach_the_target(gateway, upstream, headers, body
     assert len(upstream.requests) == before
 
 
-def test_inpost_seed_signature(gateway, upstream) -> None:
+def test_inpost_hex_signature(gateway, upstream) -> None:
     body = b'{"status": "delivered"}'
     good = "sha256=" + hmac.new(INPOST_SECRET.encode(), body, hashlib.sha256).hexdigest()
     assert request(gateway.port, "POST", "/webhooks/inpost", {"X-InPost-Signature": good}, body).status == 200

@@ -26,7 +26,7 @@ from tests.support.errors_helpers import (
     request,
 )
 from tests.support.gateway import GatewayProcess
-from tests.support.seed import SEED_ROUTES_YAML
+from tests.support.pactown import PACTOWN_ROUTES_YAML
 from tests.support.upstream import UpstreamServer
 
 API_KEY = "key-value-123456"
@@ -313,18 +313,18 @@ def test_builtin_endpoints_with_token(start_gateway: Any, upstream: UpstreamServ
     assert b"s3cret" not in listed.body
 
 
-# --- the seed's routes.yaml ---------------------------------------------------------------------------
+# --- a routes.yaml written for the Pactown gateway -------------------------------------------------------
 
 
-def test_seed_config_runs_unchanged_on_port_env(tmp_path: Path) -> None:
-    (tmp_path / "routes.yaml").write_text(SEED_ROUTES_YAML)
+def test_pactown_routes_yaml_runs_unchanged_on_port_env(tmp_path: Path) -> None:
+    (tmp_path / "routes.yaml").write_text(PACTOWN_ROUTES_YAML)
     port = free_port()
     process = Launched(
         apigate_cmd("run", "-c", "routes.yaml"), tmp_path, clean_env(PORT=str(port)), tmp_path / "log"
     )
     try:
         process.wait_listening(port)
-        # No request goes to the seed's hosts: resolving them would send DNS queries off this
+        # No request goes to the file's hosts: resolving them would send DNS queries off this
         # machine. Unreachable targets are covered on loopback in test_errors.py.
         routes = get(port, "/routes").json()["routes"]
         assert [r["path"] for r in routes] == [

@@ -223,7 +223,7 @@ def sign_twilio(secret: str, body: bytes, _timestamp: int) -> Signed:
     return Signed(headers, TWILIO_URL)
 
 
-def sign_inpost_seed(secret: str, body: bytes, _timestamp: int) -> Signed:
+def sign_inpost_hex(secret: str, body: bytes, _timestamp: int) -> Signed:
     return Signed({"x-inpost-signature": "sha256=" + mac(secret, body).hex()})
 
 
@@ -316,11 +316,11 @@ PRESETS = [
         event_type=None,
     ),
     Preset(
-        name="inpost_seed",
+        name="inpost_hex",
         config={"scheme": "inpost"},
         secrets=("inpost-old-secret", "inpost-new-secret", "inpost-other-secret"),
         header="x-inpost-signature",
-        sign=sign_inpost_seed,
+        sign=sign_inpost_hex,
         misencode=lambda value: "sha256=" + hex_to_base64(value.removeprefix("sha256=")),
         body=b'{"shipment": "620000000000000000000000", "status": "delivered"}',
         event_id=None,
@@ -1187,17 +1187,17 @@ def test_configs_are_frozen_and_mask_secrets() -> None:
     assert "whsec_visible" not in config.model_dump_json()
 
 
-# --- the seed's shorthands --------------------------------------------------------------------
+# --- the Pactown gateway's shorthands -------------------------------------------------------
 
-SEED_ENV = {
+PACTOWN_ENV = {
     "ALLEGRO_WEBHOOK_SECRET": "allegro-env-secret",
     "INPOST_WEBHOOK_SECRET": "inpost-env-secret",
     "STRIPE_WEBHOOK_SECRET": "whsec_stripe_env_secret",
 }
 
 
-def seed_signature(provider: str, body: bytes, secret: str, timestamp: int = NOW) -> dict[str, str]:
-    """Signed the way the seed's verify_webhook_signature checks each provider."""
+def pactown_signature(provider: str, body: bytes, secret: str, timestamp: int = NOW) -> dict[str, str]:
+    """Signed the way the Pactown gateway's verify_webhook_signature checks each provider."""
     if provider == "allegro":
         return {"x-allegro-signature": hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()}
     if provider == "inpost":
@@ -1215,16 +1215,16 @@ def seed_signature(provider: str, body: bytes, secret: str, timestamp: int = NOW
         ("stripe_signature", "stripe", "stripe", "STRIPE_WEBHOOK_SECRET"),
     ],
 )
-def test_seed_shorthands_read_the_seeds_environment(
+def test_pactown_shorthands_read_the_pactown_environment(
     shorthand: str, provider: str, scheme: str, variable: str
 ) -> None:
-    config = shorthand_scheme(shorthand, SEED_ENV)
+    config = shorthand_scheme(shorthand, PACTOWN_ENV)
     assert config is not None and config.scheme == scheme
     body = b'{"id": "evt_1", "type": "ping"}'
-    request = make_request(seed_signature(provider, body, SEED_ENV[variable]), body)
+    request = make_request(pactown_signature(provider, body, PACTOWN_ENV[variable]), body)
     assert build_verifier(config).verify(request).ok
 
-    given = shorthand_scheme(shorthand, SEED_ENV, secrets=["route-secret"])
+    given = shorthand_scheme(shorthand, PACTOWN_ENV, secrets=["route-secret"])
     assert given is not None
     assert_refused(build_verifier(given).verify(request), Reason.BAD_SIGNATURE)
     with pytest.raises(ValueError, match=variable):
@@ -1232,5 +1232,5 @@ def test_seed_shorthands_read_the_seeds_environment(
 
 
 def test_other_auth_values_are_not_webhook_shorthands() -> None:
-    assert shorthand_scheme("jwt", SEED_ENV) is None
-    assert shorthand_scheme("", SEED_ENV) is None
+    assert shorthand_scheme("jwt", PACTOWN_ENV) is None
+    assert shorthand_scheme("", PACTOWN_ENV) is None

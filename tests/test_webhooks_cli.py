@@ -15,9 +15,9 @@ from pathlib import Path
 import orjson
 from standardwebhooks.webhooks import Webhook
 
+from apigate.cli import webhooks as cli
 from apigate.store import open_store
 from apigate.store.roles.webhooks import DeliveryOutcome, NewWebhookEvent
-from apigate.webhooks import cli
 from apigate.webhooks.signing import SECRET_SETTING
 from tests.support.cli import apigate_json
 from tests.support.gateway import GatewayProcess
@@ -25,7 +25,7 @@ from tests.support.webhook_handler import WebhookHandler
 from tests.support.webhook_sender import Sender, github_source
 
 
-def seed(url: str, events: int = 3, dead: int = 1) -> None:
+def fill_store(url: str, events: int = 3, dead: int = 1) -> None:
     """``events`` events of source stripe to destination h, the first ``dead`` of them dead."""
 
     async def write() -> None:
@@ -55,7 +55,7 @@ def seed(url: str, events: int = 3, dead: int = 1) -> None:
 
 def test_list_show_replay_purge_and_secret(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'store.db'}"
-    seed(url)
+    fill_store(url)
     listed = apigate_json(tmp_path, url, "webhooks", "list")
     assert [(e["event_id"], e["state"]) for e in listed] == [
         ("evt_2", "pending"),
@@ -169,7 +169,7 @@ def test_secret_without_one_in_the_config_is_the_store_one_created_once(
 
 def test_bulk_replay_reports_progress_in_plain_counts_when_not_on_a_terminal(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'store.db'}"
-    seed(url, events=1200, dead=1200)
+    fill_store(url, events=1200, dead=1200)
     with open(tmp_path / "stderr.txt", "w+") as stderr:
         replayed = apigate_json(
             tmp_path, url, "webhooks", "replay", "--status", "dead", stderr=stderr.fileno()
@@ -186,7 +186,7 @@ def test_bulk_replay_reports_progress_in_plain_counts_when_not_on_a_terminal(tmp
 
 def test_bulk_replay_draws_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'store.db'}"
-    seed(url, events=600, dead=600)
+    fill_store(url, events=600, dead=600)
     terminal, child_side = os.openpty()
     try:
         replayed = apigate_json(tmp_path, url, "webhooks", "replay", stderr=child_side)

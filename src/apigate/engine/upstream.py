@@ -1,7 +1,7 @@
 """Pooled keep-alive connections to upstream servers.
 
-Written by hand on the proxy's hot path: a general-purpose HTTP client costs 3-4x here (see the
-design brief), while the proxy needs only one thing: write a request head, stream bytes, and
+Written by hand on the proxy's hot path: a general-purpose HTTP client does far more per request
+than the proxy needs, which is only one thing: write a request head, stream bytes, and
 read what comes back (plain heads with engine/heads.py when compiled, the rest with llhttp),
 with the connection returned to a per-target pool.
 """

@@ -6,8 +6,8 @@ request (``WebhookRequest``) and returns a ``Verdict``. It never raises: every f
 verdict with a stable ``Reason`` code and a message naming the header or field at fault.
 
 Schemes: ``stripe``, ``github``, ``standard`` (Standard Webhooks / Svix, HMAC and Ed25519),
-``shopify``, ``slack``, ``twilio``, ``inpost`` (InPost Group API and the seed's
-``X-InPost-Signature``), ``inpost_shipx``, ``allegro`` (the seed's ``X-Allegro-Signature``), and
+``shopify``, ``slack``, ``twilio``, ``inpost`` (InPost Group API and the Pactown gateway's
+``X-InPost-Signature``), ``inpost_shipx``, ``allegro`` (the Pactown gateway's ``X-Allegro-Signature``), and
 the generic ``hmac``, ``token`` and ``basic``. Each takes ``allowed_cidrs`` (checked first) and
 ``id_header`` / ``id_json_path`` / ``type_header`` / ``type_json_path`` overrides of where the
 event id and type come from.

@@ -1,4 +1,4 @@
-"""Providers that sign the raw body alone: GitHub, Shopify and the seed's Allegro scheme.
+"""Providers that sign the raw body alone: GitHub, Shopify and the Pactown gateway's Allegro scheme.
 
 None of them signs a timestamp, so replays are caught only by de-duplicating the event id.
 """
@@ -14,7 +14,7 @@ from apigate.webhooks.verify.signed import HmacRule, HmacVerifier
 GITHUB_RULE = HmacRule(headers=("x-hub-signature-256",), prefix="sha256=")
 # Shopify: base64 HMAC-SHA256 of the body; the Events API drops the X- prefix.
 SHOPIFY_RULE = HmacRule(headers=("x-shopify-hmac-sha256", "shopify-hmac-sha256"), encoding="base64")
-# The seed: X-Allegro-Signature is the bare hex HMAC-SHA256 of the body.
+# The Pactown gateway's Allegro scheme: X-Allegro-Signature is the bare hex HMAC-SHA256 of the body.
 ALLEGRO_RULE = HmacRule(headers=("x-allegro-signature",))
 
 
@@ -58,7 +58,7 @@ class ShopifyConfig(SchemeBase):
 
 
 class AllegroConfig(SchemeBase):
-    """The seed's scheme. Allegro's REST API itself pushes no webhooks (order events are polled);
+    """The Pactown gateway's scheme. Allegro's REST API itself pushes no webhooks (order events are polled);
     this serves senders that relay them signed this way. No event id unless configured."""
 
     scheme: Literal["allegro"]

@@ -3,7 +3,7 @@
 ``inpost`` (one preset for both signed forms; they share the header name, which is
 case-insensitive, so the value's shape tells them apart):
 
-- ``X-InPost-Signature: sha256=<hex>``: the seed's scheme, the HMAC-SHA256 of the body;
+- ``X-InPost-Signature: sha256=<hex>``: the Pactown gateway's scheme, the HMAC-SHA256 of the body;
 - ``x-inpost-signature: <base64>``: the InPost Group API's HMAC-SHA256 of the body or, when an
   ``x-inpost-timestamp`` header is present, of ``"{x-inpost-timestamp}.{body}"``, the timestamp
   (unix seconds or ISO 8601) within the tolerance.
@@ -46,7 +46,7 @@ from apigate.webhooks.verify.signed import HmacRule, compile_template
 
 HEADER = "x-inpost-signature"
 TIMESTAMP_HEADER = "x-inpost-timestamp"
-SEED_PREFIX = "sha256="
+HEX_PREFIX = "sha256="  # the Pactown gateway's form; the InPost Group API's has none
 SHIPX_SENDER_RANGE = "91.216.25.0/24"
 
 
@@ -65,7 +65,7 @@ class InpostVerifier(SchemeVerifier):
     def __init__(self, config: InpostConfig) -> None:
         super().__init__(config)
         self._keys = HmacKeys(secret_bytes(config.secrets), "sha256")
-        self._seed = HmacRule(headers=(HEADER,), prefix=SEED_PREFIX)
+        self._hex = HmacRule(headers=(HEADER,), prefix=HEX_PREFIX)
         self._group = HmacRule(headers=(HEADER,), encoding="base64")
         self._group_timestamped = HmacRule(
             headers=(HEADER,),
@@ -77,8 +77,8 @@ class InpostVerifier(SchemeVerifier):
         )
 
     def check(self, request: WebhookRequest, body: BodyJson) -> Verdict | None:
-        if request.headers.get(HEADER, "").lstrip().startswith(SEED_PREFIX):
-            rule = self._seed
+        if request.headers.get(HEADER, "").lstrip().startswith(HEX_PREFIX):
+            rule = self._hex
         elif TIMESTAMP_HEADER in request.headers:
             rule = self._group_timestamped
         else:

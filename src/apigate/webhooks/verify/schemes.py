@@ -1,5 +1,5 @@
-"""Every scheme's config in one discriminated union, building a verifier from one, and the seed's
-route shorthands."""
+"""Every scheme's config in one discriminated union, building a verifier from one, and the route
+shorthands of routes.yaml files written for the Pactown gateway."""
 
 from __future__ import annotations
 
@@ -51,10 +51,10 @@ _SHORTHANDS = {
 
 
 def shorthand_scheme(name: str, env: Mapping[str, str], secrets: Sequence[str] = ()) -> SchemeConfig | None:
-    """The preset behind one of the seed's route shorthands (``auth: <name>``); None when ``name``
-    is not one of them (e.g. ``jwt``).
+    """The preset behind one of the Pactown gateway's route shorthands (``auth: <name>``); None when
+    ``name`` is not one of them (e.g. ``jwt``).
 
-    The seed uses each shorthand for one provider, and so does this mapping:
+    The Pactown gateway uses each shorthand for one provider, and so does this mapping:
 
     - ``webhook_secret`` (``/webhooks/allegro``): ``allegro``, hex HMAC-SHA256 of the body in
       ``X-Allegro-Signature``, secret ``ALLEGRO_WEBHOOK_SECRET``;

@@ -1,7 +1,7 @@
-"""The routes.yaml of the first seed document, byte for byte: it must load and run unchanged."""
+"""A routes.yaml written for the Pactown gateway, byte for byte: it must load and run unchanged."""
 
-# The blank lines between routes hold four spaces, as in the seed's file.
-SEED_ROUTES_YAML = """\
+# The blank lines between routes hold four spaces, as in that file.
+PACTOWN_ROUTES_YAML = """\
 routes:
   - path: /webhooks/allegro
     target: http://allegro-handler:8080

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
+from apigate.cli.context import StoreCommands, config_for_store, config_path, run_store_command, store_only
+from apigate.cli.output import EXIT_OK, CliError, print_json, report, table, when
 from apigate.config.units import parse_duration
 from apigate.store.roles.settings import SettingStore
 from apigate.store.roles.webhooks import (
@@ -26,10 +28,10 @@ if TYPE_CHECKING:
     from apigate.store import Store
 
 
-def add_webhook_commands(commands: Any, common: argparse.ArgumentParser, run: Callable[..., int]) -> None:
-    """Register the commands; ``run(args, action)`` opens the store as the other store commands do."""
-    webhooks = commands.add_parser("webhooks", help="list, inspect, replay and purge webhook events")
-    actions = webhooks.add_subparsers(dest="action", required=True, metavar="ACTION")
+def add_commands(commands: Any) -> None:
+    webhooks = StoreCommands(
+        commands, "webhooks", "list, inspect, replay and purge webhook events", cmd_webhooks
+    )
 
     def filters(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--source", help="only this source's events")
@@ -39,29 +41,24 @@ def add_webhook_commands(commands: Any, common: argparse.ArgumentParser, run: Ca
         parser.add_argument("--type", dest="event_type", help="only events of this type")
         parser.add_argument("--since", metavar="AGE", help="received within this long, e.g. 1h, 7d")
 
-    listing = actions.add_parser("list", parents=[common], help="events, newest first")
+    listing = webhooks.action("list", "events, newest first")
     filters(listing)
     listing.add_argument("--limit", type=int, default=100)
-    show = actions.add_parser("show", parents=[common], help="one event, its deliveries and attempts")
+    show = webhooks.action("show", "one event, its deliveries and attempts")
     show.add_argument("source")
     show.add_argument("event_id")
-    replay = actions.add_parser("replay", parents=[common], help="deliver matching events again, now")
+    replay = webhooks.action("replay", "deliver matching events again, now")
     filters(replay)
     replay.add_argument("--event-id", help="only this event (with --source)")
-    purge = actions.add_parser(
-        "purge", parents=[common], help="delete finished events older than --older-than"
-    )
+    purge = webhooks.action("purge", "delete finished events older than --older-than")
     purge.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 30d")
     purge.add_argument("--source", help="only this source's events")
-    actions.add_parser("secret", parents=[common], help="print the gateway's delivery signing secret")
-    destinations = actions.add_parser(
-        "destinations",
-        parents=[common],
-        help="destinations with their state and backlog; `destinations enable NAME` re-enables one",
+    webhooks.action("secret", "print the gateway's delivery signing secret")
+    destinations = webhooks.action(
+        "destinations", "destinations with their state and backlog; `destinations enable NAME` re-enables one"
     )
     destinations.add_argument("command", nargs="?", choices=["enable"], help="enable a disabled destination")
     destinations.add_argument("name", nargs="?", help="the destination to enable")
-    webhooks.set_defaults(func=lambda args: run(args, lambda service: webhooks_action(args, service)))
 
 
 def _query(args: argparse.Namespace, limit: int | None) -> WebhookEventQuery:
@@ -76,107 +73,71 @@ def _query(args: argparse.Namespace, limit: int | None) -> WebhookEventQuery:
     )
 
 
-def summary_dict(event: WebhookEventSummary) -> dict[str, Any]:
-    return {
-        "source": event.source,
-        "event_id": event.event_id,
-        "event_type": event.event_type,
-        "received_at": event.received_at,
-        "state": event.state,
-        "size": event.size,
-    }
-
-
 def detail_dict(detail: WebhookEventDetail) -> dict[str, Any]:
+    """An event with its headers, body and every delivery's attempts (the store's fields, in order)."""
     return {
-        **summary_dict(detail.summary),
+        **dataclasses.asdict(detail.summary),
         "headers": [list(pair) for pair in detail.headers],
         "body": detail.body.decode("utf-8", "replace"),
-        "deliveries": [
-            {
-                "destination": d.destination,
-                "state": d.state,
-                "attempts": d.attempts,
-                "next_at": d.next_at,
-                "attempt_log": [
-                    {
-                        "attempt": a.attempt,
-                        "started_at": a.started_at,
-                        "latency": a.latency,
-                        "status": a.status,
-                        "error": a.error,
-                    }
-                    for a in d.attempt_log
-                ],
-            }
-            for d in detail.deliveries
-        ],
+        "deliveries": [dataclasses.asdict(d) for d in detail.deliveries],
     }
+
+
+def event_table(events: list[WebhookEventSummary]) -> str:
+    rows = [
+        [e.source, e.event_id, e.event_type or "-", e.state, when(e.received_at), str(e.size)] for e in events
+    ]
+    return table(rows, ["SOURCE", "EVENT ID", "TYPE", "STATE", "RECEIVED", "BYTES"])
+
+
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    return run_store_command(args, webhooks_action)
 
 
 async def webhooks_action(args: argparse.Namespace, service: ConsumerService[Store]) -> int:
-    from apigate.cli import CliError, _print_json, _table, _when
-
     store = service.store
     if args.action == "list":
         events = await store.list_webhook_events(_query(args, args.limit))
-        if args.json:
-            _print_json([summary_dict(e) for e in events])
-        else:
-            rows = [
-                [e.source, e.event_id, e.event_type or "-", e.state, _when(e.received_at), str(e.size)]
-                for e in events
-            ]
-            print(_table(rows, ["SOURCE", "EVENT ID", "TYPE", "STATE", "RECEIVED", "BYTES"]))
+        report(args.json, [dataclasses.asdict(e) for e in events], event_table(events))
     elif args.action == "show":
         detail = await store.get_webhook_event(args.source, args.event_id)
         if detail is None:
             raise CliError(f"no event {args.event_id!r} of source {args.source!r}")
         if args.json:
-            _print_json(detail_dict(detail))
+            print_json(detail_dict(detail))
         else:
             print(f"{args.source} {args.event_id}: {detail.summary.state}, {detail.summary.size} bytes")
             for d in detail.deliveries:
                 print(f"  -> {d.destination}: {d.state} after {d.attempts} attempt(s)")
                 for a in d.attempt_log:
                     outcome = a.status if a.status is not None else a.error
-                    print(f"     #{a.attempt} {_when(a.started_at)} {a.latency * 1000:.0f} ms {outcome}")
+                    print(f"     #{a.attempt} {when(a.started_at)} {a.latency * 1000:.0f} ms {outcome}")
     elif args.action == "replay":
         count = await replay_in_batches(store, _query(args, None), time.time(), ReplayProgress(sys.stderr))
-        _report(args, {"replayed": count}, f"replaying {count} event(s)")
+        report(args.json, {"replayed": count}, f"replaying {count} event(s)")
     elif args.action == "destinations":
         await _destinations_action(args, store)
     elif args.action == "purge":
         before = time.time() - parse_duration(args.older_than)
         count = await store.purge_webhook_events(before, args.source)
-        _report(args, {"purged": count}, f"purged {count} event(s)")
+        report(args.json, {"purged": count}, f"purged {count} event(s)")
     else:
         await _secret_action(args, store)
-    return 0
-
-
-def _report(args: argparse.Namespace, value: dict[str, Any], text: str) -> None:
-    from apigate.cli import _print_json
-
-    if args.json:
-        _print_json(value)
-    else:
-        print(text)
+    return EXIT_OK
 
 
 # -- signing secret ---------------------------------------------------------------------------------
 async def _secret_action(args: argparse.Namespace, store: SettingStore) -> None:
     """The secret the gateway signs deliveries with, chosen as the gateway chooses it. The secret
     alone goes to stdout (for scripts); where it comes from goes to stderr."""
-    from apigate.cli import _config_for_store, _config_path, _print_json
     from apigate.webhooks.signing import signing_secret_in_effect
 
-    config_read = not (args.store and not args.config)
-    config = _config_for_store(args) if config_read else None
-    path = _config_path(args.config) if config is not None else None
+    config_read = not store_only(args)
+    config = config_for_store(args) if config_read else None
+    path = config_path(args.config) if config is not None else None
     secret = await signing_secret_in_effect(config.webhooks.signing_secret if config else None, store)
     if args.json:
-        _print_json(
+        print_json(
             {
                 "signing_secret": secret.value,
                 "source": secret.origin,
@@ -258,17 +219,13 @@ def destination_dict(state: WebhookDestinationState, configured: set[str] | None
 
 def _configured_destinations(args: argparse.Namespace) -> set[str] | None:
     """The destinations of the config in use; None when ``--store`` alone bypasses the config."""
-    from apigate.cli import _config_for_store
-
-    if args.store and not args.config:
+    if store_only(args):
         return None
-    config = _config_for_store(args)
+    config = config_for_store(args)
     return None if config is None else set(config.webhooks.destinations)
 
 
 async def _destinations_action(args: argparse.Namespace, store: WebhookStore) -> None:
-    from apigate.cli import CliError, _print_json, _table, _when
-
     if args.command == "enable":
         if not args.name:
             raise CliError("destinations enable: name the destination to enable")
@@ -278,7 +235,7 @@ async def _destinations_action(args: argparse.Namespace, store: WebhookStore) ->
             if was_disabled
             else f"{args.name} was not disabled"
         )
-        _report(args, {"name": args.name, "enabled": True, "was_disabled": was_disabled}, text)
+        report(args.json, {"name": args.name, "enabled": True, "was_disabled": was_disabled}, text)
         return
     configured = _configured_destinations(args)
     known = {state.name: state for state in await store.list_webhook_destinations()}
@@ -286,22 +243,22 @@ async def _destinations_action(args: argparse.Namespace, store: WebhookStore) ->
         known.setdefault(name, WebhookDestinationState(name))  # configured, never attempted
     listed = [destination_dict(known[name], configured) for name in sorted(known)]
     if args.json:
-        _print_json(listed)
+        print_json(listed)
         return
     rows = [
         [
             d["name"],
             d["state"],
-            _when(d["disabled_at"]),
-            _when(d["failing_since"]),
-            _when(d["last_success_at"]),
+            when(d["disabled_at"]),
+            when(d["failing_since"]),
+            when(d["last_success_at"]),
             (d["last_error"] or "-")[:60],
             str(d["pending"]),
         ]
         for d in listed
     ]
     print(
-        _table(
+        table(
             rows,
             ["DESTINATION", "STATE", "DISABLED", "FAILING SINCE", "LAST SUCCESS", "LAST ERROR", "PENDING"],
         )
