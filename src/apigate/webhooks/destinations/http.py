@@ -7,7 +7,7 @@ import time
 
 from apigate.outbound import HttpClient, OutboundError, Response
 from apigate.webhooks.config import HttpDestinationConfig
-from apigate.webhooks.destinations import Destination, Message, Result
+from apigate.webhooks.destinations.base import Destination, Message, Result
 
 # What a handler may answer is read for the record and for sync mode; bigger answers are refused.
 MAX_ANSWER = 1 << 20
