@@ -9,6 +9,14 @@ from apigate.outbound.client import (
     OutboundError,
     Response,
     default_tls_context,
+    retry_after,
 )
 
-__all__ = ["IDEMPOTENT_METHODS", "HttpClient", "OutboundError", "Response", "default_tls_context"]
+__all__ = [
+    "IDEMPOTENT_METHODS",
+    "HttpClient",
+    "OutboundError",
+    "Response",
+    "default_tls_context",
+    "retry_after",
+]

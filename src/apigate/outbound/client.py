@@ -28,6 +28,7 @@ with a line break) raises ``ValueError``.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import re
 import ssl
 from collections import deque
@@ -42,6 +43,7 @@ from apigate.httpspec import IDEMPOTENT_METHODS, host_field
 ErrorKind = Literal["connect", "timeout", "protocol", "too_large", "tls"]
 
 MAX_HEAD_BYTES = 64 * 1024  # status line and headers of a response
+MAX_RETRY_AFTER = 86400.0  # the longest pause a Retry-After may ask for
 USER_AGENT = f"apigate/{__version__}".encode()
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -86,6 +88,21 @@ class Response:
 
     def __repr__(self) -> str:
         return f"<Response {self.status}, {len(self.body)} bytes>"
+
+
+def retry_after(value: bytes | None, now: float) -> float | None:
+    """Seconds from a Retry-After value (RFC 9110 §10.2.3: delta-seconds or an HTTP date), capped at a day."""
+    if not value:
+        return None
+    text = value.decode("latin-1").strip()
+    if text.isdigit():
+        seconds = float(text)
+    else:
+        try:
+            seconds = email.utils.parsedate_to_datetime(text).timestamp() - now
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 _default_tls: ssl.SSLContext | None = None

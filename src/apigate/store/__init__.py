@@ -9,15 +9,8 @@ object, so a process holds one connection (SQLite) or one pool (PostgreSQL) for 
 
 from __future__ import annotations
 
-from typing import Protocol
-
-from apigate.store.roles.changes import ChangeFeed
-from apigate.store.roles.consumers import ApiKey, Consumer, ConsumerStore
-from apigate.store.roles.credentials import CredentialStore
-from apigate.store.roles.leases import LeaseStore
-from apigate.store.roles.settings import SettingStore
-from apigate.store.roles.tokens import RevokedTokenStore
-from apigate.store.roles.webhooks import WebhookStore
+from apigate.store.base import Store
+from apigate.store.roles.consumers import ApiKey, Consumer
 
 __all__ = ["ApiKey", "Consumer", "Store", "open_store"]
 
@@ -25,24 +18,6 @@ ACCEPTED_URLS = (
     "sqlite:///relative/path.db, sqlite:////absolute/path.db, "
     "postgresql://user@host:port/dbname (or postgres://...)"
 )
-
-
-class Store(
-    ChangeFeed,
-    ConsumerStore,
-    CredentialStore,
-    RevokedTokenStore,
-    SettingStore,
-    WebhookStore,
-    LeaseStore,
-    Protocol,
-):
-    """Every role of one backend; the process that opens it closes it."""
-
-    async def open(self) -> None:
-        """Connect and apply schema migrations (versioned, idempotent)."""
-
-    async def close(self) -> None: ...
 
 
 def open_store(url: str) -> Store:

@@ -8,7 +8,8 @@ from typing import Any
 
 import asyncpg
 
-from apigate.store import Store, rows
+from apigate.store import rows
+from apigate.store.base import Store
 from apigate.store.migrations import migrate_postgres
 from apigate.store.roles.consumers import ApiKey, Consumer
 from apigate.store.roles.credentials import Credential

@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 import orjson
 
-from apigate.store import Store, rows
+from apigate.store import rows
+from apigate.store.base import Store
 from apigate.store.groupcommit import GroupCommit
 from apigate.store.migrations import migrate_sqlite
 from apigate.store.roles.consumers import ApiKey, Consumer

@@ -37,7 +37,7 @@ from apigate.store.groupcommit import GroupCommit
 from apigate.store.roles.leases import LeaseStore
 from apigate.store.roles.webhooks import DeliveryClaim, DeliveryOutcome, WebhookStore
 from apigate.webhooks.config import RetryConfig
-from apigate.webhooks.destinations import Destination, Message, Result
+from apigate.webhooks.destinations.base import Destination, Message, Result
 from apigate.webhooks.signing import Signer
 
 log = logging.getLogger("apigate.webhooks")

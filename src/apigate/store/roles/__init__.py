@@ -10,5 +10,5 @@ test can hand it a small object of its own. Both backends (``sqlite.py``, ``post
 
 A new capability adds a role here (its records and its Protocol), a schema step in
 ``migrations.py``, its section of row codecs in ``rows.py``, its methods in both backends, and its
-name to ``Store``'s bases in ``store/__init__.py``; the other roles stay as they are.
+name to ``Store``'s bases in ``store/base.py``; the other roles stay as they are.
 """

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import email.utils
 import time
 
-from apigate.outbound import HttpClient, OutboundError, Response
+from apigate.outbound import HttpClient, OutboundError, Response, retry_after
 from apigate.webhooks.config import HttpDestinationConfig
-from apigate.webhooks.destinations import Destination, Message, Result
+from apigate.webhooks.destinations.base import Destination, Message, Result
 
 # What a handler may answer is read for the record and for sync mode; bigger answers are refused.
 MAX_ANSWER = 1 << 20
-MAX_RETRY_AFTER = 86400.0
 
 
 class HttpDestination(Destination):
@@ -39,18 +37,3 @@ class HttpDestination(Destination):
             f"answered {response.status}",
             retry_after(response.header(b"retry-after"), time.time()),
         )
-
-
-def retry_after(value: bytes | None, now: float) -> float | None:
-    """Seconds from a Retry-After value (delta-seconds or an HTTP date), capped at a day."""
-    if not value:
-        return None
-    text = value.decode("latin-1").strip()
-    if text.isdigit():
-        seconds = float(text)
-    else:
-        try:
-            seconds = email.utils.parsedate_to_datetime(text).timestamp() - now
-        except (TypeError, ValueError):
-            return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)

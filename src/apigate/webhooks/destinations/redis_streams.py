@@ -26,7 +26,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from apigate.webhooks.config import RedisStreamDestinationConfig
-from apigate.webhooks.destinations import Destination, Message, Result
+from apigate.webhooks.destinations.base import Destination, Message, Result
 
 log = logging.getLogger("apigate.webhooks")
 

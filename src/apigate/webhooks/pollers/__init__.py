@@ -5,8 +5,8 @@ retries and records).
 Every gateway process runs a loop per polled source, but only the holder of the source's lease
 polls (``webhook-poll:{source}`` in the store), so a cluster reads a provider's journal once; when
 the holder dies its lease expires and another process takes over from the stored cursor. A
-provider kind implements ``Poller.poll``: fetch one page after the stored cursor, commit its
-events, and only then advance the cursor, so a crash at any point re-reads a page whose events
+provider kind implements ``Poller.poll`` (base.py): fetch one page after the stored cursor, commit
+its events, and only then advance the cursor, so a crash at any point re-reads a page whose events
 the store already holds and acknowledges as duplicates.
 """
 
@@ -17,15 +17,17 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
 from apigate.outbound import HttpClient
 from apigate.store.roles.leases import LeaseStore
 from apigate.store.roles.settings import SettingStore
+from apigate.webhooks.pollers.base import CommitPolled, PolledEvent, Poller, PollError
 from apigate.webhooks.pollers.config import PollConfig
 from apigate.webhooks.verify.model import Reason, Verdict, WebhookRequest
+
+__all__ = ["PUSH_REFUSED", "CommitPolled", "PollError", "PolledEvent", "Poller", "PollerStore", "Pollers"]
 
 log = logging.getLogger("apigate.webhooks")
 
@@ -38,34 +40,8 @@ LEASE_REQUESTS = 8
 LEASE_SPARE = 5.0
 
 
-@dataclass(frozen=True, slots=True)
-class PolledEvent:
-    event_id: str
-    event_type: str | None
-    body: bytes
-    headers: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
-
-
 class PollerStore(LeaseStore, SettingStore, Protocol):
     """What polling keeps in the store: one lease per source, and each poller's cursor and tokens."""
-
-
-CommitPolled = Callable[[str, Sequence[PolledEvent]], Awaitable[None]]
-"""``commit(source, events)`` returns once the events are durably stored (duplicates included)."""
-
-
-class PollError(Exception):
-    """A poll that failed; ``retry_after`` is the provider's requested pause (429), if it gave one."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class Poller(Protocol):
-    async def poll(self) -> bool:
-        """Fetch and commit one page after the cursor, then advance it; True if more are waiting."""
-        ...
 
 
 class PushRefused:
@@ -90,6 +66,8 @@ def build_poller(
     commit: CommitPolled,
     clock: Callable[[], float],
 ) -> Poller:
+    # Imported here: the config's models load pollers.config, which runs this package's __init__,
+    # and a poller's module imports the webhooks config back.
     from apigate.webhooks.pollers.allegro import AllegroPoller
 
     return AllegroPoller(source, config, store, client, commit, clock)

@@ -25,10 +25,9 @@ from urllib.parse import urlencode
 
 import orjson
 
-from apigate.outbound import HttpClient, OutboundError, Response
+from apigate.outbound import HttpClient, OutboundError, Response, retry_after
 from apigate.store.roles.settings import SettingStore
-from apigate.webhooks.destinations.http import retry_after
-from apigate.webhooks.pollers import CommitPolled, PolledEvent, PollError
+from apigate.webhooks.pollers.base import CommitPolled, PolledEvent, PollError
 from apigate.webhooks.pollers.config import AllegroPollConfig
 
 log = logging.getLogger("apigate.webhooks")
