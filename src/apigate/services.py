@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from apigate.config.models import GatewayConfig
     from apigate.consumers.registry import ConsumerRegistry
+    from apigate.policies.services import ServiceName
     from apigate.state import StateBackend
     from apigate.store import Store
     from apigate.webhooks.runtime import WebhookRuntime
@@ -23,6 +24,8 @@ log = logging.getLogger("apigate")
 
 
 class Services:
+    """The running services; policies see them as ``policies.services.PolicyServices``."""
+
     def __init__(self) -> None:
         self.store: Store | None = None
         self.consumers: ConsumerRegistry | None = None
@@ -31,7 +34,7 @@ class Services:
         self.state: StateBackend | None = None
         self._state_url: str | None = None
 
-    async def start(self, config: GatewayConfig, needs: frozenset[str]) -> None:
+    async def start(self, config: GatewayConfig, needs: frozenset[ServiceName]) -> None:
         """Start what ``needs`` names and is not running yet; apply the config to what runs."""
         # The registry listens for change notices, so consumers need the state backend too.
         if ("state" in needs or "consumers" in needs) and self.state is None:
@@ -69,7 +72,7 @@ class Services:
         return self.store
 
     # -- webhooks: intake and delivery, started when a source is configured -------------------------
-    async def _start_webhooks(self, config: GatewayConfig, needs: frozenset[str]) -> None:
+    async def _start_webhooks(self, config: GatewayConfig, needs: frozenset[ServiceName]) -> None:
         if self.webhooks is not None:
             self.webhooks.apply_config(config.webhooks)
         elif "webhooks" in needs:

@@ -23,6 +23,7 @@ class BodyDigest(Policy):
     name = "test_body_digest"
     order = 1000
     Config = DigestConfig
+    phases = frozenset({"body"})
     terminal = True
     body_limit: ClassVar[int] = 256 * 1024
 
@@ -41,6 +42,7 @@ class BodyUpper(Policy):
     name = "test_body_upper"
     order = 1000
     Config = NoConfig
+    phases = frozenset({"body"})
 
     def on_body(self, exchange: Exchange, body: bytes) -> None:
         exchange.body = body.upper() + (b"-grown" if body.endswith(b"grow") else b"")
@@ -53,6 +55,7 @@ class BodyGate(Policy):
     name = "test_body_gate"
     order = 2000
     Config = NoConfig
+    phases = frozenset({"body"})
 
     async def _decide(self, body: bytes) -> Reply | None:
         await asyncio.sleep(0)

@@ -22,6 +22,7 @@ class DeclaredLimit(Policy):
     name = "test_declared_limit"
     order = 2000
     Config = LimitConfig
+    phases = frozenset({"request"})
     shorthand: ClassVar[str | None] = "rate_limit"
 
     @classmethod

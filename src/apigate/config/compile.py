@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
@@ -19,13 +19,13 @@ from apigate.config.models import ROUTE_SHORTHANDS, GatewayConfig, RouteConfig, 
 from apigate.engine.plan import CompiledRoute, Endpoints, Network, Plan, Target, Timeouts, UpstreamGroup
 from apigate.engine.router import RouteEntry, Router
 from apigate.httpspec import host_field
-from apigate.policies.base import Policy
+from apigate.policies.base import Phase, Policy
 from apigate.policies.registry import build_policy, registry, shorthand_policies, validate_policy_config
 from apigate.webhooks.routes import source_routes
 
 if TYPE_CHECKING:
     from apigate.engine.upstream import PoolManager
-    from apigate.services import Services
+    from apigate.policies.services import PolicyServices, ServiceName
 
 _LOOPBACK: Final = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 _SECRET_KEY: Final = re.compile(r"secret|token|password|passwd|api[_-]?key|private|credential", re.IGNORECASE)
@@ -69,8 +69,8 @@ def _make_target(url: str, weight: int, pool_config: Any, pools: PoolManager) ->
 
 
 def _policy_chain(
-    global_raw: dict[str, Any], route: RouteConfig, services: Services | None
-) -> tuple[tuple[Policy, ...], tuple[str, ...]]:
+    global_raw: dict[str, Any], route: RouteConfig, services: PolicyServices | None
+) -> tuple[tuple[Policy[Any], ...], tuple[str, ...]]:
     """Global policies, overridden by the route's own config for the same name; shorthands resolved."""
     raw: dict[str, Any] = dict(global_raw)
     raw.update(route.policies)
@@ -99,13 +99,12 @@ def _policy_chain(
     return tuple(policies), tuple(inactive)
 
 
-def _hooks(policies: tuple[Policy, ...], phase: str) -> tuple[Callable[..., Any], ...]:
-    """Bound hooks for the policies that override ``phase``; the others cost nothing."""
-    base = getattr(Policy, phase)
-    return tuple(getattr(p, phase) for p in policies if getattr(type(p), phase) is not base)
+def _hooks(policies: Sequence[Policy[Any]], phase: Phase) -> tuple[Callable[..., Any], ...]:
+    """The hooks of the policies that use ``phase``, in chain order; the others cost nothing."""
+    return tuple(p.hook(phase) for p in policies if phase in p.phases)
 
 
-def compile_plan(config: GatewayConfig, pools: PoolManager, services: Services | None = None) -> Plan:
+def compile_plan(config: GatewayConfig, pools: PoolManager, services: PolicyServices | None = None) -> Plan:
     """The Plan for ``config``: upstream targets get their pools from ``pools`` (kept across
     reloads), policies get ``services``."""
     groups: dict[str, UpstreamGroup] = {}
@@ -122,11 +121,9 @@ def compile_plan(config: GatewayConfig, pools: PoolManager, services: Services |
         elif route.target is not None:
             group = _group(route.display_name, UpstreamConfig(targets=[{"url": route.target}]), pools)
         policies, route_inactive = _policy_chain(config.policies, route, services)
-        request_hooks = _hooks(policies, "on_request")
-        body_policies = [p for p in policies if p.reads_body]
-        body_hooks = _hooks(tuple(body_policies), "on_body")
+        body_policies = [p for p in policies if "body" in p.phases]
         max_body = route.max_body_size if route.max_body_size is not None else config.limits.max_body_size
-        body_limit = max((p.body_limit for p in body_policies if p.on_body in body_hooks), default=0)
+        body_limit = max((p.body_limit for p in body_policies), default=0)
         if max_body is not None:
             body_limit = min(body_limit, max_body)
         item = CompiledRoute(
@@ -141,10 +138,10 @@ def compile_plan(config: GatewayConfig, pools: PoolManager, services: Services |
             max_body_size=max_body,
             lists_methods=route.methods is not None,
             policies=policies,
-            request_hooks=request_hooks,
-            response_hooks=tuple(reversed(_hooks(policies, "on_response"))),
-            log_hooks=_hooks(policies, "on_log"),
-            body_hooks=body_hooks,
+            request_hooks=_hooks(policies, "request"),
+            response_hooks=tuple(reversed(_hooks(policies, "response"))),
+            log_hooks=_hooks(policies, "log"),
+            body_hooks=_hooks(body_policies, "body"),
             body_limit=body_limit,
             inactive=route_inactive,
             upgrades=frozenset(p.encode() for p in route.upgrades),
@@ -186,7 +183,7 @@ def compile_plan(config: GatewayConfig, pools: PoolManager, services: Services |
     )
 
 
-def needs_of(plan: Plan) -> frozenset[str]:
+def needs_of(plan: Plan) -> frozenset[ServiceName]:
     """The shared services the plan's policies use (the process starts them before serving)."""
     return frozenset().union(*(policy.needs for route in plan.routes for policy in route.policies))
 
@@ -206,7 +203,9 @@ def _endpoints(config: GatewayConfig) -> Endpoints:
     )
 
 
-def _describe(route: RouteConfig, policies: tuple[Policy, ...], inactive: tuple[str, ...]) -> dict[str, Any]:
+def _describe(
+    route: RouteConfig, policies: tuple[Policy[Any], ...], inactive: tuple[str, ...]
+) -> dict[str, Any]:
     """What /routes shows of a route: its config and its policies' configs, secrets masked."""
     item: dict[str, Any] = mask_secrets(route.model_dump(mode="json", exclude_none=True))
     item["name"] = route.display_name

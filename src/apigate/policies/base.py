@@ -1,6 +1,21 @@
-"""What a policy is: a config model, a name, an order and hooks for the phases of a request.
+"""What a policy is: a typed config, a name, an order, the phases it uses and their hooks.
 
-The engine calls only the hooks a policy overrides, so an unused phase costs nothing.
+A policy subclasses ``Policy[ItsConfig]`` (``ItsConfig``, a ``PolicyConfig``, validates its
+config; the class gets it as ``Config``) and states, on the class:
+
+- ``name`` and ``order``;
+- ``phases``: the phases whose hooks it defines. ``register`` refuses a class whose ``phases``
+  and ``on_*`` methods disagree; the engine calls only the hooks of declared phases, so an
+  unused phase costs nothing;
+- ``needs``: the shared services it uses (``policies/services.py``); the process starts them
+  before serving and hands every policy one ``PolicyServices``, ``self.services``.
+
+``self.config`` has the policy's own config type. ``prepare()`` runs once, when the policy is
+built for a route: it turns the config into what the hooks read per request (sets, byte
+strings, compiled checks), and may narrow ``phases`` and ``needs`` for this instance when its
+config leaves a phase or a service unused (hmac-auth without ``validate_body``, jwt without
+``check_revoked``). Nothing of this runs per request.
+
 Phases, in the order a request meets them:
 
 - ``on_request(exchange)``: after the route matched, before the upstream is chosen. Returns
@@ -9,27 +24,60 @@ Phases, in the order a request meets them:
   delay). Answer from memory synchronously when you can: only an awaitable costs a task.
   ``async def`` works too, but then every request pays for a coroutine and a task.
 - ``on_body(exchange, body)``: the whole request body, exactly as the client sent it (chunked
-  framing removed). Declaring this hook makes the engine buffer the body, up to the policy's
+  framing removed). Declaring this phase makes the engine buffer the body, up to the policy's
   ``body_limit`` (larger bodies get 413), once every ``on_request`` hook has passed; the others
   stream. Same return values as ``on_request``. A hook may replace ``exchange.body``: the
   upstream then receives the new bytes with a matching Content-Length.
 - ``on_response(exchange)``: the upstream's status and headers arrived; edit
   ``exchange.response_headers`` before they are sent. Runs in reverse order.
 - ``on_log(exchange)``: the exchange is finished (status, timings, bytes are known).
+
+The engine calls what ``hook(phase)`` returns: the bound ``on_<phase>`` method, or the callable
+``prepare()`` put in ``engine_hooks`` for that phase, which does the same work.
+
+Compiled per-request paths (``policies/*/hotpath.py``). setup.py compiles the modules it lists
+with mypyc, together with the engine; a policy puts a bound method of a hotpath class in
+``engine_hooks``, so the engine calls C with no Python frame in between. Such a module:
+
+- imports only the engine's ``Exchange`` (``apigate.engine.exchange``), modules compiled with it
+  (``apigate.consumers.keyindex``) and the standard library: no pydantic, no config model,
+  nothing of ``policies`` outside its own package. It gets plain values (bytes, frozensets,
+  dicts, callables) built by ``prepare()``;
+- is fully annotated, and truly: mypyc checks annotations at run time, so a wrong one breaks
+  only the compiled build (tests/test_compiled_engine.py runs one);
+- uses of ``Exchange`` only what the engine keeps as native attributes of its compiled class (a
+  read or write is a C struct access, not a dict lookup): ``headers`` (the request's list of
+  lowercase name/value byte pairs; replace it, or edit it in place), ``response_headers``
+  (the same, in the response phase), ``consumer``, ``tenant``, ``state`` (``None`` until a
+  policy sets a dict) and the method ``vars()`` (that dict, made on first use); the request's
+  ``method``, ``path``, ``raw_path``, ``query`` and ``client_ip`` may be read;
+- hands anything unusual (a refusal, a miss, a service not running) back to a callable of the
+  policy, so the policy's Python module stays the one place that makes answers.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict
+
+from apigate.policies.services import NO_SERVICES, PolicyServices, ServiceName
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
     from apigate.engine.exchange import Exchange
     from apigate.engine.replies import Reply
-    from apigate.services import Services
+
+Phase = Literal["request", "body", "response", "log"]
+HOOK_METHODS: Final[dict[Phase, str]] = {
+    "request": "on_request",
+    "body": "on_body",
+    "response": "on_response",
+    "log": "on_log",
+}
 
 
 class PolicyConfig(BaseModel):
@@ -38,15 +86,23 @@ class PolicyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Policy:
+ConfigT = TypeVar("ConfigT", bound=PolicyConfig)
+
+
+class Policy(Generic[ConfigT]):
+    """A policy as the gateway compiles it into routes (the module docstring is the contract)."""
+
     name: ClassVar[str]
     order: ClassVar[int]
     """Request hooks run in ascending order (auth ~1000, limits ~2000, transforms ~5000)."""
     Config: ClassVar[type[PolicyConfig]]
+    """The model the config is validated with: the ``ConfigT`` of ``Policy[ConfigT]``."""
+    phases: frozenset[Phase] = frozenset()
+    """The phases whose ``on_*`` hooks the class defines; ``prepare()`` may drop some for an instance."""
+    needs: frozenset[ServiceName] = frozenset()
+    """Shared services the policy uses, e.g. {"consumers"}; ``prepare()`` may drop some for an instance."""
     challenge: bytes | None = None
     """An authentication policy's WWW-Authenticate value for a missing credential (others: None)."""
-    needs: ClassVar[frozenset[str]] = frozenset()
-    """Shared services the policy uses, e.g. {"consumers"}; the gateway starts them before serving."""
     terminal: ClassVar[bool] = False
     """The policy always answers itself (a token endpoint, a webhook intake): its route needs no upstream."""
     shorthand: ClassVar[str | None] = None
@@ -54,12 +110,25 @@ class Policy:
     see ``ROUTE_SHORTHANDS``); ``expand_shorthand`` turns the key's value into the policy's config."""
     body_limit: ClassVar[int] = 1 << 20
     """Largest request body ``on_body`` accepts; the route's ``max_body_size`` may lower it."""
-    reads_body = True
-    """False when this instance's config turns its ``on_body`` check off (bodies then stream)."""
+    engine_hooks: Mapping[Phase, Callable[..., Any]] = MappingProxyType({})
+    """Set by ``prepare()``: what the engine calls for a phase instead of ``on_<phase>``, doing the same
+    work with a frame less (a hotpath.py method, usually)."""
 
-    def __init__(self, config: Any, services: Services | None = None) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Config" not in vars(cls):  # a class may still name it itself (``Config = ItsConfig``)
+            for base in getattr(cls, "__orig_bases__", ()):
+                for argument in get_args(base):
+                    if isinstance(argument, type) and issubclass(argument, PolicyConfig):
+                        cls.Config = argument
+
+    def __init__(self, config: ConfigT, services: PolicyServices = NO_SERVICES) -> None:
         self.config = config
         self.services = services
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Build from ``self.config`` what the hooks read per request (runs once, when compiled)."""
 
     @classmethod
     def expand_shorthand(cls, value: str) -> dict[str, Any] | None:
@@ -68,6 +137,13 @@ class Policy:
         the shorthand is then reported inactive."""
         return None
 
+    def hook(self, phase: Phase) -> Callable[..., Any]:
+        """What the engine calls for ``phase`` (asked once, when the route is compiled)."""
+        direct = self.engine_hooks.get(phase)
+        hook: Callable[..., Any] = direct if direct is not None else getattr(self, HOOK_METHODS[phase])
+        return hook
+
+    # The hooks: a class defines those of the phases it declares, and only those.
     def on_request(self, exchange: Exchange) -> Reply | Awaitable[Reply | None] | None:
         return None
 
@@ -83,3 +159,14 @@ class Policy:
     def describe(self) -> dict[str, Any]:
         """What /routes shows of this policy; secrets stay masked."""
         return self.config.model_dump(mode="json")
+
+
+def phase_mismatch(cls: type[Policy[Any]]) -> str | None:
+    """How ``cls``'s declared ``phases`` and its ``on_*`` hooks disagree; None when they agree."""
+    for phase, method in HOOK_METHODS.items():
+        defined = getattr(cls, method) is not getattr(Policy, method)
+        if phase in cls.phases and not defined:
+            return f"declares the {phase!r} phase but defines no {method}"
+        if defined and phase not in cls.phases:
+            return f"defines {method} but does not declare the {phase!r} phase in `phases`"
+    return None

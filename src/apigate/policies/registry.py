@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
 from apigate.config.issues import ConfigIssue
-from apigate.policies.base import Policy
-
-if TYPE_CHECKING:
-    from apigate.services import Services
+from apigate.policies.base import Policy, phase_mismatch
+from apigate.policies.services import NO_SERVICES, PolicyServices
 
 # Modules that define the built-in policies; each registers itself on import.
 BUILTIN = (
@@ -25,15 +23,22 @@ BUILTIN = (
     "apigate.policies.authorize",
     "apigate.policies.request_termination",
     "apigate.policies.webhook_verify",
-    "apigate.webhooks.ingest",
+    "apigate.policies.webhook_ingest",
 )
 
-_registry: dict[str, type[Policy]] = {}
+PolicyClass = TypeVar("PolicyClass", bound=type[Policy[Any]])
+
+_registry: dict[str, type[Policy[Any]]] = {}
 
 
-def register(cls: type[Policy]) -> type[Policy]:
+def register(cls: PolicyClass) -> PolicyClass:
+    """Add a policy class under its name; a name taken twice, or phases that disagree with the
+    class's hooks, are refused here (a plugin's then fail its import, a config error)."""
     if cls.name in _registry and _registry[cls.name] is not cls:
         raise ValueError(f"policy name {cls.name!r} is registered twice")
+    mismatch = phase_mismatch(cls)
+    if mismatch is not None:
+        raise TypeError(f"policy {cls.name!r} {mismatch}")
     _registry[cls.name] = cls
     return cls
 
@@ -41,7 +46,7 @@ def register(cls: type[Policy]) -> type[Policy]:
 _builtins_loaded = False
 
 
-def registry() -> dict[str, type[Policy]]:
+def registry() -> dict[str, type[Policy[Any]]]:
     # A flag, not "is it empty": importing one policy module on its own registers that policy
     # alone, and the other built-ins must still load.
     global _builtins_loaded
@@ -52,7 +57,7 @@ def registry() -> dict[str, type[Policy]]:
     return _registry
 
 
-def shorthand_policies(key: str) -> list[type[Policy]]:
+def shorthand_policies(key: str) -> list[type[Policy[Any]]]:
     """The policies that declare the route key ``key`` (``auth``, ``rate_limit``...) as their shorthand."""
     return [cls for _, cls in sorted(registry().items()) if cls.shorthand == key]
 
@@ -88,6 +93,12 @@ def validate_policy_config(
     return []
 
 
-def build_policy(name: str, raw: dict[str, Any] | None, services: Services | None = None) -> Policy:
+def build_policy(
+    name: str, raw: dict[str, Any] | None, services: PolicyServices | None = None
+) -> Policy[Any]:
+    """The policy ``name`` with config ``raw`` (validated), reaching ``services`` (none running: None)."""
     cls = registry()[name]
-    return cls(cls.Config.model_validate(raw or {}), services)
+    policy = cls(cls.Config.model_validate(raw or {}), NO_SERVICES if services is None else services)
+    if not policy.phases <= cls.phases:
+        raise TypeError(f"policy {name!r} may narrow its phases for a config, not add to them")
+    return policy

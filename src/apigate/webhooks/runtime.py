@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from apigate.engine.replies import Reply, json_reply
 from apigate.outbound import HttpClient, OutboundError
 from apigate.store.groupcommit import GroupCommit
 from apigate.store.roles.webhooks import NewWebhookEvent
@@ -23,6 +22,7 @@ from apigate.webhooks.delivery import DeliveryStore, DeliveryWorker, Lane
 from apigate.webhooks.destinations import Destination, Message, build_destination
 from apigate.webhooks.destinations.http import HttpDestination
 from apigate.webhooks.destinations.redis_streams import RedisConnections
+from apigate.webhooks.outcomes import Handled, Refused, Stored
 from apigate.webhooks.pollers import PUSH_REFUSED, PolledEvent, Pollers, PollerStore
 from apigate.webhooks.signing import Signer, signing_secret_in_effect
 from apigate.webhooks.verify.model import Verifier
@@ -176,9 +176,8 @@ class WebhookRuntime:
         event_type: str | None,
         headers: list[tuple[bytes, bytes]],
         body: bytes,
-        request_id: str,
-    ) -> Reply:
-        """Commit a verified event (grouped with others) and answer 2xx only once it is durable."""
+    ) -> Stored | Refused:
+        """Commit a verified event (grouped with others); Stored only once it is durable."""
         now = self.clock()
         event = NewWebhookEvent(
             source=source.name,
@@ -194,26 +193,15 @@ class WebhookRuntime:
             new = await self._events.submit(event)
         except Exception:
             log.exception("webhook event of source %s could not be stored", source.name)
-            return json_reply(
-                503,
-                {"error": "the event could not be stored; send it again", "request_id": request_id},
-                [(b"retry-after", b"1")],
-            )
+            return Refused("not_stored")
         if new and self.worker is not None:
             self.worker.wake()
-        return json_reply(
-            200,
-            {
-                "status": "accepted" if new else "duplicate",
-                "event_id": event.event_id,
-                "request_id": request_id,
-            },
-        )
+        return Stored("accepted" if new else "duplicate", event.event_id)
 
     async def forward(
         self, source: Source, event_id: str | None, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> Reply:
-        """Synchronous mode: send to the source's one destination now and answer with its reply."""
+    ) -> Handled | Refused:
+        """Synchronous mode: send to the source's one destination now; Handled carries its reply."""
         assert self.signer is not None
         destination = self.destinations[source.config.destinations[0].name]
         assert isinstance(destination, HttpDestination)  # the config allows only http for sync sources
@@ -225,12 +213,11 @@ class WebhookRuntime:
         try:
             response = await destination.send(Message(sent_headers, body))
         except OutboundError as exc:
-            status = 504 if exc.kind == "timeout" else 502
-            return json_reply(status, {"error": f"the webhook handler did not answer ({exc.kind})"})
+            return Refused(exc.kind)
         except ValueError:  # a header the outbound client will not send
-            return json_reply(502, {"error": "the webhook could not be forwarded"})
+            return Refused("unsendable")
         content_type = response.header(b"content-type") or b"application/octet-stream"
-        return Reply(response.status, response.body, content_type=content_type)
+        return Handled(response.status, response.body, content_type)
 
     # -- polled sources (webhooks/pollers): fetched events take the intake's group commit -----------
     async def commit_polled(self, source_name: str, events: Sequence[PolledEvent]) -> None:

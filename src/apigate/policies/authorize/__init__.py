@@ -17,7 +17,7 @@ Speed: everything is precomputed into frozensets; a request that passes allocate
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -27,7 +27,6 @@ from apigate.policies.registry import register
 
 if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
-    from apigate.services import Services
 
 _METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _DEFAULT_CHALLENGE = [(b"www-authenticate", b'Bearer realm="apigate"')]
@@ -111,13 +110,13 @@ def _groups_of(consumer: Any, state: dict[str, Any] | None) -> Any:
 
 
 @register
-class AuthorizePolicy(Policy):
-    name: ClassVar[str] = "authorize"
-    order: ClassVar[int] = 1500
-    Config: ClassVar[type[PolicyConfig]] = AuthorizeConfig
+class AuthorizePolicy(Policy[AuthorizeConfig]):
+    name = "authorize"
+    order = 1500
+    phases = frozenset({"request"})
 
-    def __init__(self, config: AuthorizeConfig, services: Services | None = None) -> None:
-        super().__init__(config, services)
+    def prepare(self) -> None:
+        config = self.config
         self.public = config.public
         self.public_methods = frozenset(config.public_methods)
         self.authenticated = config.authenticated

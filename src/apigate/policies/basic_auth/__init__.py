@@ -15,7 +15,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 from time import monotonic
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 
@@ -23,16 +23,16 @@ from apigate.consumers.keyindex import header_value
 from apigate.consumers.passwords import PasswordChecksBusy, check_password_off_loop
 from apigate.engine.replies import Reply, json_reply
 from apigate.policies.authconfig import AuthConfig, check_forwarded_names
-from apigate.policies.base import Policy, PolicyConfig
+from apigate.policies.base import Policy
 from apigate.policies.key_auth import ForwardHeaders
 from apigate.policies.registry import register
+from apigate.policies.services import CONSUMERS_NOT_READY, unavailable
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
 
     from apigate.consumers.registry import Login
     from apigate.engine.exchange import Exchange
-    from apigate.services import Services
     from apigate.store.roles.consumers import Consumer
 
 AUTHORIZATION = b"authorization"
@@ -80,14 +80,14 @@ def parse_basic(value: bytes) -> tuple[str, bytes] | None:
 
 
 @register
-class BasicAuthPolicy(Policy):
-    name: ClassVar[str] = "basic-auth"
-    order: ClassVar[int] = 1000
-    Config: ClassVar[type[PolicyConfig]] = BasicAuthConfig
-    needs: ClassVar[frozenset[str]] = frozenset({"consumers"})
+class BasicAuthPolicy(Policy[BasicAuthConfig]):
+    name = "basic-auth"
+    order = 1000
+    phases = frozenset({"request"})
+    needs = frozenset({"consumers"})
 
-    def __init__(self, config: BasicAuthConfig, services: Services | None = None) -> None:
-        super().__init__(config, services)
+    def prepare(self) -> None:
+        config = self.config
         forward = config.forward_headers
         self.h_consumer, self.h_tenant, self.h_groups = (
             name.lower().encode() if name is not None else None
@@ -112,14 +112,6 @@ class BasicAuthPolicy(Policy):
         payload = {"error": message, "reason": reason, "request_id": exchange.request_id}
         return json_reply(401, payload, self._challenge)
 
-    def _unavailable(self, exchange: Exchange, why: str = "consumer registry is not ready") -> Reply:
-        payload = {
-            "error": f"{why}, try again",
-            "reason": "unavailable",
-            "request_id": exchange.request_id,
-        }
-        return json_reply(503, payload, [(b"retry-after", b"1")])
-
     def _invalid(self, exchange: Exchange) -> Reply:
         return self._deny(exchange, "invalid_credentials", "the username or password is not valid")
 
@@ -135,8 +127,7 @@ class BasicAuthPolicy(Policy):
 
     # -- the request hook --------------------------------------------------------------------------
     def on_request(self, exchange: Exchange) -> Reply | Awaitable[Reply | None] | None:
-        services = self.services
-        registry = services.consumers if services is not None else None
+        registry = self.services.consumers
         headers = exchange.headers
         found: tuple[bytes, bytes] | None = None
         rebuild = False  # client-sent forwarded headers, or Authorization twice
@@ -153,13 +144,13 @@ class BasicAuthPolicy(Policy):
         if credentials is None:
             if self.auth_required:
                 if registry is None:
-                    return self._unavailable(exchange)
+                    return unavailable(exchange, CONSUMERS_NOT_READY)
                 return self._deny(exchange, "missing_credentials", "a username and password are required")
             if rebuild:
                 exchange.headers = [pair for pair in headers if pair[0] not in self.forwarded]
             return None
         if registry is None:
-            return self._unavailable(exchange)
+            return unavailable(exchange, CONSUMERS_NOT_READY)
         self._sync(registry)
         username, password = credentials
         digest = hashlib.sha256(username.encode() + b"\x00" + password).digest()
@@ -184,7 +175,7 @@ class BasicAuthPolicy(Policy):
         try:
             ok = await check_password_off_loop(stored.hash if stored is not None else None, password)
         except PasswordChecksBusy:
-            return self._unavailable(exchange, "too many password checks in flight")
+            return unavailable(exchange, "too many password checks in flight, try again")
         if not ok or stored is None:
             return self._invalid(exchange)
         consumer_id = stored.consumer_id

@@ -6,7 +6,7 @@ rename can target a name that `remove` cleared and `add` always appends.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator
 
@@ -17,7 +17,6 @@ from apigate.policies.registry import register
 
 if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
-    from apigate.services import Services
 
 
 def _check_name(name: str) -> str:
@@ -58,20 +57,21 @@ class HeadersConfig(PolicyConfig):
 
 
 @register
-class HeadersPolicy(Policy):
-    name: ClassVar[str] = "headers"
-    order: ClassVar[int] = 5000
-    Config: ClassVar[type[PolicyConfig]] = HeadersConfig
+class HeadersPolicy(Policy[HeadersConfig]):
+    name = "headers"
+    order = 5000
+    phases = frozenset({"request", "response"})
 
-    def __init__(self, config: HeadersConfig, services: Services | None = None) -> None:
-        super().__init__(config, services)
-        self.request_edits = _compile(config.request)
-        self.response_edits = _compile(config.response)
+    def prepare(self) -> None:
+        self.request_edits = _compile(self.config.request)
+        self.response_edits = _compile(self.config.response)
         # The engine calls the (compiled) edit methods directly: no Python frame per request.
-        self.on_request = self.request_edits.edit_request  # type: ignore[method-assign]
-        self.on_response = self.response_edits.edit_response  # type: ignore[method-assign]
+        self.engine_hooks = {
+            "request": self.request_edits.edit_request,
+            "response": self.response_edits.edit_response,
+        }
 
-    # What the engine would call without the bindings above (they mark the phases as used).
+    # What the compiled hooks do, for callers other than the engine.
     def on_request(self, exchange: Exchange) -> None:
         self.request_edits.edit_request(exchange)
 

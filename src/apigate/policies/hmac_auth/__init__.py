@@ -33,7 +33,7 @@ import re
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from time import time as _time
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -42,6 +42,7 @@ from apigate.engine.replies import Reply, json_reply
 from apigate.policies.authconfig import AuthConfig, check_forwarded_names
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.registry import register
+from apigate.policies.services import unavailable
 from apigate.state import StateUnavailable
 
 if TYPE_CHECKING:
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 
     from apigate.consumers.registry import ConsumerRegistry
     from apigate.engine.exchange import Exchange
-    from apigate.services import Services
     from apigate.state import StateBackend
     from apigate.store.roles.consumers import Consumer
 
@@ -184,14 +184,14 @@ def _parse_authorization(value: bytes) -> dict[bytes, bytes] | None:
 
 
 @register
-class HmacAuthPolicy(Policy):
-    name: ClassVar[str] = "hmac-auth"
-    order: ClassVar[int] = 1000
-    Config: ClassVar[type[PolicyConfig]] = HmacAuthConfig
-    needs: ClassVar[frozenset[str]] = frozenset({"consumers", "state"})
+class HmacAuthPolicy(Policy[HmacAuthConfig]):
+    name = "hmac-auth"
+    order = 1000
+    phases = frozenset({"request", "body"})
+    needs = frozenset({"consumers", "state"})
 
-    def __init__(self, config: HmacAuthConfig, services: Services | None = None) -> None:
-        super().__init__(config, services)
+    def prepare(self) -> None:
+        config = self.config
         self.credentials = {
             name.encode(): (cred.secret.get_secret_value().encode(), cred.consumer)
             for name, cred in config.credentials.items()
@@ -203,7 +203,8 @@ class HmacAuthPolicy(Policy):
             enforced.append("digest")
         self.enforced = enforced
         self.validate_body = config.validate_body
-        self.reads_body = config.validate_body
+        if not config.validate_body:
+            self.phases = frozenset({"request"})  # bodies stream
         self.hide = config.hide_credentials
         self.hmac_required = config.required
         forward = config.forward_headers
@@ -224,14 +225,6 @@ class HmacAuthPolicy(Policy):
         payload = {"error": message, "reason": reason, "request_id": exchange.request_id}
         return json_reply(401, payload, [(b"www-authenticate", self.challenge)])
 
-    def _unavailable(self, exchange: Exchange, what: str = "the consumer registry") -> Reply:
-        payload = {
-            "error": f"{what} is not available, try again",
-            "reason": "unavailable",
-            "request_id": exchange.request_id,
-        }
-        return json_reply(503, payload, [(b"retry-after", b"1")])
-
     # -- the request hook --------------------------------------------------------------------------
     def on_request(self, exchange: Exchange) -> Reply | Awaitable[Reply | None] | None:
         authorization = exchange.header(b"authorization")
@@ -245,11 +238,10 @@ class HmacAuthPolicy(Policy):
             if self.forwarded:  # the upstream trusts these: a client may not send them
                 exchange.headers = [p for p in exchange.headers if p[0] not in self.forwarded]
             return None
-        services = self.services
-        registry = services.consumers if services is not None else None
-        state = services.state if services is not None else None
+        registry = self.services.consumers
+        state = self.services.state
         if registry is None or state is None:
-            return self._unavailable(exchange)
+            return unavailable(exchange, "the consumer registry is not available, try again")
         try:
             return self._verify(exchange, params, registry, state)
         except _Denied as denied:
@@ -345,7 +337,7 @@ class HmacAuthPolicy(Policy):
         try:
             fresh = await state.add_if_absent(key, window)
         except StateUnavailable:
-            return self._unavailable(exchange, "the replay window")  # fail closed, see the module doc
+            return unavailable(exchange, "the replay window is not available, try again")  # fail closed
         if not fresh:
             return self._deny(exchange, "replayed", "this signature was already used")
         self._accept(exchange, consumer, username)

@@ -29,7 +29,7 @@ import time
 import weakref
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote_to_bytes
 
 import jwt as pyjwt
@@ -41,7 +41,7 @@ from apigate.config.units import ByteSize, Duration
 from apigate.config.validators import check_http_url
 from apigate.engine.replies import Reply
 from apigate.policies.authconfig import AuthConfig
-from apigate.policies.base import Policy, PolicyConfig
+from apigate.policies.base import Policy
 from apigate.policies.claims import (
     BEARER_REASONS,
     NOT_FOR_TOKENS,
@@ -67,7 +67,6 @@ from apigate.policies.registry import register
 
 if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
-    from apigate.services import Services
 
 _now = time.time  # tokens carry wall-clock times; time.time() is a single cheap C call
 
@@ -280,13 +279,14 @@ def _b64url(segment: bytes) -> bytes:
 
 
 @register
-class JwtPolicy(Policy):
-    name: ClassVar[str] = "jwt"
-    order: ClassVar[int] = 1000
-    Config: ClassVar[type[PolicyConfig]] = JwtConfig
+class JwtPolicy(Policy[JwtConfig]):
+    name = "jwt"
+    order = 1000
+    phases = frozenset({"request"})
+    needs = frozenset({"consumers"})
 
-    def __init__(self, config: JwtConfig, services: Services | None = None) -> None:
-        super().__init__(config, services)
+    def prepare(self) -> None:
+        config = self.config
         self._state = _shared_for(config)
         self._cache = self._state.cache
         self._cache_size = config.cache_size
@@ -298,9 +298,10 @@ class JwtPolicy(Policy):
         self._algorithms = frozenset(config.algorithms)
         self._denied = frozenset(config.denied_jti)
         self._check_revoked = config.check_revoked
-        # Per instance: only a config that checks the runtime denylist (kept by the consumer
-        # registry) makes the gateway open the store.
-        self.needs = frozenset({"consumers"}) if config.check_revoked else frozenset()  # type: ignore[misc]
+        # Only a config that checks the runtime denylist (kept by the consumer registry) makes
+        # the gateway open the store.
+        if not config.check_revoked:
+            self.needs = frozenset()
         self._forwarding = ClaimForwarding(config.forward_claims, self._header, config.strip_credential)
         self._required = config.required
         issuer = config.issuer if config.issuer is not None else config.issuer_discovery
@@ -319,12 +320,12 @@ class JwtPolicy(Policy):
             self._header, self._cache, self._forwarding.drop, self._miss, self._admit_cached, self._reject
         )
         # The engine calls the (compiled) cached-token check directly: no Python frame per request.
-        self.on_request = self._cached.check  # type: ignore[method-assign]
+        self.engine_hooks = {"request": self._cached.check}
 
     # -- the request hook ----------------------------------------------------------------------------
     def check(self, exchange: Exchange) -> Reply | Coroutine[Any, Any, Reply | None] | None:
         """None (go on) or a Reply; a coroutine only when keys must be fetched first."""
-        return self._cached.check(exchange)  # what the binding in __init__ calls without this frame
+        return self._cached.check(exchange)  # what the engine calls without this frame
 
     on_request = check
 
@@ -477,7 +478,7 @@ class JwtPolicy(Policy):
 
     def _revocation_refusal(self, exchange: Exchange, jti: str) -> Reply | None:
         """A Reply if the token's jti is revoked at runtime, or if the denylist is not loaded."""
-        registry = self.services.consumers if self.services is not None else None
+        registry = self.services.consumers
         if registry is None:
             return self._reject(exchange, "revocations_unavailable")  # fail closed
         if registry.token_revoked(jti):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from time import time as _time
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 from urllib.parse import unquote_to_bytes
 
 from pydantic import Field, field_validator, model_validator
@@ -22,11 +22,11 @@ from apigate.policies.authconfig import AuthConfig, check_forwarded_names
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.key_auth.hotpath import KeyCheck, admit
 from apigate.policies.registry import register
+from apigate.policies.services import CONSUMERS_NOT_READY, unavailable
 
 if TYPE_CHECKING:
     from apigate.consumers.keyindex import KeyMatch
     from apigate.engine.exchange import Exchange
-    from apigate.services import Services
 
 _PARAM_NAME = re.compile(r"^[A-Za-z0-9._~-]+$")
 
@@ -81,14 +81,14 @@ class KeyAuthConfig(AuthConfig):
 
 
 @register
-class KeyAuthPolicy(Policy):
-    name: ClassVar[str] = "key-auth"
-    order: ClassVar[int] = 1000
-    Config: ClassVar[type[PolicyConfig]] = KeyAuthConfig
-    needs: ClassVar[frozenset[str]] = frozenset({"consumers"})
+class KeyAuthPolicy(Policy[KeyAuthConfig]):
+    name = "key-auth"
+    order = 1000
+    phases = frozenset({"request"})
+    needs = frozenset({"consumers"})
 
-    def __init__(self, config: KeyAuthConfig, services: Services | None = None) -> None:
-        super().__init__(config, services)
+    def prepare(self) -> None:
+        config = self.config
         self.key_header = config.header.lower().encode()
         forward = config.forward_headers
         lower = {
@@ -114,9 +114,11 @@ class KeyAuthPolicy(Policy):
             challenge += f', query="{config.query_param}"'
         self.challenge = challenge.encode()
         self.challenge_invalid = (challenge + ', error="invalid_key"').encode()
-        if self.query_prefix is None:  # a key that may be in the query always takes the full check
+        # The usual request goes to the compiled check, which hands the others to the full one; a
+        # key that may be in the query always takes the full check.
+        if self.query_prefix is None:
             fast = KeyCheck(
-                services,
+                self.services,
                 self.key_header,
                 self.watched,
                 self.hide,
@@ -124,8 +126,9 @@ class KeyAuthPolicy(Policy):
                 self.forward_token,
                 self.check,
             )
-            # The engine calls the (compiled) usual-request check directly.
-            self.on_request = fast.check  # type: ignore[method-assign]
+            self.engine_hooks = {"request": fast.check}  # no Python frame per request
+        else:
+            self.engine_hooks = {"request": self.check}
 
     # -- answers --------------------------------------------------------------------------------
     def _deny(
@@ -135,15 +138,13 @@ class KeyAuthPolicy(Policy):
         if reason == "insufficient_scope":
             payload["required_scopes"] = self.required_list
         headers = [(b"www-authenticate", challenge)] if challenge is not None else None
-        if status == 503:
-            headers = [(b"retry-after", b"1")]
         return json_reply(status, payload, headers)
 
     def _missing(self, exchange: Exchange) -> Reply:
         return self._deny(exchange, 401, "missing_key", "an API key is required", self.challenge)
 
     def _unavailable(self, exchange: Exchange) -> Reply:
-        return self._deny(exchange, 503, "unavailable", "consumer registry is not ready, try again")
+        return unavailable(exchange, CONSUMERS_NOT_READY)
 
     def _invalid(self, exchange: Exchange) -> Reply:
         return self._deny(exchange, 401, "invalid_key", "the API key is not valid", self.challenge_invalid)
@@ -151,8 +152,7 @@ class KeyAuthPolicy(Policy):
     # -- the request hook --------------------------------------------------------------------------
     def check(self, exchange: Exchange) -> Reply | None:
         """The full check: any request, any answer (``KeyCheck`` admits the usual one faster)."""
-        services = self.services
-        registry = services.consumers if services is not None else None
+        registry = self.services.consumers
         if registry is None and self.key_required:
             return self._unavailable(exchange)
         headers = exchange.headers
@@ -211,7 +211,8 @@ class KeyAuthPolicy(Policy):
         admit(exchange, headers, match, forwards)
         return None
 
-    on_request = check
+    def on_request(self, exchange: Exchange) -> Reply | None:
+        return self.engine_hooks["request"](exchange)  # what the engine calls directly
 
     def _forwards(self, match: KeyMatch) -> list[tuple[bytes, bytes]]:
         pairs = [

@@ -70,7 +70,7 @@ class KeyCheck:
         return None
 
     def _running_index(self) -> KeyIndex | None:
-        registry = self.services.consumers if self.services is not None else None
+        registry = self.services.consumers  # the policy's PolicyServices
         return registry.keys if registry is not None else None
 
 

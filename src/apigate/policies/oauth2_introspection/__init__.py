@@ -30,7 +30,7 @@ import re
 import time
 import weakref
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 import orjson
@@ -42,7 +42,7 @@ from apigate.config.validators import check_http_url
 from apigate.engine.replies import Reply
 from apigate.outbound import HttpClient, OutboundError, default_tls_context
 from apigate.policies.authconfig import AuthConfig
-from apigate.policies.base import Policy, PolicyConfig
+from apigate.policies.base import Policy
 from apigate.policies.claims import (
     BEARER_REASONS,
     NOT_FOR_TOKENS,
@@ -57,7 +57,6 @@ from apigate.policies.registry import register
 
 if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
-    from apigate.services import Services
 
 log = logging.getLogger("apigate.oauth2")
 
@@ -261,16 +260,17 @@ def _introspector_for(config: IntrospectionConfig) -> _Introspector:
 
 
 @register
-class IntrospectionPolicy(Policy):
-    name: ClassVar[str] = "oauth2-introspection"
-    order: ClassVar[int] = 1000
-    Config: ClassVar[type[PolicyConfig]] = IntrospectionConfig
+class IntrospectionPolicy(Policy[IntrospectionConfig]):
+    name = "oauth2-introspection"
+    order = 1000
+    phases = frozenset({"request"})
+    needs = frozenset({"consumers"})
 
-    def __init__(self, config: IntrospectionConfig, services: Services | None = None) -> None:
-        super().__init__(config, services)
+    def prepare(self) -> None:
+        config = self.config
         self.introspector = _introspector_for(config)
-        # Per instance: only a config that maps tokens onto consumers opens the store.
-        self.needs = frozenset({"consumers"}) if config.consumer_claims else frozenset()  # type: ignore[misc]
+        if not config.consumer_claims:  # only a config that maps tokens onto consumers opens the store
+            self.needs = frozenset()
         self._header = config.header.lower().encode()
         self._authorization = self._header == b"authorization"
         self._required = config.required
@@ -340,7 +340,7 @@ class IntrospectionPolicy(Policy):
     def _caller(self, answer: _Answer) -> tuple[Any, str | None] | None:
         """(consumer, tenant): a registered consumer named by a claim, else the first claim's value;
         None when the named consumer is disabled."""
-        registry = self.services.consumers if self.services is not None else None
+        registry = self.services.consumers
         fallback = None
         for claim in self._consumer_claims:
             value = answer.claims.get(claim)

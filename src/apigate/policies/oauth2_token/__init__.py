@@ -32,7 +32,7 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, unquote
 
 import jwt as pyjwt
@@ -54,7 +54,6 @@ from apigate.policies.registry import register
 if TYPE_CHECKING:
     from apigate.consumers.registry import ConsumerRegistry, Login
     from apigate.engine.exchange import Exchange
-    from apigate.services import Services
     from apigate.store.roles.consumers import Consumer
 
 Grant = Literal["client_credentials", "password"]
@@ -186,16 +185,16 @@ def _required(fields: dict[str, str], name: str) -> str:
 
 
 @register
-class TokenPolicy(Policy):
-    name: ClassVar[str] = "oauth2-token"
-    order: ClassVar[int] = 9000  # after limits and IP rules on the route: it answers last
-    Config: ClassVar[type[PolicyConfig]] = TokenConfig
-    needs: ClassVar[frozenset[str]] = frozenset({"consumers"})
-    terminal: ClassVar[bool] = True
-    body_limit: ClassVar[int] = 64 * 1024
+class TokenPolicy(Policy[TokenConfig]):
+    name = "oauth2-token"
+    order = 9000  # after limits and IP rules on the route: it answers last
+    phases = frozenset({"request", "body"})
+    needs = frozenset({"consumers"})
+    terminal = True
+    body_limit = 64 * 1024
 
-    def __init__(self, config: TokenConfig, services: Services | None = None) -> None:
-        super().__init__(config, services)
+    def prepare(self) -> None:
+        config = self.config
         self.clock: Callable[[], float] = time.time
         self._key = signing_key(config)
         self._headers = {"kid": config.key_id} if config.key_id else None
@@ -212,8 +211,8 @@ class TokenPolicy(Policy):
         return None  # the engine now reads the body for on_body
 
     def on_body(self, exchange: Exchange, body: bytes) -> Reply | Coroutine[Any, Any, Reply] | None:
-        registry = self.services.consumers if self.services is not None else None
-        if registry is None:
+        registry = self.services.consumers
+        if registry is None:  # answered in OAuth's error form (RFC 6749 §5.2), as every refusal here
             payload = {"error": "temporarily_unavailable", "error_description": "consumers are not loaded"}
             return json_reply(503, {**payload, "request_id": exchange.request_id}, [(b"retry-after", b"1")])
         try:

@@ -8,7 +8,7 @@ unauthenticated.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from pydantic import Field
 
@@ -18,7 +18,6 @@ from apigate.policies.registry import register
 
 if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
-    from apigate.services import Services
 
 
 class RequestTerminationConfig(PolicyConfig):
@@ -30,16 +29,15 @@ class RequestTerminationConfig(PolicyConfig):
 
 
 @register
-class RequestTermination(Policy):
-    name: ClassVar[str] = "request-termination"
-    order: ClassVar[int] = 100  # before authentication: nothing is checked for a closed route
-    Config: ClassVar[type[PolicyConfig]] = RequestTerminationConfig
-    terminal: ClassVar[bool] = True
+class RequestTermination(Policy[RequestTerminationConfig]):
+    name = "request-termination"
+    order = 100  # before authentication: nothing is checked for a closed route
+    phases = frozenset({"request"})
+    terminal = True
 
-    def __init__(self, config: RequestTerminationConfig, services: Services | None = None) -> None:
-        super().__init__(config, services)
-        self.status = config.status
-        self.payload = {"error": config.message, "reason": config.reason}
+    def prepare(self) -> None:
+        self.status = self.config.status
+        self.payload = {"error": self.config.message, "reason": self.config.reason}
 
     def on_request(self, exchange: Exchange) -> Reply:
         return json_reply(self.status, {**self.payload, "request_id": exchange.request_id})

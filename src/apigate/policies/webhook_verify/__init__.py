@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.registry import register
-from apigate.webhooks.requests import verdict_reply, webhook_request
+from apigate.policies.webhook_http import verdict_reply, webhook_request
 from apigate.webhooks.verify import SchemeConfig, build_verifier, shorthand_scheme
 
 if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
     from apigate.engine.replies import Reply
-    from apigate.services import Services
 
 
 class WebhookVerifyConfig(PolicyConfig):
@@ -30,11 +29,11 @@ class WebhookVerifyConfig(PolicyConfig):
 
 
 @register
-class WebhookVerify(Policy):
-    name: ClassVar[str] = "webhook-verify"
-    order: ClassVar[int] = 1000  # with the other authentication policies
-    Config: ClassVar[type[PolicyConfig]] = WebhookVerifyConfig
-    shorthand: ClassVar[str | None] = "auth"  # auth: stripe_signature, hmac_sha256, webhook_secret
+class WebhookVerify(Policy[WebhookVerifyConfig]):
+    name = "webhook-verify"
+    order = 1000  # with the other authentication policies
+    phases = frozenset({"body"})
+    shorthand = "auth"  # auth: stripe_signature, hmac_sha256, webhook_secret
 
     @classmethod
     def expand_shorthand(cls, value: str) -> dict[str, Any] | None:
@@ -42,9 +41,8 @@ class WebhookVerify(Policy):
         scheme = shorthand_scheme(value, os.environ)
         return None if scheme is None else {"verify": scheme.model_dump()}
 
-    def __init__(self, config: WebhookVerifyConfig, services: Services | None = None) -> None:
-        super().__init__(config, services)
-        self.verifier = build_verifier(config.verify)
+    def prepare(self) -> None:
+        self.verifier = build_verifier(self.config.verify)
 
     def on_body(self, exchange: Exchange, body: bytes) -> Reply | None:
         verdict = self.verifier.verify(webhook_request(exchange, body, time.time()))

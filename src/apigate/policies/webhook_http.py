@@ -1,7 +1,8 @@
 """A webhook as the HTTP side sees it: the request a verifier checks, and the answer to a refusal.
 
 Shared by the intake of configured sources (``webhook-ingest``) and by the pass-through
-verification of routes (``webhook-verify``), so both answer a given failure alike.
+verification of routes (``webhook-verify``), so both answer a given failure alike. The
+verifiers themselves (``webhooks/verify``) know nothing of the engine.
 """
 
 from __future__ import annotations
