@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.gateway import GatewayProcess
+from tests.support.naive_upstream import NaiveUpstream
 from tests.support.proxy_http import running_upstream
 from tests.support.redis import RedisServer
 from tests.support.upstream import UpstreamServer
@@ -16,6 +17,14 @@ from tests.support.upstream import UpstreamServer
 @pytest.fixture
 def upstream() -> Iterator[UpstreamServer]:
     server = UpstreamServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def naive() -> Iterator[NaiveUpstream]:
+    """An upstream that ignores Upgrade and parses whatever follows a request as the next one."""
+    server = NaiveUpstream()
     yield server
     server.stop()
 

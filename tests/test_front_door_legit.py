@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.support.gateway import GatewayProcess
+from tests.support.naive_upstream import NaiveUpstream
 from tests.support.proxy_http import RawConnection, running_gateway
-from tests.test_front_door import NaiveUpstream
 
 # A response head of this size is well under the gateway's 64 KiB limit for response heads.
 LARGE_RESPONSE_HEAD = 40_000
@@ -131,13 +131,6 @@ class ScriptedUpstream:
         sock.settimeout(10)
         while sock.recv(65536):
             pass
-
-
-@pytest.fixture(scope="module")
-def naive() -> Iterator[NaiveUpstream]:
-    server = NaiveUpstream()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
