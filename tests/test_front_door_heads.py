@@ -65,39 +65,44 @@ def request_id() -> str:
     return uuid.uuid4().hex
 
 
+def forwarded(gateway, upstream: UpstreamServer, request_line: str, fields: str) -> Any:
+    """Send ``request_line`` with ``fields`` (lines ending in CRLF) and a fresh X-Request-ID; the
+    answer must be 200; returns what the upstream received."""
+    rid = request_id()
+    response = send(gateway.port, f"{request_line}\r\n{fields}X-Request-ID: {rid}\r\n\r\n".encode())
+    assert response.status == 200, response
+    return find_request(upstream, rid)
+
+
 # -- the client's Connection header ----------------------------------------------------------------
 def test_connection_header_cannot_strip_headers_the_gateway_sets(gateway, shared_upstream):
-    rid = request_id()
-    raw = (
-        f"GET /keyed/echo HTTP/1.1\r\nHost: gw.test\r\nX-API-Key: {API_KEY}\r\n"
-        f"Connection: X-Consumer-ID, X-Tenant-ID\r\nX-Request-ID: {rid}\r\n\r\n"
-    ).encode()
-    response = send(gateway.port, raw)
-    assert response.status == 200, response
-    seen = find_request(shared_upstream, rid)
+    seen = forwarded(
+        gateway,
+        shared_upstream,
+        "GET /keyed/echo HTTP/1.1",
+        f"Host: gw.test\r\nX-API-Key: {API_KEY}\r\nConnection: X-Consumer-ID, X-Tenant-ID\r\n",
+    )
     assert seen.header("x-consumer-id") == "partner"
     assert seen.header("x-tenant-id") == "partner-tenant"
 
-    rid = request_id()
     token = hs_sign(claims(sub="alice"))
-    raw = (
-        f"GET /jwt/echo HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {token}\r\n"
-        f"Connection: keep-alive, X-User-ID\r\nX-User-ID: mallory\r\nX-Request-ID: {rid}\r\n\r\n"
-    ).encode()
-    response = send(gateway.port, raw)
-    assert response.status == 200, response
-    assert [v for k, v in find_request(shared_upstream, rid).headers if k == "x-user-id"] == ["alice"]
+    seen = forwarded(
+        gateway,
+        shared_upstream,
+        "GET /jwt/echo HTTP/1.1",
+        f"Host: gw.test\r\nAuthorization: Bearer {token}\r\nConnection: keep-alive, X-User-ID\r\n"
+        "X-User-ID: mallory\r\n",
+    )
+    assert [v for k, v in seen.headers if k == "x-user-id"] == ["alice"]
 
 
 def test_connection_header_still_removes_the_clients_own_headers(gateway, shared_upstream):
-    rid = request_id()
-    raw = (
-        f"GET /echo HTTP/1.1\r\nHost: gw.test\r\nConnection: X-Foo\r\nX-Foo: 1\r\nX-Bar: 2\r\n"
-        f"X-Request-ID: {rid}\r\n\r\n"
-    ).encode()
-    response = send(gateway.port, raw)
-    assert response.status == 200, response
-    seen = find_request(shared_upstream, rid)
+    seen = forwarded(
+        gateway,
+        shared_upstream,
+        "GET /echo HTTP/1.1",
+        "Host: gw.test\r\nConnection: X-Foo\r\nX-Foo: 1\r\nX-Bar: 2\r\n",
+    )
     assert seen.header("x-foo") is None
     assert seen.header("x-bar") == "2"
 
@@ -136,14 +141,10 @@ def test_missing_or_repeated_host_is_refused(gateway):
 
 
 def test_absolute_form_authority_replaces_host(gateway, shared_upstream):
-    rid = request_id()
-    raw = (
-        f"GET http://api.example/named/echo?x=1 HTTP/1.1\r\nHost: elsewhere.test\r\n"
-        f"X-Request-ID: {rid}\r\n\r\n"
-    ).encode()
-    response = send(gateway.port, raw)
-    assert response.status == 200, response  # routed by the authority: the route wants api.example
-    seen = find_request(shared_upstream, rid)
+    # Routed by the authority: the route wants api.example.
+    seen = forwarded(
+        gateway, shared_upstream, "GET http://api.example/named/echo?x=1 HTTP/1.1", "Host: elsewhere.test\r\n"
+    )
     assert seen.path == "/named/echo"
     assert seen.header("host") == "api.example"  # preserve_host sends the authority
     assert seen.header("x-forwarded-host") == "api.example"
@@ -190,13 +191,10 @@ def test_trace_is_refused_unless_the_route_lists_it(gateway, shared_upstream):
     assert response.status == 405, response
     assert "TRACE" not in response.header("allow")
     assert "GET" in response.header("allow")
-    rid = request_id()
-    response = send(
-        gateway.port,
-        f"TRACE /traceable/echo HTTP/1.1\r\nHost: gw.test\r\nX-Request-ID: {rid}\r\n\r\n".encode(),
+    assert (
+        forwarded(gateway, shared_upstream, "TRACE /traceable/echo HTTP/1.1", "Host: gw.test\r\n").method
+        == "TRACE"
     )
-    assert response.status == 200, response
-    assert find_request(shared_upstream, rid).method == "TRACE"
 
 
 # -- jwt NumericDate claims ------------------------------------------------------------------------
