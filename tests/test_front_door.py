@@ -173,7 +173,9 @@ def test_trailer_fields_do_not_become_headers_of_the_next_request(
         assert conn.read_response().status == 200
         assert conn.read_response().status == 200
     fresh.wait_for(2)
-    assert fresh.paths() == ["POST /first", "GET /second"]
+    # An earlier test's refused upload may be recorded late, when its connection ends: only this
+    # test's paths are compared, while no request at all may carry the trailer.
+    assert [p for p in fresh.paths() if p.endswith(("/first", "/second"))] == ["POST /first", "GET /second"]
     assert all("x-consumer-id" not in headers for _, _, headers in fresh.seen)
 
 
