@@ -15,7 +15,8 @@ Refused (``PathRefused``, answered ``400``): a malformed escape, a control chara
 ``%00``-``%1F``, ``%7F``), a raw backslash, a path parameter on an empty or dot segment
 (``/..;/``, ``/.;x/``, ``/;x/``, which servlet containers read as ``/../`` or ``//``), and, with
 ``unescape_slashes``, a ``;`` beside an encoded slash (such a server strips the parameter before it
-decodes, so it would cut the segments elsewhere). A ``;`` elsewhere stays; the router compares
+decodes, so it would cut the segments elsewhere), and an encoded ``;`` (``%3B``), which a server
+that decodes first reads as a parameter. A ``;`` elsewhere stays; the router compares
 literal segments without their parameters (engine/router.py).
 """
 
@@ -78,6 +79,10 @@ def _decode_escapes(path: str, unescape_slashes: bool) -> tuple[str, bool]:
             unescaped_slash = True
         elif value < 0x20 or value == 0x7F:
             raise PathRefused("request path: encoded control characters are refused")
+        elif char == ";":
+            # A server that decodes before it strips path parameters would cut the segment here
+            # while the gateway routes it whole (Spring Security's firewall refuses it too).
+            raise PathRefused("request path: an encoded semicolon (%3B) is refused")
         else:
             out.append("%" + code.upper())
         out.append(piece[2:])
