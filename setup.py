@@ -32,6 +32,9 @@ COMPILED = [
     "src/apigate/policies/headers/hotpath.py",
     "src/apigate/policies/jwt/hotpath.py",
     "src/apigate/policies/key_auth/hotpath.py",
+    "src/apigate/policies/limits/algorithms.py",
+    "src/apigate/policies/limits/keys.py",
+    "src/apigate/policies/rate_limit/hotpath.py",
 ]
 COMPILED_BY_CYTHON = ["src/apigate/engine/heads.py"]
 

@@ -19,7 +19,7 @@ def gateway(start_gateway, upstream):
     config = {
         "plugins": ["tests.support.shorthand_policies"],
         "routes": [
-            {"name": "limited", "path": "/limited", "target": upstream.url, "rate_limit": "100/min"},
+            {"name": "limited", "path": "/limited", "target": upstream.url, "rate_limit": "100 per test"},
             {"name": "refused", "path": "/refused", "target": upstream.url, "rate_limit": "unlimited"},
             {"name": "cached", "path": "/cached", "target": upstream.url, "cache": "60s"},
         ],
@@ -31,10 +31,10 @@ def test_a_shorthand_becomes_the_policy_that_declares_it(gateway, upstream) -> N
     before = len(upstream.requests)
     response = request(gateway.port, "GET", "/limited")
     assert response.status == 200
-    assert response.json() == {"limit": "100/min"}
+    assert response.json() == {"limit": "100 per test"}
     assert len(upstream.requests) == before
     routes = {r["name"]: r for r in request(gateway.port, "GET", "/routes").json()["routes"]}
-    assert routes["limited"]["policies"] == {"test_declared_limit": {"limit": "100/min"}}
+    assert routes["limited"]["policies"] == {"test_declared_limit": {"limit": "100 per test"}}
     assert "inactive" not in routes["limited"]
 
 

@@ -88,9 +88,30 @@ def run(source: ConfigSource, workers: int | None) -> int:
     shown_host = f"[{host}]" if ":" in host else host
     where = f"config {source.path}" if source.path else "the embedded demo (GET /api/v1/hello)"
     print(f"apigate listening on http://{shown_host}:{port} with {count} worker(s), {where}", flush=True)
+    per_process = _limits_counted_per_process(config)
+    if count > 1 and per_process:
+        print(
+            f"apigate: rate limits on {', '.join(per_process)} count in each of the {count} workers "
+            "separately (state: memory://); name a Redis in state.url to count them together",
+            file=sys.stderr,
+            flush=True,
+        )
     if count == 1:
         return _worker(source, config, sock, demo_sock)
     return _supervise(source, config, sock, demo_sock, count)
+
+
+def _limits_counted_per_process(config: GatewayConfig) -> list[str]:
+    """The routes whose rate limits count in this process alone (no shared state backend)."""
+    shared_state = config.state.url != "memory://"
+    routes = []
+    for route in config.routes:
+        raw = {**config.policies, **route.policies}.get("rate-limit", False)
+        if raw is False and route.rate_limit is None:
+            continue
+        if not shared_state or (isinstance(raw, dict) and raw.get("backend") == "memory"):
+            routes.append(route.display_name)
+    return routes
 
 
 def _worker(

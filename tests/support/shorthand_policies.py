@@ -1,5 +1,5 @@
-"""A policy of a test's own, loaded through ``plugins:``, that takes a route shorthand as a
-rate-limit policy would: ``rate_limit: <value>`` on a route becomes this policy."""
+"""A policy of a test's own, loaded through ``plugins:``, that declares a route shorthand too:
+``rate_limit: <value>`` becomes this policy for the values the built-in rate-limit does not take."""
 
 from __future__ import annotations
 

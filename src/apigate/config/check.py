@@ -12,8 +12,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from apigate.config.issues import ConfigIssue
-from apigate.config.models import RouteConfig
-from apigate.policies.registry import registry, validate_policy_config
+from apigate.config.models import ROUTE_SHORTHANDS, RouteConfig
+from apigate.policies.registry import registry, shorthand_policies, validate_policy_config
 
 
 def semantic_issues(data: dict[str, Any]) -> list[ConfigIssue]:
@@ -46,7 +46,33 @@ def semantic_issues(data: dict[str, Any]) -> list[ConfigIssue]:
                 )
             seen_names.setdefault(name, index)
         issues.extend(_policy_issues(route.get("policies"), (*loc, "policies")))
+        issues.extend(_shorthand_issues(route, loc))
     issues.extend(_policy_issues(data.get("policies"), ("policies",)))
+    return issues
+
+
+def _shorthand_issues(route: dict[Any, Any], loc: tuple[str | int, ...]) -> list[ConfigIssue]:
+    """A shorthand value that no policy declaring the key takes (``rate_limit: 100/fortnight``).
+    ``auth:`` may name any policy, and an unknown one closes the route instead (see compile)."""
+    issues: list[ConfigIssue] = []
+    for key in ROUTE_SHORTHANDS:
+        value = route.get(key)
+        policies = shorthand_policies(key) if key != "auth" and isinstance(value, str) else []
+        if not policies:
+            continue
+        taken = False
+        for policy in policies:
+            try:
+                taken = policy.expand_shorthand(value) is not None
+            except ValueError:
+                taken = True  # the policy's, though it cannot honour it: reported inactive
+            if taken:
+                break
+        if not taken:
+            forms = "; ".join(p.shorthand_forms for p in policies if p.shorthand_forms) or "see the docs"
+            issues.append(
+                ConfigIssue(loc=(*loc, key), message=f"{value!r} is not understood: expected {forms}")
+            )
     return issues
 
 

@@ -108,6 +108,8 @@ class Policy(Generic[ConfigT]):
     shorthand: ClassVar[str | None] = None
     """The route key this policy also answers to (``rate_limit: 100/min``, ``auth: stripe_signature``,
     see ``ROUTE_SHORTHANDS``); ``expand_shorthand`` turns the key's value into the policy's config."""
+    shorthand_forms: ClassVar[str] = ""
+    """What the shorthand's values look like, for the error when no policy takes a value (``100/min``)."""
     body_limit: ClassVar[int] = 1 << 20
     """Largest request body ``on_body`` accepts; the route's ``max_body_size`` may lower it."""
     engine_hooks: Mapping[Phase, Callable[..., Any]] = MappingProxyType({})

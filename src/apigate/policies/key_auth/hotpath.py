@@ -77,9 +77,11 @@ class KeyCheck:
 def admit(
     exchange: Exchange, headers: list[tuple[bytes, bytes]], match: KeyMatch, forwards: list[Any]
 ) -> None:
-    """An accepted key: the consumer's headers go upstream, the consumer and scopes to the exchange."""
+    """An accepted key: its consumer's headers go upstream; consumer, scopes and key id to the exchange."""
     if forwards:
         headers += forwards
     exchange.consumer = match.consumer
     exchange.tenant = match.tenant
-    exchange.vars()["scopes"] = match.scopes
+    variables = exchange.vars()
+    variables["scopes"] = match.scopes
+    variables["key_id"] = match.key.id  # rate limits and quotas may count per key

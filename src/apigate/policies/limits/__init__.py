@@ -1,0 +1,1 @@
+"""Shared machinery of the limiting policies: algorithms, keys, counters, clock, config."""

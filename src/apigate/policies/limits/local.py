@@ -1,0 +1,33 @@
+"""This process's counters, kept across config reloads.
+
+Policies are rebuilt on every reload; their counters must not be, or a reload would hand every
+client a fresh allowance. Counters are found by what defines them (the limit's name, algorithm
+and numbers), so an unchanged limit keeps counting and a changed one starts afresh.
+"""
+
+from __future__ import annotations
+
+from apigate.policies.limits.algorithms import Algorithm, MemoryCounters
+
+_counters: dict[tuple[str, str, int, int, int, int], MemoryCounters] = {}
+
+
+def counters_for(label: str, algorithm: Algorithm, max_keys: int) -> MemoryCounters:
+    identity = (
+        label,
+        algorithm.name,
+        algorithm.limit,
+        algorithm.window_ms,
+        algorithm.burst,
+        algorithm.max_delay_ms,
+    )
+    counters = _counters.get(identity)
+    if counters is None:
+        counters = _counters[identity] = MemoryCounters(algorithm, max_keys)
+    counters.max_keys = max_keys
+    return counters
+
+
+def all_counters() -> dict[tuple[str, str, int, int, int, int], MemoryCounters]:
+    """Every limit's counters in this process (for `limits show`/`reset` and tests)."""
+    return _counters

@@ -1,0 +1,211 @@
+"""The algorithms of ``algorithms.py`` as state-backend Scripts: Lua on Redis, the same step in Python.
+
+One decision is one script call: atomic on the Redis server, one round trip (shared with the
+other decisions of the same loop turn, which the Redis backend pipelines). The Lua mirrors the
+Python step line by line, in integer milliseconds; Lua numbers are doubles, so division goes
+through ``idiv``, which corrects the rounding of ``a / b`` for large ``a``, and numbers are
+written back with ``%d`` (Redis would format them with ``%.14g``). Expiry is relative (PEXPIRE):
+``now`` is the gateway's clock, which need not be the Redis server's.
+
+Call: ``KEYS = [state key, sequence key]`` (the sequence key only for the sliding log; give the
+two one hash tag so they share a slot on Redis Cluster), ``ARGV = [now_ms, limit, window_ms,
+burst, max_delay_ms, cost]``. Answer: ``[admitted, remaining, reset_ms, retry_ms, delay_ms]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from apigate.policies.limits.algorithms import ALGORITHMS
+from apigate.state.base import LocalData, Script
+
+_PRELUDE: Final = """
+local now, limit, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local burst, max_delay, cost = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if burst <= 0 then burst = limit end
+local function idiv(a, b)
+    local q = math.floor(a / b)
+    local r = a - q * b
+    if r < 0 then q = q - 1 elseif r >= b then q = q + 1 end
+    return q
+end
+local function cdiv(a, b) return -idiv(-a, b) end
+local function int(x) return string.format('%d', x) end
+"""
+
+_FIXED_WINDOW: Final = """
+local index = idiv(now, window)
+local e = (index + 1) * window
+local s = redis.call('HMGET', KEYS[1], 'i', 'c')
+local count = 0
+if tonumber(s[1]) == index then count = tonumber(s[2]) end
+if count + cost > limit then
+    return {0, math.max(limit - count, 0), e - now, e - now, 0}
+end
+redis.call('HSET', KEYS[1], 'i', int(index), 'c', int(count + cost))
+redis.call('PEXPIRE', KEYS[1], int(e - now))
+return {1, limit - count - cost, e - now, 0, 0}
+"""
+
+_SLIDING_WINDOW: Final = """
+local index = idiv(now, window)
+local start = index * window
+local s = redis.call('HMGET', KEYS[1], 'i', 'c', 'p')
+local i = tonumber(s[1])
+local current, previous = 0, 0
+if i == index then
+    current, previous = tonumber(s[2]), tonumber(s[3])
+elseif i == index - 1 then
+    previous = tonumber(s[2])
+end
+local left = window - (now - start)
+local weighted = previous * left + current * window
+local function until_empty(counted)
+    if counted > 0 then return start + 2 * window - now end
+    if previous > 0 then return start + window - now end
+    return 0
+end
+if weighted + cost * window > limit * window then
+    local elapsed = now - start
+    local room = limit - current - cost
+    local retry
+    if room >= 0 and previous > 0 then
+        retry = math.max(window - idiv(room * window, previous) - elapsed, 1)
+    else
+        local to_next = window - elapsed
+        room = limit - cost
+        if current <= 0 or room >= current then
+            retry = to_next
+        elseif room < 0 then
+            retry = to_next + window
+        else
+            retry = to_next + window - idiv(room * window, current)
+        end
+    end
+    return {0, math.max(idiv(limit * window - weighted, window), 0), until_empty(current), retry, 0}
+end
+redis.call('HSET', KEYS[1], 'i', int(index), 'c', int(current + cost), 'p', int(previous))
+redis.call('PEXPIRE', KEYS[1], int(start + 2 * window - now))
+local reset = until_empty(current + cost)
+return {1, idiv(limit * window - weighted - cost * window, window), reset, 0, 0}
+"""
+
+_SLIDING_LOG: Final = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', int(now - window))
+local count = redis.call('ZCARD', KEYS[1])
+if count + cost > limit then
+    local must = count + cost - limit
+    local retry = window
+    if must <= count then
+        local oldest = redis.call('ZRANGE', KEYS[1], must - 1, must - 1, 'WITHSCORES')
+        retry = tonumber(oldest[2]) + window - now
+    end
+    local reset = 0
+    if count > 0 then
+        local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+        reset = tonumber(newest[2]) + window - now
+    end
+    return {0, math.max(limit - count, 0), reset, retry, 0}
+end
+local seq = redis.call('INCRBY', KEYS[2], cost)
+for n = 1, cost do
+    redis.call('ZADD', KEYS[1], int(now), int(seq - cost + n))
+end
+redis.call('PEXPIRE', KEYS[1], int(window))
+redis.call('PEXPIRE', KEYS[2], int(window))
+return {1, limit - count - cost, window, 0, 0}
+"""
+
+_TOKEN_BUCKET: Final = """
+local full = burst * window
+local s = redis.call('HMGET', KEYS[1], 't', 'l')
+local tokens, last = full, now
+if s[1] then
+    tokens, last = tonumber(s[1]), tonumber(s[2])
+    local elapsed = now - last
+    if elapsed > 0 then
+        tokens = math.min(full, tokens + math.min(elapsed, idiv(full, limit) + 1) * limit)
+        last = now
+    end
+end
+local need = cost * window
+local admitted, retry = 0, 0
+if need > tokens then
+    if need <= full then retry = cdiv(need - tokens, limit) else retry = window * burst end
+else
+    tokens = tokens - need
+    admitted = 1
+end
+local reset = cdiv(full - tokens, limit)
+redis.call('HSET', KEYS[1], 't', int(tokens), 'l', int(last))
+redis.call('PEXPIRE', KEYS[1], int(math.max(reset, 1)))
+return {admitted, idiv(tokens, window), reset, retry, 0}
+"""
+
+_LEAKY_BUCKET: Final = """
+local s = redis.call('HMGET', KEYS[1], 'v', 'l')
+local level, last = 0, now
+if s[1] then
+    level, last = tonumber(s[1]), tonumber(s[2])
+    local elapsed = now - last
+    if elapsed > 0 then
+        level = math.max(0, level - elapsed * limit)
+        last = now
+    end
+end
+local wait = cdiv(level, limit)
+local capacity = 1 + idiv(max_delay * limit, window)
+local admitted, remaining, retry, delay = 0, 0, 0, 0
+if wait > max_delay then
+    retry = cdiv(level - max_delay * limit, limit)
+else
+    level = level + cost * window
+    admitted, delay = 1, wait
+    remaining = math.max(capacity - cdiv(level, window), 0)
+end
+local reset = cdiv(level, limit)
+redis.call('HSET', KEYS[1], 'v', int(level), 'l', int(last))
+redis.call('PEXPIRE', KEYS[1], int(math.max(reset, 1)))
+return {admitted, remaining, reset, retry, delay}
+"""
+
+_LUA: Final = {
+    "fixed_window": _FIXED_WINDOW,
+    "sliding_window": _SLIDING_WINDOW,
+    "sliding_log": _SLIDING_LOG,
+    "token_bucket": _TOKEN_BUCKET,
+    "leaky_bucket": _LEAKY_BUCKET,
+}
+
+
+def _step_locally(name: str) -> Any:
+    algorithm_class = ALGORITHMS[name]
+
+    def run(data: LocalData, keys: list[str], args: list[Any]) -> list[int]:
+        now, limit, window, burst, max_delay, cost = (int(a) for a in args)
+        algorithm = algorithm_class(limit, window, burst, max_delay)
+        state = data.get(keys[0])
+        if state is not None and state[0] <= now:
+            state = None
+        kept = algorithm.step(list(state) if state is not None else None, now, cost)
+        data.set(keys[0], kept)
+        data.expire(keys[0], max(kept[0] - now, 1) / 1000)
+        return decision(algorithm)
+
+    return run
+
+
+def decision(algorithm: Any) -> list[int]:
+    """A decision as both halves of a script answer it."""
+    return [
+        int(algorithm.admitted),
+        algorithm.remaining,
+        algorithm.reset_ms,
+        algorithm.retry_ms,
+        algorithm.delay_ms,
+    ]
+
+
+SCRIPTS: Final[dict[str, Script]] = {
+    name: Script(lua=_PRELUDE + lua, python=_step_locally(name)) for name, lua in _LUA.items()
+}

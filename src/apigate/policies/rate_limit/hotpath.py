@@ -1,0 +1,196 @@
+"""The `rate-limit` policy's per-request work on in-process counters (compiled with the engine).
+
+A request from memory costs a key, a clock read and one dict probe per limit: no task, no
+awaitable. Anything else (a Redis decision, a refusal's reply, a leaky bucket's wait) goes to
+callables of the policy, which stays the one place that makes answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final
+
+from apigate.engine.exchange import Exchange
+from apigate.policies.limits.algorithms import Algorithm, MemoryCounters
+from apigate.policies.limits.keys import KeyBuilder
+
+NO_TIERS: Final = 0
+TIER_GROUP: Final = 1
+TIER_TENANT: Final = 2
+TIER_PART: Final = 3  # a claim or a header, read as a key part
+USAGE: Final = "rate_limit"  # where the request's usage waits for the response phase (exchange.vars())
+
+
+class Rule:
+    """One limit as a request meets it: its algorithm, its counters here, its header values."""
+
+    def __init__(self, label: str, algorithm: Algorithm, counters: MemoryCounters, window_s: int) -> None:
+        self.label = label
+        self.algorithm = algorithm
+        self.counters = counters
+        self.quoted = b'"' + label.encode() + b'"'
+        self.policy_item = self.quoted + b";q=%d;w=%d" % (algorithm.capacity(), window_s)
+        self.limit_value = b"%d" % algorithm.capacity()
+        self.window_value = b"%d" % window_s
+
+
+class RuleSet:
+    """The limits that apply together (the policy's, or one plan's)."""
+
+    def __init__(self, rules: list[Rule]) -> None:
+        self.rules = rules
+        self.policy_value = b", ".join(rule.policy_item for rule in rules)
+
+
+class Usage:
+    """The tightest limit a passed request met, for the response's headers."""
+
+    __slots__ = ("remaining", "reset_ms", "rule", "rules")
+
+    def __init__(self, rules: RuleSet, rule: Rule, remaining: int, reset_ms: int) -> None:
+        self.rules = rules
+        self.rule = rule
+        self.remaining = remaining
+        self.reset_ms = reset_ms
+
+
+class Limiter:
+    def __init__(
+        self,
+        keys: KeyBuilder,
+        fallback: KeyBuilder,
+        rules: RuleSet,
+        per_route: bool,
+        cost: int,
+        families: frozenset[str],
+        clock: Callable[[], float],
+        local: Callable[[], bool],
+        remote: Callable[[Exchange, RuleSet, str], Any],
+        refuse: Callable[[Exchange, RuleSet, Rule], Any],
+        wait: Callable[[int], Any],
+    ) -> None:
+        self.keys = keys
+        self.fallback = fallback
+        self.rules = rules
+        self.per_route = per_route
+        self.cost = cost
+        self.ietf = "ietf" in families
+        self.x_ratelimit = "x-ratelimit" in families
+        self.window = "window" in families
+        self.token_bucket = "token-bucket" in families
+        self.report = bool(families)
+        self.clock = clock
+        self.is_local = local
+        self.local: bool | None = None  # asked on first use: the state backend runs by then
+        self.remote = remote
+        self.refuse = refuse
+        self.wait = wait
+        self.tier_kind = NO_TIERS
+        self.tier_part: KeyBuilder | None = None
+        self.plans: dict[str, RuleSet] = {}
+        self.default_plan: RuleSet | None = None
+
+    def use_tiers(
+        self, kind: int, part: KeyBuilder | None, plans: dict[str, RuleSet], default: RuleSet | None
+    ) -> None:
+        self.tier_kind = kind
+        self.tier_part = part
+        self.plans = plans
+        self.default_plan = default
+
+    # -- the request phase -----------------------------------------------------------------------
+    def check(self, exchange: Exchange) -> Any:
+        rules = self.rules if self.tier_kind == NO_TIERS else self.plan_of(exchange)
+        if not rules.rules:
+            return None
+        key = self.key_of(exchange)
+        local = self.local
+        if local is None:
+            local = self.local = self.is_local()
+        if not local:
+            return self.remote(exchange, rules, key)
+        now = int(self.clock() * 1000)
+        cost = self.cost
+        tightest: Rule | None = None
+        remaining = 0
+        reset_ms = 0
+        delay_ms = 0
+        for rule in rules.rules:
+            if not rule.counters.take(key, now, cost):
+                return self.refuse(exchange, rules, rule)
+            algorithm = rule.algorithm
+            if tightest is None or algorithm.remaining < remaining:
+                tightest = rule
+                remaining = algorithm.remaining
+                reset_ms = algorithm.reset_ms
+            if algorithm.delay_ms > delay_ms:
+                delay_ms = algorithm.delay_ms
+        if self.report and tightest is not None:
+            exchange.vars()[USAGE] = Usage(rules, tightest, remaining, reset_ms)
+        if delay_ms > 0:
+            return self.wait(delay_ms)
+        return None
+
+    def key_of(self, exchange: Exchange) -> str:
+        """The counters' key: the route's name first when limits are per route."""
+        key = self.keys.build(exchange)
+        if key is None:
+            key = self.fallback.build(exchange)
+            if key is None:
+                key = exchange.client_ip
+        if self.per_route:
+            route: Any = exchange.route
+            return (str(route.name) if route is not None else "") + "\x1f" + key
+        return key
+
+    def plan_of(self, exchange: Exchange) -> RuleSet:
+        plans = self.plans
+        kind = self.tier_kind
+        if kind == TIER_GROUP:
+            consumer: Any = exchange.consumer
+            if consumer is not None:
+                for group in consumer.groups:
+                    found = plans.get(group)
+                    if found is not None:
+                        return found
+        else:
+            name: str | None = None
+            if kind == TIER_TENANT:
+                name = exchange.tenant
+            elif self.tier_part is not None:
+                name = self.tier_part.build(exchange)
+            if name is not None:
+                found = plans.get(name)
+                if found is not None:
+                    return found
+        default = self.default_plan
+        return default if default is not None else self.rules
+
+    # -- the response phase ----------------------------------------------------------------------
+    def add_headers(self, exchange: Exchange) -> None:
+        state = exchange.state
+        if state is None:
+            return
+        usage = state.get(USAGE)
+        if isinstance(usage, Usage):
+            exchange.response_headers += self.headers(
+                usage.rules, usage.rule, usage.remaining, usage.reset_ms
+            )
+
+    def headers(self, rules: RuleSet, rule: Rule, remaining: int, reset_ms: int) -> list[tuple[bytes, bytes]]:
+        """The rate-limit fields the policy sends, for ``remaining`` of ``rule`` and its reset."""
+        reset = b"%d" % -(-reset_ms // 1000)
+        left = b"%d" % remaining
+        out: list[tuple[bytes, bytes]] = []
+        if self.ietf:
+            out.append((b"ratelimit-policy", rules.policy_value))
+            out.append((b"ratelimit", rule.quoted + b";r=" + left + b";t=" + reset))
+        if self.x_ratelimit:
+            out.append((b"x-ratelimit-limit", rule.limit_value))
+            out.append((b"x-ratelimit-remaining", left))
+            out.append((b"x-ratelimit-reset", reset))
+        if self.window:
+            out.append((b"x-ratelimit-window", rule.window_value))
+        if self.token_bucket:
+            out.append((b"x-tokenbucket-remaining", left))
+        return out

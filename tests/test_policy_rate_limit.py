@@ -1,0 +1,267 @@
+"""The `rate-limit` policy end to end: real gateway processes, a real upstream, a real Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.errors_helpers import Response, apigate_cmd, request, wait_until
+from tests.support.gateway import GatewayProcess
+from tests.support.load import hammer
+from tests.support.redis import RedisServer
+from tests.support.upstream import UpstreamServer
+
+REPO = Path(__file__).resolve().parent.parent
+# Gateways import the test plugins from the repository, and apigate from wherever this run does.
+PLUGIN_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
+FROZEN_NOW = 1_799_999_990.0  # 10 s before a minute's edge: no window rolls over during a test
+
+
+def get_as(port: int, path: str, ip: str, headers: list[tuple[str, str]] | None = None) -> Response:
+    """A request that the gateway attributes to ``ip`` (it trusts the loopback as a proxy)."""
+    return request(port, "GET", path, [("X-Forwarded-For", ip), *(headers or [])])
+
+
+def frozen(config: dict[str, Any]) -> dict[str, Any]:
+    return {"plugins": ["tests.support.frozen_clock"], **config}
+
+
+def frozen_env() -> dict[str, str]:
+    return {**PLUGIN_ENV, "LIMITS_FROZEN_NOW": repr(FROZEN_NOW)}
+
+
+# -- the Pactown shorthand -------------------------------------------------------------------------
+def test_shorthand_admits_100_a_minute_per_ip_and_refuses_the_101st(
+    start_gateway: Callable[..., GatewayProcess], upstream: UpstreamServer
+) -> None:
+    gateway = start_gateway(
+        frozen(
+            {
+                "trusted_proxies": ["127.0.0.1/32"],
+                "routes": [{"path": "/api/*", "target": upstream.url, "rate_limit": "100/min"}],
+            }
+        ),
+        env=frozen_env(),
+    )
+    seen = [get_as(gateway.port, "/api/x", "203.0.113.7") for _ in range(100)]
+    assert [r.status for r in seen] == [200] * 100
+    first, last = seen[0], seen[-1]
+    assert first.header("ratelimit-policy") == '"100-per-60s";q=100;w=60'
+    # A sliding window forgets a request at the end of the next window: in 10 + 60 s.
+    assert first.header("ratelimit") == '"100-per-60s";r=99;t=70'
+    assert (first.header("x-ratelimit-limit"), first.header("x-ratelimit-remaining")) == ("100", "99")
+    assert last.header("x-ratelimit-remaining") == "0"
+
+    refused = get_as(gateway.port, "/api/x", "203.0.113.7")
+    assert refused.status == 429
+    # One more fits once the 100 weigh 99: 0.6 s into the next window (the weighted estimate).
+    assert refused.header("retry-after") == "11"
+    assert refused.header("ratelimit") == '"100-per-60s";r=0;t=70'
+    assert refused.header("x-ratelimit-remaining") == "0"
+    body = refused.json()
+    assert body == {
+        "error": "rate limit exceeded",
+        "reason": "rate_limited",
+        "request_id": refused.header("x-request-id"),
+        "retry_after": 11,
+    }
+    # Another client is counted apart, and the upstream never saw the refused request.
+    assert get_as(gateway.port, "/api/x", "198.51.100.1").status == 200
+    assert len(upstream.requests) == 101
+
+    routes = request(gateway.port, "GET", "/routes").json()["routes"]
+    assert "inactive" not in routes[0]
+    assert routes[0]["policies"]["rate-limit"]["counters"] == "this process"
+
+
+@pytest.mark.parametrize("value", ["100/fortnight", "lots", "0/min", "100/0s"])
+def test_an_unknown_shorthand_is_a_config_error_naming_the_field_and_line(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "apigate.yaml"
+    path.write_text(f"routes:\n  - path: /api/*\n    target: http://127.0.0.1:9\n    rate_limit: {value}\n")
+    done = subprocess.run(apigate_cmd("check", "-c", str(path)), capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "routes[0].rate_limit" in done.stderr + done.stdout
+    assert "line 4" in done.stderr + done.stdout
+    assert "100/min" in done.stderr + done.stdout  # the message shows what is accepted
+
+
+@pytest.mark.parametrize(
+    ("policy", "field"),
+    [
+        ({"limits": [{"rate": "10/parsec"}]}, "limits[0].rate"),
+        ({"limits": [{"limit": 10}]}, "limits[0]"),
+        ({"limits": [{"rate": "10/s", "algorithm": "leaky_bucket"}]}, "limits"),
+        ({"limits": [{"rate": "10/s", "burst": 5}]}, "limits"),
+        ({"limits": [{"rate": "10/s"}], "key": ["ip", "cookie:session"]}, "key"),
+        ({"limits": [{"rate": "10/s"}], "key": "header:bad header"}, "key"),
+        ({"limits": [{"rate": "10/s"}], "headers": ["ietf", "github"]}, "headers[1]"),
+        ({"tiers": {"by": "plan", "plans": {"free": [{"rate": "1/s"}]}}}, "tiers.by"),
+        ({"tiers": {"plans": {"free": [{"rate": "1/s"}]}, "default": "gold"}}, "tiers"),
+        ({}, "rate-limit"),
+    ],
+)
+def test_a_malformed_limit_is_refused_by_check_with_its_path(
+    tmp_path: Path, policy: dict, field: str
+) -> None:
+    import yaml
+
+    path = tmp_path / "apigate.yaml"
+    config = {
+        "routes": [{"path": "/api/*", "target": "http://127.0.0.1:9", "policies": {"rate-limit": policy}}]
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    done = subprocess.run(apigate_cmd("check", "-c", str(path)), capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0, done.stdout
+    assert f"routes[0].policies.rate-limit.{field}".rstrip(".") in done.stderr + done.stdout or (
+        field == "rate-limit" and "routes[0].policies.rate-limit" in done.stderr + done.stdout
+    )
+    assert "line " in done.stderr + done.stdout
+
+
+# -- keys, tiers, several limits -------------------------------------------------------------------
+def test_keys_fall_back_when_a_part_is_missing_and_tiers_pick_the_plan(
+    start_gateway: Callable[..., GatewayProcess], upstream: UpstreamServer
+) -> None:
+    limit = {
+        "key": ["header:x-team"],
+        "fallback_key": ["ip"],
+        "tiers": {
+            "by": "header:x-plan",
+            "plans": {"free": [{"rate": "2/min"}], "pro": [{"rate": "5/min"}]},
+            "default": "free",
+        },
+    }
+    gateway = start_gateway(
+        frozen(
+            {
+                "trusted_proxies": ["127.0.0.1/32"],
+                "routes": [{"path": "/api/*", "target": upstream.url, "policies": {"rate-limit": limit}}],
+            }
+        ),
+        env=frozen_env(),
+    )
+
+    def statuses(ip: str, headers: list[tuple[str, str]], times: int) -> list[int]:
+        return [get_as(gateway.port, "/api/x", ip, headers).status for _ in range(times)]
+
+    # Team "a" on the pro plan: 5, wherever the requests come from.
+    assert statuses("192.0.2.1", [("X-Team", "a"), ("X-Plan", "pro")], 3) == [200] * 3
+    assert statuses("192.0.2.2", [("X-Team", "a"), ("X-Plan", "pro")], 3) == [200, 200, 429]
+    # No plan: the default (free, 2); no team header: counted by IP instead, never a crash.
+    assert statuses("192.0.2.3", [("X-Team", "b")], 3) == [200, 200, 429]
+    assert statuses("192.0.2.4", [], 3) == [200, 200, 429]
+    assert statuses("192.0.2.5", [], 1) == [200]
+
+
+def test_the_first_limit_that_refuses_answers(
+    start_gateway: Callable[..., GatewayProcess], upstream: UpstreamServer
+) -> None:
+    limits = {
+        "limits": [
+            {"name": "burst", "rate": "3/s", "algorithm": "token_bucket"},
+            {"name": "daily", "rate": "4/day", "algorithm": "fixed_window"},
+        ],
+        "headers": ["ietf", "x-ratelimit", "window", "token-bucket"],
+    }
+    gateway = start_gateway(
+        frozen({"routes": [{"path": "/api/*", "target": upstream.url, "policies": {"rate-limit": limits}}]}),
+        env=frozen_env(),
+    )
+    first = request(gateway.port, "GET", "/api/x")
+    assert first.header("ratelimit-policy") == '"burst";q=3;w=1, "daily";q=4;w=86400'
+    assert first.header("ratelimit") == '"burst";r=2;t=1'  # the tightest of the two
+    assert first.header("x-ratelimit-window") == "1"
+    assert first.header("x-tokenbucket-remaining") == "2"
+    assert [request(gateway.port, "GET", "/api/x").status for _ in range(3)] == [200, 200, 429]
+    refused = request(gateway.port, "GET", "/api/x")
+    assert refused.header("ratelimit").startswith('"burst";r=0')
+
+
+# -- exact across processes on Redis ---------------------------------------------------------------
+ALGORITHM_LIMITS = {
+    "sliding_window": {"limit": 100, "window": "60s"},
+    "sliding_log": {"limit": 100, "window": "60s"},
+    "fixed_window": {"limit": 100, "window": "60s"},
+    "token_bucket": {"limit": 1, "window": "60s", "burst": 100},
+    # 100 a second, waiting at most 0.99 s: the 100 that fit are admitted over about a second.
+    "leaky_bucket": {"limit": 100, "window": "1s", "max_delay": "990ms"},
+}
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHM_LIMITS))
+def test_exactly_the_limit_is_admitted_across_workers_and_gateways_on_redis(
+    algorithm: str,
+    start_gateway: Callable[..., GatewayProcess],
+    upstream: UpstreamServer,
+    redis_url: str,
+) -> None:
+    limit = {"algorithm": algorithm, **ALGORITHM_LIMITS[algorithm]}
+    config = frozen(
+        {
+            "state": {"url": redis_url},
+            "routes": [
+                {"path": "/api/*", "target": upstream.url, "policies": {"rate-limit": {"limits": [limit]}}}
+            ],
+        }
+    )
+    first = start_gateway(config, workers=2, env=frozen_env())
+    second = start_gateway(config, env=frozen_env())
+    statuses = hammer([first.port, second.port], "/api/x", connections=100, per_connection=5)
+    assert statuses == {200: 100, 429: 400}
+    assert len(upstream.requests) == 100
+
+
+# -- Redis lost and back ---------------------------------------------------------------------------
+@pytest.mark.parametrize("on_error", ["allow", "deny"])
+def test_redis_lost_follows_on_redis_error_logs_once_and_recovers(
+    on_error: str,
+    start_gateway: Callable[..., GatewayProcess],
+    upstream: UpstreamServer,
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        policy = {"limits": [{"rate": "3/min"}], "on_redis_error": on_error}
+        gateway = start_gateway(
+            frozen(
+                {
+                    "state": {"url": server.url},
+                    "routes": [
+                        {"path": "/api/*", "target": upstream.url, "policies": {"rate-limit": policy}}
+                    ],
+                }
+            ),
+            env=frozen_env(),
+        )
+        assert [request(gateway.port, "GET", "/api/x").status for _ in range(4)] == [200, 200, 200, 429]
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
+        during = [request(gateway.port, "GET", "/api/x").status for _ in range(5)]
+        assert during == ([200] * 5 if on_error == "allow" else [503] * 5)
+        assert gateway.output().count("rate-limit: Redis at") == 1  # one line for the whole outage
+
+        server.start()  # empty again, on the same port: counting starts afresh
+        wait_until(lambda: request(gateway.port, "GET", "/api/x").status == 200, timeout=10)
+        assert [request(gateway.port, "GET", "/api/x").status for _ in range(3)] == [200, 200, 429]
+        assert "Redis answers again" in gateway.output()
+        assert gateway.proc is not None and gateway.proc.poll() is None
+    finally:
+        server.stop()
+
+
+def test_workers_counting_apart_is_said_once_at_start(
+    start_gateway: Callable[..., GatewayProcess], upstream: UpstreamServer
+) -> None:
+    gateway = start_gateway(
+        {"routes": [{"name": "api", "path": "/api/*", "target": upstream.url, "rate_limit": "10/s"}]},
+        workers=2,
+    )
+    wait_until(lambda: "count in each of the 2 workers" in gateway.output())
+    assert gateway.output().count("count in each of the 2 workers") == 1
