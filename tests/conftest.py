@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,7 +12,16 @@ from tests.support.gateway import GatewayProcess
 from tests.support.naive_upstream import NaiveUpstream
 from tests.support.proxy_http import running_upstream
 from tests.support.redis import RedisServer
+from tests.support.redis_cluster import RedisClusterServers
+from tests.support.state import Run
 from tests.support.upstream import UpstreamServer
+
+
+@pytest.fixture
+def run() -> Iterator[Run]:
+    """Run a coroutine on this test's event loop: sync tests drive one loop, no asyncio plugin."""
+    with asyncio.Runner() as runner:
+        yield runner.run
 
 
 @pytest.fixture
@@ -66,3 +76,18 @@ def redis_url(redis_server: RedisServer) -> str:
     """The session's Redis, emptied for this test."""
     redis_server.flush()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """A real 3-node Redis Cluster of this test session (each xdist worker has its own)."""
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisClusterServers) -> str:
+    """The session's Redis Cluster, emptied for this test."""
+    redis_cluster.flush()
+    return redis_cluster.url

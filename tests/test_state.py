@@ -1,4 +1,5 @@
-"""The state backend, one suite over both: memory (with an injected clock) and a real redis-server.
+"""The state backend, one suite over all: memory (with an injected clock), a real redis-server and a
+real 3-node Redis Cluster.
 
 Expiry on memory is driven by the clock; on Redis it is real time, so those cases use short TTLs
 and poll with a deadline. Tests are sync functions driving one event loop per test (``run``).
@@ -11,10 +12,10 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import redis
@@ -26,10 +27,7 @@ from apigate.state.base import LocalData, Message
 from apigate.state.memory import MemoryState
 from apigate.state.redis import LIVENESS_PING_AFTER, OPERATION_TIMEOUT, RedisState
 from tests.support.redis import RedisServer
-
-T = TypeVar("T")
-Run = Callable[[Coroutine[Any, Any, T]], T]
-DEADLINE = 5.0
+from tests.support.state import Run, until
 
 
 class FakeClock:
@@ -53,29 +51,18 @@ class Backend:
             await asyncio.sleep(ttl)
 
 
-@pytest.fixture
-def run() -> Iterator[Run]:
-    with asyncio.Runner() as runner:
-        yield runner.run
-
-
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def backend(request: pytest.FixtureRequest, run: Run) -> Iterator[Backend]:
     if request.param == "memory":
         clock = FakeClock()
         yield Backend(MemoryState(clock=clock), clock)
         return
-    state = RedisState(request.getfixturevalue("redis_url"))
+    state = RedisState(
+        request.getfixturevalue("redis_url" if request.param == "redis" else "redis_cluster_url")
+    )
     run(state.open())
     yield Backend(state, None)
     run(state.close())
-
-
-async def until(condition: Callable[[], bool], limit: float = DEADLINE) -> None:
-    deadline = time.monotonic() + limit
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 # -- operations -------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -19,13 +20,15 @@ START_TIMEOUT = 10.0
 
 
 class RedisServer:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, port: int | None = None, options: Sequence[str] = ()) -> None:
+        """``options``: more redis-server arguments (a cluster node's, for instance)."""
         executable = shutil.which("redis-server")
         if executable is None:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
         self.executable = executable
         self.directory = directory
-        self.port = free_port()
+        self.port = free_port() if port is None else port
+        self.options = list(options)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -42,6 +45,7 @@ class RedisServer:
             "--save", "",
             "--appendonly", "no",
             "--logfile", str(self.directory / "redis.log"),
+            *self.options,
         ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT
@@ -73,5 +77,12 @@ class RedisServer:
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def kill(self) -> None:
+        """End it at once (SIGKILL, heard even by a stopped process), as a crash would."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait(5)

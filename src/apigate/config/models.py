@@ -18,6 +18,7 @@ from apigate.config.headernames import HEADER_NAME
 from apigate.config.units import ByteSize, Duration
 from apigate.config.validators import Strict, check_http_url
 from apigate.engine.paths import PathRefused, normalize_path
+from apigate.state.urls import check_state_url
 from apigate.webhooks.config import WebhooksConfig
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
@@ -168,19 +169,15 @@ class StoreConfig(Strict):
 
 
 class StateConfig(Strict):
-    """Where hot, short-lived state lives: memory (each process its own) or Redis (one for a cluster)."""
+    """Where hot, short-lived state lives: memory (each process its own), or Redis or a Redis Cluster
+    (shared by a cluster of gateways)."""
 
     url: str = Field(
         default_factory=lambda: os.environ.get("APIGATE_STATE_URL", "memory://"),
-        description="memory:// or redis://host:6379/0",
+        description="memory://, redis://host:6379/0 or redis+cluster://host:7000,host:7001",
     )
 
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, url: str) -> str:
-        if url != "memory://" and not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must be memory:// or start with redis://, rediss:// or unix://")
-        return url
+    _check_url = field_validator("url")(classmethod(lambda cls, v: check_state_url(v)))
 
 
 class DeclaredKeyConfig(Strict):

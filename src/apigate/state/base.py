@@ -10,16 +10,22 @@ one Redis can serve other applications too. TTLs are seconds (floats).
 
 A decision that reads and writes several keys runs as a ``Script``: Lua on Redis (atomic, one
 round trip) and the same logic in Python on the memory backend, so both give the same answers.
+On Redis Cluster a script runs on the node that holds its keys, so every key of one call must
+hash to one slot: name them with ``same_slot`` (a Redis hash tag). Every backend refuses a call
+whose keys do not, so a script that would fail on a cluster fails in every test too.
 """
 
 from __future__ import annotations
 
 import abc
+import binascii
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 NAMESPACE = "apigate:"
+CLUSTER_SLOTS = 16384
 
 Message = bytes | None
 """What a subscriber receives: a published message, or None each time the subscription is lost
@@ -98,6 +104,13 @@ class StateBackend(abc.ABC):
         """``add_if_absent`` answered without waiting, when the backend can (memory); else None."""
         return None
 
+    def keys_of_one_call(self, names: Sequence[str]) -> list[str]:
+        """``names`` namespaced, refused (ValueError) unless they hash to one cluster slot."""
+        keys = [self.namespace + name for name in names]
+        if len(keys) > 1 and len({key_slot(key) for key in keys}) > 1:
+            raise ValueError(f"the keys of one script call must hash to one slot (use same_slot): {names}")
+        return keys
+
     async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
         """Add ``amount`` to an integer (missing: 0) and return it; ``ttl`` is set while it has none."""
         args: list[Any] = [int(amount), milliseconds(ttl) if ttl is not None else ""]
@@ -116,6 +129,30 @@ class StateBackend(abc.ABC):
         subscription starts, resumes or is lost: messages sent while it is down are lost, so a
         subscriber that must not miss one checks its source then (and, after a loss, until it
         is active again)."""
+
+
+def same_slot(tag: str, *names: str) -> list[str]:
+    """``names`` tagged ``{tag}``, so that they hash to one Redis Cluster slot and one script can
+    use them all: ``same_slot("alice", "minute", "hour") == ["{alice}:minute", "{alice}:hour"]``.
+
+    Different tags spread keys over the cluster. A tag that could not serve as a hash tag (empty,
+    or holding a brace) is replaced by its SHA-1, so any string (a consumer id) can be a tag.
+    """
+    if not tag or "{" in tag or "}" in tag:
+        tag = hashlib.sha1(tag.encode()).hexdigest()
+    return [f"{{{tag}}}:{name}" for name in names]
+
+
+def key_slot(key: str) -> int:
+    """The Redis Cluster slot of ``key``: CRC16 of its hash tag (the first non-empty ``{...}``)
+    or, without one, of the whole key."""
+    data = key.encode()
+    start = data.find(b"{")
+    if start != -1:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1 : end]
+    return binascii.crc_hqx(data, 0) % CLUSTER_SLOTS
 
 
 def milliseconds(seconds: float) -> int:

@@ -114,7 +114,7 @@ class MemoryState(StateBackend, LocalData):
         return self.add_if_absent_nowait(key, ttl)
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any] = ()) -> Any:
-        return script.python(self, [self.namespace + k for k in keys], [str(a) for a in args])
+        return script.python(self, self.keys_of_one_call(keys), [str(a) for a in args])
 
     async def publish(self, channel: str, message: bytes) -> None:
         loop = asyncio.get_running_loop()
