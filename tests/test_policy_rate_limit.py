@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.errors_helpers import Response, apigate_cmd, request, wait_until
+from tests.support.errors_helpers import Response, apigate_cmd, wait_until
+from tests.support.errors_helpers import request as send
 from tests.support.gateway import GatewayProcess
 from tests.support.load import hammer
 from tests.support.redis import RedisServer
@@ -25,7 +26,7 @@ FROZEN_NOW = 1_799_999_990.0  # 10 s before a minute's edge: no window rolls ove
 
 def get_as(port: int, path: str, ip: str, headers: list[tuple[str, str]] | None = None) -> Response:
     """A request that the gateway attributes to ``ip`` (it trusts the loopback as a proxy)."""
-    return request(port, "GET", path, [("X-Forwarded-For", ip), *(headers or [])])
+    return send(port, "GET", path, [("X-Forwarded-For", ip), *(headers or [])])
 
 
 def frozen(config: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +76,7 @@ def test_shorthand_admits_100_a_minute_per_ip_and_refuses_the_101st(
     assert get_as(gateway.port, "/api/x", "198.51.100.1").status == 200
     assert len(upstream.requests) == 101
 
-    routes = request(gateway.port, "GET", "/routes").json()["routes"]
+    routes = send(gateway.port, "GET", "/routes").json()["routes"]
     assert "inactive" not in routes[0]
     assert routes[0]["policies"]["rate-limit"]["counters"] == "this process"
 
@@ -173,13 +174,13 @@ def test_the_first_limit_that_refuses_answers(
         frozen({"routes": [{"path": "/api/*", "target": upstream.url, "policies": {"rate-limit": limits}}]}),
         env=frozen_env(),
     )
-    first = request(gateway.port, "GET", "/api/x")
+    first = send(gateway.port, "GET", "/api/x")
     assert first.header("ratelimit-policy") == '"burst";q=3;w=1, "daily";q=4;w=86400'
     assert first.header("ratelimit") == '"burst";r=2;t=1'  # the tightest of the two
     assert first.header("x-ratelimit-window") == "1"
     assert first.header("x-tokenbucket-remaining") == "2"
-    assert [request(gateway.port, "GET", "/api/x").status for _ in range(3)] == [200, 200, 429]
-    refused = request(gateway.port, "GET", "/api/x")
+    assert [send(gateway.port, "GET", "/api/x").status for _ in range(3)] == [200, 200, 429]
+    refused = send(gateway.port, "GET", "/api/x")
     assert refused.header("ratelimit").startswith('"burst";r=0')
 
 
@@ -194,17 +195,22 @@ ALGORITHM_LIMITS = {
 }
 
 
+@pytest.mark.parametrize("redis", ["redis", "cluster"])
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHM_LIMITS))
 def test_exactly_the_limit_is_admitted_across_workers_and_gateways_on_redis(
     algorithm: str,
+    redis: str,
     start_gateway: Callable[..., GatewayProcess],
     upstream: UpstreamServer,
-    redis_url: str,
+    request: pytest.FixtureRequest,
 ) -> None:
+    """2 workers and a second gateway, 500 requests at once on 100 connections: exactly 100 pass,
+    on one Redis and on a 3-node Redis Cluster."""
+    url = request.getfixturevalue("redis_url" if redis == "redis" else "redis_cluster_url")
     limit = {"algorithm": algorithm, **ALGORITHM_LIMITS[algorithm]}
     config = frozen(
         {
-            "state": {"url": redis_url},
+            "state": {"url": url},
             "routes": [
                 {"path": "/api/*", "target": upstream.url, "policies": {"rate-limit": {"limits": [limit]}}}
             ],
@@ -239,17 +245,17 @@ def test_redis_lost_follows_on_redis_error_logs_once_and_recovers(
             ),
             env=frozen_env(),
         )
-        assert [request(gateway.port, "GET", "/api/x").status for _ in range(4)] == [200, 200, 200, 429]
+        assert [send(gateway.port, "GET", "/api/x").status for _ in range(4)] == [200, 200, 200, 429]
         assert server.proc is not None
         os.kill(server.proc.pid, signal.SIGKILL)
         server.proc.wait()
-        during = [request(gateway.port, "GET", "/api/x").status for _ in range(5)]
+        during = [send(gateway.port, "GET", "/api/x").status for _ in range(5)]
         assert during == ([200] * 5 if on_error == "allow" else [503] * 5)
         assert gateway.output().count("rate-limit: Redis at") == 1  # one line for the whole outage
 
         server.start()  # empty again, on the same port: counting starts afresh
-        wait_until(lambda: request(gateway.port, "GET", "/api/x").status == 200, timeout=10)
-        assert [request(gateway.port, "GET", "/api/x").status for _ in range(3)] == [200, 200, 429]
+        wait_until(lambda: send(gateway.port, "GET", "/api/x").status == 200, timeout=10)
+        assert [send(gateway.port, "GET", "/api/x").status for _ in range(3)] == [200, 200, 429]
         assert "Redis answers again" in gateway.output()
         assert gateway.proc is not None and gateway.proc.poll() is None
     finally:

@@ -44,6 +44,7 @@ from apigate.policies.rate_limit.hotpath import (
 from apigate.policies.registry import register
 from apigate.policies.services import unavailable
 from apigate.state import StateUnavailable
+from apigate.state.base import same_slot
 
 if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
@@ -159,7 +160,8 @@ class RateLimit(Policy[RateLimitConfig]):
         delay_ms = 0
         for rule in rules.rules:
             algorithm = rule.algorithm
-            counter = "rl:{" + rule.label + ":" + key + "}"
+            # One hash tag per counter: its keys share a slot, and counters spread over a cluster.
+            keys = same_slot(rule.label + "\x1f" + key, "rl", "rl-seq")
             args = [
                 now,
                 algorithm.limit,
@@ -170,7 +172,7 @@ class RateLimit(Policy[RateLimitConfig]):
             ]
             try:
                 admitted, remaining, reset_ms, retry_ms, wait_ms = await state.run(
-                    SCRIPTS[algorithm.name], [counter, counter + ":seq"], args
+                    SCRIPTS[algorithm.name], keys, args
                 )
             except StateUnavailable as exc:
                 return self._redis_failed(exchange, exc)
