@@ -7,5 +7,5 @@ import os
 
 from apigate.policies.limits import clock
 
-_NOW = float(os.environ["LIMITS_FROZEN_NOW"])
+_NOW = int(float(os.environ["LIMITS_FROZEN_NOW"]) * 1e9)
 clock.use(lambda: _NOW)

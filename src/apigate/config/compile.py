@@ -94,7 +94,8 @@ def _policy_chain(
                     "message": f"auth: {value} is not configured on this route",
                 }
     policies = sorted(
-        (build_policy(name, cfg, services) for name, cfg in raw.items()), key=lambda p: (p.order, p.name)
+        (build_policy(name, cfg, services, route.display_name) for name, cfg in raw.items()),
+        key=lambda p: (p.order, p.name),
     )
     return tuple(policies), tuple(inactive)
 

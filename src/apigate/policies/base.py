@@ -124,9 +124,11 @@ class Policy(Generic[ConfigT]):
                     if isinstance(argument, type) and issubclass(argument, PolicyConfig):
                         cls.Config = argument
 
-    def __init__(self, config: ConfigT, services: PolicyServices = NO_SERVICES) -> None:
+    def __init__(self, config: ConfigT, services: PolicyServices = NO_SERVICES, route: str = "") -> None:
         self.config = config
         self.services = services
+        self.route = route
+        """The name of the route this instance serves ("" when built alone): each route gets its own."""
         self.prepare()
 
     def prepare(self) -> None:

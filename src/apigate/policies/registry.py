@@ -95,11 +95,12 @@ def validate_policy_config(
 
 
 def build_policy(
-    name: str, raw: dict[str, Any] | None, services: PolicyServices | None = None
+    name: str, raw: dict[str, Any] | None, services: PolicyServices | None = None, route: str = ""
 ) -> Policy[Any]:
-    """The policy ``name`` with config ``raw`` (validated), reaching ``services`` (none running: None)."""
+    """The policy ``name`` with config ``raw`` (validated) for the route named ``route``, reaching
+    ``services`` (none running: None)."""
     cls = registry()[name]
-    policy = cls(cls.Config.model_validate(raw or {}), NO_SERVICES if services is None else services)
+    policy = cls(cls.Config.model_validate(raw or {}), NO_SERVICES if services is None else services, route)
     if not policy.phases <= cls.phases:
         raise TypeError(f"policy {name!r} may narrow its phases for a config, not add to them")
     return policy

@@ -13,7 +13,9 @@ make "exactly 100 of 500" depend on rounding. Lua's numbers are doubles, exact u
 largest product here is about ``2 x max(limit, burst) x window_ms``, which the config keeps
 below ``MAX_PRODUCT``.
 
-State layout: ``state[0]`` is the key's expiry (ms); the rest is the algorithm's own.
+A key's state is a ``KeyState``: its expiry (ms) and three integers whose meaning each algorithm
+gives (native attributes, so reading and writing them allocates nothing); the sliding log keeps
+its stamps in ``stamps``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,22 @@ DEFAULT_MAX_KEYS: Final = 1_000_000
 MAX_PRODUCT: Final = 2**51
 # Expired keys are swept after this many new keys (or half the size, if larger).
 SWEEP_EVERY: Final = 1024
+
+
+class KeyState:
+    __slots__ = ("a", "b", "c", "expires", "stamps")
+
+    def __init__(self, expires: int, a: int, b: int, c: int) -> None:
+        self.expires = expires
+        self.a = a
+        self.b = b
+        self.c = c
+        self.stamps: list[int] = []
+
+    def copy(self) -> KeyState:
+        state = KeyState(self.expires, self.a, self.b, self.c)
+        state.stamps = list(self.stamps)
+        return state
 
 
 class Algorithm:
@@ -45,7 +63,7 @@ class Algorithm:
         self.retry_ms = 0  # until a refused request could pass
         self.delay_ms = 0  # how long an admitted request waits first (leaky bucket only)
 
-    def step(self, state: list[int] | None, now: int, cost: int) -> list[int]:
+    def step(self, state: KeyState | None, now: int, cost: int) -> KeyState:
         raise NotImplementedError
 
     def capacity(self) -> int:
@@ -58,13 +76,13 @@ class FixedWindow(Algorithm):
 
     name: ClassVar[str] = "fixed_window"
 
-    def step(self, state: list[int] | None, now: int, cost: int) -> list[int]:
+    def step(self, state: KeyState | None, now: int, cost: int) -> KeyState:
         window = self.window_ms
         index = now // window
         end = (index + 1) * window
-        if state is None or state[1] != index:
-            state = [end, index, 0]
-        count = state[2]
+        if state is None or state.a != index:
+            state = KeyState(end, index, 0, 0)
+        count = state.b
         self.reset_ms = end - now
         self.delay_ms = 0
         if count + cost > self.limit:
@@ -72,7 +90,7 @@ class FixedWindow(Algorithm):
             self.remaining = max(self.limit - count, 0)
             self.retry_ms = end - now
             return state
-        state[2] = count + cost
+        state.b = count + cost
         self.admitted = True
         self.remaining = self.limit - count - cost
         self.retry_ms = 0
@@ -85,17 +103,17 @@ class SlidingWindow(Algorithm):
 
     name: ClassVar[str] = "sliding_window"
 
-    def step(self, state: list[int] | None, now: int, cost: int) -> list[int]:
+    def step(self, state: KeyState | None, now: int, cost: int) -> KeyState:
         window = self.window_ms
         limit = self.limit
         index = now // window
         start = index * window
-        if state is None or state[1] < index - 1:
-            state = [start + 2 * window, index, 0, 0]
-        elif state[1] == index - 1:
-            state = [start + 2 * window, index, 0, state[2]]
-        current = state[2]
-        previous = state[3]
+        if state is None or state.a < index - 1:
+            state = KeyState(start + 2 * window, index, 0, 0)
+        elif state.a == index - 1:
+            state = KeyState(start + 2 * window, index, 0, state.b)
+        current = state.b
+        previous = state.c
         left = window - (now - start)  # how much of the previous window still counts, in ms
         # estimate = previous * left / window + current; compared times window, in integers.
         weighted = previous * left + current * window
@@ -106,7 +124,7 @@ class SlidingWindow(Algorithm):
             self.retry_ms = self._retry(current, previous, left, cost, now - start)
             self.reset_ms = _until_empty(current, previous, start + window - now, window)
             return state
-        state[2] = current + cost
+        state.b = current + cost
         self.reset_ms = _until_empty(current + cost, previous, start + window - now, window)
         self.admitted = True
         self.remaining = (limit * window - weighted - cost * window) // window
@@ -137,30 +155,30 @@ class SlidingLog(Algorithm):
 
     name: ClassVar[str] = "sliding_log"
 
-    def step(self, state: list[int] | None, now: int, cost: int) -> list[int]:
+    def step(self, state: KeyState | None, now: int, cost: int) -> KeyState:
         window = self.window_ms
         if state is None:
-            state = [now + window]
-        # Drop the stamps that left the window (state[1:] is in time order).
-        first = 1
-        size = len(state)
-        while first < size and state[first] <= now - window:
+            state = KeyState(now + window, 0, 0, 0)
+        stamps = state.stamps  # in time order
+        first = 0
+        size = len(stamps)
+        while first < size and stamps[first] <= now - window:
             first += 1
-        if first > 1:
-            del state[1:first]
-        count = len(state) - 1
+        if first:
+            del stamps[:first]
+        count = len(stamps)
         self.delay_ms = 0
         if count + cost > self.limit:
             self.admitted = False
             self.remaining = max(self.limit - count, 0)
             # The oldest stamps must leave until ``cost`` fits.
             must_leave = count + cost - self.limit
-            self.retry_ms = (state[must_leave] + window - now) if must_leave <= count else window
-            self.reset_ms = state[count] + window - now if count else 0
+            self.retry_ms = (stamps[must_leave - 1] + window - now) if must_leave <= count else window
+            self.reset_ms = stamps[count - 1] + window - now if count else 0
             return state
         for _ in range(cost):
-            state.append(now)
-        state[0] = now + window
+            stamps.append(now)
+        state.expires = now + window
         self.admitted = True
         self.remaining = self.limit - count - cost
         self.retry_ms = 0
@@ -180,18 +198,18 @@ class TokenBucket(Algorithm):
     def capacity(self) -> int:
         return self.burst
 
-    def step(self, state: list[int] | None, now: int, cost: int) -> list[int]:
+    def step(self, state: KeyState | None, now: int, cost: int) -> KeyState:
         window = self.window_ms
         rate = self.limit  # units refilled per millisecond
         full = self.burst * window
         if state is None:
-            state = [0, full, now]
+            state = KeyState(0, full, now, 0)
         else:
-            elapsed = now - state[2]
+            elapsed = now - state.b
             if elapsed > 0:
-                state[1] = min(full, state[1] + min(elapsed, full // rate + 1) * rate)
-                state[2] = now
-        tokens = state[1]
+                state.a = min(full, state.a + min(elapsed, full // rate + 1) * rate)
+                state.b = now
+        tokens = state.a
         need = cost * window
         self.delay_ms = 0
         if need > tokens:
@@ -201,12 +219,12 @@ class TokenBucket(Algorithm):
             self.reset_ms = _ceil_div(full - tokens, rate)
         else:
             tokens -= need
-            state[1] = tokens
+            state.a = tokens
             self.admitted = True
             self.remaining = tokens // window
             self.retry_ms = 0
             self.reset_ms = _ceil_div(full - tokens, rate)
-        state[0] = now + self.reset_ms  # a full bucket is the same as no key
+        state.expires = now + self.reset_ms  # a full bucket is the same as no key
         return state
 
     def _forever(self) -> int:
@@ -227,17 +245,17 @@ class LeakyBucket(Algorithm):
         # Requests that fit in the queue at once: one leaving now plus those waiting up to max_delay.
         return 1 + (self.max_delay_ms * self.limit) // self.window_ms
 
-    def step(self, state: list[int] | None, now: int, cost: int) -> list[int]:
+    def step(self, state: KeyState | None, now: int, cost: int) -> KeyState:
         rate = self.limit
         window = self.window_ms
         if state is None:
-            state = [0, 0, now]
+            state = KeyState(0, 0, now, 0)
         else:
-            elapsed = now - state[2]
+            elapsed = now - state.b
             if elapsed > 0:
-                state[1] = max(0, state[1] - elapsed * rate)
-                state[2] = now
-        level = state[1]
+                state.a = max(0, state.a - elapsed * rate)
+                state.b = now
+        level = state.a
         wait = _ceil_div(level, rate)
         capacity = self.capacity()
         if wait > self.max_delay_ms:
@@ -247,13 +265,13 @@ class LeakyBucket(Algorithm):
             self.retry_ms = _ceil_div(level - self.max_delay_ms * rate, rate)
         else:
             level += cost * window
-            state[1] = level
+            state.a = level
             self.admitted = True
             self.delay_ms = wait
             self.retry_ms = 0
             self.remaining = max(capacity - _ceil_div(level, window), 0)
-        self.reset_ms = _ceil_div(state[1], rate)
-        state[0] = now + self.reset_ms
+        self.reset_ms = _ceil_div(state.a, rate)
+        state.expires = now + self.reset_ms
         return state
 
 
@@ -285,14 +303,14 @@ class MemoryCounters:
     def __init__(self, algorithm: Algorithm, max_keys: int = DEFAULT_MAX_KEYS) -> None:
         self.algorithm = algorithm
         self.max_keys = max_keys
-        self.entries: dict[str, list[int]] = {}
+        self.entries: dict[str, KeyState] = {}
         self.added = 0
 
     def take(self, key: str, now: int, cost: int) -> bool:
         """Decide for ``key``; the details are on ``self.algorithm`` until the next call."""
         entries = self.entries
         state = entries.get(key)
-        if state is not None and state[0] <= now:
+        if state is not None and state.expires <= now:
             state = None
         kept = self.algorithm.step(state, now, cost)
         if kept is not state:
@@ -303,14 +321,14 @@ class MemoryCounters:
             entries[key] = kept
         return self.algorithm.admitted
 
-    def peek(self, key: str, now: int) -> list[int] | None:
+    def peek(self, key: str, now: int) -> KeyState | None:
         state = self.entries.get(key)
-        return state if state is not None and state[0] > now else None
+        return state if state is not None and state.expires > now else None
 
     def sweep(self, now: int) -> None:
         self.added = 0
         entries = self.entries
-        for key in [k for k, state in entries.items() if state[0] <= now]:
+        for key in [k for k, state in entries.items() if state.expires <= now]:
             del entries[key]
         if len(entries) >= self.max_keys:
             # Dicts keep insertion order: the first keys are the oldest. Room for a run of keys.

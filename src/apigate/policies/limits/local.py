@@ -1,19 +1,21 @@
 """This process's counters, kept across config reloads.
 
 Policies are rebuilt on every reload; their counters must not be, or a reload would hand every
-client a fresh allowance. Counters are found by what defines them (the limit's name, algorithm
-and numbers), so an unchanged limit keeps counting and a changed one starts afresh.
+client a fresh allowance. Counters are found by what defines them (the route they count for, or
+"" for limits shared by every route; the limit's name, algorithm and numbers), so an unchanged
+limit keeps counting and a changed one starts afresh.
 """
 
 from __future__ import annotations
 
 from apigate.policies.limits.algorithms import Algorithm, MemoryCounters
 
-_counters: dict[tuple[str, str, int, int, int, int], MemoryCounters] = {}
+_counters: dict[tuple[str, str, str, int, int, int, int], MemoryCounters] = {}
 
 
-def counters_for(label: str, algorithm: Algorithm, max_keys: int) -> MemoryCounters:
+def counters_for(scope: str, label: str, algorithm: Algorithm, max_keys: int) -> MemoryCounters:
     identity = (
+        scope,
         label,
         algorithm.name,
         algorithm.limit,
@@ -28,6 +30,6 @@ def counters_for(label: str, algorithm: Algorithm, max_keys: int) -> MemoryCount
     return counters
 
 
-def all_counters() -> dict[tuple[str, str, int, int, int, int], MemoryCounters]:
+def all_counters() -> dict[tuple[str, str, str, int, int, int, int], MemoryCounters]:
     """Every limit's counters in this process (for `limits show`/`reset` and tests)."""
     return _counters

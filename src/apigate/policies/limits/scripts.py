@@ -185,11 +185,11 @@ def _step_locally(name: str) -> Any:
         now, limit, window, burst, max_delay, cost = (int(a) for a in args)
         algorithm = algorithm_class(limit, window, burst, max_delay)
         state = data.get(keys[0])
-        if state is not None and state[0] <= now:
+        if state is not None and state.expires <= now:
             state = None
-        kept = algorithm.step(list(state) if state is not None else None, now, cost)
+        kept = algorithm.step(state.copy() if state is not None else None, now, cost)
         data.set(keys[0], kept)
-        data.expire(keys[0], max(kept[0] - now, 1) / 1000)
+        data.expire(keys[0], max(kept.expires - now, 1) / 1000)
         return decision(algorithm)
 
     return run

@@ -75,13 +75,13 @@ class RateLimit(Policy[RateLimitConfig]):
         config = self.config
         if config.backend == "memory":
             self.needs = frozenset()
+        self.scope = self.route if config.scope == "route" else ""  # whose counters these are
         self.outage = False  # Redis has not answered since the last logged failure
         self.redis_errors = 0
         self.limiter = Limiter(
             keys=KeyBuilder(config.key),
             fallback=KeyBuilder(config.fallback_key),
             rules=self._rule_set(config.limits),
-            per_route=config.scope == "route",
             cost=config.cost,
             families=frozenset(config.headers),
             clock=clock.source(),
@@ -112,7 +112,7 @@ class RateLimit(Policy[RateLimitConfig]):
             wanted = algorithm_class(
                 count, round(window * 1000), limit.burst or 0, round((limit.max_delay or 0) * 1000)
             )
-            counters = counters_for(limit.label(), wanted, self.config.max_keys)
+            counters = counters_for(self.scope, limit.label(), wanted, self.config.max_keys)
             rules.append(Rule(limit.label(), counters.algorithm, counters, max(round(window), 1)))
         return RuleSet(rules)
 
@@ -155,13 +155,13 @@ class RateLimit(Policy[RateLimitConfig]):
         if state is None:
             return unavailable(exchange, "the rate limit's state backend is not running")
         limiter = self.limiter
-        now = int(limiter.clock() * 1000)
+        now = limiter.clock() // 1_000_000
         tightest: tuple[Rule, int, int] | None = None
         delay_ms = 0
         for rule in rules.rules:
             algorithm = rule.algorithm
             # One hash tag per counter: its keys share a slot, and counters spread over a cluster.
-            keys = same_slot(rule.label + "\x1f" + key, "rl", "rl-seq")
+            keys = same_slot(self.scope + "\x1f" + rule.label + "\x1f" + key, "rl", "rl-seq")
             args = [
                 now,
                 algorithm.limit,

@@ -60,10 +60,9 @@ class Limiter:
         keys: KeyBuilder,
         fallback: KeyBuilder,
         rules: RuleSet,
-        per_route: bool,
         cost: int,
         families: frozenset[str],
-        clock: Callable[[], float],
+        clock: Callable[[], int],
         local: Callable[[], bool],
         remote: Callable[[Exchange, RuleSet, str], Any],
         refuse: Callable[[Exchange, RuleSet, Rule], Any],
@@ -72,7 +71,6 @@ class Limiter:
         self.keys = keys
         self.fallback = fallback
         self.rules = rules
-        self.per_route = per_route
         self.cost = cost
         self.ietf = "ietf" in families
         self.x_ratelimit = "x-ratelimit" in families
@@ -109,7 +107,7 @@ class Limiter:
             local = self.local = self.is_local()
         if not local:
             return self.remote(exchange, rules, key)
-        now = int(self.clock() * 1000)
+        now = self.clock() // 1_000_000
         cost = self.cost
         tightest: Rule | None = None
         remaining = 0
@@ -132,15 +130,12 @@ class Limiter:
         return None
 
     def key_of(self, exchange: Exchange) -> str:
-        """The counters' key: the route's name first when limits are per route."""
+        """Whose counter: the key, or the fallback key when a part is missing, or at last the IP."""
         key = self.keys.build(exchange)
         if key is None:
             key = self.fallback.build(exchange)
             if key is None:
                 key = exchange.client_ip
-        if self.per_route:
-            route: Any = exchange.route
-            return (str(route.name) if route is not None else "") + "\x1f" + key
         return key
 
     def plan_of(self, exchange: Exchange) -> RuleSet:
