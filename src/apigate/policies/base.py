@@ -49,7 +49,8 @@ with mypyc, together with the engine; a policy puts a bound method of a hotpath 
   read or write is a C struct access, not a dict lookup): ``headers`` (the request's list of
   lowercase name/value byte pairs; replace it, or edit it in place), ``response_headers``
   (the same, in the response phase), ``consumer``, ``tenant``, ``state`` (``None`` until a
-  policy sets a dict) and the method ``vars()`` (that dict, made on first use); the request's
+  policy sets a dict), ``response_lines`` (header lines added to whatever response the request
+  gets: append ``b"name: value\r\n"``) and the method ``vars()`` (that dict, made on first use); the request's
   ``method``, ``path``, ``raw_path``, ``query`` and ``client_ip`` may be read;
 - hands anything unusual (a refusal, a miss, a service not running) back to a callable of the
   policy, so the policy's Python module stays the one place that makes answers.

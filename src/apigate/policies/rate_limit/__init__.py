@@ -35,11 +35,9 @@ from apigate.policies.rate_limit.hotpath import (
     TIER_GROUP,
     TIER_PART,
     TIER_TENANT,
-    USAGE,
     Limiter,
     Rule,
     RuleSet,
-    Usage,
 )
 from apigate.policies.registry import register
 from apigate.policies.services import unavailable
@@ -58,7 +56,7 @@ _TIER_KINDS: Final = {"group": TIER_GROUP, "tenant": TIER_TENANT}
 class RateLimit(Policy[RateLimitConfig]):
     name = "rate-limit"
     order = 2000  # after authentication (~1000): limits may count per consumer
-    phases = frozenset({"request", "response"})
+    phases = frozenset({"request"})
     needs = frozenset({"state"})
     shorthand: ClassVar[str | None] = "rate_limit"
     shorthand_forms: ClassVar[str] = RATE_FORMS
@@ -100,9 +98,7 @@ class RateLimit(Policy[RateLimitConfig]):
                 plans,
                 plans[tiers.default] if tiers.default is not None else None,
             )
-        if not config.headers:
-            self.phases = frozenset({"request"})
-        self.engine_hooks = {"request": self.limiter.check, "response": self.limiter.add_headers}
+        self.engine_hooks = {"request": self.limiter.check}
 
     def _rule_set(self, limits: list[LimitConfig]) -> RuleSet:
         rules = []
@@ -121,31 +117,21 @@ class RateLimit(Policy[RateLimitConfig]):
         result: Reply | Awaitable[Reply | None] | None = self.limiter.check(exchange)
         return result
 
-    def on_response(self, exchange: Exchange) -> None:
-        self.limiter.add_headers(exchange)
-
     # -- what the compiled path hands back ---------------------------------------------------------
     def _counts_locally(self) -> bool:
         state = self.services.state
         return self.config.backend == "memory" or state is None or not state.shared
 
-    def _refuse(self, exchange: Exchange, rules: RuleSet, rule: Rule) -> Reply:
-        algorithm = rule.algorithm
-        return self._reply(exchange, rules, rule, algorithm.remaining, algorithm.reset_ms, algorithm.retry_ms)
-
-    def _reply(
-        self, exchange: Exchange, rules: RuleSet, rule: Rule, remaining: int, reset_ms: int, retry_ms: int
-    ) -> Reply:
+    def _refuse(self, exchange: Exchange, retry_ms: int) -> Reply:
+        """429: the limit's fields are in ``exchange.response_lines`` already."""
         retry_after = max(1, -(-retry_ms // 1000))
-        headers = [(b"retry-after", b"%d" % retry_after)]
-        headers += self.limiter.headers(rules, rule, remaining, reset_ms)
         payload = {
             "error": "rate limit exceeded",
             "reason": "rate_limited",
             "request_id": exchange.request_id,
             "retry_after": retry_after,
         }
-        return json_reply(429, payload, headers)
+        return json_reply(429, payload, [(b"retry-after", b"%d" % retry_after)])
 
     async def _wait(self, delay_ms: int) -> None:
         await asyncio.sleep(delay_ms / 1000)
@@ -178,13 +164,15 @@ class RateLimit(Policy[RateLimitConfig]):
                 return self._redis_failed(exchange, exc)
             if not admitted:
                 self._redis_answered()
-                return self._reply(exchange, rules, rule, remaining, reset_ms, retry_ms)
+                if limiter.report:
+                    exchange.response_lines += limiter.lines(rule, remaining, reset_ms)
+                return self._refuse(exchange, retry_ms)
             if tightest is None or remaining < tightest[1]:
                 tightest = (rule, remaining, reset_ms)
             delay_ms = max(delay_ms, wait_ms)
         self._redis_answered()
         if limiter.report and tightest is not None:
-            exchange.vars()[USAGE] = Usage(rules, *tightest)
+            exchange.response_lines += limiter.lines(*tightest)
         if delay_ms > 0:
             await asyncio.sleep(delay_ms / 1000)
         return None

@@ -18,11 +18,10 @@ NO_TIERS: Final = 0
 TIER_GROUP: Final = 1
 TIER_TENANT: Final = 2
 TIER_PART: Final = 3  # a claim or a header, read as a key part
-USAGE: Final = "rate_limit"  # where the request's usage waits for the response phase (exchange.vars())
 
 
 class Rule:
-    """One limit as a request meets it: its algorithm, its counters here, its header values."""
+    """One limit as a request meets it: its algorithm, its counters here, its fields' fixed parts."""
 
     def __init__(self, label: str, algorithm: Algorithm, counters: MemoryCounters, window_s: int) -> None:
         self.label = label
@@ -30,8 +29,9 @@ class Rule:
         self.counters = counters
         self.quoted = b'"' + label.encode() + b'"'
         self.policy_item = self.quoted + b";q=%d;w=%d" % (algorithm.capacity(), window_s)
-        self.limit_value = b"%d" % algorithm.capacity()
-        self.window_value = b"%d" % window_s
+        self.limit_lines = b"x-ratelimit-limit: %d\r\nx-ratelimit-remaining: " % algorithm.capacity()
+        self.window_line = b"x-ratelimit-window: %d\r\n" % window_s
+        self.ietf_head = b""  # set by its RuleSet: RateLimit-Policy names every limit of the set
 
 
 class RuleSet:
@@ -39,19 +39,9 @@ class RuleSet:
 
     def __init__(self, rules: list[Rule]) -> None:
         self.rules = rules
-        self.policy_value = b", ".join(rule.policy_item for rule in rules)
-
-
-class Usage:
-    """The tightest limit a passed request met, for the response's headers."""
-
-    __slots__ = ("remaining", "reset_ms", "rule", "rules")
-
-    def __init__(self, rules: RuleSet, rule: Rule, remaining: int, reset_ms: int) -> None:
-        self.rules = rules
-        self.rule = rule
-        self.remaining = remaining
-        self.reset_ms = reset_ms
+        policy = b", ".join(rule.policy_item for rule in rules)
+        for rule in rules:
+            rule.ietf_head = b"ratelimit-policy: " + policy + b"\r\nratelimit: " + rule.quoted + b";r="
 
 
 class Limiter:
@@ -65,7 +55,7 @@ class Limiter:
         clock: Callable[[], int],
         local: Callable[[], bool],
         remote: Callable[[Exchange, RuleSet, str], Any],
-        refuse: Callable[[Exchange, RuleSet, Rule], Any],
+        refuse: Callable[[Exchange, int], Any],
         wait: Callable[[int], Any],
     ) -> None:
         self.keys = keys
@@ -115,7 +105,10 @@ class Limiter:
         delay_ms = 0
         for rule in rules.rules:
             if not rule.counters.take(key, now, cost):
-                return self.refuse(exchange, rules, rule)
+                refused = rule.algorithm
+                if self.report:
+                    exchange.response_lines += self.lines(rule, refused.remaining, refused.reset_ms)
+                return self.refuse(exchange, refused.retry_ms)
             algorithm = rule.algorithm
             if tightest is None or algorithm.remaining < remaining:
                 tightest = rule
@@ -124,7 +117,7 @@ class Limiter:
             if algorithm.delay_ms > delay_ms:
                 delay_ms = algorithm.delay_ms
         if self.report and tightest is not None:
-            exchange.vars()[USAGE] = Usage(rules, tightest, remaining, reset_ms)
+            exchange.response_lines += self.lines(tightest, remaining, reset_ms)
         if delay_ms > 0:
             return self.wait(delay_ms)
         return None
@@ -161,31 +154,18 @@ class Limiter:
         default = self.default_plan
         return default if default is not None else self.rules
 
-    # -- the response phase ----------------------------------------------------------------------
-    def add_headers(self, exchange: Exchange) -> None:
-        state = exchange.state
-        if state is None:
-            return
-        usage = state.get(USAGE)
-        if isinstance(usage, Usage):
-            exchange.response_headers += self.headers(
-                usage.rules, usage.rule, usage.remaining, usage.reset_ms
-            )
-
-    def headers(self, rules: RuleSet, rule: Rule, remaining: int, reset_ms: int) -> list[tuple[bytes, bytes]]:
-        """The rate-limit fields the policy sends, for ``remaining`` of ``rule`` and its reset."""
-        reset = b"%d" % -(-reset_ms // 1000)
+    def lines(self, rule: Rule, remaining: int, reset_ms: int) -> bytes:
+        """The rate-limit fields for ``remaining`` of ``rule``, as header lines: built whole here, so
+        a response costs one more piece, not a field list to edit and serialize."""
         left = b"%d" % remaining
-        out: list[tuple[bytes, bytes]] = []
+        reset = b"%d" % -(-reset_ms // 1000)
+        out: list[bytes] = []
         if self.ietf:
-            out.append((b"ratelimit-policy", rules.policy_value))
-            out.append((b"ratelimit", rule.quoted + b";r=" + left + b";t=" + reset))
+            out += (rule.ietf_head, left, b";t=", reset, b"\r\n")
         if self.x_ratelimit:
-            out.append((b"x-ratelimit-limit", rule.limit_value))
-            out.append((b"x-ratelimit-remaining", left))
-            out.append((b"x-ratelimit-reset", reset))
+            out += (rule.limit_lines, left, b"\r\nx-ratelimit-reset: ", reset, b"\r\n")
         if self.window:
-            out.append((b"x-ratelimit-window", rule.window_value))
+            out.append(rule.window_line)
         if self.token_bucket:
-            out.append((b"x-tokenbucket-remaining", left))
-        return out
+            out += (b"x-tokenbucket-remaining: ", left, b"\r\n")
+        return b"".join(out)
