@@ -88,11 +88,11 @@ class Exchange:
     response_started = False
     response_status = 0
     response_headers: list[tuple[bytes, bytes]]
-    # Header lines (b"name: value\r\n"...) a request-phase policy adds to whatever response this
-    # request gets (rate-limit fields): written whole, after the response policies ran, which
-    # neither see nor edit them. Cheaper than fields in ``response_headers`` when every response
-    # carries them.
-    response_lines = b""
+    # Header lines a request-phase policy adds to whatever response this request gets (rate-limit
+    # fields), as pieces of bytes that join into ``name: value\r\n`` lines: the engine joins them
+    # with the rest of the head, after the response policies ran, which neither see nor edit them.
+    # Cheaper than fields in ``response_headers`` when every response carries them.
+    response_lines: list[bytes] | None = None
     response_chunked = False
     response_until_eof = False
     upstream_keep_alive = False
@@ -591,8 +591,9 @@ class Exchange:
         self.response_started = True
         head = [wire.STATUS_LINES.get(status) or wire.status_line(status)]
         wire.add_headers(head, kept)
-        if self.response_lines:
-            head.append(self.response_lines)
+        lines = self.response_lines
+        if lines is not None:
+            head += lines
         if (
             length_known
             and self.keep_alive
@@ -749,7 +750,7 @@ class Exchange:
             wire.status_line(reply.status)
             + b"content-type: %s\r\ncontent-length: %d\r\n" % (reply.content_type, len(reply.body))
             + wire.serialize_headers(self.response_headers)
-            + self.response_lines
+            + (b"".join(self.response_lines) if self.response_lines is not None else b"")
             + (b"connection: close\r\n\r\n" if closing else b"\r\n")
         )
         self.close_after = closing

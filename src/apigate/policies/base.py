@@ -50,8 +50,9 @@ with mypyc, together with the engine; a policy puts a bound method of a hotpath 
   lowercase name/value byte pairs; replace it, or edit it in place), ``response_headers``
   (the same, in the response phase), ``consumer``, ``tenant``, ``state`` (``None`` until a
   policy sets a dict), ``response_lines`` (header lines added to whatever response the request
-  gets: append ``b"name: value\r\n"``) and the method ``vars()`` (that dict, made on first use); the request's
-  ``method``, ``path``, ``raw_path``, ``query`` and ``client_ip`` may be read;
+  gets: ``None``, or a list of byte pieces joining into ``name: value\r\n`` lines; extend it)
+  and the method ``vars()`` (that dict, made on first use); the request's ``method``, ``path``,
+  ``raw_path``, ``query``, ``client_ip`` and ``route`` may be read;
 - hands anything unusual (a refusal, a miss, a service not running) back to a callable of the
   policy, so the policy's Python module stays the one place that makes answers.
 """

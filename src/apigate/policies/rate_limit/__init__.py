@@ -165,14 +165,14 @@ class RateLimit(Policy[RateLimitConfig]):
             if not admitted:
                 self._redis_answered()
                 if limiter.report:
-                    exchange.response_lines += limiter.lines(rule, remaining, reset_ms)
+                    limiter.add_lines(exchange, rule, remaining, reset_ms)
                 return self._refuse(exchange, retry_ms)
             if tightest is None or remaining < tightest[1]:
                 tightest = (rule, remaining, reset_ms)
             delay_ms = max(delay_ms, wait_ms)
         self._redis_answered()
         if limiter.report and tightest is not None:
-            exchange.response_lines += limiter.lines(*tightest)
+            limiter.add_lines(exchange, *tightest)
         if delay_ms > 0:
             await asyncio.sleep(delay_ms / 1000)
         return None

@@ -107,7 +107,7 @@ class Limiter:
             if not rule.counters.take(key, now, cost):
                 refused = rule.algorithm
                 if self.report:
-                    exchange.response_lines += self.lines(rule, refused.remaining, refused.reset_ms)
+                    self.add_lines(exchange, rule, refused.remaining, refused.reset_ms)
                 return self.refuse(exchange, refused.retry_ms)
             algorithm = rule.algorithm
             if tightest is None or algorithm.remaining < remaining:
@@ -117,7 +117,7 @@ class Limiter:
             if algorithm.delay_ms > delay_ms:
                 delay_ms = algorithm.delay_ms
         if self.report and tightest is not None:
-            exchange.response_lines += self.lines(tightest, remaining, reset_ms)
+            self.add_lines(exchange, tightest, remaining, reset_ms)
         if delay_ms > 0:
             return self.wait(delay_ms)
         return None
@@ -154,18 +154,19 @@ class Limiter:
         default = self.default_plan
         return default if default is not None else self.rules
 
-    def lines(self, rule: Rule, remaining: int, reset_ms: int) -> bytes:
-        """The rate-limit fields for ``remaining`` of ``rule``, as header lines: built whole here, so
-        a response costs one more piece, not a field list to edit and serialize."""
+    def add_lines(self, exchange: Exchange, rule: Rule, remaining: int, reset_ms: int) -> None:
+        """Add the rate-limit fields for ``remaining`` of ``rule`` to the response, as pieces of
+        header lines that the engine joins with the rest of the head (no copy made here)."""
         left = b"%d" % remaining
         reset = b"%d" % -(-reset_ms // 1000)
-        out: list[bytes] = []
+        pieces = exchange.response_lines
+        if pieces is None:
+            pieces = exchange.response_lines = []
         if self.ietf:
-            out += (rule.ietf_head, left, b";t=", reset, b"\r\n")
+            pieces += (rule.ietf_head, left, b";t=", reset, b"\r\n")
         if self.x_ratelimit:
-            out += (rule.limit_lines, left, b"\r\nx-ratelimit-reset: ", reset, b"\r\n")
+            pieces += (rule.limit_lines, left, b"\r\nx-ratelimit-reset: ", reset, b"\r\n")
         if self.window:
-            out.append(rule.window_line)
+            pieces.append(rule.window_line)
         if self.token_bucket:
-            out += (b"x-tokenbucket-remaining: ", left, b"\r\n")
-        return b"".join(out)
+            pieces += (b"x-tokenbucket-remaining: ", left, b"\r\n")
