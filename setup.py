@@ -22,6 +22,7 @@ COMPILED = [
     "src/apigate/consumers/keyindex.py",
     "src/apigate/engine/client.py",
     "src/apigate/engine/exchange.py",
+    "src/apigate/engine/framing.py",
     "src/apigate/engine/paths.py",
     "src/apigate/engine/plan.py",
     "src/apigate/engine/replies.py",

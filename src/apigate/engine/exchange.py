@@ -13,7 +13,7 @@ from collections.abc import Awaitable
 from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any, Final
 
-from apigate.engine import wire
+from apigate.engine import framing, wire
 from apigate.engine.replies import Reply, error_body
 from apigate.engine.router import MethodNotAllowed
 from apigate.engine.upstream import PoolTimeout, UpstreamConnection
@@ -28,30 +28,15 @@ from apigate.engine.wire import (
     FIELD_X_REQUEST_ID,
     PROXY_READ_FIELDS,
 )
-from apigate.httpspec import HOP_BY_HOP, IDEMPOTENT_METHODS
+from apigate.httpspec import IDEMPOTENT_METHODS
 
 if TYPE_CHECKING:
     from apigate.engine.client import ClientConnection
     from apigate.engine.plan import CompiledRoute, Plan, Target
 
-# Request headers the proxy regenerates or consumes itself, besides the hop-by-hop ones.
-_REQUEST_OWN: Final = HOP_BY_HOP | {
-    b"host",
-    b"x-forwarded-for",
-    b"x-forwarded-proto",
-    b"x-forwarded-host",
-    b"x-request-id",
-    b"expect",
-}
-# Response headers the proxy owns: hop-by-hop ones, and X-Request-ID (it sends its own).
-_RESPONSE_OWN: Final = HOP_BY_HOP | {b"x-request-id"}
-# A buffered body is sent with its own Content-Length (a body hook may have replaced it).
-_REQUEST_OWN_BUFFERED: Final = _REQUEST_OWN | {b"content-length"}
 # What a client's Connection header cannot take away: the engine reads these for Host and
 # framing (RFC 9112 §6), and the Upgrade handshake needs its Upgrade field.
 _NOT_NOMINATED: Final = frozenset({b"host", b"content-length", b"transfer-encoding", b"upgrade"})
-# Methods a route without its own ``methods`` list answers to: TRACE only where a route lists it.
-_STATUS_101: Final = wire.status_line(101)
 _NO_PARAMS: Final[dict[str, str]] = {}
 _NO_HEADERS: Final[list[tuple[bytes, bytes]]] = []
 # A body this small is kept so the request can be replayed on another connection.
@@ -438,7 +423,29 @@ class Exchange:
         self.quiet_since = 0.0
         route = self.route
         assert route is not None
-        head = self._upstream_head(route)
+        target = self.target
+        assert target is not None
+        head = framing.upstream_head(
+            method=self.method,
+            raw_path=self.raw_path,
+            rewritten_path=(
+                None
+                if route.rewrite is None and not route.prefix_strip
+                else route.upstream_path(self.path, self.params, self.remainder, self.prefix)
+            ),
+            query=self.query,
+            client_host=self.host if route.preserve_host else None,
+            target_host=target.host_header,
+            headers=self.headers,
+            body=self.body,
+            xff=self.xff,
+            peer=self.client.peer_ip_bytes,
+            forwarded_proto=self.forwarded_proto,
+            forwarded_host=self.forwarded_host,
+            rid=self.rid,
+            upgrade_to=self.upgrade_to if self.upgrade else None,
+            chunked=self.request_chunked,
+        )
         self.reused = reused
         # A retry resends the whole kept body; a first attempt sends what arrived so far.
         pieces = self.body_replay if self.attempt > 1 else self.body_pending
@@ -454,47 +461,6 @@ class Exchange:
         conn.send(head)
         client = self.client
         client.resume(client.PAUSE_BODY)
-
-    def _upstream_head(self, route: CompiledRoute) -> bytes:
-        target = self.target
-        assert target is not None
-        if route.rewrite is None and not route.prefix_strip:
-            path = self.raw_path
-        else:
-            path = route.upstream_path(self.path, self.params, self.remainder, self.prefix).encode("latin-1")
-        if self.query:
-            path += b"?" + self.query
-        host = self.host.encode("latin-1") if route.preserve_host and self.host else target.host_header
-        # Pieces joined once at the end: cheaper than formatting each line.
-        out = [self.method.encode(), b" ", path, b" HTTP/1.1\r\nhost: ", host, b"\r\n"]
-        own = _REQUEST_OWN if self.body is None else _REQUEST_OWN_BUFFERED
-        for name, value in self.headers:
-            if name in own:
-                continue
-            out.append(name)
-            out.append(b": ")
-            out.append(value)
-            out.append(b"\r\n")
-        if self.body is not None:
-            out.append(b"content-length: %d\r\n" % len(self.body))
-        peer = self.client.peer_ip_bytes
-        out += (
-            b"x-forwarded-for: ",
-            self.xff + b", " + peer if self.xff else peer,
-            b"\r\nx-forwarded-proto: ",
-            self.forwarded_proto,
-            b"\r\nvia: 1.1 apigate\r\nx-request-id: ",
-            self.rid,
-            b"\r\n",
-        )
-        if self.forwarded_host is not None:
-            out += (b"x-forwarded-host: ", self.forwarded_host, b"\r\n")
-        if self.upgrade:
-            out.append(b"connection: upgrade\r\nupgrade: %s\r\n" % self.upgrade_to)
-        elif self.request_chunked:
-            out.append(b"transfer-encoding: chunked\r\n")
-        out.append(b"\r\n")
-        return b"".join(out)
 
     # -- request body from the client ---------------------------------------------------------------
     def on_request_body(self, data: bytes) -> None:
@@ -550,24 +516,7 @@ class Exchange:
         self.response_status = status
         self.upstream_keep_alive = keep_alive
         client = self.client
-        tokens: set[bytes] | None = None
-        length_known = False
-        chunked = False
-        kept: list[tuple[bytes, bytes]] = []
-        for pair in headers:
-            name = pair[0]
-            if name in _RESPONSE_OWN:
-                if name == b"transfer-encoding":
-                    chunked = True
-                elif name == b"connection" and pair[1] not in wire.PLAIN_CONNECTION:
-                    tokens = wire.connection_tokens(pair[1])
-                continue
-            if name == b"content-length":
-                length_known = True
-            kept.append(pair)
-        if tokens:
-            kept = [pair for pair in kept if pair[0] not in tokens]
-        kept.append((b"x-request-id", self.rid))
+        kept, length_known, chunked = framing.response_fields(headers, self.rid)
         self.response_headers = kept
         route = self.route
         if route is not None and route.response_hooks:
@@ -579,48 +528,31 @@ class Exchange:
                 self.upstream_protocol_error(self.upstream)
                 return
             self.response_started = True
-            client.write(
-                _STATUS_101
-                + wire.serialize_headers(kept)
-                + b"connection: upgrade\r\nupgrade: %s\r\n\r\n" % self.upgrade_to
-            )
+            client.write(framing.switch_head(kept, self.upgrade_to))
             # A tunnel lives as long as it is used: no total deadline, only the read (idle) timeout.
             self.tunnel = True
             client.start_tunnel(self)
             return
         self.response_started = True
-        head = [wire.STATUS_LINES.get(status) or wire.status_line(status)]
-        wire.add_headers(head, kept)
-        lines = self.response_lines
-        if lines is not None:
-            head += lines
-        if (
-            length_known
-            and self.keep_alive
-            and self.version == "1.1"
-            and not (self.upgrade or self.close_after or client.draining)
-        ):
-            head.append(b"\r\n")  # the common case: nothing to add
-            client.write(b"".join(head))
-            return
+        head, rechunk, until_eof, close = framing.response_head(
+            status=status,
+            headers=kept,
+            length_known=length_known,
+            chunked=chunked,
+            method=self.method,
+            version=self.version,
+            keep_alive=self.keep_alive,
+            upgrade=self.upgrade,
+            closing=self.close_after or client.draining,
+            lines=self.response_lines,
+        )
         if self.upgrade:  # the upstream declined the upgrade: answer, then close (close_after)
             self.upstream_keep_alive = False  # the upstream may wait for the other protocol
-        no_body = self.method == "HEAD" or status in (204, 304)
-        self.response_until_eof = not length_known and not chunked and not no_body
-        trailer = b""
-        if (chunked or self.response_until_eof) and not no_body:
-            if self.version == "1.1":
-                self.response_chunked = True
-                trailer = b"transfer-encoding: chunked\r\n"
-            else:
-                self.close_after = True  # an HTTP/1.0 client learns the end by the close
-        if self.close_after or not self.keep_alive or client.draining:
-            trailer += b"connection: close\r\n"
+        self.response_chunked = rechunk
+        self.response_until_eof = until_eof
+        if close:
             self.close_after = True
-        elif self.version == "1.0":
-            trailer += b"connection: keep-alive\r\n"
-        head.append(trailer + b"\r\n")
-        client.write(b"".join(head))
+        client.write(head)
 
     def on_response_body(self, data: bytes) -> None:
         self.bytes_out += len(data)
@@ -745,18 +677,19 @@ class Exchange:
             # be read as that body, so the connection ends.
             self.close_after = True
         closing = self.close_after or not self.keep_alive or self.client.draining
-        body = b"" if self.method == "HEAD" else reply.body
-        head = (
-            wire.status_line(reply.status)
-            + b"content-type: %s\r\ncontent-length: %d\r\n" % (reply.content_type, len(reply.body))
-            + wire.serialize_headers(self.response_headers)
-            + (b"".join(self.response_lines) if self.response_lines is not None else b"")
-            + (b"connection: close\r\n\r\n" if closing else b"\r\n")
+        message = framing.reply_message(
+            status=reply.status,
+            content_type=reply.content_type,
+            body=reply.body,
+            headers=self.response_headers,
+            method=self.method,
+            closing=closing,
+            lines=self.response_lines,
         )
         self.close_after = closing
         self.response_started = True
-        self.bytes_out += len(body)
-        self.client.write(head + body)
+        self.bytes_out += 0 if self.method == "HEAD" else len(reply.body)
+        self.client.write(message)
         self.finish()
 
     def fail(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
