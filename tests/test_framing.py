@@ -333,7 +333,7 @@ def test_reply_message(changes: dict[str, Any], message: bytes) -> None:
 
 # -- header lines a request-phase policy adds (Exchange.response_lines) -----------------------------
 
-LINES = [b"ratelimit: ", b'"burst";r=', b"4", b";t=1\r\n"]
+LINES = b'ratelimit: "burst";r=4;t=1\r\n'
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "framed"])

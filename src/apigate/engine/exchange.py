@@ -73,11 +73,11 @@ class Exchange:
     response_started = False
     response_status = 0
     response_headers: list[tuple[bytes, bytes]]
-    # Header lines a request-phase policy adds to whatever response this request gets (rate-limit
-    # fields), as pieces of bytes that join into ``name: value\r\n`` lines: the engine joins them
-    # with the rest of the head, after the response policies ran, which neither see nor edit them.
-    # Cheaper than fields in ``response_headers`` when every response carries them.
-    response_lines: list[bytes] | None = None
+    # Header lines (b"name: value\r\n"...) a request-phase policy adds to whatever response this
+    # request gets (rate-limit fields): written after the fields, once the response policies ran,
+    # which neither see nor edit them. Cheaper than fields in ``response_headers`` when every
+    # response carries them.
+    response_lines = b""
     response_chunked = False
     response_until_eof = False
     upstream_keep_alive = False

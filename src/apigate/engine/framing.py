@@ -137,7 +137,7 @@ def response_head(
     keep_alive: bool,
     upgrade: bool,
     closing: bool,
-    lines: list[bytes] | None = None,
+    lines: bytes = b"",
 ) -> tuple[bytes, bool, bool, bool]:
     """The response head sent to the client, and how its body goes: ``(head, rechunk, until_eof,
     close)``.
@@ -146,8 +146,8 @@ def response_head(
     ``version`` are the client's request's, ``keep_alive`` whether the client asked to keep the
     connection; ``upgrade``: the client asked to switch protocols and the upstream answered
     without switching; ``closing``: the connection ends after this response whatever its
-    framing (the exchange asked for it, or the gateway is draining); ``lines``: pieces of header
-    lines added after ``headers`` (``Exchange.response_lines``).
+    framing (the exchange asked for it, or the gateway is draining); ``lines``: header lines
+    (``name: value\r\n``...) added after ``headers`` (``Exchange.response_lines``).
 
     ``rechunk``: the body is sent to the client in chunks; ``until_eof``: the body ends when the
     upstream closes; ``close``: the client's connection ends after this response (``closing``,
@@ -156,8 +156,8 @@ def response_head(
     """
     head = [wire.STATUS_LINES.get(status) or wire.status_line(status)]
     wire.add_headers(head, headers)
-    if lines is not None:
-        head += lines
+    if lines:
+        head.append(lines)
     if length_known and keep_alive and version == "1.1" and not (upgrade or closing):
         head.append(b"\r\n")  # the common case: nothing to add
         return b"".join(head), False, False, False
@@ -197,7 +197,7 @@ def reply_message(
     headers: list[tuple[bytes, bytes]],
     method: str,
     closing: bool,
-    lines: list[bytes] | None = None,
+    lines: bytes = b"",
 ) -> bytes:
     """An answer the gateway makes itself, as written to the client: the head declares the
     body's type and length (a HEAD request gets the head alone, RFC 9110 §9.3.2), and
@@ -206,7 +206,7 @@ def reply_message(
         wire.status_line(status)
         + b"content-type: %s\r\ncontent-length: %d\r\n" % (content_type, len(body))
         + wire.serialize_headers(headers)
-        + (b"".join(lines) if lines is not None else b"")
+        + lines
         + (b"connection: close\r\n\r\n" if closing else b"\r\n")
     )
     return head if method == "HEAD" else head + body

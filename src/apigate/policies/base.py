@@ -50,7 +50,7 @@ with mypyc, together with the engine; a policy puts a bound method of a hotpath 
   lowercase name/value byte pairs; replace it, or edit it in place), ``response_headers``
   (the same, in the response phase), ``consumer``, ``tenant``, ``state`` (``None`` until a
   policy sets a dict), ``response_lines`` (header lines added to whatever response the request
-  gets: ``None``, or a list of byte pieces joining into ``name: value\r\n`` lines; extend it)
+  gets: append ``b"name: value\r\n"`` lines with ``+=``)
   and the method ``vars()`` (that dict, made on first use); the request's ``method``, ``path``,
   ``raw_path``, ``query``, ``client_ip`` and ``route`` may be read;
 - hands anything unusual (a refusal, a miss, a service not running) back to a callable of the

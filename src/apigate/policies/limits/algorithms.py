@@ -7,7 +7,9 @@ itself is left on the instance (``admitted``, ``remaining``, ``reset_ms``, ``ret
 but a new key's list. The same steps run in ``MemoryCounters`` (one process) and, as Lua with
 the same arithmetic, on Redis (``scripts.py``); tests run both on the same inputs.
 
-All arithmetic is on integers: time in milliseconds, and bucket levels scaled by ``window_ms``
+All arithmetic is on integers, native 64-bit ones (``i64``) when compiled: mypyc's arbitrary-size
+``int`` takes a slow path for any product with a factor above 2**31, and a millisecond clock
+is above that. Time is in milliseconds, and bucket levels scaled by ``window_ms``
 so that a rate of ``limit`` per ``window_ms`` adds or drains whole numbers. Floating point would
 make "exactly 100 of 500" depend on rounding. Lua's numbers are doubles, exact up to 2**53: the
 largest product here is about ``2 x max(limit, burst) x window_ms``, which the config keeps
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 from typing import ClassVar, Final
 
+from mypy_extensions import i64
+
 # What ``MemoryCounters`` keeps at most by default; past it the oldest keys are dropped.
 DEFAULT_MAX_KEYS: Final = 1_000_000
 # Bound of limit x window_ms (and burst x window_ms): the products stay exact in Lua's doubles.
@@ -33,11 +37,11 @@ SWEEP_EVERY: Final = 1024
 class KeyState:
     __slots__ = ("a", "b", "c", "expires", "stamps")
 
-    def __init__(self, expires: int, a: int, b: int, c: int) -> None:
-        self.expires = expires
-        self.a = a
-        self.b = b
-        self.c = c
+    def __init__(self, expires: i64, a: i64, b: i64, c: i64) -> None:
+        self.expires: i64 = expires
+        self.a: i64 = a
+        self.b: i64 = b
+        self.c: i64 = c
         self.stamps: list[int] = []
 
     def copy(self) -> KeyState:
@@ -51,22 +55,22 @@ class Algorithm:
 
     name: ClassVar[str] = ""
 
-    def __init__(self, limit: int, window_ms: int, burst: int = 0, max_delay_ms: int = 0) -> None:
-        self.limit = limit
-        self.window_ms = window_ms
-        self.burst = burst if burst > 0 else limit
-        self.max_delay_ms = max_delay_ms
+    def __init__(self, limit: i64, window_ms: i64, burst: i64 = 0, max_delay_ms: i64 = 0) -> None:
+        self.limit: i64 = limit
+        self.window_ms: i64 = window_ms
+        self.burst: i64 = burst if burst > 0 else limit
+        self.max_delay_ms: i64 = max_delay_ms
         # The last decision (read by the caller right after ``step``).
         self.admitted = False
-        self.remaining = 0
-        self.reset_ms = 0  # until the allowance is whole again (or the window ends)
-        self.retry_ms = 0  # until a refused request could pass
-        self.delay_ms = 0  # how long an admitted request waits first (leaky bucket only)
+        self.remaining: i64 = 0
+        self.reset_ms: i64 = 0  # until the allowance is whole again (or the window ends)
+        self.retry_ms: i64 = 0  # until a refused request could pass
+        self.delay_ms: i64 = 0  # how long an admitted request waits first (leaky bucket only)
 
-    def step(self, state: KeyState | None, now: int, cost: int) -> KeyState:
+    def step(self, state: KeyState | None, now: i64, cost: i64) -> KeyState:
         raise NotImplementedError
 
-    def capacity(self) -> int:
+    def capacity(self) -> i64:
         """The most one key may spend at once (what ``remaining`` is out of)."""
         return self.limit
 
@@ -76,7 +80,7 @@ class FixedWindow(Algorithm):
 
     name: ClassVar[str] = "fixed_window"
 
-    def step(self, state: KeyState | None, now: int, cost: int) -> KeyState:
+    def step(self, state: KeyState | None, now: i64, cost: i64) -> KeyState:
         window = self.window_ms
         index = now // window
         end = (index + 1) * window
@@ -103,7 +107,7 @@ class SlidingWindow(Algorithm):
 
     name: ClassVar[str] = "sliding_window"
 
-    def step(self, state: KeyState | None, now: int, cost: int) -> KeyState:
+    def step(self, state: KeyState | None, now: i64, cost: i64) -> KeyState:
         window = self.window_ms
         limit = self.limit
         index = now // window
@@ -131,7 +135,7 @@ class SlidingWindow(Algorithm):
         self.retry_ms = 0
         return state
 
-    def _retry(self, current: int, previous: int, left: int, cost: int, elapsed: int) -> int:
+    def _retry(self, current: i64, previous: i64, left: i64, cost: i64, elapsed: i64) -> i64:
         """Milliseconds until the estimate leaves room for ``cost``."""
         window = self.window_ms
         room = self.limit - current - cost
@@ -155,7 +159,7 @@ class SlidingLog(Algorithm):
 
     name: ClassVar[str] = "sliding_log"
 
-    def step(self, state: KeyState | None, now: int, cost: int) -> KeyState:
+    def step(self, state: KeyState | None, now: i64, cost: i64) -> KeyState:
         window = self.window_ms
         if state is None:
             state = KeyState(now + window, 0, 0, 0)
@@ -195,10 +199,10 @@ class TokenBucket(Algorithm):
 
     name: ClassVar[str] = "token_bucket"
 
-    def capacity(self) -> int:
+    def capacity(self) -> i64:
         return self.burst
 
-    def step(self, state: KeyState | None, now: int, cost: int) -> KeyState:
+    def step(self, state: KeyState | None, now: i64, cost: i64) -> KeyState:
         window = self.window_ms
         rate = self.limit  # units refilled per millisecond
         full = self.burst * window
@@ -227,7 +231,7 @@ class TokenBucket(Algorithm):
         state.expires = now + self.reset_ms  # a full bucket is the same as no key
         return state
 
-    def _forever(self) -> int:
+    def _forever(self) -> i64:
         return self.window_ms * self.burst
 
 
@@ -241,11 +245,11 @@ class LeakyBucket(Algorithm):
 
     name: ClassVar[str] = "leaky_bucket"
 
-    def capacity(self) -> int:
+    def capacity(self) -> i64:
         # Requests that fit in the queue at once: one leaving now plus those waiting up to max_delay.
         return 1 + (self.max_delay_ms * self.limit) // self.window_ms
 
-    def step(self, state: KeyState | None, now: int, cost: int) -> KeyState:
+    def step(self, state: KeyState | None, now: i64, cost: i64) -> KeyState:
         rate = self.limit
         window = self.window_ms
         if state is None:
@@ -280,7 +284,7 @@ ALGORITHMS: Final[dict[str, type[Algorithm]]] = {
 }
 
 
-def _until_empty(current: int, previous: int, to_next: int, window: int) -> int:
+def _until_empty(current: i64, previous: i64, to_next: i64, window: i64) -> i64:
     """When a sliding window counts nothing any more: this window's count weighs until the end of the
     next one, the previous window's until the end of this one."""
     if current > 0:
@@ -288,7 +292,7 @@ def _until_empty(current: int, previous: int, to_next: int, window: int) -> int:
     return to_next if previous > 0 else 0
 
 
-def _ceil_div(a: int, b: int) -> int:
+def _ceil_div(a: i64, b: i64) -> i64:
     return -(-a // b)
 
 
@@ -306,7 +310,7 @@ class MemoryCounters:
         self.entries: dict[str, KeyState] = {}
         self.added = 0
 
-    def take(self, key: str, now: int, cost: int) -> bool:
+    def take(self, key: str, now: i64, cost: i64) -> bool:
         """Decide for ``key``; the details are on ``self.algorithm`` until the next call."""
         entries = self.entries
         state = entries.get(key)
@@ -321,11 +325,11 @@ class MemoryCounters:
             entries[key] = kept
         return self.algorithm.admitted
 
-    def peek(self, key: str, now: int) -> KeyState | None:
+    def peek(self, key: str, now: i64) -> KeyState | None:
         state = self.entries.get(key)
         return state if state is not None and state.expires > now else None
 
-    def sweep(self, now: int) -> None:
+    def sweep(self, now: i64) -> None:
         self.added = 0
         entries = self.entries
         for key in [k for k, state in entries.items() if state.expires <= now]:
