@@ -228,7 +228,7 @@ class TokenBucket(Algorithm):
             self.remaining = tokens // window
             self.retry_ms = 0
             self.reset_ms = _ceil_div(full - tokens, rate)
-        state.expires = now + self.reset_ms  # a full bucket is the same as no key
+        state.expires = now + self.reset_ms + window  # a full bucket is the same as no key
         return state
 
     def _forever(self) -> i64:
@@ -275,7 +275,7 @@ class LeakyBucket(Algorithm):
             self.retry_ms = 0
             self.remaining = max(capacity - _ceil_div(level, window), 0)
         self.reset_ms = _ceil_div(state.a, rate)
-        state.expires = now + self.reset_ms
+        state.expires = now + self.reset_ms + window  # an empty bucket is the same as no key
         return state
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Final, Literal
 
@@ -175,6 +176,26 @@ class RateLimitConfig(KeyedLimitsConfig):
             except ValueError as exc:
                 raise ValueError(f"tiers.plans.{name}: {exc}") from None
         return self
+
+
+class SpikeArrestConfig(KeyedLimitsConfig):
+    rate: str = Field(description=RATE_FORMS)
+    headers: list[HeaderFamily] = Field(default_factory=list, description="none by default")
+
+    @field_validator("rate")
+    @classmethod
+    def _check_rate(cls, rate: str) -> str:
+        parse_rate(rate)
+        return rate
+
+    def ceiling(self) -> LimitConfig:
+        """The allowance as a ceiling on every short window: ``600/min`` → at most 10 in any second;
+        below one a second, one per interval (``30/min`` → one in any 2 s), as Apigee smooths it."""
+        count, window = parse_rate(self.rate)
+        per_second = count / window
+        if per_second >= 1:
+            return LimitConfig(name="spike", limit=math.ceil(per_second), window=1.0, algorithm="sliding_log")
+        return LimitConfig(name="spike", limit=1, window=window / count, algorithm="sliding_log")
 
 
 def check_limit_list(limits: list[LimitConfig], default_algorithm: str) -> None:

@@ -5,7 +5,8 @@ other decisions of the same loop turn, which the Redis backend pipelines). The L
 Python step line by line, in integer milliseconds; Lua numbers are doubles, so division goes
 through ``idiv``, which corrects the rounding of ``a / b`` for large ``a``, and numbers are
 written back with ``%d`` (Redis would format them with ``%.14g``). Expiry is relative (PEXPIRE):
-``now`` is the gateway's clock, which need not be the Redis server's.
+``now`` is the gateway's clock, which need not be the Redis server's; a bucket is kept a window
+longer than it takes to fill or drain, so a server clock that runs ahead never drops live state.
 
 Call: ``KEYS = [state key, sequence key]`` (the sequence key only for the sliding log; give the
 two one hash tag so they share a slot on Redis Cluster), ``ARGV = [now_ms, limit, window_ms,
@@ -138,7 +139,7 @@ else
 end
 local reset = cdiv(full - tokens, limit)
 redis.call('HSET', KEYS[1], 't', int(tokens), 'l', int(last))
-redis.call('PEXPIRE', KEYS[1], int(math.max(reset, 1)))
+redis.call('PEXPIRE', KEYS[1], int(reset + window))
 return {admitted, idiv(tokens, window), reset, retry, 0}
 """
 
@@ -165,7 +166,7 @@ else
 end
 local reset = cdiv(level, limit)
 redis.call('HSET', KEYS[1], 'v', int(level), 'l', int(last))
-redis.call('PEXPIRE', KEYS[1], int(math.max(reset, 1)))
+redis.call('PEXPIRE', KEYS[1], int(reset + window))
 return {admitted, remaining, reset, retry, delay}
 """
 
