@@ -271,3 +271,86 @@ def test_workers_counting_apart_is_said_once_at_start(
     )
     wait_until(lambda: "count in each of the 2 workers" in gateway.output())
     assert gateway.output().count("count in each of the 2 workers") == 1
+
+
+# -- apigate limits show | reset -------------------------------------------------------------------
+def limits_cli(gateway: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        apigate_cmd("limits", *args, "-c", str(gateway.config_path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **frozen_env()},
+    )
+
+
+@pytest.mark.parametrize("redis", ["redis", "cluster"])
+def test_limits_show_and_reset_read_the_shared_counters(
+    redis: str,
+    start_gateway: Callable[..., GatewayProcess],
+    upstream: UpstreamServer,
+    request: pytest.FixtureRequest,
+) -> None:
+    import orjson
+
+    url = request.getfixturevalue("redis_url" if redis == "redis" else "redis_cluster_url")
+    limits = {
+        "limits": [
+            {"name": "minute", "rate": "5/min"},
+            {"name": "burst", "rate": "3/min", "algorithm": "token_bucket"},
+        ]
+    }
+    gateway = start_gateway(
+        frozen(
+            {
+                "state": {"url": url},
+                "trusted_proxies": ["127.0.0.1/32"],
+                "routes": [
+                    {
+                        "name": "api",
+                        "path": "/api/*",
+                        "target": upstream.url,
+                        "policies": {"rate-limit": limits},
+                    },
+                    {"name": "other", "path": "/other/*", "target": upstream.url, "rate_limit": "100/min"},
+                ],
+            }
+        ),
+        env=frozen_env(),
+    )
+    assert [get_as(gateway.port, "/api/x", "203.0.113.7").status for _ in range(4)] == [200, 200, 200, 429]
+    assert get_as(gateway.port, "/api/x", "203.0.113.8").status == 200
+
+    shown = limits_cli(gateway, "show", "--route", "api", "--json")
+    assert shown.returncode == 0, shown.stderr
+    counters = {(c["limit"], c["key"]): c for c in orjson.loads(shown.stdout)}
+    assert set(counters) == {(n, ip) for n in ("minute", "burst") for ip in ("203.0.113.7", "203.0.113.8")}
+    # The 4th request was counted by "minute" before "burst" refused it (limits count in order).
+    assert counters["minute", "203.0.113.7"]["remaining"] == 1
+    assert counters["burst", "203.0.113.7"]["remaining"] == 0
+    assert counters["minute", "203.0.113.8"] | {"remaining": None} == {
+        "policy": "rate-limit", "route": "api", "limit": "minute", "key": "203.0.113.8",
+        "algorithm": "sliding_window", "remaining": None, "capacity": 5, "reset_seconds": 70,
+    }  # fmt: skip
+    text = limits_cli(gateway, "show", "--key", "203.0.113.7")
+    assert "203.0.113.7" in text.stdout and "203.0.113.8" not in text.stdout
+
+    done = limits_cli(gateway, "reset", "--route", "api", "--key", "203.0.113.7", "--json")
+    assert done.returncode == 0, done.stderr
+    assert len(orjson.loads(done.stdout)) == 2  # both limits of that key
+    assert get_as(gateway.port, "/api/x", "203.0.113.7").status == 200  # a whole allowance again
+    assert limits_cli(gateway, "reset", "--all").stdout.strip().startswith("reset ")
+    assert orjson.loads(limits_cli(gateway, "show", "--json").stdout) == []
+
+
+def test_limits_cli_says_why_it_cannot_read_per_process_counters(
+    start_gateway: Callable[..., GatewayProcess], upstream: UpstreamServer
+) -> None:
+    gateway = start_gateway({"routes": [{"path": "/api/*", "target": upstream.url, "rate_limit": "5/min"}]})
+    done = limits_cli(gateway, "show")
+    assert done.returncode == 1
+    assert "memory://" in done.stderr and "Traceback" not in done.stderr
+    done = limits_cli(gateway, "reset", "--state", "redis://127.0.0.1:9/0")
+    assert done.returncode == 1 and "--key KEY, or --all" in done.stderr
+    done = limits_cli(gateway, "show", "--state", "redis://127.0.0.1:9/0", "--route", "nope")
+    assert done.returncode == 1 and "no route named 'nope'" in done.stderr

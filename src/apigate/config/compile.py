@@ -100,6 +100,15 @@ def _policy_chain(
     return tuple(policies), tuple(inactive)
 
 
+def route_policies(config: GatewayConfig) -> dict[str, tuple[Policy[Any], ...]]:
+    """Each route's policy chain as ``compile_plan`` builds it (no services), by route name: for
+    tools that read what the policies would count (`apigate limits`)."""
+    return {
+        route.display_name: _policy_chain(config.policies, route, None)[0]
+        for route in [*config.routes, *source_routes(config)]
+    }
+
+
 def _hooks(policies: Sequence[Policy[Any]], phase: Phase) -> tuple[Callable[..., Any], ...]:
     """The hooks of the policies that use ``phase``, in chain order; the others cost nothing."""
     return tuple(p.hook(phase) for p in policies if phase in p.phases)
