@@ -34,8 +34,8 @@ COMPILED = [
     "src/apigate/policies/jwt/hotpath.py",
     "src/apigate/policies/key_auth/hotpath.py",
     "src/apigate/policies/limits/algorithms.py",
+    "src/apigate/policies/limits/hotpath.py",
     "src/apigate/policies/limits/keys.py",
-    "src/apigate/policies/rate_limit/hotpath.py",
 ]
 COMPILED_BY_CYTHON = ["src/apigate/engine/heads.py"]
 

@@ -53,6 +53,7 @@ from apigate.state.base import (
     Subscription,
     milliseconds,
 )
+from apigate.state.resp import PipelinedConnection
 from apigate.state.urls import CLUSTER_SCHEMES, parse_cluster_url
 
 log = logging.getLogger("apigate.state")
@@ -196,6 +197,10 @@ class RedisState(StateBackend):
         self._shas: dict[Script, str] = {}
         self._subscriptions: list[RedisSubscription] = []
         self._queue: list[_Call] = []
+        # Standalone servers: batches go over one pipelined connection of our own (state/resp.py);
+        # a cluster's go through redis-py, which routes each command to its slot's node.
+        self._connection: PipelinedConnection | None = None
+        self._connecting: asyncio.Task[PipelinedConnection] | None = None
         self._sending: set[asyncio.Task[None]] = set()
         # What the batching did, for tests and statistics: pipelines sent, commands in them.
         self.pipelines_sent = 0
@@ -243,6 +248,9 @@ class RedisState(StateBackend):
         for subscription in self._subscriptions:
             await subscription.close()
         self._subscriptions.clear()
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
         queued, self._queue = self._queue, []
         self._fail(queued, RuntimeError(CLOSED))
         for task in self._sending:
@@ -322,12 +330,43 @@ class RedisState(StateBackend):
 
     async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send ``commands`` in one pipeline; each reply, or the error it got, in order."""
+        if not isinstance(self.client, RedisCluster):
+            return await self._pipeline_direct(commands)
         pipe = self.client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
         self.pipelines_sent += 1
         self.commands_sent += len(commands)
         return await pipe.execute(raise_on_error=False)
+
+    async def _pipeline_direct(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        connection = self._connection
+        if connection is None or connection.closed:
+            connection = await self._connect()
+        futures = connection.send(commands)
+        self.pipelines_sent += 1
+        self.commands_sent += len(commands)
+        try:
+            replies = await asyncio.gather(*futures, return_exceptions=True)
+        except BaseException:
+            # Not answered in time (or the caller gave up): replies may still come, so this
+            # connection is ended and the next batch opens a new one.
+            connection.close()
+            raise
+        for reply in replies:
+            if isinstance(reply, RedisConnectionError):
+                raise reply
+        return replies
+
+    async def _connect(self) -> PipelinedConnection:
+        """The pipelined connection, opened once however many batches wait for it."""
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.get_running_loop().create_task(
+                PipelinedConnection.open(self.url, OPERATION_TIMEOUT)
+            )
+        connection = await asyncio.shield(self._connecting)
+        self._connection = connection
+        return connection
 
     def _fail(self, calls: list[_Call], cause: BaseException) -> None:
         for call in calls:

@@ -2,7 +2,7 @@
 compiled rules, deciding from memory or on Redis, the 429, and Redis outages.
 
 A subclass says which limits apply (``limit_sets``), how a refusal is worded and its name; the
-decision itself is ``rate_limit/hotpath.py``'s ``Limiter`` (compiled), with this class's methods as
+decision itself is ``limits/hotpath.py``'s ``Limiter`` (compiled), with this class's methods as
 the callables it hands anything unusual to.
 """
 
@@ -21,7 +21,7 @@ from apigate.policies.limits.config import KeyedLimitsConfig, LimitConfig, Tiers
 from apigate.policies.limits.keys import KeyBuilder
 from apigate.policies.limits.local import counters_for
 from apigate.policies.limits.scripts import SCRIPTS
-from apigate.policies.rate_limit.hotpath import TIER_GROUP, TIER_PART, TIER_TENANT, Limiter, Rule, RuleSet
+from apigate.policies.limits.hotpath import TIER_GROUP, TIER_PART, TIER_TENANT, Limiter, Rule, RuleSet
 from apigate.policies.services import unavailable
 from apigate.state import StateUnavailable
 from apigate.state.base import same_slot

@@ -1,4 +1,4 @@
-"""The `rate-limit` policy's per-request work on in-process counters (compiled with the engine).
+"""The counting policies' per-request work on in-process counters (compiled with the engine).
 
 A request from memory costs a key, a clock read and one dict probe per limit: no task, no
 awaitable. Anything else (a Redis decision, a refusal's reply, a leaky bucket's wait) goes to
