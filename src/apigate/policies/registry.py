@@ -22,6 +22,7 @@ BUILTIN = (
     "apigate.policies.oauth2_token",
     "apigate.policies.authorize",
     "apigate.policies.rate_limit",
+    "apigate.policies.concurrency_limit",
     "apigate.policies.request_termination",
     "apigate.policies.webhook_verify",
     "apigate.policies.webhook_ingest",
