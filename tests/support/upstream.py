@@ -4,6 +4,8 @@ Behaviour is chosen by path, so one server covers most cases:
   /echo...           JSON of method, path, query, headers, body length and sha256
   /status/{code}     answers with that status
   /delay/{ms}        answers after a delay
+  /slow/{ms}         answers after a delay and, while ``hold()`` is in force, not before
+                     ``release()``; ``in_flight`` and ``most_in_flight`` count these requests
   /chunked/{n}       n chunks of "chunk-i\\n" with Transfer-Encoding: chunked
   /bytes/{n}         n bytes with Content-Length, written in 64 KiB pieces with backpressure
   /eof/{n}           n bytes, no length, ended by closing the connection
@@ -55,6 +57,9 @@ class UpstreamServer:
     connections: int = 0
     closed: int = 0
     keeps_parsing_after_upgrade: bool = False
+    in_flight: int = 0  # /slow requests being answered now
+    most_in_flight: int = 0  # the most /slow requests answered at once
+    gate: asyncio.Event | None = None  # /slow answers wait for it while it is there
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
@@ -83,6 +88,16 @@ class UpstreamServer:
         self._thread.start()
         ready.wait(5)
         return self
+
+    def hold(self) -> None:
+        """From now on, /slow requests wait for ``release()`` (after their delay)."""
+        self.gate = asyncio.Event()
+
+    def release(self) -> None:
+        """Let every held /slow request, and the ones to come, answer."""
+        gate = self.gate
+        if gate is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(gate.set)
 
     def stop(self) -> None:
         if self.loop is not None:
@@ -171,6 +186,18 @@ class _Handler(asyncio.Protocol):
         elif kind == "delay":
             await asyncio.sleep(int(arg) / 1000)
             self.send(200, b'{"delayed":true}', keep_alive=keep_alive)
+        elif kind == "slow":
+            server = self.server
+            server.in_flight += 1
+            server.most_in_flight = max(server.most_in_flight, server.in_flight)
+            try:
+                await asyncio.sleep(int(arg) / 1000)
+                if server.gate is not None:
+                    await server.gate.wait()
+            finally:
+                server.in_flight -= 1
+            if not t.is_closing():
+                self.send(200, b'{"slow":true}', keep_alive=keep_alive)
         elif kind == "chunked":
             t.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: text/plain\r\n\r\n")
             for i in range(int(arg)):
