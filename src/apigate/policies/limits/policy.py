@@ -18,10 +18,10 @@ from apigate.policies.base import Policy
 from apigate.policies.limits import clock
 from apigate.policies.limits.algorithms import ALGORITHMS
 from apigate.policies.limits.config import KeyedLimitsConfig, LimitConfig, TiersConfig
+from apigate.policies.limits.hotpath import TIER_GROUP, TIER_PART, TIER_TENANT, Limiter, Rule, RuleSet
 from apigate.policies.limits.keys import KeyBuilder
 from apigate.policies.limits.local import counters_for
 from apigate.policies.limits.scripts import SCRIPTS
-from apigate.policies.limits.hotpath import TIER_GROUP, TIER_PART, TIER_TENANT, Limiter, Rule, RuleSet
 from apigate.policies.services import unavailable
 from apigate.state import StateUnavailable
 from apigate.state.base import same_slot
