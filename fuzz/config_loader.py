@@ -17,14 +17,16 @@ def _no_plugins(plugins: list) -> list:
     return []
 
 
-# `plugins:` names modules to import: fuzzed names would import arbitrary ones.
-loader.load_plugins = _no_plugins
-
-
 def check(data: bytes) -> None:
     text = data.decode("utf-8", "replace")
-    with contextlib.suppress(ConfigError):
-        load_config(text=text, environ={})
+    # `plugins:` names modules to import: fuzzed names would import arbitrary ones. Switched off
+    # for this call only, so that a process replaying the corpus (the test suite) keeps plugins.
+    load_plugins, loader.load_plugins = loader.load_plugins, _no_plugins
+    try:
+        with contextlib.suppress(ConfigError):
+            load_config(text=text, environ={})
+    finally:
+        loader.load_plugins = load_plugins
 
 
 if __name__ == "__main__":

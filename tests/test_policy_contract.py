@@ -5,7 +5,6 @@ that leaves a phase or a service unused narrows them for its instance."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,9 +68,7 @@ def test_a_hook_whose_phase_is_not_declared_is_refused_at_registration() -> None
 def test_a_plugin_whose_phases_disagree_with_its_hooks_is_a_config_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A name of this run's own: a module imported once stays imported, whatever its file says now.
-    module = f"contract_plugin_undeclared_{uuid.uuid4().hex}"
-    (tmp_path / f"{module}.py").write_text(
+    (tmp_path / "contract_plugin_undeclared.py").write_text(
         "from apigate.policies.base import Policy, PolicyConfig\n"
         "from apigate.policies.registry import register\n"
         "class Empty(PolicyConfig):\n"
@@ -86,7 +83,7 @@ def test_a_plugin_whose_phases_disagree_with_its_hooks_is_a_config_error(
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError) as caught:
-        load_config(text=f"plugins: [{module}]\nroutes: []\n", environ={})
+        load_config(text="plugins: [contract_plugin_undeclared]\nroutes: []\n", environ={})
     message = str(caught.value)
     assert "plugins[0]" in message
     assert "defines on_log but does not declare the 'log' phase" in message
