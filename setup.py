@@ -36,6 +36,7 @@ COMPILED = [
     "src/apigate/policies/limits/algorithms.py",
     "src/apigate/policies/limits/hotpath.py",
     "src/apigate/policies/limits/keys.py",
+    "src/apigate/state/calls.py",
 ]
 COMPILED_BY_CYTHON = ["src/apigate/engine/heads.py"]
 

@@ -109,6 +109,18 @@ if ARGV[1] == 'fail' then error('failing on request') end
 return redis.call('INCRBY', KEYS[1], ARGV[1])
 """,
     python=_fail_on_request,
+    batch_lua="""
+local function decide(key, amount)
+    if amount == 'fail' then error('failing on request') end
+    return redis.call('INCRBY', key, amount)
+end
+local answers = {}
+for n = 1, #KEYS do
+    local ok, answer = pcall(decide, KEYS[n], ARGV[n])
+    if ok then answers[n] = answer else answers[n] = redis.error_reply(tostring(answer)) end
+end
+return answers
+""",
 )
 
 
@@ -126,6 +138,53 @@ def test_a_failing_script_fails_only_its_own_call(state: RedisState, run: Run) -
         failed = answers.pop(3)
         assert isinstance(failed, StateUnavailable) and "failing on request" in str(failed)
         assert answers == [1, 2, 3, 5, 6, 7, 8, 9, 10]
+
+    run(scenario())
+
+
+def _answer(reply: Any) -> Any:
+    """A decision's settle: what the caller sees is the reply, or the outage itself."""
+    return reply
+
+
+def test_decisions_of_one_turn_share_one_script_call_and_each_gets_its_own_answer(
+    state: RedisState, run: Run
+) -> None:
+    """On one server the decisions of a turn that run one script go as one call of its batch form
+    (a cluster's keys are in many slots: there each is its own call); each answer is its own, and
+    a decision that fails fails alone. A script without a batch form goes call by call."""
+
+    def decide_all(arguments: list[str]) -> list[asyncio.Future[Any]]:
+        return [
+            state.decide(FAIL_ON_REQUEST, f"tag:{index}", ["counter"], [argument], _answer)
+            for index, argument in enumerate(arguments)
+        ]
+
+    async def scenario() -> None:
+        for _ in range(2):  # connected (the first turn, sent alone), then the batch form cached
+            await asyncio.gather(*decide_all(["1"] * 30))
+        arguments = [str(index) for index in range(1, 31)]
+        arguments[7] = "fail"
+        sent = Sent(state)
+        answers = await asyncio.gather(*decide_all(arguments))
+        clustered = state.url.startswith("redis+cluster://")
+        assert (sent.pipelines, sent.commands) == (1, 30 if clustered else 1)
+        failed = answers.pop(7)
+        assert isinstance(failed, StateUnavailable) and "failing on request" in str(failed)
+        assert answers == [2 + index for index in range(1, 31) if index != 8]
+
+        for cache in script_caches_of(state):  # the batch form is resent whole too
+            await asyncio.to_thread(cache.script_flush)
+            cache.close()
+        sent = Sent(state)
+        answers = await asyncio.gather(*decide_all(["1"] * 30))
+        assert answers[7] == 2 + 1 and answers[0] == 2 + 1 + 1  # the failed call counted nothing
+        assert sent.commands == (60 if clustered else 2)
+
+        sent = Sent(state)
+        alone = [state.decide(TWO_WINDOWS, f"tag:{index}", ["a", "b"], [], _answer) for index in range(5)]
+        assert await asyncio.gather(*alone) == [[1, 1]] * 5
+        assert sent.commands >= 5
 
     run(scenario())
 

@@ -8,6 +8,7 @@ retries when that is safe, and turns failures into JSON errors.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable
 from time import monotonic as _monotonic
@@ -96,6 +97,10 @@ class Exchange:
     # the gateway's sweep notes when it last found it set.
     seen = False
     quiet_since = 0.0
+    # Where a hook chain waits while a hook's future is pending (see _run_hooks).
+    waiting_hooks: tuple[Any, ...] = ()
+    waiting_index = 0
+    waiting_body_phase = False
 
     def __init__(
         self,
@@ -278,8 +283,9 @@ class Exchange:
         """Run a phase's hooks from ``index``; an early answer ends the exchange, passing moves on.
 
         Hooks run inline; only one that hands back an awaitable (a key fetch, a Redis round
-        trip) moves the rest of the chain into a task, so a decision made from memory costs
-        no task and no loop iteration.
+        trip) makes the rest of the chain wait, so a decision made from memory costs no task and
+        no loop iteration. A future is waited for with a callback (a Redis decision settled where
+        its reply is read); any other awaitable in a task.
         """
         try:
             while index < len(hooks):
@@ -290,6 +296,12 @@ class Exchange:
                 if isinstance(result, Reply):
                     self.reply(result)
                     return
+                if isinstance(result, asyncio.Future):
+                    self.waiting_hooks = hooks
+                    self.waiting_index = index
+                    self.waiting_body_phase = body_phase
+                    result.add_done_callback(self._hook_settled)
+                    return
                 self.client.gateway.spawn(self._finish_hooks_async(result, hooks, index, body_phase))
                 return
         except Exception:
@@ -297,6 +309,24 @@ class Exchange:
             self.fail(500, "a policy failed while handling this request")
             return
         self._hooks_passed(body_phase)
+
+    def _hook_settled(self, future: asyncio.Future[Reply | None]) -> None:
+        hooks = self.waiting_hooks
+        self.waiting_hooks = ()
+        if future.cancelled():  # only when the gateway stops: the exchange ends with its connection
+            return
+        error = future.exception()
+        if error is not None:
+            self.client.gateway.log_exception("policy failed", self, error)
+            self.fail(500, "a policy failed while handling this request")
+            return
+        if self.finished or self.client.closed:
+            return
+        result = future.result()
+        if result is not None:
+            self.reply(result)
+        else:
+            self._run_hooks(hooks, self.waiting_index, self.waiting_body_phase)
 
     async def _finish_hooks_async(
         self, pending: Awaitable[Reply | None], hooks: tuple[Any, ...], index: int, body_phase: bool

@@ -93,9 +93,12 @@ class Gateway:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def log_exception(self, message: str, exchange: Exchange | None = None) -> None:
+    def log_exception(
+        self, message: str, exchange: Exchange | None = None, error: BaseException | None = None
+    ) -> None:
+        """Log ``error``, or the exception being handled, with the request it failed."""
         request_id = exchange.request_id if exchange is not None else "-"
-        log.exception("%s (request %s)", message, request_id)
+        log.error("%s (request %s)", message, request_id, exc_info=error or True)
 
     def _sweep(self) -> None:
         now = time.monotonic()

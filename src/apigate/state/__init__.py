@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from apigate.state.base import Script, StateBackend, StateUnavailable, Subscription, same_slot
+from apigate.state.base import Script, StateBackend, Subscription
+from apigate.state.calls import same_slot
+from apigate.state.errors import StateUnavailable
 from apigate.state.urls import ACCEPTED_URLS, check_state_url
 
 __all__ = [

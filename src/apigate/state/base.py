@@ -18,22 +18,21 @@ whose keys do not, so a script that would fail on a cluster fails in every test 
 from __future__ import annotations
 
 import abc
+import asyncio
 import binascii
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
+
+from apigate.state.calls import tagged
 
 NAMESPACE = "apigate:"
+T = TypeVar("T")
 CLUSTER_SLOTS = 16384
 
 Message = bytes | None
 """What a subscriber receives: a published message, or None each time the subscription is lost
 or (re)established (``Subscription.active`` tells which)."""
-
-
-class StateUnavailable(Exception):
-    """The backend cannot answer now (Redis down or too slow); each caller decides what that means."""
 
 
 class LocalData(Protocol):
@@ -60,10 +59,17 @@ class Script:
     ``tonumber``; the Python half gets them as strings too); ``python(data, keys, args)`` does
     the same on the memory backend. Return integers or flat lists of integers: those come back
     alike from both backends (Redis turns Lua strings into bytes, Python keeps str).
+
+    ``batch_lua``, when given, decides several calls of ``decide()`` at once: ``KEYS`` and ``ARGV``
+    are theirs one after another (each call with the same number of each), and it answers the list
+    of their answers, an error reply in place of a call that failed alone (``pcall``). On one
+    server the cost of a script call is mostly the call (parsing, lookup, setting up Lua), so the
+    decisions of a loop turn then cost Redis a fraction of a call each.
     """
 
     lua: str
     python: Callable[[LocalData, list[str], list[Any]], Any]
+    batch_lua: str | None = None
 
 
 class Subscription(abc.ABC):
@@ -121,6 +127,25 @@ class StateBackend(abc.ABC):
         """Run ``script`` on ``keys`` (names, namespaced here) with ``args``."""
 
     @abc.abstractmethod
+    def decide(
+        self,
+        script: Script,
+        tag: str,
+        names: Sequence[str],
+        args: Sequence[Any],
+        settle: Callable[[Any], T],
+    ) -> asyncio.Future[T]:
+        """``run`` for the hot path: ``script`` on the keys ``same_slot(tag, *names)``, with no
+        coroutine. The future's result is ``settle(reply)``, where ``reply`` is the script's answer
+        or, when the backend could not answer, a ``StateUnavailable``, so the caller decides what
+        an outage means in the same place as an answer. Keys built from one tag share a slot by
+        construction, so they need no check."""
+
+    def tagged_keys(self, tag: str, names: Sequence[str]) -> list[str]:
+        """``same_slot(tag, *names)``, namespaced."""
+        return tagged(self.namespace, tag, names)
+
+    @abc.abstractmethod
     async def publish(self, channel: str, message: bytes) -> None: ...
 
     @abc.abstractmethod
@@ -129,18 +154,6 @@ class StateBackend(abc.ABC):
         subscription starts, resumes or is lost: messages sent while it is down are lost, so a
         subscriber that must not miss one checks its source then (and, after a loss, until it
         is active again)."""
-
-
-def same_slot(tag: str, *names: str) -> list[str]:
-    """``names`` tagged ``{tag}``, so that they hash to one Redis Cluster slot and one script can
-    use them all: ``same_slot("alice", "minute", "hour") == ["{alice}:minute", "{alice}:hour"]``.
-
-    Different tags spread keys over the cluster. A tag that could not serve as a hash tag (empty,
-    or holding a brace) is replaced by its SHA-1, so any string (a consumer id) can be a tag.
-    """
-    if not tag or "{" in tag or "}" in tag:
-        tag = hashlib.sha1(tag.encode()).hexdigest()
-    return [f"{{{tag}}}:{name}" for name in names]
 
 
 def key_slot(key: str) -> int:

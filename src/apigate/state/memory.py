@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
-from apigate.state.base import NAMESPACE, LocalData, Message, Script, StateBackend, Subscription
+from apigate.state.base import NAMESPACE, LocalData, Message, Script, StateBackend, Subscription, T
 
 SWEEP_EVERY = 1024
 DEFAULT_MAX_KEYS = 1_000_000
@@ -115,6 +115,19 @@ class MemoryState(StateBackend, LocalData):
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any] = ()) -> Any:
         return script.python(self, self.keys_of_one_call(keys), [str(a) for a in args])
+
+    def decide(
+        self,
+        script: Script,
+        tag: str,
+        names: Sequence[str],
+        args: Sequence[Any],
+        settle: Callable[[Any], T],
+    ) -> asyncio.Future[T]:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        reply = script.python(self, self.tagged_keys(tag, names), [str(a) for a in args])
+        future.set_result(settle(reply))
+        return future
 
     async def publish(self, channel: str, message: bytes) -> None:
         loop = asyncio.get_running_loop()

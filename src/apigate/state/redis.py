@@ -32,7 +32,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
 import redis.asyncio as redis
@@ -44,22 +44,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from apigate.state.base import (
-    NAMESPACE,
-    Message,
-    Script,
-    StateBackend,
-    StateUnavailable,
-    Subscription,
-    milliseconds,
-)
-from apigate.state.resp import PipelinedConnection
+from apigate.state.base import NAMESPACE, Message, Script, StateBackend, Subscription, milliseconds
+from apigate.state.calls import OPERATION_TIMEOUT, Call, batched
+from apigate.state.resp import PipelinedConnection, WriteCounts
 from apigate.state.urls import CLUSTER_SCHEMES, parse_cluster_url
 
 log = logging.getLogger("apigate.state")
+T = TypeVar("T")
 
-# A request waiting on Redis waits at most this long (connect or answer) before it is unavailable.
-OPERATION_TIMEOUT = 1.0
 # A subscription that heard nothing for this long pings Redis. Subscribers count on a live
 # subscription to learn of changes (the consumer registry then polls the store only every 5 s),
 # so a silent Redis must be found out quickly; one PING a second per idle process is cheap.
@@ -84,14 +76,6 @@ def describe(url: str) -> str:
         return parse_cluster_url(url).describe()
     parts = urlsplit(url)
     return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or ''}"
-
-
-def unavailable(where: str, exc: BaseException) -> StateUnavailable:
-    """A new error for one caller (each raise adds to its traceback), caused by ``exc``."""
-    reason = f"no answer within {OPERATION_TIMEOUT:g}s" if isinstance(exc, TimeoutError) else str(exc)
-    error = StateUnavailable(f"Redis at {where}: {type(exc).__name__}: {reason}")
-    error.__cause__ = exc
-    return error
 
 
 class RedisSubscription(Subscription):
@@ -169,22 +153,6 @@ class RedisSubscription(Subscription):
                 self._callback(message["data"])
 
 
-class _Call:
-    """One queued operation: its command, its script (for a resend with EVAL), and its caller's future."""
-
-    __slots__ = ("command", "future", "script")
-
-    def __init__(self, command: tuple[Any, ...], script: Script | None, future: asyncio.Future[Any]) -> None:
-        self.command = command
-        self.script = script
-        self.future = future
-
-    def with_script_text(self) -> tuple[Any, ...]:
-        """The command as EVAL with the whole script: what Redis runs (and caches) without its SHA."""
-        assert self.script is not None
-        return ("EVAL", self.script.lua, *self.command[2:])
-
-
 class RedisState(StateBackend):
     shared: ClassVar[bool] = True
 
@@ -193,18 +161,28 @@ class RedisState(StateBackend):
         self.url = url
         self.where = describe(url)
         self._client: redis.Redis | RedisCluster | None = None
+        self._cluster = url.startswith(CLUSTER_SCHEMES)
         self._subscribers: list[redis.Redis] = []
         self._shas: dict[Script, str] = {}
+        self._batch_scripts: dict[Script, Script] = {}
         self._subscriptions: list[RedisSubscription] = []
-        self._queue: list[_Call] = []
+        self._queue: list[Call] = []
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it was opened on
         # Standalone servers: batches go over one pipelined connection of our own (state/resp.py);
         # a cluster's go through redis-py, which routes each command to its slot's node.
         self._connection: PipelinedConnection | None = None
         self._connecting: asyncio.Task[PipelinedConnection] | None = None
         self._sending: set[asyncio.Task[None]] = set()
         # What the batching did, for tests and statistics: pipelines sent, commands in them.
-        self.pipelines_sent = 0
-        self.commands_sent = 0
+        self._written = WriteCounts()
+
+    @property
+    def pipelines_sent(self) -> int:
+        return self._written.pipelines
+
+    @property
+    def commands_sent(self) -> int:
+        return self._written.commands
 
     @property
     def client(self) -> redis.Redis | RedisCluster:
@@ -213,6 +191,7 @@ class RedisState(StateBackend):
         return self._client
 
     async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
         # No retry once a command is sent: a script must not run twice. A pooled connection
         # that died while idle is replaced when taken from the pool, before anything is sent.
         options: dict[str, Any] = {
@@ -220,7 +199,7 @@ class RedisState(StateBackend):
             "socket_connect_timeout": OPERATION_TIMEOUT,
             "retry": Retry(NoBackoff(), 0),
         }
-        if self.url.startswith(CLUSTER_SCHEMES):
+        if self._cluster:
             cluster = parse_cluster_url(self.url)
             logins: dict[str, Any] = {
                 "username": cluster.username,
@@ -249,7 +228,7 @@ class RedisState(StateBackend):
             await subscription.close()
         self._subscriptions.clear()
         if self._connection is not None:
-            self._connection.close()
+            self._connection.close(RuntimeError(CLOSED))
             self._connection = None
         queued, self._queue = self._queue, []
         self._fail(queued, RuntimeError(CLOSED))
@@ -265,11 +244,42 @@ class RedisState(StateBackend):
         return bool(await self._call(("SET", self.key(key), b"1", "PX", milliseconds(ttl), "NX")))
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[Any] = ()) -> Any:
+        full_keys = self.keys_of_one_call(keys)
+        return await self._call(("EVALSHA", self._sha(script), len(full_keys), *full_keys, *args), script)
+
+    def decide(
+        self,
+        script: Script,
+        tag: str,
+        names: Sequence[str],
+        args: Sequence[Any],
+        settle: Callable[[Any], T],
+    ) -> asyncio.Future[T]:
+        loop = self._loop
+        if self._client is None or loop is None:
+            raise RuntimeError("the Redis state backend is not open")
+        future = loop.create_future()
+        # Batched on one server; a cluster's keys are in many slots: there each call goes alone.
+        call = Call.decision(
+            script,
+            self._sha(script),
+            self.tagged_keys(tag, names),
+            args,
+            future,
+            settle,
+            self.where,
+            not self._cluster,
+        )
+        if not self._queue:
+            loop.call_soon(self._flush)
+        self._queue.append(call)
+        return future
+
+    def _sha(self, script: Script) -> str:
         sha = self._shas.get(script)
         if sha is None:
             sha = self._shas[script] = hashlib.sha1(script.lua.encode()).hexdigest()
-        full_keys = self.keys_of_one_call(keys)
-        return await self._call(("EVALSHA", sha, len(full_keys), *full_keys, *args), script)
+        return sha
 
     async def publish(self, channel: str, message: bytes) -> None:
         await self._call(("PUBLISH", self.key(channel), message))
@@ -282,32 +292,73 @@ class RedisState(StateBackend):
         return subscription
 
     # -- auto-pipelining ---------------------------------------------------------------------------
-    def _call(self, command: tuple[Any, ...], script: Script | None = None) -> asyncio.Future[Any]:
-        """Queue ``command`` for this turn's pipeline; the future is its reply (or StateUnavailable)."""
-        if self._client is None:
+    def _call(
+        self,
+        command: tuple[Any, ...],
+        script: Script | None = None,
+        settle: Callable[[Any], Any] | None = None,
+    ) -> asyncio.Future[Any]:
+        """Queue ``command`` for this turn's pipeline; the future is its reply (or StateUnavailable),
+        or what ``settle`` makes of either."""
+        loop = self._loop
+        if self._client is None or loop is None:
             raise RuntimeError("the Redis state backend is not open")
-        loop = asyncio.get_running_loop()
         if not self._queue:
             loop.call_soon(self._flush)  # runs once every call of this turn has been queued
         future = loop.create_future()
-        self._queue.append(_Call(command, script, future))
+        self._queue.append(Call(command, script, future, settle, self.where))
         return future
 
     def _flush(self) -> None:
         calls, self._queue = self._queue, []
-        loop = asyncio.get_running_loop()
+        connection = self._connection
+        if connection is not None and not connection.closed:
+            # The common case: written at once, answered from the connection's data_received.
+            pending = batched(calls, self._batch_form) if len(calls) > 1 else calls
+            for start in range(0, len(pending), MAX_PIPELINE_COMMANDS):
+                connection.send(pending[start : start + MAX_PIPELINE_COMMANDS])
+            return
+        loop = self._loop
+        assert loop is not None
+        sender = self._send_through_cluster if self._cluster else self._connect_and_send
         for start in range(0, len(calls), MAX_PIPELINE_COMMANDS):
-            task = loop.create_task(self._send(calls[start : start + MAX_PIPELINE_COMMANDS]))
+            task = loop.create_task(sender(calls[start : start + MAX_PIPELINE_COMMANDS]))
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
 
-    async def _send(self, calls: list[_Call]) -> None:
+    def _batch_form(self, script: Script) -> tuple[Script, str]:
+        batch_script = self._batch_scripts.get(script)
+        if batch_script is None:
+            assert script.batch_lua is not None  # only such calls are batched
+            batch_script = self._batch_scripts[script] = Script(script.batch_lua, script.python)
+        return batch_script, self._sha(batch_script)
+
+    async def _connect_and_send(self, calls: list[Call]) -> None:
+        """Open the pipelined connection (once however many batches wait for it), then send."""
+        try:
+            if self._connecting is None or self._connecting.done():
+                assert self._loop is not None
+                self._connecting = self._loop.create_task(
+                    PipelinedConnection.open(self.url, OPERATION_TIMEOUT, self._written)
+                )
+            connection = await asyncio.shield(self._connecting)
+            self._connection = connection
+            connection.send(calls)
+        except _UNANSWERED as exc:
+            self._fail(calls, exc)
+        except asyncio.CancelledError:
+            self._fail(calls, RuntimeError(CLOSED))
+            raise
+
+    async def _send_through_cluster(self, calls: list[Call]) -> None:
+        """One pipeline through redis-py, which sends each command to its slot's node."""
         try:
             async with asyncio.timeout(OPERATION_TIMEOUT):
                 replies = await self._pipeline([call.command for call in calls])
                 unknown = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-                if unknown:
-                    resent = await self._pipeline([calls[index].with_script_text() for index in unknown])
+                resends = [calls[index].after_noscript() for index in unknown]
+                if unknown and all(resends):
+                    resent = await self._pipeline([call.command for call in resends if call is not None])
                     for index, reply in zip(unknown, resent, strict=True):
                         replies[index] = reply
         except _UNANSWERED as exc:
@@ -321,54 +372,18 @@ class RedisState(StateBackend):
             self._fail(calls, exc)
             return
         for call, reply in zip(calls, replies, strict=True):
-            if call.future.done():  # its caller was cancelled
-                continue
-            if isinstance(reply, _UNANSWERED):
-                call.future.set_exception(unavailable(self.where, reply))
-            else:
-                call.future.set_result(reply)
+            call.answer(reply)
 
     async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send ``commands`` in one pipeline; each reply, or the error it got, in order."""
-        if not isinstance(self.client, RedisCluster):
-            return await self._pipeline_direct(commands)
+        """Send ``commands`` in one cluster pipeline; each reply, or the error it got, in order."""
         pipe = self.client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
-        self.pipelines_sent += 1
-        self.commands_sent += len(commands)
+        self._written.pipelines += 1
+        self._written.commands += len(commands)
         return await pipe.execute(raise_on_error=False)
 
-    async def _pipeline_direct(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        connection = self._connection
-        if connection is None or connection.closed:
-            connection = await self._connect()
-        futures = connection.send(commands)
-        self.pipelines_sent += 1
-        self.commands_sent += len(commands)
-        try:
-            replies = await asyncio.gather(*futures, return_exceptions=True)
-        except BaseException:
-            # Not answered in time (or the caller gave up): replies may still come, so this
-            # connection is ended and the next batch opens a new one.
-            connection.close()
-            raise
-        for reply in replies:
-            if isinstance(reply, RedisConnectionError):
-                raise reply
-        return replies
-
-    async def _connect(self) -> PipelinedConnection:
-        """The pipelined connection, opened once however many batches wait for it."""
-        if self._connecting is None or self._connecting.done():
-            self._connecting = asyncio.get_running_loop().create_task(
-                PipelinedConnection.open(self.url, OPERATION_TIMEOUT)
-            )
-        connection = await asyncio.shield(self._connecting)
-        self._connection = connection
-        return connection
-
-    def _fail(self, calls: list[_Call], cause: BaseException) -> None:
+    def _fail(self, calls: list[Call], cause: BaseException) -> None:
+        error = cause if isinstance(cause, Exception) else RuntimeError(CLOSED)
         for call in calls:
-            if not call.future.done():
-                call.future.set_exception(unavailable(self.where, cause))
+            call.answer(error)

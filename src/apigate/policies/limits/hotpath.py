@@ -1,8 +1,10 @@
 """The counting policies' per-request work on in-process counters (compiled with the engine).
 
 A request from memory costs a key, a clock read and one dict probe per limit: no task, no
-awaitable. Anything else (a Redis decision, a refusal's reply, a leaky bucket's wait) goes to
-callables of the policy, which stays the one place that makes answers.
+awaitable. A request decided on Redis by one limit costs one queued script call and one future,
+settled here when its reply is read (``settle``): no task, no coroutine. Anything else (several
+limits on Redis, a refusal's reply, a leaky bucket's wait, an outage) goes to callables of the
+policy, which stays the one place that makes answers.
 """
 
 from __future__ import annotations
@@ -20,15 +22,27 @@ NO_TIERS: Final = 0
 TIER_GROUP: Final = 1
 TIER_TENANT: Final = 2
 TIER_PART: Final = 3  # a claim or a header, read as a key part
+# A counter's keys under its hash tag (the tag is the rule's tag prefix plus the request's key).
+COUNTER_KEYS: Final = ("rl", "rl-seq")
 
 
 class Rule:
     """One limit as a request meets it: its algorithm, its counters here, its fields' fixed parts."""
 
-    def __init__(self, label: str, algorithm: Algorithm, counters: MemoryCounters, window_s: int) -> None:
+    def __init__(
+        self,
+        label: str,
+        algorithm: Algorithm,
+        counters: MemoryCounters,
+        window_s: int,
+        tag_prefix: str,
+        script: Any,
+    ) -> None:
         self.label = label
         self.algorithm = algorithm
         self.counters = counters
+        self.tag_prefix = tag_prefix  # + the request's key: the hash tag of its counter on Redis
+        self.script = script  # its Lua script, when one round trip decides it (None: the policy's path)
         self.quoted = b'"' + label.encode() + b'"'
         self.policy_item = self.quoted + b";q=%d;w=%d" % (algorithm.capacity(), window_s)
         self.limit_lines = b"x-ratelimit-limit: %d\r\nx-ratelimit-remaining: " % algorithm.capacity()
@@ -56,11 +70,14 @@ class Limiter:
         cost: int,
         families: frozenset[str],
         clock: Callable[[], int],
-        local: Callable[[], bool],
+        backend: Callable[[], Any],
         remote: Callable[[Exchange, RuleSet, str], Any],
         refuse: Callable[[Exchange, int], Any],
         wait: Callable[[int], Any],
+        unanswered: Callable[[Exchange, Any], Any],
+        answered_again: Callable[[], None],
     ) -> None:
+        """``backend()``: the shared state backend the limits count on, or None to count here."""
         self.keys = keys
         self.fallback = fallback
         self.rules = rules
@@ -71,11 +88,15 @@ class Limiter:
         self.token_bucket = "token-bucket" in families
         self.report = bool(families)
         self.clock = clock
-        self.is_local = local
-        self.local: bool | None = None  # asked on first use: the state backend runs by then
+        self.backend = backend
+        self.asked = False  # the backend is asked on first use: the state backend runs by then
+        self.state: Any = None
         self.remote = remote
         self.refuse = refuse
         self.wait = wait
+        self.unanswered = unanswered
+        self.answered_again = answered_again
+        self.outage = False  # the state backend has not answered since its failure was logged
         self.tier_kind = NO_TIERS
         self.tier_part: KeyBuilder | None = None
         self.plans: dict[str, RuleSet] = {}
@@ -95,10 +116,26 @@ class Limiter:
         if not rules.rules:
             return None
         key = self.key_of(exchange)
-        local = self.local
-        if local is None:
-            local = self.local = self.is_local()
-        if not local:
+        if not self.asked:
+            self.state = self.backend()
+            self.asked = True
+        state = self.state
+        if state is not None:
+            if len(rules.rules) == 1:
+                rule = rules.rules[0]
+                if rule.script is not None:
+                    algorithm = rule.algorithm
+                    args = [
+                        self.clock() // 1_000_000,
+                        algorithm.limit,
+                        algorithm.window_ms,
+                        algorithm.burst,
+                        algorithm.max_delay_ms,
+                        self.cost,
+                    ]
+                    return state.decide(
+                        rule.script, rule.tag_prefix + key, COUNTER_KEYS, args, Settle(self, exchange, rule)
+                    )
             return self.remote(exchange, rules, key)
         now: i64 = self.clock() // 1_000_000
         cost = self.cost
@@ -123,6 +160,18 @@ class Limiter:
             self.add_lines(exchange, tightest, remaining, reset_ms)
         if delay_ms > 0:
             return self.wait(delay_ms)
+        return None
+
+    def settle(self, exchange: Exchange, rule: Rule, reply: Any) -> Any:
+        """The answer to a request from its limit's reply on Redis, or from its failure."""
+        if type(reply) is not list:  # a StateUnavailable: the policy's on_redis_error decides
+            return self.unanswered(exchange, reply)
+        if self.outage:
+            self.answered_again()
+        if self.report:
+            self.add_lines(exchange, rule, reply[1], reply[2])
+        if not reply[0]:
+            return self.refuse(exchange, reply[3])
         return None
 
     def key_of(self, exchange: Exchange) -> str:
@@ -187,3 +236,15 @@ class Limiter:
             lines += b"x-tokenbucket-remaining: %s\r\n" % left
         added = exchange.response_lines
         exchange.response_lines = added + lines if added else lines
+
+
+class Settle:
+    """What a Redis reply is waited for with: it makes the reply the request's answer."""
+
+    def __init__(self, limiter: Limiter, exchange: Exchange, rule: Rule) -> None:
+        self.limiter = limiter
+        self.exchange = exchange
+        self.rule = rule
+
+    def __call__(self, reply: Any) -> Any:
+        return self.limiter.settle(self.exchange, self.rule, reply)

@@ -5,10 +5,11 @@ call it too. Counters in memory (``state: memory://`` or ``backend: memory``) li
 gateway process and cannot be reached from outside it; these functions work on the state
 backend's shared counters.
 
-A counter's keys are ``same_slot(scope + US + policy:label + US + key, "rl", "rl-seq")``
-(US = ``\\x1f``; scope = the route's name, or "" for ``scope: global``), as
-``policy.CountingPolicy`` makes them. Listing reads them back by their hash tag; a tag that had
-to be replaced by its digest (a key holding a brace) is found only by naming its key.
+A counter's keys are ``same_slot(scope + US + policy:label:algorithm + US + key, "rl",
+"rl-seq")`` (US = ``\\x1f``; scope = the route's name, or "" for ``scope: global``), as
+``policy.CountingPolicy`` makes them (``Rule.tag_prefix``). Listing reads them back by their
+hash tag; a tag that had to be replaced by its digest (a key holding a brace) is found only by
+naming its key.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from apigate.policies.limits.algorithms import Algorithm, KeyState
+from apigate.policies.limits.hotpath import COUNTER_KEYS
 from apigate.policies.limits.policy import CountingPolicy
-from apigate.state.base import same_slot
+from apigate.state.calls import same_slot
 from apigate.state.redis import RedisState
-
-SEPARATOR = "\x1f"
 
 
 @dataclass(frozen=True)
@@ -55,13 +55,10 @@ class Limit:
     policy: CountingPolicy[Any]
     label: str
     algorithm: Algorithm
-
-    @property
-    def prefix(self) -> str:
-        return self.policy.scope + SEPARATOR + self.policy.name + ":" + self.label + SEPARATOR
+    prefix: str  # of the hash tag of each key's counter
 
     def keys(self, key: str) -> list[str]:
-        return same_slot(self.prefix + key, "rl", "rl-seq")
+        return same_slot(self.prefix + key, *COUNTER_KEYS)
 
 
 def limits_of(policies: list[CountingPolicy[Any]]) -> list[Limit]:
@@ -72,7 +69,7 @@ def limits_of(policies: list[CountingPolicy[Any]]) -> list[Limit]:
         for rules in [limiter.rules, *limiter.plans.values()]:
             for rule in rules.rules:
                 if all(other.label != rule.label or other.policy is not policy for other in found):
-                    found.append(Limit(policy, rule.label, rule.algorithm))
+                    found.append(Limit(policy, rule.label, rule.algorithm, rule.tag_prefix))
     return found
 
 

@@ -18,18 +18,27 @@ from apigate.policies.base import Policy
 from apigate.policies.limits import clock
 from apigate.policies.limits.algorithms import ALGORITHMS
 from apigate.policies.limits.config import KeyedLimitsConfig, LimitConfig, TiersConfig
-from apigate.policies.limits.hotpath import TIER_GROUP, TIER_PART, TIER_TENANT, Limiter, Rule, RuleSet
+from apigate.policies.limits.hotpath import (
+    COUNTER_KEYS,
+    TIER_GROUP,
+    TIER_PART,
+    TIER_TENANT,
+    Limiter,
+    Rule,
+    RuleSet,
+)
 from apigate.policies.limits.keys import KeyBuilder
 from apigate.policies.limits.local import counters_for
 from apigate.policies.limits.scripts import SCRIPTS
 from apigate.policies.services import unavailable
-from apigate.state import StateUnavailable
-from apigate.state.base import same_slot
+from apigate.state import StateBackend, StateUnavailable
+from apigate.state.calls import same_slot
 
 if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
 
 log = logging.getLogger("apigate.limits")
+SEPARATOR: Final = "\x1f"  # between the parts of a counter's hash tag: scope, policy:limit, key
 
 _TIER_KINDS: Final = {"group": TIER_GROUP, "tenant": TIER_TENANT}
 CountingConfig = TypeVar("CountingConfig", bound=KeyedLimitsConfig)
@@ -51,7 +60,6 @@ class CountingPolicy(Policy[CountingConfig]):
             self.needs = frozenset()
         limits, tiers, self.algorithm, cost = self.limit_sets()
         self.scope = self.route if config.scope == "route" else ""  # whose counters these are
-        self.outage = False  # Redis has not answered since the last logged failure
         self.redis_errors = 0
         self.limiter = Limiter(
             keys=KeyBuilder(config.key),
@@ -60,10 +68,12 @@ class CountingPolicy(Policy[CountingConfig]):
             cost=cost,
             families=frozenset(config.headers),
             clock=clock.source(),
-            local=self._counts_locally,
+            backend=self._shared_state,
             remote=self._decide_remotely,
             refuse=self._refuse,
             wait=self._wait,
+            unanswered=self._redis_failed,
+            answered_again=self._redis_answered,
         )
         if tiers is not None:
             plans = {name: self._rule_set(limits) for name, limits in tiers.plans.items()}
@@ -86,7 +96,14 @@ class CountingPolicy(Policy[CountingConfig]):
             )
             label = self.name + ":" + limit.label()  # a spike arrest never shares a rate limit's counters
             counters = counters_for(self.scope, label, wanted, self.config.max_keys)
-            rules.append(Rule(limit.label(), counters.algorithm, counters, max(round(window), 1)))
+            # A leaky bucket's admitted requests wait: the policy's path decides those.
+            script = SCRIPTS[wanted.name] if wanted.name != "leaky_bucket" else None
+            # The algorithm is part of the name: a limit whose algorithm changes starts afresh
+            # instead of reading another algorithm's state.
+            tag_prefix = self.scope + SEPARATOR + label + ":" + wanted.name + SEPARATOR
+            rules.append(
+                Rule(limit.label(), counters.algorithm, counters, max(round(window), 1), tag_prefix, script)
+            )
         return RuleSet(rules)
 
     # What the compiled hooks do, for callers other than the engine.
@@ -95,9 +112,12 @@ class CountingPolicy(Policy[CountingConfig]):
         return result
 
     # -- what the compiled path hands back ---------------------------------------------------------
-    def _counts_locally(self) -> bool:
+    def _shared_state(self) -> StateBackend | None:
+        """The state backend the counters are shared on; None: they are counted in this process."""
         state = self.services.state
-        return self.config.backend == "memory" or state is None or not state.shared
+        if self.config.backend == "memory" or state is None or not state.shared:
+            return None
+        return state
 
     def _refuse(self, exchange: Exchange, retry_ms: int) -> Reply:
         """429: the limit's fields are in ``exchange.response_lines`` already."""
@@ -115,6 +135,8 @@ class CountingPolicy(Policy[CountingConfig]):
         await asyncio.sleep(delay_ms / 1000)
 
     async def _decide_remotely(self, exchange: Exchange, rules: RuleSet, key: str) -> Reply | None:
+        """Several limits (each in turn: a later one is not counted when an earlier one refuses),
+        or a leaky bucket (an admitted request may wait), on Redis."""
         state = self.services.state
         if state is None:
             return unavailable(exchange, f"the {self.name} state backend is not running")
@@ -124,10 +146,6 @@ class CountingPolicy(Policy[CountingConfig]):
         delay_ms = 0
         for rule in rules.rules:
             algorithm = rule.algorithm
-            # One hash tag per counter: its keys share a slot, and counters spread over a cluster.
-            keys = same_slot(
-                self.scope + "\x1f" + self.name + ":" + rule.label + "\x1f" + key, "rl", "rl-seq"
-            )
             args = [
                 now,
                 algorithm.limit,
@@ -138,7 +156,7 @@ class CountingPolicy(Policy[CountingConfig]):
             ]
             try:
                 admitted, remaining, reset_ms, retry_ms, wait_ms = await state.run(
-                    SCRIPTS[algorithm.name], keys, args
+                    SCRIPTS[algorithm.name], same_slot(rule.tag_prefix + key, *COUNTER_KEYS), args
                 )
             except StateUnavailable as exc:
                 return self._redis_failed(exchange, exc)
@@ -159,8 +177,8 @@ class CountingPolicy(Policy[CountingConfig]):
 
     def _redis_failed(self, exchange: Exchange, exc: StateUnavailable) -> Reply | None:
         self.redis_errors += 1
-        if not self.outage:
-            self.outage = True
+        if not self.limiter.outage:
+            self.limiter.outage = True
             verdict = "admitting" if self.config.on_redis_error == "allow" else "refusing"
             log.warning("%s: %s; %s requests until it answers (on_redis_error)", self.name, exc, verdict)
         if self.config.on_redis_error == "allow":
@@ -168,13 +186,11 @@ class CountingPolicy(Policy[CountingConfig]):
         return unavailable(exchange, "rate limits cannot be checked now")
 
     def _redis_answered(self) -> None:
-        if self.outage:
-            self.outage = False
+        if self.limiter.outage:
+            self.limiter.outage = False
             log.warning("%s: Redis answers again; limits are enforced", self.name)
 
     def describe(self) -> dict[str, Any]:
         described = super().describe()
-        state = self.services.state
-        local = self.config.backend == "memory" or state is None or not state.shared
-        described["counters"] = "this process" if local else "shared (Redis)"
+        described["counters"] = "this process" if self._shared_state() is None else "shared (Redis)"
         return described

@@ -4,13 +4,17 @@ One decision is one script call: atomic on the Redis server, one round trip (sha
 other decisions of the same loop turn, which the Redis backend pipelines). The Lua mirrors the
 Python step line by line, in integer milliseconds; Lua numbers are doubles, so division goes
 through ``idiv``, which corrects the rounding of ``a / b`` for large ``a``, and numbers are
-written back with ``%d`` (Redis would format them with ``%.14g``). Expiry is relative (PEXPIRE):
+written back with ``%d`` (Redis would format them with ``%.14g``). Windows set their expiry once,
+with their first request (it is the same instant for every later one). Expiry is relative (PEXPIRE):
 ``now`` is the gateway's clock, which need not be the Redis server's; a bucket is kept a window
 longer than it takes to fill or drain, so a server clock that runs ahead never drops live state.
 
 Call: ``KEYS = [state key, sequence key]`` (the sequence key only for the sliding log; give the
 two one hash tag so they share a slot on Redis Cluster), ``ARGV = [now_ms, limit, window_ms,
 burst, max_delay_ms, cost]``. Answer: ``[admitted, remaining, reset_ms, retry_ms, delay_ms]``.
+Each script also has a batch form, which the Redis backend uses for the decisions of one loop
+turn on one server: the same two keys and six numbers per call, one after another, and a list of
+their answers.
 """
 
 from __future__ import annotations
@@ -20,10 +24,7 @@ from typing import Any, Final
 from apigate.policies.limits.algorithms import ALGORITHMS
 from apigate.state.base import LocalData, Script
 
-_PRELUDE: Final = """
-local now, limit, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local burst, max_delay, cost = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-if burst <= 0 then burst = limit end
+_HELPERS: Final = """
 local function idiv(a, b)
     local q = math.floor(a / b)
     local r = a - q * b
@@ -33,25 +34,45 @@ end
 local function cdiv(a, b) return -idiv(-a, b) end
 local function int(x) return string.format('%d', x) end
 """
+# Each algorithm is one function of a call's keys and numbers: called once by the script's own
+# form, and once per call by its batch form.
+_SIGNATURE: Final = "local function decide(key, seq_key, now, limit, window, burst, max_delay, cost)\n"
+_SINGLE: Final = """
+return decide(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
+              tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
+"""
+_BATCH: Final = """
+local answers = {}
+for n = 0, #KEYS / 2 - 1 do
+    local k, a = 2 * n, 6 * n
+    local ok, answer = pcall(decide, KEYS[k + 1], KEYS[k + 2], tonumber(ARGV[a + 1]),
+                             tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]),
+                             tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]))
+    if ok then answers[n + 1] = answer else answers[n + 1] = redis.error_reply(tostring(answer)) end
+end
+return answers
+"""
 
 _FIXED_WINDOW: Final = """
 local index = idiv(now, window)
 local e = (index + 1) * window
-local s = redis.call('HMGET', KEYS[1], 'i', 'c')
+local s = redis.call('HMGET', key, 'i', 'c')
 local count = 0
 if tonumber(s[1]) == index then count = tonumber(s[2]) end
 if count + cost > limit then
     return {0, math.max(limit - count, 0), e - now, e - now, 0}
 end
-redis.call('HSET', KEYS[1], 'i', int(index), 'c', int(count + cost))
-redis.call('PEXPIRE', KEYS[1], int(e - now))
+redis.call('HSET', key, 'i', int(index), 'c', int(count + cost))
+if tonumber(s[1]) ~= index then  -- the window's expiry was set by its first request
+    redis.call('PEXPIRE', key, int(e - now))
+end
 return {1, limit - count - cost, e - now, 0, 0}
 """
 
 _SLIDING_WINDOW: Final = """
 local index = idiv(now, window)
 local start = index * window
-local s = redis.call('HMGET', KEYS[1], 'i', 'c', 'p')
+local s = redis.call('HMGET', key, 'i', 'c', 'p')
 local i = tonumber(s[1])
 local current, previous = 0, 0
 if i == index then
@@ -85,41 +106,43 @@ if weighted + cost * window > limit * window then
     end
     return {0, math.max(idiv(limit * window - weighted, window), 0), until_empty(current), retry, 0}
 end
-redis.call('HSET', KEYS[1], 'i', int(index), 'c', int(current + cost), 'p', int(previous))
-redis.call('PEXPIRE', KEYS[1], int(start + 2 * window - now))
+redis.call('HSET', key, 'i', int(index), 'c', int(current + cost), 'p', int(previous))
+if i ~= index then  -- the window's expiry was set by its first request
+    redis.call('PEXPIRE', key, int(start + 2 * window - now))
+end
 local reset = until_empty(current + cost)
 return {1, idiv(limit * window - weighted - cost * window, window), reset, 0, 0}
 """
 
 _SLIDING_LOG: Final = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', int(now - window))
-local count = redis.call('ZCARD', KEYS[1])
+redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - window))
+local count = redis.call('ZCARD', key)
 if count + cost > limit then
     local must = count + cost - limit
     local retry = window
     if must <= count then
-        local oldest = redis.call('ZRANGE', KEYS[1], must - 1, must - 1, 'WITHSCORES')
+        local oldest = redis.call('ZRANGE', key, must - 1, must - 1, 'WITHSCORES')
         retry = tonumber(oldest[2]) + window - now
     end
     local reset = 0
     if count > 0 then
-        local newest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+        local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
         reset = tonumber(newest[2]) + window - now
     end
     return {0, math.max(limit - count, 0), reset, retry, 0}
 end
-local seq = redis.call('INCRBY', KEYS[2], cost)
+local seq = redis.call('INCRBY', seq_key, cost)
 for n = 1, cost do
-    redis.call('ZADD', KEYS[1], int(now), int(seq - cost + n))
+    redis.call('ZADD', key, int(now), int(seq - cost + n))
 end
-redis.call('PEXPIRE', KEYS[1], int(window))
-redis.call('PEXPIRE', KEYS[2], int(window))
+redis.call('PEXPIRE', key, int(window))
+redis.call('PEXPIRE', seq_key, int(window))
 return {1, limit - count - cost, window, 0, 0}
 """
 
 _TOKEN_BUCKET: Final = """
 local full = burst * window
-local s = redis.call('HMGET', KEYS[1], 't', 'l')
+local s = redis.call('HMGET', key, 't', 'l')
 local tokens, last = full, now
 if s[1] then
     tokens, last = tonumber(s[1]), tonumber(s[2])
@@ -138,13 +161,13 @@ else
     admitted = 1
 end
 local reset = cdiv(full - tokens, limit)
-redis.call('HSET', KEYS[1], 't', int(tokens), 'l', int(last))
-redis.call('PEXPIRE', KEYS[1], int(reset + window))
+redis.call('HSET', key, 't', int(tokens), 'l', int(last))
+redis.call('PEXPIRE', key, int(reset + window))
 return {admitted, idiv(tokens, window), reset, retry, 0}
 """
 
 _LEAKY_BUCKET: Final = """
-local s = redis.call('HMGET', KEYS[1], 'v', 'l')
+local s = redis.call('HMGET', key, 'v', 'l')
 local level, last = 0, now
 if s[1] then
     level, last = tonumber(s[1]), tonumber(s[2])
@@ -165,8 +188,8 @@ else
     remaining = math.max(capacity - cdiv(level, window), 0)
 end
 local reset = cdiv(level, limit)
-redis.call('HSET', KEYS[1], 'v', int(level), 'l', int(last))
-redis.call('PEXPIRE', KEYS[1], int(reset + window))
+redis.call('HSET', key, 'v', int(level), 'l', int(last))
+redis.call('PEXPIRE', key, int(reset + window))
 return {admitted, remaining, reset, retry, delay}
 """
 
@@ -207,6 +230,9 @@ def decision(algorithm: Any) -> list[int]:
     ]
 
 
-SCRIPTS: Final[dict[str, Script]] = {
-    name: Script(lua=_PRELUDE + lua, python=_step_locally(name)) for name, lua in _LUA.items()
-}
+def _script(name: str, body: str) -> Script:
+    function = _HELPERS + _SIGNATURE + "if burst <= 0 then burst = limit end\n" + body + "end\n"
+    return Script(lua=function + _SINGLE, python=_step_locally(name), batch_lua=function + _BATCH)
+
+
+SCRIPTS: Final[dict[str, Script]] = {name: _script(name, lua) for name, lua in _LUA.items()}
