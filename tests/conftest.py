@@ -13,6 +13,7 @@ from tests.support.naive_upstream import NaiveUpstream
 from tests.support.proxy_http import running_upstream
 from tests.support.redis import RedisServer
 from tests.support.redis_cluster import RedisClusterServers
+from tests.support.redis_sentinel import RedisSentinelServers
 from tests.support.state import Run
 from tests.support.upstream import UpstreamServer
 
@@ -91,3 +92,16 @@ def redis_cluster_url(redis_cluster: RedisClusterServers) -> str:
     """The session's Redis Cluster, emptied for this test."""
     redis_cluster.flush()
     return redis_cluster.url
+
+
+@pytest.fixture
+def redis_sentinel(tmp_path: Path) -> Iterator[RedisSentinelServers]:
+    """A master, its replica and a sentinel watching them, for this test (a failover changes them)."""
+    servers = RedisSentinelServers(tmp_path / "sentinel").start()
+    yield servers
+    servers.stop()
+
+
+@pytest.fixture
+def redis_sentinel_url(redis_sentinel: RedisSentinelServers) -> str:
+    return redis_sentinel.url

@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis as redis_client
 
 from tests.support.errors_helpers import Response, apigate_cmd, wait_until
 from tests.support.errors_helpers import request as send
 from tests.support.gateway import GatewayProcess
 from tests.support.load import hammer
 from tests.support.redis import RedisServer
+from tests.support.redis_sentinel import RedisSentinelServers
 from tests.support.upstream import UpstreamServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -195,7 +197,10 @@ ALGORITHM_LIMITS = {
 }
 
 
-@pytest.mark.parametrize("redis", ["redis", "cluster"])
+REDIS_URL_FIXTURES = {"redis": "redis_url", "cluster": "redis_cluster_url", "sentinel": "redis_sentinel_url"}
+
+
+@pytest.mark.parametrize("redis", ["redis", "cluster", "sentinel"])
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHM_LIMITS))
 def test_exactly_the_limit_is_admitted_across_workers_and_gateways_on_redis(
     algorithm: str,
@@ -205,8 +210,8 @@ def test_exactly_the_limit_is_admitted_across_workers_and_gateways_on_redis(
     request: pytest.FixtureRequest,
 ) -> None:
     """2 workers and a second gateway, 500 requests at once on 100 connections: exactly 100 pass,
-    on one Redis and on a 3-node Redis Cluster."""
-    url = request.getfixturevalue("redis_url" if redis == "redis" else "redis_cluster_url")
+    on one Redis, on a 3-node Redis Cluster, and on the master that Redis Sentinel names."""
+    url = request.getfixturevalue(REDIS_URL_FIXTURES[redis])
     limit = {"algorithm": algorithm, **ALGORITHM_LIMITS[algorithm]}
     config = frozen(
         {
@@ -260,6 +265,40 @@ def test_redis_lost_follows_on_redis_error_logs_once_and_recovers(
         assert gateway.proc is not None and gateway.proc.poll() is None
     finally:
         server.stop()
+
+
+def test_limits_follow_the_master_through_a_sentinel_failover(
+    start_gateway: Callable[..., GatewayProcess],
+    upstream: UpstreamServer,
+    redis_sentinel: RedisSentinelServers,
+) -> None:
+    """After a failover the old master is a read-only replica: the gateway drops its connection on
+    the first READONLY answer and asks the sentinels for the new master, with no restart."""
+    policy = {"limits": [{"rate": "3/min"}], "key": "header:x-client"}
+    gateway = start_gateway(
+        frozen(
+            {
+                "state": {"url": redis_sentinel.url},
+                "routes": [{"path": "/api/*", "target": upstream.url, "policies": {"rate-limit": policy}}],
+            }
+        ),
+        env=frozen_env(),
+    )
+
+    def limited(client: str) -> bool:
+        """Three requests of ``client`` pass and the fourth is refused: decided on a writable master."""
+        statuses = [send(gateway.port, "GET", "/api/x", [("X-Client", client)]).status for _ in range(4)]
+        return statuses == [200, 200, 200, 429]
+
+    assert limited("before")
+    old_master = redis_sentinel.master_port()
+    new_master = redis_sentinel.failover()
+    assert new_master != old_master
+    clients = (f"after-{n}" for n in range(1000))
+    wait_until(lambda: limited(next(clients)), timeout=15)
+    with redis_client.Redis(port=new_master) as client:
+        assert any(b"after-" in key for key in client.keys("apigate:*"))  # counted on the new master
+    assert gateway.proc is not None and gateway.proc.poll() is None
 
 
 def test_workers_counting_apart_is_said_once_at_start(

@@ -24,7 +24,7 @@ from apigate.state import Script, StateUnavailable, check_state_url, open_state,
 from apigate.state.base import LocalData, Message, key_slot
 from apigate.state.memory import MemoryState
 from apigate.state.redis import MAX_PIPELINE_COMMANDS, OPERATION_TIMEOUT, RedisState, describe
-from apigate.state.urls import parse_cluster_url
+from apigate.state.urls import parse_cluster_url, parse_sentinel_url
 from tests.support.redis import RedisServer
 from tests.support.redis_cluster import RedisClusterServers
 from tests.support.state import Run, until
@@ -272,6 +272,37 @@ def test_a_batch_unanswered_in_time_is_unavailable_and_leaves_no_stale_reply(
         server.stop()
 
 
+def test_a_connection_that_meets_a_read_only_replica_is_dropped(run: Run) -> None:
+    """After a failover the old master may still take connections, answering READONLY to writes:
+    the connection is dropped, so the next batch connects afresh (to the master Sentinel names)."""
+
+    async def answer_read_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        while await reader.read(65536):
+            writer.write(b"-READONLY You can't write against a read only replica.\r\n")
+            await writer.drain()
+        writer.close()
+
+    connections: list[asyncio.StreamWriter] = []
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(answer_read_only, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        state = RedisState(f"redis://127.0.0.1:{port}/0")
+        await state.open()  # its PING (through redis-py) is answered READONLY too: logged, not fatal
+        before = len(connections)
+        for attempt in range(1, 3):
+            with pytest.raises(StateUnavailable, match="READONLY"):
+                await state.incr("counter")
+            # Each call went over a new connection, which the gateway then closed.
+            opened = before + attempt
+            await until(lambda: len(connections) == opened and connections[-1].is_closing())  # noqa: B023
+        await state.close()
+        server.close()
+
+    run(scenario())
+
+
 # -- Redis Cluster ------------------------------------------------------------------------------------
 def _window_locally(data: LocalData, keys: list[str], args: list[Any]) -> list[int]:
     minute = int(data.get(keys[0]) or 0) + 1
@@ -360,6 +391,16 @@ def test_same_slot_tags_keys_and_takes_any_string_as_a_tag() -> None:
 
 
 # -- URLs ---------------------------------------------------------------------------------------------
+def assert_refused_without_password(refused: dict[str, str]) -> None:
+    """Each URL is refused for its reason, and the message does not quote its password."""
+    for bad, reason in refused.items():
+        with pytest.raises(ValueError, match=reason) as caught:
+            check_state_url(bad)
+        assert "hunter2" not in str(caught.value)
+        with pytest.raises(ValueError, match=reason):
+            StateConfig(url=bad)
+
+
 def test_cluster_urls_are_read_and_bad_ones_refused_without_their_password() -> None:
     url = "rediss+cluster://:s3cr%40t@10.0.0.1:7000,10.0.0.2,[::1]:7002/"
     cluster = parse_cluster_url(url)
@@ -375,12 +416,30 @@ def test_cluster_urls_are_read_and_bad_ones_refused_without_their_password() -> 
         "redis+cluster://:hunter2@h1:7000,,h2:7000": "host:port",
         "redis+cluster://:hunter2@h1:7000?ssl=1": "no query",
     }
-    for bad, reason in refused.items():
-        with pytest.raises(ValueError, match=reason) as caught:
-            check_state_url(bad)
-        assert "hunter2" not in str(caught.value)
-        with pytest.raises(ValueError, match=reason):
-            StateConfig(url=bad)
+    assert_refused_without_password(refused)
+
+
+def test_sentinel_urls_are_read_and_bad_ones_refused_without_their_password() -> None:
+    url = "rediss+sentinel://app:s3cr%40t@10.0.0.1:26380,10.0.0.2/mymaster/2"
+    watched = parse_sentinel_url(url)
+    assert watched.nodes == (("10.0.0.1", 26380), ("10.0.0.2", 26379))
+    assert (watched.service, watched.db, watched.username, watched.password, watched.tls) == (
+        "mymaster",
+        2,
+        "app",
+        "s3cr@t",
+        True,
+    )
+    assert watched.server_url("10.0.0.9", 6380) == "rediss://app:s3cr%40t@10.0.0.9:6380/2"
+    assert describe(url) == "10.0.0.1:26380,10.0.0.2:26379 (sentinel, mymaster)"
+    assert isinstance(open_state("redis+sentinel://127.0.0.1:26379/mymaster"), RedisState)
+    refused = {
+        "redis+sentinel://:hunter2@h1:26379": "names the service",
+        "redis+sentinel://:hunter2@h1:26379/mymaster/x": "database is a number",
+        "redis+sentinel://:hunter2@h1:99999/mymaster": "port",
+        "redis+sentinel://:hunter2@h1/mymaster?ssl=1": "no query",
+    }
+    assert_refused_without_password(refused)
 
 
 def test_a_bad_state_url_in_a_config_is_reported_at_its_field(tmp_path: Path) -> None:

@@ -20,8 +20,15 @@ START_TIMEOUT = 10.0
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int | None = None, options: Sequence[str] = ()) -> None:
-        """``options``: more redis-server arguments (a cluster node's, for instance)."""
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        options: Sequence[str] = (),
+        config_file: Path | None = None,
+    ) -> None:
+        """``options``: more redis-server arguments (a cluster node's, for instance); ``config_file``
+        comes first, where redis-server reads one (a sentinel's)."""
         executable = shutil.which("redis-server")
         if executable is None:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
@@ -29,6 +36,7 @@ class RedisServer:
         self.directory = directory
         self.port = free_port() if port is None else port
         self.options = list(options)
+        self.config_file = config_file
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -39,6 +47,7 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         args = [
             self.executable,
+            *([str(self.config_file)] if self.config_file else []),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", str(self.directory),

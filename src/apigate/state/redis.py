@@ -1,7 +1,10 @@
 """The Redis state backend (redis-py asyncio with hiredis): state shared by every gateway process.
 
-A URL names one Redis (``redis://``, ``rediss://``, ``unix://``) or a Redis Cluster
-(``redis+cluster://host:port,host:port``: its startup nodes). Connections are made lazily and
+A URL names one Redis (``redis://``, ``rediss://``, ``unix://``), a Redis Cluster
+(``redis+cluster://host:port,host:port``: its startup nodes) or the master that Redis Sentinel
+watches (``redis+sentinel://host:port,host:port/service``: the sentinels are asked for the master
+for each new connection, and a connection that meets a read-only replica after a failover is
+dropped so that the next one asks again). Connections are made lazily and
 remade after an outage, so an unreachable Redis never stops a gateway from starting: an
 operation that cannot get its answer within ``OPERATION_TIMEOUT`` raises ``StateUnavailable``
 and its caller decides (see the README's state section).
@@ -39,6 +42,7 @@ import redis.asyncio as redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
@@ -47,7 +51,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from apigate.state.base import NAMESPACE, Message, Script, StateBackend, Subscription, milliseconds
 from apigate.state.calls import OPERATION_TIMEOUT, Call, batched
 from apigate.state.resp import PipelinedConnection, WriteCounts
-from apigate.state.urls import CLUSTER_SCHEMES, parse_cluster_url
+from apigate.state.urls import (
+    CLUSTER_SCHEMES,
+    SENTINEL_SCHEMES,
+    SentinelURL,
+    parse_cluster_url,
+    parse_sentinel_url,
+)
 
 log = logging.getLogger("apigate.state")
 T = TypeVar("T")
@@ -71,9 +81,12 @@ _UNANSWERED = (RedisError, RedisClusterException, OSError)
 
 
 def describe(url: str) -> str:
-    """host:port/db of a Redis URL (the startup nodes of a cluster's), for messages: never its password."""
+    """host:port/db of a Redis URL (a cluster's startup nodes, the sentinels), for messages: never its
+    password."""
     if url.startswith(CLUSTER_SCHEMES):
         return parse_cluster_url(url).describe()
+    if url.startswith(SENTINEL_SCHEMES):
+        return parse_sentinel_url(url).describe()
     parts = urlsplit(url)
     return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or ''}"
 
@@ -162,6 +175,9 @@ class RedisState(StateBackend):
         self.where = describe(url)
         self._client: redis.Redis | RedisCluster | None = None
         self._cluster = url.startswith(CLUSTER_SCHEMES)
+        # Behind Sentinel: the sentinels name the master, asked again for each new connection.
+        self._sentinel: Sentinel | None = None
+        self._sentinel_url: SentinelURL | None = None
         self._subscribers: list[redis.Redis] = []
         self._shas: dict[Script, str] = {}
         self._batch_scripts: dict[Script, Script] = {}
@@ -209,6 +225,14 @@ class RedisState(StateBackend):
             nodes = [ClusterNode(host, port) for host, port in cluster.nodes]
             self._client = RedisCluster(startup_nodes=nodes, **logins, **options)
             self._subscribers = [redis.Redis(host=h, port=p, **logins, **options) for h, p in cluster.nodes]
+        elif self.url.startswith(SENTINEL_SCHEMES):
+            watched = self._sentinel_url = parse_sentinel_url(self.url)
+            self._sentinel = Sentinel(list(watched.nodes), **options)
+            logins = {"username": watched.username, "password": watched.password, "ssl": watched.tls}
+            self._client = self._sentinel.master_for(watched.service, db=watched.db, **logins, **options)
+            self._subscribers = [
+                self._sentinel.master_for(watched.service, db=watched.db, **logins, **options)
+            ]
         else:
             self._client = redis.Redis.from_url(self.url, **options)
             self._subscribers = [redis.Redis.from_url(self.url, **options)]
@@ -338,9 +362,7 @@ class RedisState(StateBackend):
         try:
             if self._connecting is None or self._connecting.done():
                 assert self._loop is not None
-                self._connecting = self._loop.create_task(
-                    PipelinedConnection.open(self.url, OPERATION_TIMEOUT, self._written)
-                )
+                self._connecting = self._loop.create_task(self._open_connection())
             connection = await asyncio.shield(self._connecting)
             self._connection = connection
             connection.send(calls)
@@ -349,6 +371,14 @@ class RedisState(StateBackend):
         except asyncio.CancelledError:
             self._fail(calls, RuntimeError(CLOSED))
             raise
+
+    async def _open_connection(self) -> PipelinedConnection:
+        url = self.url
+        if self._sentinel is not None and self._sentinel_url is not None:
+            async with asyncio.timeout(OPERATION_TIMEOUT):
+                host, port = await self._sentinel.discover_master(self._sentinel_url.service)
+            url = self._sentinel_url.server_url(host, port)
+        return await PipelinedConnection.open(url, OPERATION_TIMEOUT, self._written)
 
     async def _send_through_cluster(self, calls: list[Call]) -> None:
         """One pipeline through redis-py, which sends each command to its slot's node."""

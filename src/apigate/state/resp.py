@@ -174,6 +174,10 @@ class PipelinedConnection(asyncio.Protocol):
                         resend.append(instead)
                     else:
                         pending.answer(error)
+                    if str(error).startswith("READONLY"):
+                        # A replica now (a failover): the next batch finds the master again.
+                        self.close()
+                        return
                 else:
                     pending.answer(reply)
                 reply = reader.gets()
