@@ -21,8 +21,6 @@ from apigate.policies.limits.policy import CountingPolicy
 from apigate.state.base import same_slot
 from apigate.state.redis import RedisState
 
-SEPARATOR = "\x1f"
-
 
 @dataclass(frozen=True)
 class Counter:
@@ -58,7 +56,7 @@ class Limit:
 
     @property
     def prefix(self) -> str:
-        return self.policy.scope + SEPARATOR + self.policy.name + ":" + self.label + SEPARATOR
+        return self.policy.counter_prefix(self.label)
 
     def keys(self, key: str) -> list[str]:
         return same_slot(self.prefix + key, "rl", "rl-seq")

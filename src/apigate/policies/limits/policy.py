@@ -19,9 +19,11 @@ from apigate.policies.limits import clock
 from apigate.policies.limits.algorithms import ALGORITHMS
 from apigate.policies.limits.config import KeyedLimitsConfig, LimitConfig, TiersConfig
 from apigate.policies.limits.hotpath import TIER_GROUP, TIER_PART, TIER_TENANT, Limiter, Rule, RuleSet
+from apigate.policies.limits.hybrid import HybridCounters
 from apigate.policies.limits.keys import KeyBuilder
 from apigate.policies.limits.local import counters_for
 from apigate.policies.limits.scripts import SCRIPTS
+from apigate.policies.limits.sync import SYNCER
 from apigate.policies.services import unavailable
 from apigate.state import StateUnavailable
 from apigate.state.base import same_slot
@@ -85,9 +87,26 @@ class CountingPolicy(Policy[CountingConfig]):
                 count, round(window * 1000), limit.burst or 0, round((limit.max_delay or 0) * 1000)
             )
             label = self.name + ":" + limit.label()  # a spike arrest never shares a rate limit's counters
-            counters = counters_for(self.scope, label, wanted, self.config.max_keys)
+            hybrid = self.config.backend == "hybrid"
+            counters = counters_for(self.scope, label, wanted, self.config.max_keys, hybrid)
+            if isinstance(counters, HybridCounters):
+                self._sync(counters, limit.label())
             rules.append(Rule(limit.label(), counters.algorithm, counters, max(round(window), 1)))
         return RuleSet(rules)
+
+    def counter_prefix(self, label: str) -> str:
+        """What the keys of a limit's counters start with (``limits/operations.py`` reads them back)."""
+        return self.scope + "\x1f" + self.name + ":" + label + "\x1f"
+
+    def _sync(self, counters: HybridCounters, label: str) -> None:
+        """Merge ``counters`` through the state backend every ``sync_interval`` (``limits/sync.py``)."""
+        SYNCER.watch(
+            counters,
+            self.counter_prefix(label),
+            self.config.sync_interval,
+            lambda: self.services.state,
+            self.name,
+        )
 
     # What the compiled hooks do, for callers other than the engine.
     def on_request(self, exchange: Exchange) -> Reply | Awaitable[Reply | None] | None:
@@ -96,6 +115,9 @@ class CountingPolicy(Policy[CountingConfig]):
 
     # -- what the compiled path hands back ---------------------------------------------------------
     def _counts_locally(self) -> bool:
+        if self.config.backend == "hybrid":
+            SYNCER.start()  # asked on the first request: the loop and the state backend run by then
+            return True
         state = self.services.state
         return self.config.backend == "memory" or state is None or not state.shared
 
@@ -125,9 +147,7 @@ class CountingPolicy(Policy[CountingConfig]):
         for rule in rules.rules:
             algorithm = rule.algorithm
             # One hash tag per counter: its keys share a slot, and counters spread over a cluster.
-            keys = same_slot(
-                self.scope + "\x1f" + self.name + ":" + rule.label + "\x1f" + key, "rl", "rl-seq"
-            )
+            keys = same_slot(self.counter_prefix(rule.label) + key, "rl", "rl-seq")
             args = [
                 now,
                 algorithm.limit,
@@ -176,5 +196,15 @@ class CountingPolicy(Policy[CountingConfig]):
         described = super().describe()
         state = self.services.state
         local = self.config.backend == "memory" or state is None or not state.shared
-        described["counters"] = "this process" if local else "shared (Redis)"
+        if local:
+            described["counters"] = "this process"
+        elif self.config.backend == "hybrid":
+            described["counters"] = f"hybrid (Redis every {_seconds(self.config.sync_interval)})"
+        else:
+            described["counters"] = "shared (Redis)"
         return described
+
+
+def _seconds(seconds: float) -> str:
+    """``0.1`` → ``100ms``, ``2.0`` → ``2s``."""
+    return f"{round(seconds * 1000)}ms" if seconds < 1 else f"{seconds:g}s"
