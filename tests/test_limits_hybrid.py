@@ -19,6 +19,7 @@ from apigate.policies.limits.sync import SYNC, Syncer
 from apigate.state.base import same_slot
 from apigate.state.memory import MemoryState
 from apigate.state.redis import RedisState
+from tests.support.load import most_within
 from tests.support.redis import RedisServer
 from tests.support.state import Run, until
 
@@ -168,11 +169,13 @@ def simulate(
     rtt: int,
     until_ms: int,
     window: int = W,
+    starts: list[int] | None = None,
 ) -> tuple[list[list[int]], list[HybridCounters], MemoryState]:
     """Processes sharing one Redis (the script's Python twin), in integer milliseconds: process q
     gets a request every ``gaps[q]`` ms and syncs every ``interval`` ms (each at its own phase;
     as the sync task does, not before its last sync was answered); Redis runs a sync when it is
-    sent, and its answer arrives ``rtt`` ms later. Returns the times each process admitted at."""
+    sent, and its answer arrives ``rtt`` ms later; process q's requests start at ``starts[q]`` ms
+    (0). Returns the times each process admitted at."""
     redis = MemoryState(clock=lambda: 0.0)
     processes = [HybridCounters(algorithm(limit, window)) for _ in gaps]
     admitted: list[list[int]] = [[] for _ in gaps]
@@ -192,19 +195,10 @@ def simulate(
                 batch = counters.collect()
                 replies = [SYNC.python(redis, ["{k}:rl"], _args(counters, delta)) for delta in batch]
                 answers[q] = (ms + rtt, list(zip(batch, replies, strict=True)))
-            if ms % gaps[q] == q % gaps[q] and counters.take("k", T0 + ms, 1):
+            late = ms < (starts[q] if starts else 0)
+            if not late and ms % gaps[q] == q % gaps[q] and counters.take("k", T0 + ms, 1):
                 admitted[q].append(ms)
     return admitted, processes, redis
-
-
-def most_within(times: list[int], span: int) -> int:
-    """The most of ``times`` (sorted) that fall within any ``span`` ms."""
-    best, first = 0, 0
-    for last, at in enumerate(times):
-        while at - times[first] >= span:
-            first += 1
-        best = max(best, last - first + 1)
-    return best
 
 
 def unseen_bound(admitted: list[list[int]], limit: int, interval: int, rtt: int) -> int:
@@ -270,6 +264,20 @@ def test_across_window_edges_the_counts_stay_within_the_bound(
         current = sum(1 for times in admitted for at in times if (T0 + at) // window == index and at <= ms)
         left = window - (T0 + ms) % window
         assert per_window.get(index - 1, 0) * left / window + current <= limit + bound
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    limit=st.integers(20, 200), starts=st.lists(st.integers(0, 1_000), min_size=4, max_size=4), **SIMULATED
+)
+def test_a_process_that_starts_late_decides_blindly_only_until_its_first_answer(
+    algorithm: type[Algorithm], limit: int, gaps: list[int], interval: int, rtt: int, starts: list[int]
+) -> None:
+    """A process that comes to a key late (or after a pause) decides on what it last heard until
+    its first answer: what it admits then is counted in the same bound."""
+    slow = [gap * 5 for gap in gaps]  # the early ones spread their admissions
+    admitted, _, _ = simulate(algorithm, limit, slow, interval, rtt, 1_500, starts=starts[: len(gaps)])
+    assert sum(len(times) for times in admitted) <= limit + unseen_bound(admitted, limit, interval, rtt)
 
 
 def test_a_long_interval_lets_each_process_spend_the_limit_and_one_sync_stops_them() -> None:

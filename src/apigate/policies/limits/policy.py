@@ -195,11 +195,11 @@ class CountingPolicy(Policy[CountingConfig]):
     def describe(self) -> dict[str, Any]:
         described = super().describe()
         state = self.services.state
-        local = self.config.backend == "memory" or state is None or not state.shared
-        if local:
-            described["counters"] = "this process"
-        elif self.config.backend == "hybrid":
+        if self.config.backend == "hybrid" and (state is None or state.shared):
+            # (None: not started yet, as when the first config is compiled: the config's word.)
             described["counters"] = f"hybrid (Redis every {_seconds(self.config.sync_interval)})"
+        elif self.config.backend == "memory" or state is None or not state.shared:
+            described["counters"] = "this process"
         else:
             described["counters"] = "shared (Redis)"
         return described

@@ -106,6 +106,7 @@ class Syncer:
         self.watched: dict[int, Watched] = {}  # by id of the counters (kept for the process's life)
         self.outage: weakref.WeakSet[StateBackend] = weakref.WeakSet()
         self._closing: weakref.WeakSet[StateBackend] = weakref.WeakSet()  # they flush us when closing
+        self._unshared: weakref.WeakSet[StateBackend] = weakref.WeakSet()  # said to count alone
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock: asyncio.Lock | None = None
@@ -133,8 +134,12 @@ class Syncer:
             _wake_up(wake)  # a new interval: sync now, then keep to it
 
     def start(self) -> None:
-        """Run on this loop (idempotent; a loop of an earlier run, in tests, is left behind)."""
-        loop = asyncio.get_running_loop()
+        """Run on this loop (idempotent; a loop of an earlier run, in tests, is left behind). Without
+        a running loop (a policy called outside a gateway), nothing is synced."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
         if self._loop is loop and self._task is not None and not self._task.done():
             return
         self._loop, self._lock, self._wake = loop, asyncio.Lock(), None
@@ -179,6 +184,7 @@ class Syncer:
                 continue  # not running: the deltas wait
             if not state.shared:
                 item.counters.collect()  # memory://: this process's count is all there is
+                self._say_unshared(state, item.policy)
                 continue
             if state not in self._closing:
                 self._closing.add(state)
@@ -204,6 +210,15 @@ class Syncer:
                 answered.add(state)
         self.failed_rounds += bool(failed)
         self._report(watched, failed, answered)
+
+    def _say_unshared(self, state: StateBackend, policy: str) -> None:
+        if state not in self._unshared:
+            self._unshared.add(state)
+            log.warning(
+                "%s (backend: hybrid): the state backend is not shared (state.url: memory://); "
+                "each process counts alone",
+                policy,
+            )
 
     def _report(
         self, watched: list[Watched], failed: dict[StateBackend, BaseException], answered: set[StateBackend]
