@@ -155,7 +155,7 @@ class HybridCounters(MemoryCounters):
             self.queue.append(delta.key)
 
     def unsent(self) -> i64:
-        """The cost admitted here and not yet in Redis (for tests and messages)."""
+        """The cost admitted here and not yet in Redis, over every key (for tests: it reads them all)."""
         total: i64 = 0
         for found in self.entries.values():
             state = cast(HybridState, found)
