@@ -35,6 +35,7 @@ COMPILED = [
     "src/apigate/policies/key_auth/hotpath.py",
     "src/apigate/policies/limits/algorithms.py",
     "src/apigate/policies/limits/hotpath.py",
+    "src/apigate/policies/limits/hybrid.py",
     "src/apigate/policies/limits/keys.py",
     "src/apigate/state/calls.py",
 ]

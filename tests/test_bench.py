@@ -156,3 +156,12 @@ def test_a_spread_prints_its_range_only_over_several_rounds() -> None:
     assert bench.fmt_spread(bench.Spread(median=0.72, min=0.72, max=0.72, rounds=1)) == "0.72"
     assert bench.fmt_spread(bench.Spread(median=0.72, min=0.7, max=0.75, rounds=3)) == "0.72 (0.70-0.75)"
     assert bench.fmt_spread(None) == "-"
+
+
+@pytest.mark.parametrize("name", sorted(bench.SCENARIOS))
+def test_every_scenario_config_is_one_the_gateway_accepts(name: str) -> None:
+    from apigate.config.loader import load_config
+
+    scenario = bench.SCENARIOS[name]
+    config = load_config(text=bench.apigate_config(scenario, 8080, 9090, 6390 if scenario.redis else None))
+    assert config.routes[0].path == "/*"

@@ -114,7 +114,8 @@ def test_compiled_head_reader_agrees_with_llhttp() -> None:
 
 
 def test_compiled_policy_hot_paths_pass_the_policy_tests() -> None:
-    """The compiled hot paths of headers, jwt, key-auth and the limits answer as their sources do."""
+    """The compiled hot paths of headers, jwt, key-auth and the limits (hybrid counters too) answer as
+    their sources do."""
     env = {**os.environ, "PYTHONPATH": f"{compiled_build()}{os.pathsep}{ROOT}"}
     where = "import apigate.policies.jwt.hotpath as m; print(m.__file__)"
     compiled = subprocess.run([sys.executable, "-c", where], env=env, capture_output=True, text=True)
@@ -124,7 +125,9 @@ def test_compiled_policy_hot_paths_pass_the_policy_tests() -> None:
         "tests/test_policy_key_auth.py",
         "tests/test_proxy_headers.py",
         "tests/test_limits_algorithms.py",
+        "tests/test_limits_hybrid.py",
         "tests/test_policy_rate_limit.py",
+        "tests/test_policy_rate_limit_hybrid.py",
     ]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],

@@ -47,3 +47,13 @@ def hammer(
 
     asyncio.run(run())
     return statuses
+
+
+def most_within(times: list[int], span: int) -> int:
+    """The most of ``times`` (sorted) that fall within any ``span`` ms."""
+    best, first = 0, 0
+    for last, at in enumerate(times):
+        while at - times[first] >= span:
+            first += 1
+        best = max(best, last - first + 1)
+    return best

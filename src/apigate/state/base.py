@@ -20,11 +20,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import binascii
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from apigate.state.calls import tagged
+
+log = logging.getLogger("apigate.state")
 
 NAMESPACE = "apigate:"
 T = TypeVar("T")
@@ -90,9 +93,25 @@ class StateBackend(abc.ABC):
 
     def __init__(self, namespace: str = NAMESPACE) -> None:
         self.namespace = namespace
+        self._before_close: list[Callable[[], Awaitable[None]]] = []
 
     def key(self, name: str) -> str:
         return self.namespace + name
+
+    def before_close(self, flush: Callable[[], Awaitable[None]]) -> None:
+        """Await ``flush`` when the backend closes, while it still answers: a user that holds
+        writes back (hybrid rate-limit counters) sends them then."""
+        if flush not in self._before_close:
+            self._before_close.append(flush)
+
+    async def _flush_users(self) -> None:
+        """What ``close()`` does first: the ``before_close`` callbacks, a failing one logged."""
+        flushes, self._before_close = self._before_close, []
+        for flush in flushes:
+            try:
+                await flush()
+            except Exception:
+                log.exception("a write held back for the state backend was lost when it closed")
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -100,7 +119,7 @@ class StateBackend(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None:
-        """Release connections and end subscriptions."""
+        """Release connections and end subscriptions, after awaiting ``_flush_users()``."""
 
     @abc.abstractmethod
     async def add_if_absent(self, key: str, ttl: float) -> bool:

@@ -144,6 +144,7 @@ class MemoryState(StateBackend, LocalData):
         return None
 
     async def close(self) -> None:
+        await self._flush_users()
         self._values.clear()
         self._deadlines.clear()
         self._channels.clear()

@@ -248,6 +248,7 @@ class RedisState(StateBackend):
             )
 
     async def close(self) -> None:
+        await self._flush_users()
         for subscription in self._subscriptions:
             await subscription.close()
         self._subscriptions.clear()

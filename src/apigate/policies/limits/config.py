@@ -21,6 +21,14 @@ _UNIT_SECONDS: Final = {
     "d": 86400, "day": 86400, "days": 86400,
 }  # fmt: skip
 RATE_FORMS: Final = "100/min (also /s, /sec, /second, /m, /minute, /h, /hour, /d, /day, or /10s)"
+# What backend: hybrid can merge: counts per window, which add up across processes.
+HYBRID_ALGORITHMS: Final = ("fixed_window", "sliding_window")
+_UNMERGEABLE: Final = {
+    "token_bucket": "a token bucket's level refills over time",
+    "leaky_bucket": "a leaky bucket's queue drains over time",
+    "sliding_log": "a sliding log keeps the time of every request",
+}
+SYNC_INTERVAL_BOUNDS: Final = (0.01, 60.0)
 
 Algorithm = Literal["sliding_window", "sliding_log", "fixed_window", "token_bucket", "leaky_bucket"]
 HeaderFamily = Literal["ietf", "x-ratelimit", "window", "token-bucket"]
@@ -142,16 +150,40 @@ class KeyedLimitsConfig(PolicyConfig):
         default="route", description="route: counters per route; global: shared by every route"
     )
     headers: list[HeaderFamily] = Field(default_factory=lambda: ["ietf", "x-ratelimit"])
-    backend: Literal["state", "memory"] = Field(
-        default="state", description="state: the configured state backend (Redis: cluster-wide)"
+    backend: Literal["state", "memory", "hybrid"] = Field(
+        default="state",
+        description="state: the configured state backend (Redis: cluster-wide); memory: this process; "
+        "hybrid: this process, merged through Redis every sync_interval",
     )
     on_redis_error: Literal["allow", "deny"] = "allow"
     max_keys: int = Field(default=1_000_000, ge=1, description="counters kept in memory at most")
+    sync_interval: Duration = Field(
+        default=0.1, description="backend: hybrid: how often each process merges its counts through Redis"
+    )
 
     @field_validator("key", "fallback_key")
     @classmethod
     def _check_keys(cls, parts: list[str]) -> list[str]:
         return [check_key_part(part) for part in parts]
+
+    @field_validator("on_redis_error")
+    @classmethod
+    def _check_on_redis_error(cls, value: str, info: ValidationInfo) -> str:
+        if value == "deny" and info.data.get("backend") == "hybrid":
+            raise ValueError(
+                "backend: hybrid decides from each process's counts while Redis cannot answer; "
+                "`on_redis_error: deny` needs backend: state"
+            )
+        return value
+
+    @field_validator("sync_interval")
+    @classmethod
+    def _check_sync_interval(cls, seconds: float, info: ValidationInfo) -> float:
+        if info.data.get("backend", "hybrid") != "hybrid":  # (missing: `backend` was refused itself)
+            raise ValueError("`sync_interval` applies to backend: hybrid only")
+        if not SYNC_INTERVAL_BOUNDS[0] <= seconds <= SYNC_INTERVAL_BOUNDS[1]:
+            raise ValueError(f"`sync_interval` must be between 10ms and 60s, got {seconds:g}s")
+        return seconds
 
 
 class RateLimitConfig(KeyedLimitsConfig):
@@ -163,7 +195,7 @@ class RateLimitConfig(KeyedLimitsConfig):
     @field_validator("limits")
     @classmethod
     def _check_limits(cls, limits: list[LimitConfig], info: ValidationInfo) -> list[LimitConfig]:
-        check_limit_list(limits, info.data.get("algorithm", "sliding_window"))
+        check_limit_list(limits, info.data.get("algorithm", "sliding_window"), info.data.get("backend"))
         return limits
 
     @model_validator(mode="after")
@@ -172,7 +204,7 @@ class RateLimitConfig(KeyedLimitsConfig):
             raise ValueError("give `limits` (such as [{rate: 100/min}]) or `tiers`")
         for name, limits in self.tiers.plans.items() if self.tiers else []:
             try:
-                check_limit_list(limits, self.algorithm)
+                check_limit_list(limits, self.algorithm, self.backend)
             except ValueError as exc:
                 raise ValueError(f"tiers.plans.{name}: {exc}") from None
         return self
@@ -188,6 +220,16 @@ class SpikeArrestConfig(KeyedLimitsConfig):
         parse_rate(rate)
         return rate
 
+    @field_validator("backend")
+    @classmethod
+    def _check_backend(cls, backend: str) -> str:
+        if backend == "hybrid":
+            raise ValueError(
+                "spike-arrest keeps the time of every request (a sliding log), which per-process "
+                "counts cannot be merged into; use backend: state or memory"
+            )
+        return backend
+
     def ceiling(self) -> LimitConfig:
         """The allowance as a ceiling on every short window: ``600/min`` → at most 10 in any second;
         below one a second, one per interval (``30/min`` → one in any 2 s), as Apigee smooths it."""
@@ -198,13 +240,20 @@ class SpikeArrestConfig(KeyedLimitsConfig):
         return LimitConfig(name="spike", limit=1, window=window / count, algorithm="sliding_log")
 
 
-def check_limit_list(limits: list[LimitConfig], default_algorithm: str) -> None:
-    """What one limit cannot see alone: names unique, and the fields its algorithm needs."""
+def check_limit_list(limits: list[LimitConfig], default_algorithm: str, backend: str | None = None) -> None:
+    """What one limit cannot see alone: names unique, and the fields its algorithm (and backend) needs."""
     names = [limit.label() for limit in limits]
     if len(set(names)) != len(names):
         raise ValueError("two limits have the same name; give each a `name`")
     for index, limit in enumerate(limits):
         algorithm = limit.algorithm or default_algorithm
+        if backend == "hybrid" and algorithm not in HYBRID_ALGORITHMS:
+            # Algorithm names are not echoed: the loader hides values of the field in its messages.
+            raise ValueError(
+                f"limit {index}: backend: hybrid adds up each process's counts per window, which "
+                f"fixed and sliding windows keep; {_UNMERGEABLE[algorithm]}, which such counts "
+                "cannot rebuild: use a window algorithm, or backend: state"
+            )
         if algorithm == "leaky_bucket" and limit.max_delay is None:
             raise ValueError(f"limit {index}: a leaky bucket limit needs `max_delay` (such as 2s)")
         if algorithm != "token_bucket" and limit.burst is not None:

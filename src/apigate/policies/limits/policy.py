@@ -27,9 +27,11 @@ from apigate.policies.limits.hotpath import (
     Rule,
     RuleSet,
 )
+from apigate.policies.limits.hybrid import HybridCounters
 from apigate.policies.limits.keys import KeyBuilder
 from apigate.policies.limits.local import counters_for
 from apigate.policies.limits.scripts import SCRIPTS
+from apigate.policies.limits.sync import SYNCER
 from apigate.policies.services import unavailable
 from apigate.state import StateBackend, StateUnavailable
 from apigate.state.calls import same_slot
@@ -95,16 +97,33 @@ class CountingPolicy(Policy[CountingConfig]):
                 count, round(window * 1000), limit.burst or 0, round((limit.max_delay or 0) * 1000)
             )
             label = self.name + ":" + limit.label()  # a spike arrest never shares a rate limit's counters
-            counters = counters_for(self.scope, label, wanted, self.config.max_keys)
+            hybrid = self.config.backend == "hybrid"
+            counters = counters_for(self.scope, label, wanted, self.config.max_keys, hybrid)
+            tag_prefix = self.counter_prefix(limit.label(), wanted.name)
+            if isinstance(counters, HybridCounters):
+                self._sync(counters, tag_prefix)
             # A leaky bucket's admitted requests wait: the policy's path decides those.
             script = SCRIPTS[wanted.name] if wanted.name != "leaky_bucket" else None
-            # The algorithm is part of the name: a limit whose algorithm changes starts afresh
-            # instead of reading another algorithm's state.
-            tag_prefix = self.scope + SEPARATOR + label + ":" + wanted.name + SEPARATOR
             rules.append(
                 Rule(limit.label(), counters.algorithm, counters, max(round(window), 1), tag_prefix, script)
             )
         return RuleSet(rules)
+
+    def counter_prefix(self, label: str, algorithm: str) -> str:
+        """What the hash tags of a limit's counters start with (``limits/operations.py`` reads them
+        back). The algorithm is part of the name: a limit whose algorithm changes starts afresh
+        instead of reading another algorithm's state."""
+        return self.scope + SEPARATOR + self.name + ":" + label + ":" + algorithm + SEPARATOR
+
+    def _sync(self, counters: HybridCounters, prefix: str) -> None:
+        """Merge ``counters`` through the state backend every ``sync_interval`` (``limits/sync.py``)."""
+        SYNCER.watch(
+            counters,
+            prefix,
+            self.config.sync_interval,
+            lambda: self.services.state,
+            self.name,
+        )
 
     # What the compiled hooks do, for callers other than the engine.
     def on_request(self, exchange: Exchange) -> Reply | Awaitable[Reply | None] | None:
@@ -114,6 +133,9 @@ class CountingPolicy(Policy[CountingConfig]):
     # -- what the compiled path hands back ---------------------------------------------------------
     def _shared_state(self) -> StateBackend | None:
         """The state backend the counters are shared on; None: they are counted in this process."""
+        if self.config.backend == "hybrid":
+            SYNCER.start()  # asked on the first request: the loop and the state backend run by then
+            return None
         state = self.services.state
         if self.config.backend == "memory" or state is None or not state.shared:
             return None
@@ -192,5 +214,17 @@ class CountingPolicy(Policy[CountingConfig]):
 
     def describe(self) -> dict[str, Any]:
         described = super().describe()
-        described["counters"] = "this process" if self._shared_state() is None else "shared (Redis)"
+        state = self.services.state
+        if self.config.backend == "hybrid" and (state is None or state.shared):
+            # (None: not started yet, as when the first config is compiled: the config's word.)
+            described["counters"] = f"hybrid (Redis every {_seconds(self.config.sync_interval)})"
+        elif self.config.backend in ("memory", "hybrid") or state is None or not state.shared:
+            described["counters"] = "this process"
+        else:
+            described["counters"] = "shared (Redis)"
         return described
+
+
+def _seconds(seconds: float) -> str:
+    """``0.1`` → ``100ms``, ``2.0`` → ``2s``."""
+    return f"{round(seconds * 1000)}ms" if seconds < 1 else f"{seconds:g}s"
