@@ -21,7 +21,7 @@ from typing import ClassVar, Final
 
 from mypy_extensions import i64
 
-from apigate.policies.limits.algorithms import Algorithm, KeyState, MemoryCounters
+from apigate.policies.limits.algorithms import Algorithm, FixedWindow, KeyState, MemoryCounters
 
 PERIODS: Final = ("hour", "day", "week", "month")
 # What a period counts as in RateLimit-Policy's ``w`` (a month as 30 days: the field has one number).
@@ -74,8 +74,9 @@ def first_instant(zone: tzinfo, day: date) -> int:
     return high
 
 
-class CalendarQuota(Algorithm):
-    """``limit`` units per calendar period; a key's count starts again with each period.
+class CalendarQuota(FixedWindow):
+    """``limit`` units per calendar period; a key's count starts again with each period (a fixed
+    window whose edges are the calendar's).
 
     State: ``a`` the period's start (ms), ``b`` the count, ``c`` how much of the count the store
     holds (memory-backed quotas write the rest behind, see ``QuotaCounters``); expires at the
@@ -109,22 +110,7 @@ class CalendarQuota(Algorithm):
 
     def step(self, state: KeyState | None, now: i64, cost: i64) -> KeyState:
         self.at(now)
-        end = self.end
-        if state is None or state.a != self.start:
-            state = KeyState(end, self.start, 0, 0)
-        count = state.b
-        self.reset_ms = end - now
-        self.delay_ms = 0
-        if count + cost > self.limit:
-            self.admitted = False
-            self.remaining = max(self.limit - count, 0)
-            self.retry_ms = end - now
-            return state
-        state.b = count + cost
-        self.admitted = True
-        self.remaining = self.limit - count - cost
-        self.retry_ms = 0
-        return state
+        return self.count(state, now, cost, self.start, self.end)
 
 
 class QuotaCounters(MemoryCounters):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 from apigate.engine.replies import Reply, json_reply
 from apigate.policies.base import Policy
 from apigate.policies.limits import clock
-from apigate.policies.limits.algorithms import ALGORITHMS
+from apigate.policies.limits.algorithms import ALGORITHMS, Algorithm
 from apigate.policies.limits.config import KeyedLimitsConfig, LimitConfig, TiersConfig
 from apigate.policies.limits.hotpath import TIER_GROUP, TIER_PART, TIER_TENANT, Limiter, Rule, RuleSet
 from apigate.policies.limits.keys import KeyBuilder
@@ -96,10 +96,14 @@ class CountingPolicy(Policy[CountingConfig]):
         counters spread over a cluster."""
         return self.scope + "\x1f" + self.name + ":" + label + "\x1f" + key
 
+    def counter_keys(self, label: str, algorithm: Algorithm, key: str, now: int) -> list[str]:
+        """The Redis keys of one key's counter under one limit, at ``now`` (ms)."""
+        return same_slot(self.counter_tag(label, key), "rl", "rl-seq")
+
     def script_call(self, rule: Rule, key: str, now: int) -> tuple[Script, list[str], list[Any]]:
         """What deciding ``rule`` for ``key`` on Redis runs: the script, its keys and its arguments."""
         algorithm = rule.algorithm
-        keys = same_slot(self.counter_tag(rule.label, key), "rl", "rl-seq")
+        keys = self.counter_keys(rule.label, algorithm, key, now)
         args = [
             now,
             algorithm.limit,

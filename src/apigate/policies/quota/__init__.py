@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from apigate.policies.limits.algorithms import Algorithm
 from apigate.policies.limits.calendar import NOMINAL_SECONDS, CalendarQuota
 from apigate.policies.limits.config import TiersConfig
 from apigate.policies.limits.hotpath import Rule
@@ -50,10 +51,14 @@ class Quota(CountingPolicy[QuotaConfig]):
         counters = LEDGER.track(self.scope, label, wanted, self.config.max_keys, memory)
         return Rule(label, counters.algorithm, counters, NOMINAL_SECONDS[period])
 
+    def counter_keys(self, label: str, algorithm: Algorithm, key: str, now: int) -> list[str]:
+        assert isinstance(algorithm, CalendarQuota)
+        algorithm.at(now)
+        return same_slot(self.counter_tag(label, key), "quota:" + algorithm.ident)  # one counter a period
+
     def script_call(self, rule: Rule, key: str, now: int) -> tuple[Script, list[str], list[Any]]:
         algorithm = rule.algorithm
         assert isinstance(algorithm, CalendarQuota)
-        algorithm.at(now)
-        keys = same_slot(self.counter_tag(rule.label, key), "quota:" + algorithm.ident)
+        keys = self.counter_keys(rule.label, algorithm, key, now)
         left = algorithm.end - now
         return QUOTA_SCRIPT, keys, [algorithm.limit, self.limiter.cost, left + GRACE_MS, left]
