@@ -18,6 +18,8 @@ import pytest
 import redis as redis_client
 import yaml
 
+from apigate.config.compile import route_policies
+from apigate.config.loader import load_config
 from apigate.policies.limits.algorithms import MemoryCounters
 from apigate.policies.limits.calendar import CalendarQuota, period_at
 from apigate.store import open_store
@@ -90,6 +92,19 @@ def test_a_quota_rolls_over_at_local_midnight_on_a_dst_day() -> None:
     assert midnight - ms("2026-03-29T00:00+01:00") == 23 * 3600 * 1000
     assert counters.take("k", midnight, 1) is True
     assert (algorithm.remaining, algorithm.reset_ms) == (1, 24 * 3600 * 1000)
+
+
+def test_a_quota_needs_the_store_write_behind_and_the_state_only_when_it_counts_there() -> None:
+    config = load_config(
+        text="routes:\n"
+        "  - {path: /a, target: http://127.0.0.1:9, policies: {quota: {limits: [{quota: 5/day}]}}}\n"
+        "  - {path: /b, target: http://127.0.0.1:9,\n"
+        "     policies: {quota: {limits: [{quota: 5/day}], backend: memory}}}\n",
+        environ={},
+    )
+    chains = route_policies(config)
+    assert [chain[0].needs for chain in chains.values()] == [{"state", "quotas"}, {"quotas"}]
+    assert chains["/b"][0].describe()["counters"] == "this process, written behind to the store"
 
 
 # -- end to end on a frozen clock ------------------------------------------------------------------

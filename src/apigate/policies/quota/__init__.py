@@ -62,3 +62,9 @@ class Quota(CountingPolicy[QuotaConfig]):
         keys = self.counter_keys(rule.label, algorithm, key, now)
         left = algorithm.end - now
         return QUOTA_SCRIPT, keys, [algorithm.limit, self.limiter.cost, left + GRACE_MS, left]
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        if described["counters"] == "this process":
+            described["counters"] = "this process, written behind to the store"
+        return described
