@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +23,7 @@ from apigate.config.compile import route_policies
 from apigate.config.loader import load_config
 from apigate.policies.limits.algorithms import MemoryCounters
 from apigate.policies.limits.calendar import CalendarQuota, period_at
+from apigate.policies.quota.ledger import QuotaLedger
 from apigate.store import open_store
 from apigate.store.roles.quotas import QuotaUsage
 from tests.support.errors_helpers import apigate_cmd, wait_until
@@ -407,6 +409,61 @@ def test_quota_usage_role_adds_reads_changes_resets_and_expires(store_url: str) 
             await other.close()
 
     asyncio.run(scenario())
+
+
+class FailingStore:
+    """The quota role of a real store that can be made to fail, as a store that is down does."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.down = False
+
+    async def sync_quota_usage(self, added: Any, since: int, now: float) -> Any:
+        if self.down:
+            raise OSError("the store is down")
+        return await self.store.sync_quota_usage(added, since, now)
+
+
+def test_the_ledger_writes_additions_reads_other_processes_and_keeps_what_it_could_not_write(
+    tmp_path: Path, run: Callable[[Any], Any]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'quota.db'}"
+    utc = ZoneInfo("UTC")
+
+    async def scenario() -> None:
+        store = open_store(url)
+        await store.open()
+        try:
+            here, there = QuotaLedger(), QuotaLedger()  # two processes on one store
+            failing = FailingStore(store)
+            await here.start(lambda: asyncio.sleep(0, failing), state_shared=False)
+            await there.start(lambda: asyncio.sleep(0, store), state_shared=False)
+            mine = here.track("api", "daily", CalendarQuota(10, "day", utc), 1000, True)
+            theirs = there.track("api", "daily", CalendarQuota(10, "day", utc), 1000, True)
+            now = time.time_ns() // 1_000_000  # the clock the ledger reads
+
+            assert [mine.take("k", now, 1) for _ in range(3)] == [True] * 3
+            failing.down = True
+            with pytest.raises(OSError):
+                await here.sync()
+            assert mine.take("k", now, 2)  # 5 here, none written yet
+            failing.down = False
+            await here.sync()  # the 3 it could not write, and the 2 since
+            assert [(u.key, u.used) for u in await store.list_quota_usage("api")] == [("k", 5)]
+
+            assert theirs.take("k", now, 4)
+            await there.sync()
+            await here.sync()  # reads the other's 4: 9 of 10
+            assert [mine.take("k", now, 1) for _ in range(2)] == [True, False]
+            await store.reset_quota_usage("api", "daily", datetime.now(utc).date().isoformat(), "k")
+            await here.sync()  # the reset, and its 1 unwritten on top
+            assert mine.algorithm.remaining == 0 and mine.take("k", now, 9) and not mine.take("k", now, 1)
+            await here.stop()
+            await there.stop()
+        finally:
+            await store.close()
+
+    run(scenario())
 
 
 # -- apigate check ---------------------------------------------------------------------------------

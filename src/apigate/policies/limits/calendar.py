@@ -136,6 +136,8 @@ class QuotaCounters(MemoryCounters):
         state = self.peek(key, now)
         if state is None or state.a != algorithm.start:
             state = KeyState(algorithm.end, algorithm.start, 0, 0)
+            if key not in self.entries and len(self.entries) >= self.max_keys:
+                self.sweep(now)  # the store may hold more keys than memory keeps
             self.entries[key] = state
         state.b = stored + state.b - state.c
         state.c = stored
