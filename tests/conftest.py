@@ -91,3 +91,9 @@ def redis_cluster_url(redis_cluster: RedisClusterServers) -> str:
     """The session's Redis Cluster, emptied for this test."""
     redis_cluster.flush()
     return redis_cluster.url
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    """The session's Redis, then its 3-node Redis Cluster: a test that must hold on both."""
+    return request.getfixturevalue("redis_url" if request.param == "redis" else "redis_cluster_url")

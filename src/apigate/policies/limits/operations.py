@@ -128,20 +128,19 @@ class SharedCounters:
         return deleted > 0
 
     async def _stored_state(self, key: str, limit: Limit, now_ms: int) -> KeyState | None:
-        client = self.state.client
         algorithm = limit.algorithm.name
         quota = limit.quota
         if quota is not None:
-            used = await client.get(key)
+            used = await self.state.client.get(key)
             return None if used is None else KeyState(quota.end, quota.start, int(used), 0)
         if algorithm == "sliding_log":
-            stamps = await client.zrange(key, 0, -1, withscores=True)
+            stamps = await self.state.client.zrange(key, 0, -1, withscores=True)
             if not stamps:
                 return None
             kept = KeyState(0, 0, 0, 0)
             kept.stamps = [int(score) for _, score in stamps]
             return kept
-        fields = await client.hgetall(key)
+        fields = await self.state.client.hgetall(key)
         if not fields:
             return None
         values = {name.decode(): int(value) for name, value in fields.items()}

@@ -156,14 +156,14 @@ class QuotaLedger:
             raise
         now_ms = clock.source()() // 1_000_000
         for usage in changed:
-            tracked = self._tracked.get((usage.route, usage.quota))
-            if tracked is None:
+            owner = self._tracked.get((usage.route, usage.quota))
+            if owner is None:
                 continue
-            algorithm = tracked.counters.algorithm
+            algorithm = owner.counters.algorithm
             assert isinstance(algorithm, CalendarQuota)
             algorithm.at(now_ms)
             if usage.period == algorithm.ident:  # rows of past periods count for nothing here
-                tracked.counters.settle(usage.key, usage.used, now_ms)
+                owner.counters.settle(usage.key, usage.used, now_ms)
 
 
 def _same(one: object, other: CalendarQuota) -> bool:
