@@ -27,7 +27,7 @@ from apigate.policies.quota.ledger import QuotaLedger
 from apigate.store import open_store
 from apigate.store.roles.quotas import QuotaUsage
 from tests.support.errors_helpers import apigate_cmd, wait_until
-from tests.support.gateway import GatewayProcess
+from tests.support.gateway import GatewayProcess, free_port
 from tests.support.limits import frozen, frozen_at, get_as, limits_cli
 from tests.support.load import hammer
 from tests.support.pg import fresh_database
@@ -212,6 +212,44 @@ def test_quotas_roll_over_at_local_midnight_and_at_the_months_end(
     admitted = get_as(gateway.port, "/api/x", "192.0.2.1")
     assert admitted.status == 200
     assert admitted.header("ratelimit") == '"daily";r=1;t=86400'
+
+
+def test_plans_pick_the_quota_and_cost_spends_several_units(
+    start_gateway: Callable[..., GatewayProcess], upstream: UpstreamServer, tmp_path: Path
+) -> None:
+    policy = {
+        "timezone": "Europe/Warsaw",
+        "key": "header:x-team",
+        "cost": 2,
+        "tiers": {
+            "by": "header:x-plan",
+            "default": "free",
+            "plans": {"free": [{"quota": "2/day"}], "pro": [{"name": "pro", "limit": 6, "period": "week"}]},
+        },
+    }
+    config = memory_config(f"sqlite:///{tmp_path / 'quota.db'}", quota_route(upstream, policy))
+    gateway = start_gateway(config, env=frozen_at(at("2026-03-29T12:00+02:00")))  # a Sunday
+
+    def go(team: str, plan: str | None = None) -> tuple[int, str | None]:
+        headers = [("X-Team", team), *([("X-Plan", plan)] if plan else [])]
+        response = get_as(gateway.port, "/api/x", "192.0.2.1", headers)
+        return response.status, response.header("ratelimit")
+
+    assert [go("a"), go("a")] == [(200, '"2-per-day";r=0;t=43200'), (429, '"2-per-day";r=0;t=43200')]
+    # The pro plan's week ends at Monday's midnight, 12 hours on; 6 units are 3 requests.
+    assert go("b", "pro") == (200, '"pro";r=4;t=43200')
+    assert [go("b", "pro")[0] for _ in range(3)] == [200, 200, 429]
+
+
+@pytest.mark.parametrize(("on_error", "status"), [("allow", 200), ("deny", 503)])
+def test_redis_unreachable_follows_on_redis_error(
+    on_error: str, status: int, start_gateway: Callable[..., GatewayProcess], upstream: UpstreamServer
+) -> None:
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    policy = {"limits": [{"quota": "5/day"}], "on_redis_error": on_error}
+    gateway = start_gateway({"state": {"url": nowhere}, "routes": [quota_route(upstream, policy)]})
+    assert [get_as(gateway.port, "/api/x", "192.0.2.1").status for _ in range(2)] == [status] * 2
+    wait_until(lambda: gateway.output().count("quota: Redis at") == 1)
 
 
 # -- Redis: exact across processes; expiry at the period's end --------------------------------------
