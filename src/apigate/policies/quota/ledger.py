@@ -97,6 +97,7 @@ class QuotaLedger:
         if task is not None:
             self._stopping.set()
             await task
+        self._store = None  # its owner closes it next; a later start opens the one it is given
 
     async def _write_behind(self) -> None:
         while not self._stopping.is_set():
