@@ -34,6 +34,7 @@ COMPILED = [
     "src/apigate/policies/jwt/hotpath.py",
     "src/apigate/policies/key_auth/hotpath.py",
     "src/apigate/policies/limits/algorithms.py",
+    "src/apigate/policies/limits/calendar.py",
     "src/apigate/policies/limits/hotpath.py",
     "src/apigate/policies/limits/hybrid.py",
     "src/apigate/policies/limits/keys.py",

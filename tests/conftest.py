@@ -105,3 +105,9 @@ def redis_sentinel(tmp_path: Path) -> Iterator[RedisSentinelServers]:
 @pytest.fixture
 def redis_sentinel_url(redis_sentinel: RedisSentinelServers) -> str:
     return redis_sentinel.url
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    """The session's Redis, then its 3-node Redis Cluster: a test that must hold on both."""
+    return request.getfixturevalue("redis_url" if request.param == "redis" else "redis_cluster_url")

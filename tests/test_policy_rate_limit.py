@@ -7,36 +7,25 @@ import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis as redis_client
 
-from tests.support.errors_helpers import Response, apigate_cmd, wait_until
+from tests.support.errors_helpers import apigate_cmd, wait_until
 from tests.support.errors_helpers import request as send
 from tests.support.gateway import GatewayProcess
+from tests.support.limits import frozen, frozen_at, get_as
+from tests.support.limits import limits_cli as limits_cli_at
 from tests.support.load import hammer
 from tests.support.redis import RedisServer
 from tests.support.redis_sentinel import RedisSentinelServers
 from tests.support.upstream import UpstreamServer
 
-REPO = Path(__file__).resolve().parent.parent
-# Gateways import the test plugins from the repository, and apigate from wherever this run does.
-PLUGIN_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
 FROZEN_NOW = 1_799_999_990.0  # 10 s before a minute's edge: no window rolls over during a test
 
 
-def get_as(port: int, path: str, ip: str, headers: list[tuple[str, str]] | None = None) -> Response:
-    """A request that the gateway attributes to ``ip`` (it trusts the loopback as a proxy)."""
-    return send(port, "GET", path, [("X-Forwarded-For", ip), *(headers or [])])
-
-
-def frozen(config: dict[str, Any]) -> dict[str, Any]:
-    return {"plugins": ["tests.support.frozen_clock"], **config}
-
-
 def frozen_env() -> dict[str, str]:
-    return {**PLUGIN_ENV, "LIMITS_FROZEN_NOW": repr(FROZEN_NOW)}
+    return frozen_at(FROZEN_NOW)
 
 
 # -- the Pactown shorthand -------------------------------------------------------------------------
@@ -314,13 +303,7 @@ def test_workers_counting_apart_is_said_once_at_start(
 
 # -- apigate limits show | reset -------------------------------------------------------------------
 def limits_cli(gateway: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        apigate_cmd("limits", *args, "-c", str(gateway.config_path)),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **frozen_env()},
-    )
+    return limits_cli_at(gateway, *args, env=frozen_env())
 
 
 @pytest.mark.parametrize("redis", ["redis", "cluster"])

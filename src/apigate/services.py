@@ -1,4 +1,5 @@
-"""Long-lived services that policies share: the store, the consumer registry and the state backend.
+"""Long-lived services that policies share: the store, the consumer registry, the state backend,
+the webhook runtime and the write-behind of quota counters.
 
 They outlive config reloads (a reload recompiles policies, not connections to the store) and
 start only when a compiled snapshot needs them, so a gateway without consumers never opens
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from apigate.config.models import GatewayConfig
     from apigate.consumers.registry import ConsumerRegistry
+    from apigate.policies.quota.ledger import QuotaLedger
     from apigate.policies.services import ServiceName
     from apigate.state import StateBackend
     from apigate.store import Store
@@ -30,6 +32,7 @@ class Services:
         self.store: Store | None = None
         self.consumers: ConsumerRegistry | None = None
         self.webhooks: WebhookRuntime | None = None
+        self.quotas: QuotaLedger | None = None
         self._store_url: str | None = None
         self.state: StateBackend | None = None
         self._state_url: str | None = None
@@ -59,6 +62,7 @@ class Services:
                 log.warning("store.url changes take effect after a restart, not a reload")
             self.consumers.apply_config(config)
         await self._start_webhooks(config, needs)
+        await self._start_quotas(config, needs)
 
     async def _open_store(self, config: GatewayConfig) -> Store:
         """The store, opened on first use and shared by every service that needs it."""
@@ -82,10 +86,23 @@ class Services:
             await runtime.start()
             self.webhooks = runtime
 
+    # -- quotas: memory-backed counters written behind to the store ---------------------------------
+    async def _start_quotas(self, config: GatewayConfig, needs: frozenset[ServiceName]) -> None:
+        if "quotas" in needs:
+            from apigate.policies.quota.ledger import LEDGER
+
+            shared = self.state is not None and self.state.shared
+            # Opens the store only if a quota counts in memory; loads its counts before serving.
+            await LEDGER.start(lambda: self._open_store(config), shared)
+            self.quotas = LEDGER
+
     async def stop(self) -> None:
         if self.webhooks is not None:  # first: it commits and records through the store
             await self.webhooks.stop()
             self.webhooks = None
+        if self.quotas is not None:  # writes what the quotas counted since their last write
+            await self.quotas.stop()
+            self.quotas = None
         if self.consumers is not None:
             await self.consumers.stop()
             self.consumers = None

@@ -1,21 +1,24 @@
-"""`apigate limits show|reset`: the counters of `rate-limit` and `spike-arrest` on a shared state (Redis)."""
+"""`apigate limits show|reset`: the counters of `rate-limit`, `spike-arrest` and `quota` on a shared
+state (Redis), and those of memory-backed quotas in the store."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from apigate.cli.context import config_path
+from apigate.cli.context import config_path, shown_url
 from apigate.cli.output import EXIT_FAILED, EXIT_OK, CliError, error, print_json, report, table
 
 if TYPE_CHECKING:
-    from apigate.policies.limits.operations import Limit
-    from apigate.state.redis import RedisState
+    from apigate.policies.limits.operations import Limit, SharedCounters, StoredQuotas
+
+    Counters = SharedCounters | StoredQuotas
 
 
 def add_commands(commands: Any) -> None:
-    group = commands.add_parser("limits", help="show and reset rate-limit counters (shared state)")
+    group = commands.add_parser("limits", help="show and reset rate-limit and quota counters (Redis, store)")
     group.set_defaults(func=cmd_limits)
     actions = group.add_subparsers(dest="action", required=True, metavar="ACTION")
     options = argparse.ArgumentParser(add_help=False)
@@ -49,22 +52,17 @@ def _limits(args: argparse.Namespace) -> int:
         config = load_config(path)
     except ConfigError as exc:
         raise CliError(f"the config {path} is not valid:\n{exc}") from None
-    state_url = args.state or config.state.url
-    if state_url == "memory://":
-        raise CliError(
-            "with state memory:// each gateway process keeps its own counters, which cannot be read "
-            "from outside it; name a Redis in state.url (or --state) to share and inspect them"
-        )
     if args.action == "reset" and not (args.key or args.all):
         raise CliError("say which counters to reset: --key KEY, or --all")
-    return asyncio.run(_run(args, config, state_url))
+    return asyncio.run(_run(args, config, args.state or config.state.url))
 
 
 async def _run(args: argparse.Namespace, config: Any, state_url: str) -> int:
     from apigate.config.compile import route_policies
-    from apigate.policies.limits.operations import limits_of
+    from apigate.policies.limits.operations import SharedCounters, StoredQuotas, limits_of
     from apigate.policies.limits.policy import CountingPolicy
     from apigate.state import open_state
+    from apigate.store import open_store
 
     chains = route_policies(config)
     if args.route is not None and args.route not in chains:
@@ -74,62 +72,94 @@ async def _run(args: argparse.Namespace, config: Any, state_url: str) -> int:
         for name, chain in chains.items()
         if args.route in (None, name)
         for policy in chain
-        if isinstance(policy, CountingPolicy) and policy.config.backend == "state"
+        if isinstance(policy, CountingPolicy)
     ]
-    limits = limits_of(policies)
-    state = open_state(state_url)
-    await state.open()
+    shared = state_url != "memory://"
+    # On Redis: what counts on the state backend (hybrid counters are merged there). In the store:
+    # quotas that count in memory.
+    on_state = limits_of([p for p in policies if shared and p.config.backend in ("state", "hybrid")])
+    in_store = [
+        limit
+        for limit in limits_of([p for p in policies if not shared or p.config.backend == "memory"])
+        if limit.quota is not None
+    ]
+    if not on_state and not in_store and not shared:
+        raise CliError(
+            "with state memory:// each gateway process keeps its own counters, which cannot be read "
+            "from outside it; name a Redis in state.url (or --state) to share and inspect them"
+        )
+    places: list[tuple[Counters, list[Limit]]] = []
+    state = open_state(state_url) if on_state else None
+    store = open_store(config.store.url) if in_store else None
     try:
+        if state is not None:
+            await state.open()
+            places.append((SharedCounters(state), on_state))  # type: ignore[arg-type]
+        if store is not None:
+            try:
+                await store.open()
+            except Exception as exc:
+                raise CliError(f"cannot open the store {shown_url(config.store.url)}: {exc}") from None
+            places.append((StoredQuotas(store), in_store))
         if args.action == "show":
-            return await _show(args, state, limits)  # type: ignore[arg-type]
-        return await _reset(args, state, limits)  # type: ignore[arg-type]
+            return await _show(args, places)
+        return await _reset(args, places)
     finally:
-        await state.close()
+        if state is not None:
+            await state.close()
+        if store is not None:
+            await store.close()
 
 
-async def _keys(args: argparse.Namespace, state: RedisState, limit: Limit) -> list[str]:
-    from apigate.policies.limits.operations import keys_counted
+async def _each(
+    args: argparse.Namespace, places: list[tuple[Counters, list[Limit]]], now_ms: int
+) -> AsyncIterator[tuple[Counters, Limit, str]]:
+    """Every counter the command is about: where it is, its limit, its key."""
+    for counters, limits in places:
+        for limit in limits:
+            keys = [args.key] if args.key is not None else await counters.keys_counted(limit, now_ms)
+            for key in keys:
+                yield counters, limit, key
 
-    return [args.key] if args.key is not None else await keys_counted(state, limit)
 
-
-async def _show(args: argparse.Namespace, state: RedisState, limits: list[Limit]) -> int:
+def _now_ms() -> int:
     from apigate.policies.limits import clock
-    from apigate.policies.limits.operations import read
 
-    now_ms = clock.source()() // 1_000_000  # the clock the gateway's limits read
-    counters = []
-    for limit in limits:
-        for key in await _keys(args, state, limit):
-            counter = await read(state, limit, key, now_ms)
-            if counter is not None:
-                counters.append(counter)
+    return clock.source()() // 1_000_000  # the clock the gateway's limits read
+
+
+async def _show(args: argparse.Namespace, places: list[tuple[Counters, list[Limit]]]) -> int:
+    now_ms = _now_ms()
+    found = []
+    async for counters, limit, key in _each(args, places, now_ms):
+        counter = await counters.read(limit, key, now_ms)
+        if counter is not None:
+            found.append(counter)
     rows = [
-        [c.route or "*", c.policy, c.limit, c.key, f"{c.remaining}/{c.capacity}", f"{c.reset_seconds}s"]
-        for c in counters
+        [
+            c.route or "*",
+            c.policy,
+            c.limit,
+            c.key,
+            f"{c.remaining}/{c.capacity}",
+            f"{c.reset_seconds}s",
+            c.period or "-",
+        ]
+        for c in found
     ]
-    text = (
-        table(rows, ["ROUTE", "POLICY", "LIMIT", "KEY", "REMAINING", "RESET IN"]) if rows else "no counters"
-    )
-    report(args.json, [c.as_dict() for c in counters], text)
+    headings = ["ROUTE", "POLICY", "LIMIT", "KEY", "REMAINING", "RESET IN", "PERIOD"]
+    text = table(rows, headings) if rows else "no counters"
+    report(args.json, [c.as_dict() for c in found], text)
     return EXIT_OK
 
 
-async def _reset(args: argparse.Namespace, state: RedisState, limits: list[Limit]) -> int:
-    from apigate.policies.limits.operations import reset
-
+async def _reset(args: argparse.Namespace, places: list[tuple[Counters, list[Limit]]]) -> int:
+    now_ms = _now_ms()
     done = []
-    for limit in limits:
-        for key in await _keys(args, state, limit):
-            if await reset(state, limit, key):
-                done.append(
-                    {
-                        "route": limit.policy.scope or None,
-                        "policy": limit.policy.name,
-                        "limit": limit.label,
-                        "key": key,
-                    }
-                )
+    async for counters, limit, key in _each(args, places, now_ms):
+        if await counters.reset(limit, key, now_ms):
+            route, policy = limit.policy.scope or None, limit.policy.name
+            done.append({"route": route, "policy": policy, "limit": limit.label, "key": key})
     if args.json:
         print_json(done)
     else:

@@ -23,6 +23,7 @@ BUILTIN = (
     "apigate.policies.authorize",
     "apigate.policies.rate_limit",
     "apigate.policies.spike_arrest",
+    "apigate.policies.quota",
     "apigate.policies.concurrency_limit",
     "apigate.policies.request_termination",
     "apigate.policies.webhook_verify",

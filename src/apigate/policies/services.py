@@ -19,9 +19,11 @@ if TYPE_CHECKING:
     from apigate.state import StateBackend
     from apigate.webhooks.runtime import WebhookRuntime
 
-ServiceName = Literal["consumers", "state", "webhooks"]
+ServiceName = Literal["consumers", "state", "webhooks", "quotas"]
 """What ``Policy.needs`` may name: the consumer registry (it opens the store), the state
-backend, the webhook runtime (intake, delivery)."""
+backend, the webhook runtime (intake, delivery), the write-behind of memory-backed quota
+counters to the store (``policies/quota/ledger.py``; it opens the store when a quota counts in
+memory)."""
 
 _RETRY_SOON: Final = [(b"retry-after", b"1")]
 CONSUMERS_NOT_READY: Final = "consumer registry is not ready, try again"

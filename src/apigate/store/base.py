@@ -12,6 +12,7 @@ from apigate.store.roles.changes import ChangeFeed
 from apigate.store.roles.consumers import ConsumerStore
 from apigate.store.roles.credentials import CredentialStore
 from apigate.store.roles.leases import LeaseStore
+from apigate.store.roles.quotas import QuotaStore
 from apigate.store.roles.settings import SettingStore
 from apigate.store.roles.tokens import RevokedTokenStore
 from apigate.store.roles.webhooks import WebhookStore
@@ -25,6 +26,7 @@ class Store(
     SettingStore,
     WebhookStore,
     LeaseStore,
+    QuotaStore,
     Protocol,
 ):
     """Every role of one backend; the process that opens it closes it."""

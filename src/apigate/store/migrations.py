@@ -187,12 +187,44 @@ CREATE TABLE webhook_destinations (
 _SQLITE_V5 = _WEBHOOKS_V5.format(real="REAL")
 _POSTGRES_V5 = _WEBHOOKS_V5.format(real="DOUBLE PRECISION")
 
+# -- version 6: quota usage (memory-backed quotas, written behind by every gateway process) ----------
+# A counter is one row; writers add to ``used``. ``version`` marks each change (a write, a reset) so a
+# process reads only what changed since its last read: SQLite takes versions from a one-row counter
+# under its write lock, PostgreSQL from a sequence under an advisory lock held to commit, so
+# versions commit in order. Rows whose period ended (``expires_at``) are deleted by the writers.
+_QUOTAS_V6 = """
+CREATE TABLE quota_usage (
+    route        TEXT NOT NULL,
+    quota        TEXT NOT NULL,
+    counter_key  TEXT NOT NULL,
+    period       TEXT NOT NULL,
+    used         BIGINT NOT NULL,
+    expires_at   {real} NOT NULL,
+    version      BIGINT NOT NULL,
+    PRIMARY KEY (route, quota, counter_key, period)
+);
+CREATE INDEX quota_usage_by_version ON quota_usage (version);
+CREATE INDEX quota_usage_expires_at ON quota_usage (expires_at);
+"""
+_SQLITE_V6 = (
+    _QUOTAS_V6.format(real="REAL")
+    + """
+CREATE TABLE quota_usage_version (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    version  INTEGER NOT NULL
+);
+INSERT INTO quota_usage_version (id, version) VALUES (1, 0);
+"""
+)
+_POSTGRES_V6 = _QUOTAS_V6.format(real="DOUBLE PRECISION") + "CREATE SEQUENCE quota_usage_version;\n"
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, _SQLITE_V1, _POSTGRES_V1),
     (2, _SQLITE_V2, _POSTGRES_V2),
     (3, _SQLITE_V3, _POSTGRES_V3),
     (4, _SQLITE_V4, _POSTGRES_V4),
     (5, _SQLITE_V5, _POSTGRES_V5),
+    (6, _SQLITE_V6, _POSTGRES_V6),
 ]
 
 _SQLITE_VERSION_TABLE = (

@@ -13,6 +13,7 @@ from apigate.store.base import Store
 from apigate.store.migrations import migrate_postgres
 from apigate.store.roles.consumers import ApiKey, Consumer
 from apigate.store.roles.credentials import Credential
+from apigate.store.roles.quotas import QuotaUsage
 from apigate.store.roles.tokens import RevokedToken
 from apigate.store.roles.webhooks import (
     DeliveryClaim,
@@ -28,6 +29,9 @@ from apigate.store.roles.webhooks import (
 # can become visible after a higher one: a reader would see max(id) move past a change it cannot
 # see yet, and never reload for it. Held from nextval to commit, ids commit in order.
 CHANGES_LOCK_KEY = 0x61706967_63686E67  # "apigchng"
+
+# Held from taking a quota usage version to commit, so versions commit in order (see migrations.py).
+QUOTA_LOCK_KEY = 0x61706967_71756F74  # "apigquot"
 
 POOL_MIN_SIZE = 1
 POOL_MAX_SIZE = 10
@@ -403,3 +407,34 @@ class PostgresStore(Store):
             source,
         )
         return len(deleted)
+
+    # -- quota usage ----------------------------------------------------------------------------------
+    @staticmethod
+    async def _next_quota_version(conn: asyncpg.Connection) -> int:
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", QUOTA_LOCK_KEY)
+        return int(await conn.fetchval("SELECT nextval('quota_usage_version')"))
+
+    async def sync_quota_usage(
+        self, added: Sequence[QuotaUsage], since: int, now: float
+    ) -> tuple[int, list[QuotaUsage]]:
+        changed = rows.QUOTA_USAGE_CHANGED.format("$1")
+        if not added:  # one statement, one snapshot: a version seen means every lower one committed
+            return rows.quota_changes(await self._db.fetch(changed, since), since)
+        async with self._db.acquire() as conn, conn.transaction():
+            version = await self._next_quota_version(conn)
+            add = rows.QUOTA_USAGE_ADD.format(*(f"${n}" for n in range(1, 8)))
+            await conn.executemany(add, [rows.quota_usage_to_row(usage, version) for usage in added])
+            await conn.execute(rows.QUOTA_USAGE_EXPIRED.format("$1"), now)
+            return rows.quota_changes(await conn.fetch(changed, since), since)
+
+    async def list_quota_usage(
+        self, route: str | None = None, key: str | None = None, now: float = 0.0
+    ) -> list[QuotaUsage]:
+        sql, args = rows.quota_usage_select(route, key, now, lambda n: f"${n}")
+        return [rows.quota_usage_from_row(row) for row in await self._db.fetch(sql, *args)]
+
+    async def reset_quota_usage(self, route: str, quota: str, period: str, key: str | None = None) -> int:
+        sql, args = rows.quota_usage_reset(route, quota, period, key, lambda n: f"${n}")
+        async with self._db.acquire() as conn, conn.transaction():
+            status = await conn.execute(sql, await self._next_quota_version(conn), *args)
+        return int(status.split()[-1])

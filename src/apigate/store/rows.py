@@ -15,6 +15,7 @@ import orjson
 
 from apigate.store.roles.consumers import ApiKey, Consumer
 from apigate.store.roles.credentials import Credential
+from apigate.store.roles.quotas import QuotaUsage
 from apigate.store.roles.tokens import RevokedToken
 from apigate.store.roles.webhooks import (
     DeliveryClaim,
@@ -365,3 +366,67 @@ def webhook_detail_from_rows(
             for d in deliveries
         ),
     )
+
+
+# -- quota usage -------------------------------------------------------------------------------------
+QUOTA_USAGE_COLUMNS = "route, quota, counter_key, period, used, expires_at"
+# Statements with one "{}" per parameter. Adding to a counter keeps the latest expiry and takes the
+# writer's version; a reset sets it to 0 under a new version, so that gateways read the change.
+QUOTA_USAGE_ADD = (
+    f"INSERT INTO quota_usage ({QUOTA_USAGE_COLUMNS}, version) "
+    "VALUES ({}, {}, {}, {}, {}, {}, {}) "
+    "ON CONFLICT (route, quota, counter_key, period) DO UPDATE SET used = quota_usage.used + excluded.used, "
+    "expires_at = excluded.expires_at, version = excluded.version"
+)
+QUOTA_USAGE_EXPIRED = "DELETE FROM quota_usage WHERE expires_at < {}"
+QUOTA_USAGE_CHANGED = f"SELECT {QUOTA_USAGE_COLUMNS}, version FROM quota_usage WHERE version > {{}}"
+
+
+def quota_usage_to_row(usage: QuotaUsage, version: int) -> tuple[Any, ...]:
+    """Values for QUOTA_USAGE_ADD."""
+    return (
+        usage.route,
+        usage.quota,
+        usage.key,
+        usage.period,
+        int(usage.used),
+        float(usage.expires_at),
+        version,
+    )
+
+
+def quota_usage_from_row(row: Any) -> QuotaUsage:
+    """From QUOTA_USAGE_COLUMNS (a version after them is ignored)."""
+    return QuotaUsage(row[0], row[1], row[2], row[3], int(row[4]), float(row[5]))
+
+
+def quota_changes(found: Sequence[Any], since: int) -> tuple[int, list[QuotaUsage]]:
+    """Rows of QUOTA_USAGE_CHANGED as the version they bring the reader to, and their counters."""
+    return max([since, *(int(row[6]) for row in found)]), [quota_usage_from_row(row) for row in found]
+
+
+def quota_usage_select(
+    route: str | None, key: str | None, now: float, param: Callable[[int], str]
+) -> tuple[str, list[Any]]:
+    """SELECT of the live counters (of one route, one key), in order."""
+    args: list[Any] = [now]
+    conditions = [f"expires_at >= {param(1)}"]
+    for column, value in (("route", route), ("counter_key", key)):
+        if value is not None:
+            args.append(value)
+            conditions.append(f"{column} = {param(len(args))}")
+    where = " AND ".join(conditions)
+    order = "route, quota, counter_key, period"
+    return f"SELECT {QUOTA_USAGE_COLUMNS} FROM quota_usage WHERE {where} ORDER BY {order}", args
+
+
+def quota_usage_reset(
+    route: str, quota: str, period: str, key: str | None, param: Callable[[int], str]
+) -> tuple[str, list[Any]]:
+    """UPDATE setting counters to 0; its first parameter is the new version."""
+    args: list[Any] = [route, quota, period]
+    where = f"route = {param(2)} AND quota = {param(3)} AND period = {param(4)}"
+    if key is not None:
+        args.append(key)
+        where += f" AND counter_key = {param(5)}"
+    return f"UPDATE quota_usage SET used = 0, version = {param(1)} WHERE {where}", args

@@ -24,6 +24,7 @@ from apigate.store.groupcommit import GroupCommit
 from apigate.store.migrations import migrate_sqlite
 from apigate.store.roles.consumers import ApiKey, Consumer
 from apigate.store.roles.credentials import Credential
+from apigate.store.roles.quotas import QuotaUsage
 from apigate.store.roles.tokens import RevokedToken
 from apigate.store.roles.webhooks import (
     DeliveryClaim,
@@ -534,3 +535,44 @@ class SqliteStore(Store):
             ).rowcount
 
         return await self._write_webhooks(job)
+
+    # -- quota usage ----------------------------------------------------------------------------------
+    @staticmethod
+    def _next_quota_version(conn: sqlite3.Connection) -> int:
+        """A new usage version (inside a write transaction: the write lock orders them)."""
+        bump = "UPDATE quota_usage_version SET version = version + 1 RETURNING version"
+        return int(conn.execute(bump).fetchone()[0])
+
+    async def sync_quota_usage(
+        self, added: Sequence[QuotaUsage], since: int, now: float
+    ) -> tuple[int, list[QuotaUsage]]:
+        def read(conn: sqlite3.Connection) -> tuple[int, list[QuotaUsage]]:
+            found = conn.execute(rows.QUOTA_USAGE_CHANGED.format("?"), (since,)).fetchall()
+            return rows.quota_changes(found, since)
+
+        def write(conn: sqlite3.Connection) -> tuple[int, list[QuotaUsage]]:
+            version = self._next_quota_version(conn)
+            add = rows.QUOTA_USAGE_ADD.format(*"???????")
+            conn.executemany(add, [rows.quota_usage_to_row(usage, version) for usage in added])
+            conn.execute(rows.QUOTA_USAGE_EXPIRED.format("?"), (now,))
+            return read(conn)
+
+        if not added:  # one statement: one snapshot, and no write lock taken every second
+            return await self._run(read)
+        return await self._write(write)
+
+    async def list_quota_usage(
+        self, route: str | None = None, key: str | None = None, now: float = 0.0
+    ) -> list[QuotaUsage]:
+        sql, args = rows.quota_usage_select(route, key, now, lambda _: "?")
+        return await self._run(
+            lambda conn: [rows.quota_usage_from_row(row) for row in conn.execute(sql, args).fetchall()]
+        )
+
+    async def reset_quota_usage(self, route: str, quota: str, period: str, key: str | None = None) -> int:
+        sql, args = rows.quota_usage_reset(route, quota, period, key, lambda _: "?")
+
+        def job(conn: sqlite3.Connection) -> int:
+            return conn.execute(sql, [self._next_quota_version(conn), *args]).rowcount
+
+        return await self._write(job)

@@ -81,11 +81,14 @@ class FixedWindow(Algorithm):
     name: ClassVar[str] = "fixed_window"
 
     def step(self, state: KeyState | None, now: i64, cost: i64) -> KeyState:
-        window = self.window_ms
-        index = now // window
-        end = (index + 1) * window
-        if state is None or state.a != index:
-            state = KeyState(end, index, 0, 0)
+        index = now // self.window_ms
+        return self.count(state, now, cost, index, (index + 1) * self.window_ms)
+
+    def count(self, state: KeyState | None, now: i64, cost: i64, window: i64, end: i64) -> KeyState:
+        """Count ``cost`` in the window named ``window`` (its index; a quota's period start), which
+        ends at ``end``."""
+        if state is None or state.a != window:
+            state = KeyState(end, window, 0, 0)
         count = state.b
         self.reset_ms = end - now
         self.delay_ms = 0

@@ -1,22 +1,23 @@
-"""What the counting policies share (`rate-limit`, `spike-arrest`): building their limits into
-compiled rules, deciding from memory or on Redis, the 429, and Redis outages.
+"""What the counting policies share (`rate-limit`, `spike-arrest`, `quota`): building their limits
+into compiled rules, deciding from memory or on Redis, the 429, and Redis outages.
 
-A subclass says which limits apply (``limit_sets``), how a refusal is worded and its name; the
-decision itself is ``limits/hotpath.py``'s ``Limiter`` (compiled), with this class's methods as
-the callables it hands anything unusual to.
+A subclass says which limits apply (``limit_sets``), how a refusal is worded and its name, and
+may build its limits its own way (``rule``: the compiled rule; ``script_call``: the Redis call);
+the decision itself is ``limits/hotpath.py``'s ``Limiter`` (compiled), with this class's methods
+as the callables it hands anything unusual to.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar
 
 from apigate.engine.replies import Reply, json_reply
 from apigate.policies.base import Policy
 from apigate.policies.limits import clock
-from apigate.policies.limits.algorithms import ALGORITHMS
+from apigate.policies.limits.algorithms import ALGORITHMS, Algorithm
 from apigate.policies.limits.config import KeyedLimitsConfig, LimitConfig, TiersConfig
 from apigate.policies.limits.hotpath import (
     COUNTER_KEYS,
@@ -34,6 +35,7 @@ from apigate.policies.limits.scripts import SCRIPTS
 from apigate.policies.limits.sync import SYNCER
 from apigate.policies.services import unavailable
 from apigate.state import StateBackend, StateUnavailable
+from apigate.state.base import Script
 from apigate.state.calls import same_slot
 
 if TYPE_CHECKING:
@@ -52,7 +54,7 @@ class CountingPolicy(Policy[CountingConfig]):
     refusal: ClassVar[tuple[str, str]] = ("rate limit exceeded", "rate_limited")
     """The error message and reason of a refusal."""
 
-    def limit_sets(self) -> tuple[list[LimitConfig], TiersConfig | None, str, int]:
+    def limit_sets(self) -> tuple[Sequence[Any], TiersConfig | None, str, int]:
         """The limits that apply, the plans (if any), the limits' default algorithm and a request's cost."""
         raise NotImplementedError
 
@@ -88,26 +90,43 @@ class CountingPolicy(Policy[CountingConfig]):
             )
         self.engine_hooks = {"request": self.limiter.check}
 
-    def _rule_set(self, limits: list[LimitConfig]) -> RuleSet:
-        rules = []
-        for limit in limits:
-            count, window = limit.amount()
-            algorithm_class = ALGORITHMS[limit.algorithm or self.algorithm]
-            wanted = algorithm_class(
-                count, round(window * 1000), limit.burst or 0, round((limit.max_delay or 0) * 1000)
-            )
-            label = self.name + ":" + limit.label()  # a spike arrest never shares a rate limit's counters
-            hybrid = self.config.backend == "hybrid"
-            counters = counters_for(self.scope, label, wanted, self.config.max_keys, hybrid)
-            tag_prefix = self.counter_prefix(limit.label(), wanted.name)
-            if isinstance(counters, HybridCounters):
-                self._sync(counters, tag_prefix)
-            # A leaky bucket's admitted requests wait: the policy's path decides those.
-            script = SCRIPTS[wanted.name] if wanted.name != "leaky_bucket" else None
-            rules.append(
-                Rule(limit.label(), counters.algorithm, counters, max(round(window), 1), tag_prefix, script)
-            )
-        return RuleSet(rules)
+    def _rule_set(self, limits: Sequence[Any]) -> RuleSet:
+        return RuleSet([self.rule(limit) for limit in limits])
+
+    def rule(self, limit: LimitConfig) -> Rule:
+        """One limit as the hot path meets it, on this process's counters (kept across reloads)."""
+        count, window = limit.amount()
+        algorithm_class = ALGORITHMS[limit.algorithm or self.algorithm]
+        wanted = algorithm_class(
+            count, round(window * 1000), limit.burst or 0, round((limit.max_delay or 0) * 1000)
+        )
+        label = self.name + ":" + limit.label()  # a spike arrest never shares a rate limit's counters
+        hybrid = self.config.backend == "hybrid"
+        counters = counters_for(self.scope, label, wanted, self.config.max_keys, hybrid)
+        tag_prefix = self.counter_prefix(limit.label(), wanted.name)
+        if isinstance(counters, HybridCounters):
+            self._sync(counters, tag_prefix)
+        # A leaky bucket's admitted requests wait: the policy's path decides those.
+        script = SCRIPTS[wanted.name] if wanted.name != "leaky_bucket" else None
+        return Rule(limit.label(), counters.algorithm, counters, max(round(window), 1), tag_prefix, script)
+
+    def counter_keys(self, label: str, algorithm: Algorithm, key: str, now: int) -> list[str]:
+        """The Redis keys of one key's counter under one limit, at ``now`` (ms)."""
+        return same_slot(self.counter_prefix(label, algorithm.name) + key, *COUNTER_KEYS)
+
+    def script_call(self, rule: Rule, key: str, now: int) -> tuple[Script, list[str], list[Any]]:
+        """What deciding ``rule`` for ``key`` on Redis runs: the script, its keys and its arguments."""
+        algorithm = rule.algorithm
+        keys = self.counter_keys(rule.label, algorithm, key, now)
+        args = [
+            now,
+            algorithm.limit,
+            algorithm.window_ms,
+            algorithm.burst,
+            algorithm.max_delay_ms,
+            self.limiter.cost,
+        ]
+        return SCRIPTS[algorithm.name], keys, args
 
     def counter_prefix(self, label: str, algorithm: str) -> str:
         """What the hash tags of a limit's counters start with (``limits/operations.py`` reads them
@@ -167,19 +186,9 @@ class CountingPolicy(Policy[CountingConfig]):
         tightest: tuple[Rule, int, int] | None = None
         delay_ms = 0
         for rule in rules.rules:
-            algorithm = rule.algorithm
-            args = [
-                now,
-                algorithm.limit,
-                algorithm.window_ms,
-                algorithm.burst,
-                algorithm.max_delay_ms,
-                limiter.cost,
-            ]
+            script, keys, args = self.script_call(rule, key, now)
             try:
-                admitted, remaining, reset_ms, retry_ms, wait_ms = await state.run(
-                    SCRIPTS[algorithm.name], same_slot(rule.tag_prefix + key, *COUNTER_KEYS), args
-                )
+                admitted, remaining, reset_ms, retry_ms, wait_ms = await state.run(script, keys, args)
             except StateUnavailable as exc:
                 return self._redis_failed(exchange, exc)
             if not admitted:
