@@ -516,6 +516,7 @@ def test_the_ledger_writes_additions_reads_other_processes_and_keeps_what_it_cou
         ({"limits": [{"quota": "10/day"}], "key": "cookie:x"}, "key", "unknown key"),
         ({"limits": [{"quota": "10/day"}], "cost": 0}, "cost", "greater than or equal to 1"),
         ({"limits": [{"quota": "10/day"}], "backend": "hybrid"}, "backend", "backend: state or memory"),
+        ({"limits": [{"quota": "10/day"}], "state_url": "redis://r/0"}, "state_url", "count on state.url"),
         ({"tiers": {"plans": {"free": [{"quota": "1/day"}]}, "default": "gold"}}, "tiers", "names no plan"),
         ({"tiers": {"plans": {"free": [{"quota": "5/day", "window": 1}]}}}, "tiers.plans.free[0]", "window"),
         ({}, "", "give `limits`"),

@@ -95,6 +95,9 @@ def test_an_unknown_shorthand_is_a_config_error_naming_the_field_and_line(tmp_pa
         ({"limits": [{"rate": "10/s"}], "headers": ["ietf", "github"]}, "headers[1]"),
         ({"tiers": {"by": "plan", "plans": {"free": [{"rate": "1/s"}]}}}, "tiers.by"),
         ({"tiers": {"plans": {"free": [{"rate": "1/s"}]}, "default": "gold"}}, "tiers"),
+        ({"limits": [{"rate": "10/s"}], "state_url": "memory://"}, "state_url"),
+        ({"limits": [{"rate": "10/s"}], "state_url": "mysql://db/x"}, "state_url"),
+        ({"limits": [{"rate": "10/s"}], "backend": "memory", "state_url": "redis://r:6379/0"}, "state_url"),
         ({}, "rate-limit"),
     ],
 )
@@ -363,6 +366,27 @@ def test_limits_show_and_reset_read_the_shared_counters(
     assert get_as(gateway.port, "/api/x", "203.0.113.7").status == 200  # a whole allowance again
     assert limits_cli(gateway, "reset", "--all").stdout.strip().startswith("reset ")
     assert orjson.loads(limits_cli(gateway, "show", "--json").stdout) == []
+
+
+def test_a_policy_counts_on_a_redis_of_its_own(
+    start_gateway: Callable[..., GatewayProcess], upstream: UpstreamServer, redis_url: str
+) -> None:
+    """``state_url`` on the policy: counters shared on that Redis while state.url stays memory://
+    (two gateways share one count), and ``apigate limits`` finds them there."""
+    import orjson
+
+    policy = {"limits": [{"name": "minute", "rate": "5/min"}], "state_url": redis_url}
+    route = {"name": "api", "path": "/api/*", "target": upstream.url, "policies": {"rate-limit": policy}}
+    config = frozen({"trusted_proxies": ["127.0.0.1/32"], "routes": [route]})
+    first = start_gateway(config, env=frozen_env())
+    second = start_gateway(config, env=frozen_env())
+    statuses = [get_as(port, "/api/x", "203.0.113.7").status for port in [first.port, second.port] * 4]
+    assert statuses == [200] * 5 + [429] * 3
+    with redis_client.Redis.from_url(redis_url) as client:
+        assert any(b"203.0.113.7" in key for key in client.keys("apigate:*"))
+    shown = limits_cli(first, "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert [(c["key"], c["remaining"]) for c in orjson.loads(shown.stdout)] == [("203.0.113.7", 0)]
 
 
 def test_limits_cli_says_why_it_cannot_read_per_process_counters(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import uvloop
 
-from apigate.config.compile import compile_plan, needs_of
+from apigate.config.compile import compile_plan, needs_of, state_urls_of
 from apigate.config.loader import ConfigError, load_config
 from apigate.config.models import GatewayConfig
 from apigate.engine.server import Gateway
@@ -149,7 +149,8 @@ class Runtime:
 
     async def start_services(self) -> None:
         """Start the shared services the current plan's policies need (before serving)."""
-        await self.services.start(self.config, needs_of(self.gateway.plan))
+        plan = self.gateway.plan
+        await self.services.start(self.config, needs_of(plan), state_urls_of(plan))
 
     def reload(self, why: str) -> None:
         try:

@@ -36,9 +36,19 @@ class Services:
         self._store_url: str | None = None
         self.state: StateBackend | None = None
         self._state_url: str | None = None
+        self._states_of_policies: dict[str, StateBackend] = {}  # by URL: Redis a policy names itself
 
-    async def start(self, config: GatewayConfig, needs: frozenset[ServiceName]) -> None:
-        """Start what ``needs`` names and is not running yet; apply the config to what runs."""
+    async def start(
+        self, config: GatewayConfig, needs: frozenset[ServiceName], state_urls: frozenset[str] = frozenset()
+    ) -> None:
+        """Start what ``needs`` names and is not running yet, and open the state backends of
+        ``state_urls`` not open yet; apply the config to what runs."""
+        for url in sorted(state_urls - self._states_of_policies.keys()):
+            from apigate.state import open_state
+
+            state = open_state(url)
+            await state.open()  # as state.url's: never fails for an unreachable Redis
+            self._states_of_policies[url] = state
         # The registry listens for change notices, so consumers need the state backend too.
         if ("state" in needs or "consumers" in needs) and self.state is None:
             from apigate.state import open_state
@@ -63,6 +73,9 @@ class Services:
             self.consumers.apply_config(config)
         await self._start_webhooks(config, needs)
         await self._start_quotas(config, needs)
+
+    def state_at(self, url: str) -> StateBackend | None:
+        return self._states_of_policies.get(url)
 
     async def _open_store(self, config: GatewayConfig) -> Store:
         """The store, opened on first use and shared by every service that needs it."""
@@ -112,3 +125,6 @@ class Services:
         if self.state is not None:
             await self.state.close()
             self.state = None
+        for state in self._states_of_policies.values():
+            await state.close()
+        self._states_of_policies.clear()

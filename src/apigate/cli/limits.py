@@ -75,26 +75,30 @@ async def _run(args: argparse.Namespace, config: Any, state_url: str) -> int:
         if isinstance(policy, CountingPolicy)
     ]
     shared = state_url != "memory://"
-    # On Redis: what counts on the state backend (hybrid counters are merged there). In the store:
-    # quotas that count in memory.
-    on_state = limits_of([p for p in policies if shared and p.config.backend in ("state", "hybrid")])
+    # On Redis: what counts on the state backend (hybrid counters are merged there), by URL (a
+    # policy may name its own). In the store: quotas that count in memory.
+    on_redis: dict[str, list[CountingPolicy[Any]]] = {}
+    for policy in policies:
+        url = policy.config.state_url or state_url
+        if url != "memory://" and policy.config.backend in ("state", "hybrid"):
+            on_redis.setdefault(url, []).append(policy)
     in_store = [
         limit
         for limit in limits_of([p for p in policies if not shared or p.config.backend == "memory"])
         if limit.quota is not None
     ]
-    if not on_state and not in_store and not shared:
+    if not on_redis and not in_store and not shared:
         raise CliError(
             "with state memory:// each gateway process keeps its own counters, which cannot be read "
             "from outside it; name a Redis in state.url (or --state) to share and inspect them"
         )
     places: list[tuple[Counters, list[Limit]]] = []
-    state = open_state(state_url) if on_state else None
+    states = {url: open_state(url) for url in on_redis}
     store = open_store(config.store.url) if in_store else None
     try:
-        if state is not None:
+        for url, state in states.items():
             await state.open()
-            places.append((SharedCounters(state), on_state))  # type: ignore[arg-type]
+            places.append((SharedCounters(state), limits_of(on_redis[url])))  # type: ignore[arg-type]
         if store is not None:
             try:
                 await store.open()
@@ -105,7 +109,7 @@ async def _run(args: argparse.Namespace, config: Any, state_url: str) -> int:
             return await _show(args, places)
         return await _reset(args, places)
     finally:
-        if state is not None:
+        for state in states.values():
             await state.close()
         if store is not None:
             await store.close()

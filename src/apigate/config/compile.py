@@ -198,6 +198,11 @@ def needs_of(plan: Plan) -> frozenset[ServiceName]:
     return frozenset().union(*(policy.needs for route in plan.routes for policy in route.policies))
 
 
+def state_urls_of(plan: Plan) -> frozenset[str]:
+    """The state backends of their own that the plan's policies name (opened with the services)."""
+    return frozenset().union(*(policy.state_urls for route in plan.routes for policy in route.policies))
+
+
 def _endpoints(config: GatewayConfig) -> Endpoints:
     """The built-in endpoints. Who may read /routes and /stats: ``endpoints.allow`` if set;
     otherwise a token alone guards them, and without one loopback and the trusted proxies do."""

@@ -8,7 +8,8 @@ config; the class gets it as ``Config``) and states, on the class:
   and ``on_*`` methods disagree; the engine calls only the hooks of declared phases, so an
   unused phase costs nothing;
 - ``needs``: the shared services it uses (``policies/services.py``); the process starts them
-  before serving and hands every policy one ``PolicyServices``, ``self.services``.
+  before serving and hands every policy one ``PolicyServices``, ``self.services``; a policy that
+  counts on a Redis of its own names it in ``state_urls``.
 
 ``self.config`` has the policy's own config type. ``prepare()`` runs once, when the policy is
 built for a route: it turns the config into what the hooks read per request (sets, byte
@@ -103,6 +104,9 @@ class Policy(Generic[ConfigT]):
     """The phases whose ``on_*`` hooks the class defines; ``prepare()`` may drop some for an instance."""
     needs: frozenset[ServiceName] = frozenset()
     """Shared services the policy uses, e.g. {"consumers"}; ``prepare()`` may drop some for an instance."""
+    state_urls: frozenset[str] = frozenset()
+    """State backends of its own (Redis URLs) besides ``state.url``; the process opens them with the
+    shared services, and the policy reaches them with ``self.services.state_at(url)``."""
     challenge: bytes | None = None
     """An authentication policy's WWW-Authenticate value for a missing credential (others: None)."""
     terminal: ClassVar[bool] = False

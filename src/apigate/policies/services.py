@@ -38,6 +38,9 @@ class PolicyServices(Protocol):
     @property
     def state(self) -> StateBackend | None: ...
 
+    def state_at(self, url: str) -> StateBackend | None:
+        """The state backend at ``url`` that a policy named in its ``state_urls``."""
+
     @property
     def webhooks(self) -> WebhookRuntime | None: ...
 
@@ -48,6 +51,9 @@ class _NoServices:
     consumers = None
     state = None
     webhooks = None
+
+    def state_at(self, url: str) -> StateBackend | None:
+        return None
 
 
 NO_SERVICES: Final[PolicyServices] = _NoServices()

@@ -12,6 +12,7 @@ from apigate.config.headernames import check_header_name
 from apigate.config.units import Duration
 from apigate.policies.base import PolicyConfig
 from apigate.policies.limits.algorithms import MAX_PRODUCT
+from apigate.state.urls import check_state_url
 
 _RATE: Final = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*$", re.IGNORECASE)
 _UNIT_SECONDS: Final = {
@@ -160,6 +161,11 @@ class KeyedLimitsConfig(PolicyConfig):
     sync_interval: Duration = Field(
         default=0.1, description="backend: hybrid: how often each process merges its counts through Redis"
     )
+    state_url: str | None = Field(
+        default=None,
+        description="a Redis of this policy's own (redis://, redis+cluster://, redis+sentinel://...) "
+        "instead of state.url",
+    )
 
     @field_validator("key", "fallback_key")
     @classmethod
@@ -175,6 +181,17 @@ class KeyedLimitsConfig(PolicyConfig):
                 "`on_redis_error: deny` needs backend: state"
             )
         return value
+
+    @field_validator("state_url")
+    @classmethod
+    def _check_state_url(cls, url: str | None, info: ValidationInfo) -> str | None:
+        if url is None:
+            return None
+        if info.data.get("backend") == "memory":
+            raise ValueError("`state_url` names where shared counters live: not with backend: memory")
+        if check_state_url(url) == "memory://":
+            raise ValueError("`state_url` names a Redis; for counters in each process use backend: memory")
+        return url
 
     @field_validator("sync_interval")
     @classmethod

@@ -62,6 +62,9 @@ class CountingPolicy(Policy[CountingConfig]):
         config = self.config
         if config.backend == "memory":
             self.needs = frozenset()
+        elif config.state_url is not None:  # counted on a Redis of its own, not on state.url
+            self.needs = self.needs - {"state"}
+            self.state_urls = frozenset({config.state_url})
         limits, tiers, self.algorithm, cost = self.limit_sets()
         self.scope = self.route if config.scope == "route" else ""  # whose counters these are
         self.redis_errors = 0
@@ -140,7 +143,7 @@ class CountingPolicy(Policy[CountingConfig]):
             counters,
             prefix,
             self.config.sync_interval,
-            lambda: self.services.state,
+            self._state,
             self.name,
         )
 
@@ -150,12 +153,17 @@ class CountingPolicy(Policy[CountingConfig]):
         return result
 
     # -- what the compiled path hands back ---------------------------------------------------------
+    def _state(self) -> StateBackend | None:
+        """The state backend the policy counts on: its own ``state_url``'s, or ``state.url``'s."""
+        url = self.config.state_url
+        return self.services.state_at(url) if url is not None else self.services.state
+
     def _shared_state(self) -> StateBackend | None:
         """The state backend the counters are shared on; None: they are counted in this process."""
         if self.config.backend == "hybrid":
             SYNCER.start()  # asked on the first request: the loop and the state backend run by then
             return None
-        state = self.services.state
+        state = self._state()
         if self.config.backend == "memory" or state is None or not state.shared:
             return None
         return state
@@ -178,7 +186,7 @@ class CountingPolicy(Policy[CountingConfig]):
     async def _decide_remotely(self, exchange: Exchange, rules: RuleSet, key: str) -> Reply | None:
         """Several limits (each in turn: a later one is not counted when an earlier one refuses),
         or a leaky bucket (an admitted request may wait), on Redis."""
-        state = self.services.state
+        state = self._state()
         if state is None:
             return unavailable(exchange, f"the {self.name} state backend is not running")
         limiter = self.limiter
@@ -223,7 +231,7 @@ class CountingPolicy(Policy[CountingConfig]):
 
     def describe(self) -> dict[str, Any]:
         described = super().describe()
-        state = self.services.state
+        state = self._state()
         if self.config.backend == "hybrid" and (state is None or state.shared):
             # (None: not started yet, as when the first config is compiled: the config's word.)
             described["counters"] = f"hybrid (Redis every {_seconds(self.config.sync_interval)})"

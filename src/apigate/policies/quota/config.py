@@ -103,6 +103,13 @@ class QuotaConfig(KeyedLimitsConfig):
         zone(name)
         return name
 
+    @field_validator("state_url")
+    @classmethod
+    def _check_own_state(cls, url: str | None) -> str | None:
+        if url is not None:
+            raise ValueError("quotas count on state.url (or in memory, written behind to the store)")
+        return url
+
     @field_validator("backend")
     @classmethod
     def _check_backend(cls, backend: str) -> str:
