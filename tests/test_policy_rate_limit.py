@@ -382,6 +382,8 @@ def test_a_policy_counts_on_a_redis_of_its_own(
     second = start_gateway(config, env=frozen_env())
     statuses = [get_as(port, "/api/x", "203.0.113.7").status for port in [first.port, second.port] * 4]
     assert statuses == [200] * 5 + [429] * 3
+    routes = send(first.port, "GET", "/routes").json()["routes"]
+    assert routes[0]["policies"]["rate-limit"]["counters"] == "shared (Redis)"
     with redis_client.Redis.from_url(redis_url) as client:
         assert any(b"203.0.113.7" in key for key in client.keys("apigate:*"))
     shown = limits_cli(first, "show", "--json")

@@ -150,7 +150,10 @@ class Runtime:
     async def start_services(self) -> None:
         """Start the shared services the current plan's policies need (before serving)."""
         plan = self.gateway.plan
-        await self.services.start(self.config, needs_of(plan), state_urls_of(plan))
+        if await self.services.start(self.config, needs_of(plan), state_urls_of(plan)):
+            # Compiled again with the state backend running: what /routes says of a policy (where
+            # its counters live) may depend on it. Counters outlive this as they outlive a reload.
+            self.apply(self.config)
 
     def reload(self, why: str) -> None:
         try:

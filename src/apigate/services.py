@@ -40,9 +40,11 @@ class Services:
 
     async def start(
         self, config: GatewayConfig, needs: frozenset[ServiceName], state_urls: frozenset[str] = frozenset()
-    ) -> None:
+    ) -> bool:
         """Start what ``needs`` names and is not running yet, and open the state backends of
-        ``state_urls`` not open yet; apply the config to what runs."""
+        ``state_urls`` not open yet; apply the config to what runs. True if a state backend was
+        opened (policies compiled before then could not see it)."""
+        opened = bool(state_urls - self._states_of_policies.keys())
         for url in sorted(state_urls - self._states_of_policies.keys()):
             from apigate.state import open_state
 
@@ -57,6 +59,7 @@ class Services:
             await state.open()  # never fails for an unreachable Redis: operations report that
             self.state = state
             self._state_url = config.state.url
+            opened = True
         elif self.state is not None and config.state.url != self._state_url:
             log.warning("state.url changes take effect after a restart, not a reload")
         if "consumers" in needs and self.consumers is None:
@@ -73,6 +76,7 @@ class Services:
             self.consumers.apply_config(config)
         await self._start_webhooks(config, needs)
         await self._start_quotas(config, needs)
+        return opened
 
     def state_at(self, url: str) -> StateBackend | None:
         return self._states_of_policies.get(url)
