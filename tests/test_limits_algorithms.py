@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import pytest
+import redis as redis_py
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -154,6 +155,57 @@ def test_lua_and_python_give_the_same_decisions(redis_url: str, args: tuple, ste
 
     remote, local = asyncio.run(both())
     assert remote == local
+
+
+BATCHES = st.lists(
+    st.tuples(st.integers(0, 4_000), st.lists(st.tuples(st.integers(0, 2), st.integers(1, 3)), min_size=1)),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(args=ARGS, batches=BATCHES)
+def test_a_batch_decides_as_its_calls_one_by_one(redis_url: str, args: tuple, batches: list) -> None:
+    """The batch form (the decisions of one loop turn on one server, several on one counter:
+    read once, written once) leaves the same answers and the same counters as the calls alone."""
+    algorithm, *numbers = args
+    if algorithm == "leaky_bucket" and numbers[3] == 0 and numbers[0] < 2:
+        numbers[3] = 500
+    script = SCRIPTS[algorithm]
+    assert script.batch_lua is not None
+
+    def keys(index: int) -> list[str]:
+        return [f"{{t{index}}}", f"{{t{index}}}:seq"]
+
+    def run(client: redis_py.Redis, batched: bool) -> tuple[list, list]:
+        client.flushdb()
+        now, answers = T0 + 123, []
+        for gap, calls in batches:
+            now += gap
+            each = [(keys(index), [now, *numbers, cost]) for index, cost in calls]
+            if batched:
+                flat_keys = [key for call_keys, _ in each for key in call_keys]
+                flat_args = [arg for _, call_args in each for arg in call_args]
+                answers += client.eval(script.batch_lua, len(flat_keys), *flat_keys, *flat_args)
+            else:
+                answers += [
+                    client.eval(script.lua, 2, *call_keys, *call_args) for call_keys, call_args in each
+                ]
+        kept = []
+        for index in range(3):
+            key = keys(index)[0]
+            kind = client.type(key)
+            stored = client.zrange(key, 0, -1, withscores=True) if kind == b"zset" else client.hgetall(key)
+            kept.append((stored, client.pttl(key) // 50))  # expiry: the same, to a few ms
+        return answers, kept
+
+    with redis_py.Redis.from_url(redis_url) as client:
+        alone, alone_kept = run(client, batched=False)
+        together, together_kept = run(client, batched=True)
+    assert together == alone
+    assert [stored for stored, _ in together_kept] == [stored for stored, _ in alone_kept]
+    assert all(abs(a - b) <= 1 for (_, a), (_, b) in zip(together_kept, alone_kept, strict=True))
 
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))

@@ -125,7 +125,8 @@ class MemoryState(StateBackend, LocalData):
         settle: Callable[[Any], T],
     ) -> asyncio.Future[T]:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        reply = script.python(self, self.tagged_keys(tag, names), [str(a) for a in args])
+        texts = [a.decode() if isinstance(a, bytes) else str(a) for a in args]  # as Redis gets them
+        reply = script.python(self, self.tagged_keys(tag, names), texts)
         future.set_result(settle(reply))
         return future
 

@@ -43,6 +43,9 @@ class Rule:
         self.counters = counters
         self.tag_prefix = tag_prefix  # + the request's key: the hash tag of its counter on Redis
         self.script = script  # its Lua script, when one round trip decides it (None: the policy's path)
+        # The script's arguments after the clock, as the bytes that go to Redis (set by the Limiter,
+        # which knows the cost): packed per request without formatting a number.
+        self.fixed_args: list[bytes] = []
         self.quoted = b'"' + label.encode() + b'"'
         self.policy_item = self.quoted + b";q=%d;w=%d" % (algorithm.capacity(), window_s)
         self.limit_lines = b"x-ratelimit-limit: %d\r\nx-ratelimit-remaining: " % algorithm.capacity()
@@ -97,6 +100,7 @@ class Limiter:
         self.unanswered = unanswered
         self.answered_again = answered_again
         self.outage = False  # the state backend has not answered since its failure was logged
+        self.fix_args(rules)
         self.tier_kind = NO_TIERS
         self.tier_part: KeyBuilder | None = None
         self.plans: dict[str, RuleSet] = {}
@@ -109,6 +113,15 @@ class Limiter:
         self.tier_part = part
         self.plans = plans
         self.default_plan = default
+        for rules in plans.values():
+            self.fix_args(rules)
+
+    def fix_args(self, rules: RuleSet) -> None:
+        """Give each rule its script's arguments after the clock: limit, window, burst, max delay, cost."""
+        for rule in rules.rules:
+            a = rule.algorithm
+            numbers = [a.limit, a.window_ms, a.burst, a.max_delay_ms, self.cost]
+            rule.fixed_args = [b"%d" % int(number) for number in numbers]
 
     # -- the request phase -----------------------------------------------------------------------
     def check(self, exchange: Exchange) -> Any:
@@ -124,15 +137,8 @@ class Limiter:
             if len(rules.rules) == 1:
                 rule = rules.rules[0]
                 if rule.script is not None:
-                    algorithm = rule.algorithm
-                    args = [
-                        self.clock() // 1_000_000,
-                        algorithm.limit,
-                        algorithm.window_ms,
-                        algorithm.burst,
-                        algorithm.max_delay_ms,
-                        self.cost,
-                    ]
+                    args: list[Any] = [self.clock() // 1_000_000]
+                    args.extend(rule.fixed_args)
                     return state.decide(
                         rule.script, rule.tag_prefix + key, COUNTER_KEYS, args, Settle(self, exchange, rule)
                     )

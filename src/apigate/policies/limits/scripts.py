@@ -14,7 +14,9 @@ two one hash tag so they share a slot on Redis Cluster), ``ARGV = [now_ms, limit
 burst, max_delay_ms, cost]``. Answer: ``[admitted, remaining, reset_ms, retry_ms, delay_ms]``.
 Each script also has a batch form, which the Redis backend uses for the decisions of one loop
 turn on one server: the same two keys and six numbers per call, one after another, and a list of
-their answers.
+their answers. It reads each counter's hash once and writes it once, at its end, so a busy
+counter's decisions in one turn cost Redis one read and one write between them; tests check that
+a batch leaves the answers and counters that its calls one by one would.
 """
 
 from __future__ import annotations
@@ -33,6 +35,61 @@ local function idiv(a, b)
 end
 local function cdiv(a, b) return -idiv(-a, b) end
 local function int(x) return string.format('%d', x) end
+local function until_empty(counted, previous, start, window, now)
+    if counted > 0 then return start + 2 * window - now end
+    if previous > 0 then return start + window - now end
+    return 0
+end
+"""
+# How an algorithm reads and writes its hash (the sliding log, a sorted set, calls Redis itself).
+# One call alone: straight to Redis.
+_CALL_IO: Final = """
+local function hmget(key, a, b, c)
+    if c then return redis.call('HMGET', key, a, b, c) end
+    return redis.call('HMGET', key, a, b)
+end
+local function hset(key, a, x, b, y, c, z)
+    if c then return redis.call('HSET', key, a, int(x), b, int(y), c, int(z)) end
+    redis.call('HSET', key, a, int(x), b, int(y))
+end
+local function pexpire(key, ms) redis.call('PEXPIRE', key, int(ms)) end
+"""
+# A batch reads each hash once and writes it once, at its end: its decisions on one counter (a
+# busy client's) run in turn on the fields in hand. Nothing else runs on the server meanwhile, so
+# the hash ends as the calls one by one would leave it. Each algorithm asks for the same fields.
+_BATCH_IO: Final = """
+local fields_of, written, expiry = {}, {}, {}
+local function hmget(key, a, b, c)
+    local fields = fields_of[key]
+    if fields == nil then
+        local values
+        if c then values = redis.call('HMGET', key, a, b, c) else values = redis.call('HMGET', key, a, b) end
+        fields = {[a] = values[1], [b] = values[2]}
+        if c then fields[c] = values[3] end
+        fields_of[key] = fields
+    end
+    return {fields[a], fields[b], c and fields[c]}
+end
+local function hset(key, a, x, b, y, c, z)
+    local fields = fields_of[key]
+    fields[a], fields[b] = x, y
+    if c then fields[c] = z end
+    written[key] = true
+end
+local function pexpire(key, ms) expiry[key] = ms end
+local function write_back()
+    for key in pairs(written) do
+        local args = {}
+        for name, value in pairs(fields_of[key]) do
+            if value then
+                args[#args + 1] = name
+                args[#args + 1] = int(value)
+            end
+        end
+        redis.call('HSET', key, unpack(args))
+    end
+    for key, ms in pairs(expiry) do redis.call('PEXPIRE', key, int(ms)) end
+end
 """
 # Each algorithm is one function of a call's keys and numbers: called once by the script's own
 # form, and once per call by its batch form.
@@ -50,21 +107,22 @@ for n = 0, #KEYS / 2 - 1 do
                              tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]))
     if ok then answers[n + 1] = answer else answers[n + 1] = redis.error_reply(tostring(answer)) end
 end
+write_back()
 return answers
 """
 
 _FIXED_WINDOW: Final = """
 local index = idiv(now, window)
 local e = (index + 1) * window
-local s = redis.call('HMGET', key, 'i', 'c')
+local s = hmget(key, 'i', 'c')
 local count = 0
 if tonumber(s[1]) == index then count = tonumber(s[2]) end
 if count + cost > limit then
     return {0, math.max(limit - count, 0), e - now, e - now, 0}
 end
-redis.call('HSET', key, 'i', int(index), 'c', int(count + cost))
+hset(key, 'i', index, 'c', count + cost)
 if tonumber(s[1]) ~= index then  -- the window's expiry was set by its first request
-    redis.call('PEXPIRE', key, int(e - now))
+    pexpire(key, e - now)
 end
 return {1, limit - count - cost, e - now, 0, 0}
 """
@@ -72,7 +130,7 @@ return {1, limit - count - cost, e - now, 0, 0}
 _SLIDING_WINDOW: Final = """
 local index = idiv(now, window)
 local start = index * window
-local s = redis.call('HMGET', key, 'i', 'c', 'p')
+local s = hmget(key, 'i', 'c', 'p')
 local i = tonumber(s[1])
 local current, previous = 0, 0
 if i == index then
@@ -82,11 +140,6 @@ elseif i == index - 1 then
 end
 local left = window - (now - start)
 local weighted = previous * left + current * window
-local function until_empty(counted)
-    if counted > 0 then return start + 2 * window - now end
-    if previous > 0 then return start + window - now end
-    return 0
-end
 if weighted + cost * window > limit * window then
     local elapsed = now - start
     local room = limit - current - cost
@@ -104,13 +157,14 @@ if weighted + cost * window > limit * window then
             retry = to_next + window - idiv(room * window, current)
         end
     end
-    return {0, math.max(idiv(limit * window - weighted, window), 0), until_empty(current), retry, 0}
+    local reset = until_empty(current, previous, start, window, now)
+    return {0, math.max(idiv(limit * window - weighted, window), 0), reset, retry, 0}
 end
-redis.call('HSET', key, 'i', int(index), 'c', int(current + cost), 'p', int(previous))
+hset(key, 'i', index, 'c', current + cost, 'p', previous)
 if i ~= index then  -- the window's expiry was set by its first request
-    redis.call('PEXPIRE', key, int(start + 2 * window - now))
+    pexpire(key, start + 2 * window - now)
 end
-local reset = until_empty(current + cost)
+local reset = until_empty(current + cost, previous, start, window, now)
 return {1, idiv(limit * window - weighted - cost * window, window), reset, 0, 0}
 """
 
@@ -142,7 +196,7 @@ return {1, limit - count - cost, window, 0, 0}
 
 _TOKEN_BUCKET: Final = """
 local full = burst * window
-local s = redis.call('HMGET', key, 't', 'l')
+local s = hmget(key, 't', 'l')
 local tokens, last = full, now
 if s[1] then
     tokens, last = tonumber(s[1]), tonumber(s[2])
@@ -161,13 +215,13 @@ else
     admitted = 1
 end
 local reset = cdiv(full - tokens, limit)
-redis.call('HSET', key, 't', int(tokens), 'l', int(last))
-redis.call('PEXPIRE', key, int(reset + window))
+hset(key, 't', tokens, 'l', last)
+pexpire(key, reset + window)
 return {admitted, idiv(tokens, window), reset, retry, 0}
 """
 
 _LEAKY_BUCKET: Final = """
-local s = redis.call('HMGET', key, 'v', 'l')
+local s = hmget(key, 'v', 'l')
 local level, last = 0, now
 if s[1] then
     level, last = tonumber(s[1]), tonumber(s[2])
@@ -188,8 +242,8 @@ else
     remaining = math.max(capacity - cdiv(level, window), 0)
 end
 local reset = cdiv(level, limit)
-redis.call('HSET', key, 'v', int(level), 'l', int(last))
-redis.call('PEXPIRE', key, int(reset + window))
+hset(key, 'v', level, 'l', last)
+pexpire(key, reset + window)
 return {admitted, remaining, reset, retry, delay}
 """
 
@@ -231,8 +285,12 @@ def decision(algorithm: Any) -> list[int]:
 
 
 def _script(name: str, body: str) -> Script:
-    function = _HELPERS + _SIGNATURE + "if burst <= 0 then burst = limit end\n" + body + "end\n"
-    return Script(lua=function + _SINGLE, python=_step_locally(name), batch_lua=function + _BATCH)
+    function = _SIGNATURE + "if burst <= 0 then burst = limit end\n" + body + "end\n"
+    return Script(
+        lua=_HELPERS + _CALL_IO + function + _SINGLE,
+        python=_step_locally(name),
+        batch_lua=_HELPERS + _BATCH_IO + function + _BATCH,
+    )
 
 
 SCRIPTS: Final[dict[str, Script]] = {name: _script(name, lua) for name, lua in _LUA.items()}
