@@ -248,7 +248,10 @@ def test_redis_unreachable_follows_on_redis_error(
     nowhere = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     policy = {"limits": [{"quota": "5/day"}], "on_redis_error": on_error}
     gateway = start_gateway({"state": {"url": nowhere}, "routes": [quota_route(upstream, policy)]})
-    assert [get_as(gateway.port, "/api/x", "192.0.2.1").status for _ in range(2)] == [status] * 2
+    answers = [get_as(gateway.port, "/api/x", "192.0.2.1") for _ in range(2)]
+    assert [answer.status for answer in answers] == [status] * 2
+    if status == 503:
+        assert answers[0].json()["error"] == "quotas cannot be checked now"
     wait_until(lambda: gateway.output().count("quota: Redis at") == 1)
 
 

@@ -53,6 +53,8 @@ class CountingPolicy(Policy[CountingConfig]):
     needs = frozenset({"state"})
     refusal: ClassVar[tuple[str, str]] = ("rate limit exceeded", "rate_limited")
     """The error message and reason of a refusal."""
+    outage_message: ClassVar[str] = "rate limits cannot be checked now"
+    """The error of a 503 while Redis cannot answer (``on_redis_error: deny``)."""
 
     def limit_sets(self) -> tuple[Sequence[Any], TiersConfig | None, str, int]:
         """The limits that apply, the plans (if any), the limits' default algorithm and a request's cost."""
@@ -222,7 +224,7 @@ class CountingPolicy(Policy[CountingConfig]):
             log.warning("%s: %s; %s requests until it answers (on_redis_error)", self.name, exc, verdict)
         if self.config.on_redis_error == "allow":
             return None
-        return unavailable(exchange, "rate limits cannot be checked now")
+        return unavailable(exchange, self.outage_message)
 
     def _redis_answered(self) -> None:
         if self.limiter.outage:

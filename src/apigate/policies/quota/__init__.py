@@ -34,6 +34,7 @@ class Quota(CountingPolicy[QuotaConfig]):
     name = "quota"
     order = 2050  # after rate-limit (2000): a request refused for its rate spends no quota
     refusal: ClassVar[tuple[str, str]] = ("quota exceeded", "quota_exceeded")
+    outage_message: ClassVar[str] = "quotas cannot be checked now"
 
     def prepare(self) -> None:
         self.zone = zone(self.config.timezone)
