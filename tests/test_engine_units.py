@@ -54,5 +54,17 @@ def test_client_ip_when_every_hop_is_trusted_is_the_leftmost() -> None:
     assert client_ip(["10.0.0.0/8"], "10.0.0.2", b"10.1.1.1, 10.0.0.9") == "10.1.1.1"
 
 
+def test_ipv4_mapped_addresses_match_ipv4_proxies() -> None:
+    """A dual-stack socket reports an IPv4 peer as ::ffff:a.b.c.d: it is the proxy it carries."""
+    assert client_ip(["10.0.0.0/8"], "10.0.0.2", b"203.0.113.7, ::ffff:10.0.0.9") == "203.0.113.7"
+    assert client_ip(["10.0.0.0/8"], "10.0.0.2", b"203.0.113.7, ::ffff:192.0.2.9") == "::ffff:192.0.2.9"
+    proxies = tuple(ipaddress.ip_network(n) for n in ["10.0.0.0/8", "2001:db8::/32"])
+    gateway = SimpleNamespace(plan=SimpleNamespace(trusted_proxies=proxies))
+    trusted = [
+        Gateway.is_trusted(gateway, ip) for ip in ["::ffff:10.1.2.3", "::ffff:11.0.0.1", "2001:db8::1"]
+    ]  # type: ignore[arg-type]
+    assert trusted == [True, False, True]
+
+
 def test_client_ip_stops_at_a_forged_entry() -> None:
     assert client_ip(["10.0.0.0/8"], "10.0.0.2", b"not-an-ip, 10.0.0.9") == "10.0.0.2"

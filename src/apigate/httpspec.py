@@ -1,8 +1,11 @@
 """What HTTP itself says, shared by the proxy (engine/) and the gateway's own client (outbound/):
-fields that belong to one connection, methods safe to repeat, and the Host field of an origin."""
+fields that belong to one connection, methods safe to repeat, the Host field of an origin, and
+the peer addresses that network allow-lists match."""
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Iterable
 from typing import Final
 
 # RFC 9110 §7.6.1: connection-specific fields never cross a proxy. ``proxy-connection`` is a
@@ -36,3 +39,21 @@ def host_field(scheme: str, host: str, port: int | None) -> bytes:
         return shown.encode("ascii")
     except UnicodeEncodeError:
         return shown.encode("idna")
+
+
+def peer_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address ``text`` names (ValueError if none), an IPv4-mapped IPv6 address
+    (``::ffff:10.0.0.9``, as a dual-stack socket reports an IPv4 peer) as the IPv4 one it carries."""
+    address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def address_in(text: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    """``text`` is an address in one of ``networks`` (an IPv4-mapped one as its IPv4 address)."""
+    try:
+        address = peer_address(text)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Final
 
 from apigate.consumers.windows import Schedule
+from apigate.httpspec import address_in
 from apigate.store.roles.consumers import ApiKey, Consumer
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -65,13 +66,7 @@ class KeyMatch:
         networks = self.networks
         if networks is None:
             return True
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in networks)
+        return address_in(ip, networks)
 
     def __repr__(self) -> str:
         return f"<KeyMatch {self.key.id} of {self.consumer.id}>"

@@ -9,15 +9,15 @@ set) and, with ``endpoints.token``, only with that bearer token.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from apigate.engine.exchange import Exchange
 from apigate.engine.replies import Reply, error_body, json_reply
+from apigate.httpspec import address_in
 
 if TYPE_CHECKING:
-    from apigate.engine.plan import Network, Plan
+    from apigate.engine.plan import Plan
     from apigate.engine.server import Gateway
 
 
@@ -29,7 +29,7 @@ def endpoints(gateway: Gateway, plan: Plan) -> dict[str, Callable[[Exchange], Re
 
     def guarded(handler: Callable[[Exchange], Reply]) -> Callable[[Exchange], Reply]:
         def check(exchange: Exchange) -> Reply:
-            if allow is not None and not _address_in(exchange.client_ip, allow):
+            if allow is not None and not address_in(exchange.client_ip, allow):
                 return Reply(
                     403,
                     error_body(
@@ -64,13 +64,3 @@ def endpoints(gateway: Gateway, plan: Plan) -> dict[str, Callable[[Exchange], Re
 
     table = {config.health: health, config.routes: guarded(routes), config.stats: guarded(stats)}
     return {path: handler for path, handler in table.items() if path and path not in exact_user_paths}
-
-
-def _address_in(ip: str, networks: tuple[Network, ...]) -> bool:
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if address.version == 6 and address.ipv4_mapped is not None:  # a dual-stack listener's IPv4 peer
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)

@@ -9,7 +9,6 @@ hot path free of timer handles; their resolution is ``SWEEP_INTERVAL``.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import time
@@ -24,6 +23,7 @@ from apigate.engine.replies import Reply
 from apigate.engine.router import Router
 from apigate.engine.stats import Stats
 from apigate.engine.upstream import PoolManager
+from apigate.httpspec import address_in, peer_address
 
 log = logging.getLogger("apigate")
 
@@ -62,18 +62,14 @@ class Gateway:
         proxies = self.plan.trusted_proxies
         if not proxies:
             return False
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(address in network for network in proxies)
+        return address_in(ip, proxies)
 
     def client_ip_from(self, peer: str, xff: bytes, plan: Plan) -> str:
         """The first address from the right of X-Forwarded-For that is not a trusted proxy."""
         hops = [h.strip() for h in xff.decode("latin-1").split(",") if h.strip()]
         for hop in reversed(hops):
             try:
-                address = ipaddress.ip_address(hop)
+                address = peer_address(hop)
             except ValueError:
                 return peer  # a forged or broken entry: trust nothing left of it
             if not any(address in network for network in plan.trusted_proxies):

@@ -24,6 +24,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, IPvAnyNetwork
 
 from apigate.config.headernames import HEADER_NAME
 from apigate.config.units import Duration
+from apigate.httpspec import address_in
 from apigate.webhooks.verify.model import Reason, Verdict, WebhookRequest
 
 if TYPE_CHECKING:
@@ -228,13 +229,7 @@ class SenderAllowlist:
         self._networks = tuple(networks)
 
     def admits(self, client_ip: str) -> bool:
-        try:
-            address = ipaddress.ip_address(client_ip)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self._networks)
+        return address_in(client_ip, self._networks)
 
 
 class BodyJson:
