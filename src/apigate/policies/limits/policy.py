@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
 
 log = logging.getLogger("apigate.limits")
-SEPARATOR: Final = "\x1f"  # between the parts of a counter's hash tag: scope, policy:limit, key
+SEPARATOR: Final = "\x1f"  # between the parts of a counter's hash tag: scope, policy:label:algorithm, key
 
 _TIER_KINDS: Final = {"group": TIER_GROUP, "tenant": TIER_TENANT}
 CountingConfig = TypeVar("CountingConfig", bound=KeyedLimitsConfig)
