@@ -303,6 +303,50 @@ def test_a_connection_that_meets_a_read_only_replica_is_dropped(run: Run) -> Non
     run(scenario())
 
 
+def test_a_call_that_cannot_be_sent_fails_alone_and_later_replies_stay_matched(
+    redis_url: str, run: Run
+) -> None:
+    """A command that cannot be packed fails its own call; nothing is queued for it, so the next
+    calls get their own replies. A key with a lone surrogate is sent as its bytes."""
+    state = RedisState(redis_url)
+
+    async def scenario() -> None:
+        await state.open()
+        assert await state.incr("first") == 1  # connected
+        with pytest.raises(StateUnavailable):
+            await state.run(FAIL_ON_REQUEST, ["odd"], [{"not": "packable"}])
+        assert await state.incr("first") == 2
+        odd = state.decide(FAIL_ON_REQUEST, "tag\udcff\ud800", ["counter"], [5], _answer)
+        assert await odd == 5
+        assert [await state.incr("first"), await state.incr("second")] == [3, 1]
+        await state.close()
+
+    run(scenario())
+
+
+def test_a_script_resend_is_answered_when_the_connection_ends_in_the_same_read(run: Run) -> None:
+    """NOSCRIPT for one call and READONLY for the next in one read: the connection is dropped, and
+    the call that waited to be sent again is answered too (it used to wait forever)."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):
+            writer.write(b"-NOSCRIPT No matching script.\r\n-READONLY You can't write.\r\n")
+            await writer.drain()
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        state = RedisState(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0")
+        await state.open()
+        both = [state.run(FAIL_ON_REQUEST, ["a"], [1]), state.run(FAIL_ON_REQUEST, ["b"], [1])]
+        done = await asyncio.wait_for(asyncio.gather(*both, return_exceptions=True), OPERATION_TIMEOUT)
+        assert all(isinstance(answer, StateUnavailable) for answer in done), done
+        await state.close()
+        server.close()
+
+    run(scenario())
+
+
 # -- Redis Cluster ------------------------------------------------------------------------------------
 def _window_locally(data: LocalData, keys: list[str], args: list[Any]) -> list[int]:
     minute = int(data.get(keys[0]) or 0) + 1
@@ -431,6 +475,7 @@ def test_sentinel_urls_are_read_and_bad_ones_refused_without_their_password() ->
         True,
     )
     assert watched.server_url("10.0.0.9", 6380) == "rediss://app:s3cr%40t@10.0.0.9:6380/2"
+    assert watched.server_url("fd00::9", 6380) == "rediss://app:s3cr%40t@[fd00::9]:6380/2"
     assert describe(url) == "10.0.0.1:26380,10.0.0.2:26379 (sentinel, mymaster)"
     assert isinstance(open_state("redis+sentinel://127.0.0.1:26379/mymaster"), RedisState)
     refused = {

@@ -313,20 +313,23 @@ class Exchange:
     def _hook_settled(self, future: asyncio.Future[Reply | None]) -> None:
         hooks = self.waiting_hooks
         self.waiting_hooks = ()
-        if future.cancelled():  # only when the gateway stops: the exchange ends with its connection
+        if self.finished or self.client.closed:
             return
-        error = future.exception()
+        # Nothing cancels these futures; one that is cancelled ends the exchange as a failure does.
+        error = future.exception() if not future.cancelled() else asyncio.CancelledError()
         if error is not None:
             self.client.gateway.log_exception("policy failed", self, error)
             self.fail(500, "a policy failed while handling this request")
             return
-        if self.finished or self.client.closed:
-            return
         result = future.result()
-        if result is not None:
-            self.reply(result)
-        else:
+        if result is None:
             self._run_hooks(hooks, self.waiting_index, self.waiting_body_phase)
+            return
+        try:
+            self.reply(result)
+        except Exception:  # as when a hook answers inline (``_run_hooks``)
+            self.client.gateway.log_exception("policy failed", self)
+            self.fail(500, "a policy failed while handling this request")
 
     async def _finish_hooks_async(
         self, pending: Awaitable[Reply | None], hooks: tuple[Any, ...], index: int, body_phase: bool

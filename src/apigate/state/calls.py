@@ -75,7 +75,7 @@ class Call:
         self.settle = settle
         self.where = where
         self.batchable = False
-        self.keys: list[str] = []
+        self.keys: list[Any] = []
         self.args: Sequence[Any] = ()
 
     @staticmethod
@@ -89,9 +89,12 @@ class Call:
         where: str,
         batchable: bool,
     ) -> Call:
-        call = Call(("EVALSHA", sha, len(keys), *keys, *args), script, future, settle, where)
+        # Keys as bytes: any string a request brings (a lone surrogate included) has its bytes, so a
+        # key never fails to pack, which would fail the batch it shares with other requests.
+        wire_keys: list[Any] = [key.encode("utf-8", "surrogatepass") for key in keys]
+        call = Call(("EVALSHA", sha, len(keys), *wire_keys, *args), script, future, settle, where)
         call.batchable = batchable and script.batch_lua is not None
-        call.keys = keys
+        call.keys = wire_keys
         call.args = args
         return call
 

@@ -252,6 +252,8 @@ class RedisState(StateBackend):
         for subscription in self._subscriptions:
             await subscription.close()
         self._subscriptions.clear()
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()  # a connection it would open now would stay open
         if self._connection is not None:
             self._connection.close(RuntimeError(CLOSED))
             self._connection = None
@@ -341,7 +343,12 @@ class RedisState(StateBackend):
             # The common case: written at once, answered from the connection's data_received.
             pending = batched(calls, self._batch_form) if len(calls) > 1 else calls
             for start in range(0, len(pending), MAX_PIPELINE_COMMANDS):
-                connection.send(pending[start : start + MAX_PIPELINE_COMMANDS])
+                part = pending[start : start + MAX_PIPELINE_COMMANDS]
+                try:
+                    connection.send(part)
+                except Exception as exc:  # lost meanwhile, or a command that cannot be packed
+                    for call in part:
+                        call.answer(exc)
             return
         loop = self._loop
         assert loop is not None
@@ -372,6 +379,9 @@ class RedisState(StateBackend):
         except asyncio.CancelledError:
             self._fail(calls, RuntimeError(CLOSED))
             raise
+        except Exception as exc:  # a bug, or a command that cannot be packed: no caller waits forever
+            log.exception("connecting to Redis at %s failed", self.where)
+            self._fail(calls, exc)
 
     async def _open_connection(self) -> PipelinedConnection:
         url = self.url

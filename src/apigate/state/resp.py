@@ -122,8 +122,12 @@ class PipelinedConnection(asyncio.Protocol):
         timeout as a TimeoutError)."""
         if self.closed or self.transport is None:
             raise RedisConnectionError("the connection to Redis is closed")
+        # Packed before anything is queued: a command that cannot be packed raises here and
+        # leaves the connection as it was (a queued call with nothing sent would take the reply
+        # of the call after it).
+        data = b"".join([hiredis.pack_command(call.command) for call in calls])
         self.waiting.extend(calls)
-        self.transport.write(b"".join([hiredis.pack_command(call.command) for call in calls]))
+        self.transport.write(data)
         self.sent += len(calls)
         self.counts.pipelines += 1
         self.counts.commands += len(calls)
@@ -160,6 +164,17 @@ class PipelinedConnection(asyncio.Protocol):
         waiting = self.waiting
         resend: list[Pending] = []
         try:
+            self._take_replies(reader, waiting, resend)
+        finally:
+            if resend:  # calls Redis did not know the script of: sent again, or failed with the rest
+                try:
+                    self.send(resend)
+                except Exception as exc:
+                    for pending in resend:
+                        pending.answer(exc)
+
+    def _take_replies(self, reader: Any, waiting: collections.deque[Pending], resend: list[Pending]) -> None:
+        try:
             reply = reader.gets()
             while reply is not False:
                 if not waiting:  # a reply nobody asked for: the stream cannot be trusted
@@ -185,9 +200,6 @@ class PipelinedConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             self._lost(RedisConnectionError(f"Redis sent something that is not RESP: {exc}"))
-            return
-        if resend:
-            self.send(resend)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost(RedisConnectionError(f"the connection to Redis was lost: {exc or 'closed by the server'}"))

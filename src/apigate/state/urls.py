@@ -66,7 +66,8 @@ class SentinelURL:
         login = ""
         if self.password is not None:
             login = f"{quote(self.username or '', safe='')}:{quote(self.password, safe='')}@"
-        return f"{'rediss' if self.tls else 'redis'}://{login}{host}:{port}/{self.db}"
+        where = f"[{host}]" if ":" in host else host  # an IPv6 address
+        return f"{'rediss' if self.tls else 'redis'}://{login}{where}:{port}/{self.db}"
 
 
 def parse_sentinel_url(url: str) -> SentinelURL:
