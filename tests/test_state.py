@@ -325,3 +325,24 @@ def test_the_cli_announces_its_changes_on_the_configs_redis(redis_url: str, tmp_
         return heard
 
     assert run(scenario()) == [None, b"consumer", b"api_key", b"revoked_token"]
+
+
+def test_services_started_twice_at_once_open_a_policys_redis_once(redis_url: str, run: Run) -> None:
+    """Two reloads close together start services concurrently: a state backend a policy names is
+    opened once (the second start finds it), not twice with one left open."""
+    from apigate.config.models import GatewayConfig
+    from apigate.services import Services
+
+    services = Services()
+    config = GatewayConfig.model_validate({"routes": []})
+
+    async def scenario() -> list[bool]:
+        opened = await asyncio.gather(
+            services.start(config, frozenset(), frozenset({redis_url})),
+            services.start(config, frozenset(), frozenset({redis_url})),
+        )
+        assert services.state_at(redis_url) is not None
+        await services.stop()
+        return list(opened)
+
+    assert sorted(run(scenario())) == [False, True]

@@ -10,6 +10,7 @@ carries change notices to the registry.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,9 @@ class Services:
         self.state: StateBackend | None = None
         self._state_url: str | None = None
         self._states_of_policies: dict[str, StateBackend] = {}  # by URL: Redis a policy names itself
+        # Reloads close together start services one after the other: two would both open (and
+        # one would leak) what neither found running.
+        self._starting = asyncio.Lock()
 
     async def start(
         self, config: GatewayConfig, needs: frozenset[ServiceName], state_urls: frozenset[str] = frozenset()
@@ -44,6 +48,12 @@ class Services:
         """Start what ``needs`` names and is not running yet, and open the state backends of
         ``state_urls`` not open yet; apply the config to what runs. True if a state backend was
         opened (policies compiled before then could not see it)."""
+        async with self._starting:
+            return await self._start(config, needs, state_urls)
+
+    async def _start(
+        self, config: GatewayConfig, needs: frozenset[ServiceName], state_urls: frozenset[str]
+    ) -> bool:
         opened = bool(state_urls - self._states_of_policies.keys())
         for url in sorted(state_urls - self._states_of_policies.keys()):
             from apigate.state import open_state
