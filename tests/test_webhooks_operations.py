@@ -4,6 +4,7 @@ and deliveries left pending for destinations removed from the config."""
 from __future__ import annotations
 
 import signal
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -57,7 +58,11 @@ def test_postgres_fifo_order_holds_across_two_gateways_while_the_head_fails(
 def test_deliveries_pending_for_a_removed_destination_are_reported(
     start_gateway: Callable[..., GatewayProcess], tmp_path: Path
 ) -> None:
-    down = WebhookHandler()  # never started: every attempt is refused
+    # Bound and never listening, for the whole test: every attempt is refused, and no server of
+    # another test can take the port meanwhile (a port only reserved once could be).
+    refusing = socket.socket()
+    refusing.bind(("127.0.0.1", 0))
+    down = WebhookHandler(port=refusing.getsockname()[1])  # never started
     kept = WebhookHandler().start()
     url = f"sqlite:///{tmp_path / 'store.db'}"
 
@@ -87,3 +92,4 @@ def test_deliveries_pending_for_a_removed_destination_are_reported(
         assert listed[0]["last_error"].startswith("connect")
     finally:
         kept.stop()
+        refusing.close()
