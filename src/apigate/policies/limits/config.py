@@ -240,12 +240,11 @@ class SpikeArrestConfig(KeyedLimitsConfig):
     @field_validator("backend")
     @classmethod
     def _check_backend(cls, backend: str) -> str:
-        if backend == "hybrid":
-            raise ValueError(
-                "spike-arrest keeps the time of every request (a sliding log), which per-process "
-                "counts cannot be merged into; use backend: state or memory"
-            )
-        return backend
+        return refuse_hybrid(
+            backend,
+            "spike-arrest keeps the time of every request (a sliding log), which per-process "
+            "counts cannot be merged into",
+        )
 
     def ceiling(self) -> LimitConfig:
         """The allowance as a ceiling on every short window: ``600/min`` → at most 10 in any second;
@@ -275,3 +274,10 @@ def check_limit_list(limits: list[LimitConfig], default_algorithm: str, backend:
             raise ValueError(f"limit {index}: a leaky bucket limit needs `max_delay` (such as 2s)")
         if algorithm != "token_bucket" and limit.burst is not None:
             raise ValueError(f"limit {index}: `burst` applies to token bucket limits only")
+
+
+def refuse_hybrid(backend: str, why: str) -> str:
+    """``backend``, unless it is ``hybrid``, which ``why`` says a policy cannot count with."""
+    if backend == "hybrid":
+        raise ValueError(f"{why}; use backend: state or memory")
+    return backend

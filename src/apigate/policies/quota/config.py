@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from apigate.policies.base import PolicyConfig
 from apigate.policies.limits.calendar import PERIODS
-from apigate.policies.limits.config import KeyedLimitsConfig, TiersConfig
+from apigate.policies.limits.config import KeyedLimitsConfig, TiersConfig, refuse_hybrid
 
 Period = Literal["hour", "day", "week", "month"]
 MAX_QUOTA: Final = 10**12
@@ -113,12 +113,9 @@ class QuotaConfig(KeyedLimitsConfig):
     @field_validator("backend")
     @classmethod
     def _check_backend(cls, backend: str) -> str:
-        if backend == "hybrid":
-            raise ValueError(
-                "a quota counts exactly on Redis, or in memory written behind to the store; "
-                "use backend: state or memory"
-            )
-        return backend
+        return refuse_hybrid(
+            backend, "a quota counts exactly on Redis, or in memory written behind to the store"
+        )
 
     @field_validator("limits")
     @classmethod
