@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.dns_server import DnsServer
 from tests.support.gateway import GatewayProcess
 from tests.support.naive_upstream import NaiveUpstream
 from tests.support.proxy_http import running_upstream
@@ -28,6 +29,14 @@ def run() -> Iterator[Run]:
 @pytest.fixture
 def upstream() -> Iterator[UpstreamServer]:
     server = UpstreamServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DnsServer]:
+    """A real DNS server on 127.0.0.1 (UDP and TCP, one free port) answering from a table the test sets."""
+    server = DnsServer().start()
     yield server
     server.stop()
 
