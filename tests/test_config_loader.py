@@ -102,7 +102,7 @@ def test_full_config(tmp_path: Path) -> None:
     assert (users.upstream, users.rewrite) == ("backend", "/v2/users/{id}")
     assert (users.timeout, users.max_body_size) == (0.25, 1_000_000)
     assert static.host == ["example.com", "*.example.com"]
-    assert static.strip_prefix is True and static.retries == 0
+    assert static.strip_prefix is True and static.retries.attempts == 0
 
 
 def test_headers_policy_route_and_global(tmp_path: Path) -> None:
@@ -218,7 +218,7 @@ def test_pactown_routes_yaml_loads_unchanged(tmp_path: Path) -> None:
     assert config.routes[0].auth == "webhook_secret" and config.routes[0].rate_limit == "100/min"
     assert config.routes[3].cache == "60s"
     assert config.listen.port == 8000
-    assert all(r.timeout == 30.0 and r.retries == 2 for r in config.routes)
+    assert all(r.timeout == 30.0 and r.retries.attempts == 2 for r in config.routes)
 
 
 def test_pactown_routes_yaml_reads_its_env_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -227,7 +227,7 @@ def test_pactown_routes_yaml_reads_its_env_defaults(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("MAX_RETRIES", "5")
     config = load_config(write(tmp_path, PACTOWN_ROUTES_YAML, dedent=False))  # environ defaults to os.environ
     assert config.listen.port == 9123
-    assert all(r.timeout == 12.0 and r.retries == 5 for r in config.routes)
+    assert all(r.timeout == 12.0 and r.retries.attempts == 5 for r in config.routes)
 
 
 # --- errors: path, line, message -------------------------------------------------------------

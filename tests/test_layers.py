@@ -27,6 +27,7 @@ PACKAGE = Path(apigate.__file__).resolve().parent
 # to direct calls: the one cycle the layering allows, inside apigate.engine only.
 ENGINE_CYCLE = frozenset(
     {
+        "apigate.engine.balancers",
         "apigate.engine.builtin",
         "apigate.engine.client",
         "apigate.engine.exchange",

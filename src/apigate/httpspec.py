@@ -57,3 +57,16 @@ def address_in(text: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.I
     except ValueError:
         return False
     return any(address in network for network in networks)
+
+
+def cookie_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The value of cookie ``name`` in the Cookie header(s) of a request (RFC 6265 §5.4), quotes
+    and spaces taken off, or None when it is absent."""
+    for field, value in headers:
+        if field != b"cookie":
+            continue
+        for pair in value.split(b";"):
+            key, sep, found = pair.strip().partition(b"=")
+            if sep and key == name:
+                return found.strip(b'" ')
+    return None

@@ -136,7 +136,7 @@ class Runtime:
 
     def apply(self, config: GatewayConfig) -> None:
         """Compile ``config`` and serve it; raises (and keeps the running plan) if compiling fails."""
-        plan = compile_plan(config, self.gateway.pools, self.services)
+        plan = compile_plan(config, self.gateway.pools, self.services, self.gateway.target_states)
         self.gateway.apply(plan)
         self.config = config
         for name, inactive in plan.inactive.items():

@@ -199,12 +199,15 @@ def get(port: int, path: str, **kwargs: Any) -> Response:
     return request(port, "GET", path, **kwargs)
 
 
-def assert_error(response: Response, status: int) -> dict[str, Any]:
-    """The gateway's own error shape: JSON ``{error, request_id}`` matching X-Request-ID."""
+def assert_error(response: Response, status: int, reason: str | None = None) -> dict[str, Any]:
+    """The gateway's own error shape: JSON ``{error, request_id}`` matching X-Request-ID, and a
+    ``reason`` code where the gateway gives one (``reason``: the code it must be)."""
     assert response.status == status, response
     assert (response.header("content-type") or "").startswith("application/json"), response
     payload = response.json()
-    assert set(payload) == {"error", "request_id"}, payload
+    assert set(payload) - {"reason"} == {"error", "request_id"}, payload
+    if reason is not None:
+        assert payload.get("reason") == reason, payload
     assert isinstance(payload["error"], str) and payload["error"], payload
     assert payload["request_id"], payload
     assert response.header("x-request-id") == payload["request_id"], response

@@ -15,8 +15,20 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
-from apigate.config.models import ROUTE_SHORTHANDS, GatewayConfig, RouteConfig, UpstreamConfig
-from apigate.engine.plan import CompiledRoute, Endpoints, Network, Plan, Target, Timeouts, UpstreamGroup
+from apigate.config.models import ROUTE_SHORTHANDS, GatewayConfig, RouteConfig
+from apigate.config.upstreams import TargetConfig, UpstreamConfig
+from apigate.engine.balancers import stable_hash
+from apigate.engine.breakers import Breaker, TargetStates
+from apigate.engine.plan import (
+    CompiledRoute,
+    Endpoints,
+    Network,
+    Plan,
+    Target,
+    Timeouts,
+    UpstreamGroup,
+    UpstreamTimeouts,
+)
 from apigate.engine.router import RouteEntry, Router
 from apigate.httpspec import host_field
 from apigate.policies.base import Phase, Policy
@@ -57,7 +69,9 @@ def _compile_rewrite(template: str | None) -> tuple[tuple[bool, str], ...] | Non
     return tuple(parts)
 
 
-def _make_target(url: str, weight: int, pool_config: Any, pools: PoolManager) -> Target:
+def _make_target(
+    upstream_name: str, url: str, weight: int, pool_config: Any, pools: PoolManager, states: TargetStates
+) -> Target:
     parts = urlsplit(url)
     scheme = parts.scheme
     host = parts.hostname or ""
@@ -65,7 +79,10 @@ def _make_target(url: str, weight: int, pool_config: Any, pools: PoolManager) ->
     host_header = host_field(scheme, host, port)
     tls = ssl.create_default_context() if scheme == "https" else None
     pool = pools.pool_for(scheme, host, port, tls, pool_config)
-    return Target(scheme, host, port, host_header, weight, pool, tls)
+    shown_host = f"[{host}]" if ":" in host else host
+    key = f"{upstream_name}/{scheme}://{shown_host}:{port}"
+    target_id = f"{stable_hash(key.encode()):016x}"
+    return Target(scheme, host, port, host_header, weight, pool, states.state_for(key), target_id, tls)
 
 
 def _policy_chain(
@@ -114,12 +131,18 @@ def _hooks(policies: Sequence[Policy[Any]], phase: Phase) -> tuple[Callable[...,
     return tuple(p.hook(phase) for p in policies if phase in p.phases)
 
 
-def compile_plan(config: GatewayConfig, pools: PoolManager, services: PolicyServices | None = None) -> Plan:
-    """The Plan for ``config``: upstream targets get their pools from ``pools`` (kept across
-    reloads), policies get ``services``."""
+def compile_plan(
+    config: GatewayConfig,
+    pools: PoolManager,
+    services: PolicyServices | None = None,
+    states: TargetStates | None = None,
+) -> Plan:
+    """The Plan for ``config``: upstream targets get their pools from ``pools`` and their health
+    and circuits from ``states`` (both kept across reloads), policies get ``services``."""
+    states = states if states is not None else TargetStates()
     groups: dict[str, UpstreamGroup] = {}
     for name, upstream in config.upstreams.items():
-        groups[name] = _group(name, upstream, pools)
+        groups[name] = _group(name, upstream, config, pools, states)
 
     compiled: list[CompiledRoute] = []
     entries: list[RouteEntry] = []
@@ -129,7 +152,8 @@ def compile_plan(config: GatewayConfig, pools: PoolManager, services: PolicyServ
         if route.upstream is not None:
             group = groups[route.upstream]
         elif route.target is not None:
-            group = _group(route.display_name, UpstreamConfig(targets=[{"url": route.target}]), pools)
+            single = UpstreamConfig(targets=[TargetConfig(url=route.target)])
+            group = _group(route.display_name, single, config, pools, states)
         policies, route_inactive = _policy_chain(config.policies, route, services)
         body_policies = [p for p in policies if "body" in p.phases]
         max_body = route.max_body_size if route.max_body_size is not None else config.limits.max_body_size
@@ -144,7 +168,7 @@ def compile_plan(config: GatewayConfig, pools: PoolManager, services: PolicyServ
             rewrite=_compile_rewrite(route.rewrite),
             preserve_host=route.preserve_host,
             timeout=route.timeout,
-            retries=route.retries,
+            retry=route.retries.policy(),
             max_body_size=max_body,
             lists_methods=route.methods is not None,
             policies=policies,
@@ -239,6 +263,51 @@ def mask_secrets(value: Any) -> Any:
     return value
 
 
-def _group(name: str, upstream: UpstreamConfig, pools: PoolManager) -> UpstreamGroup:
-    targets = [_make_target(t.url, t.weight, upstream.pool, pools) for t in upstream.targets]
-    return UpstreamGroup(name, targets)
+def _group(
+    name: str, upstream: UpstreamConfig, config: GatewayConfig, pools: PoolManager, states: TargetStates
+) -> UpstreamGroup:
+    """An upstream's targets (their kept states given this config's settings) and its balancer."""
+    targets = [_make_target(name, t.url, t.weight, upstream.pool, pools, states) for t in upstream.targets]
+    circuit = upstream.circuit_breaker
+    per_target = circuit is not None and circuit.scope in ("target", "both")
+    for target in targets:
+        state = target.state
+        if per_target:
+            assert circuit is not None
+            settings = circuit.settings()
+            if state.breaker is None:
+                state.breaker = Breaker(state.key, settings)
+            else:
+                state.breaker.settings = settings
+        else:
+            state.breaker = None
+        if upstream.health.active is None:
+            state.healthy = True  # no checks: nothing may hold it out
+            state.health_detail = None
+        if upstream.health.passive is None:
+            state.ejected_until = 0.0
+        state.update_blocked()
+    live = [t for t in targets if t.weight > 0] or targets
+    group_breaker = None
+    if circuit is not None and circuit.scope in ("upstream", "both"):
+        group_breaker = states.upstream_breaker(name, circuit.settings())
+    budget = upstream.retry_budget
+    timeouts = upstream.timeouts
+    passive = upstream.health.passive
+    return UpstreamGroup(
+        name,
+        targets,
+        balancer=upstream.balancer.build(live),
+        timeouts=UpstreamTimeouts(
+            connect=timeouts.connect or config.timeouts.connect,
+            first_byte=timeouts.first_byte or config.timeouts.read,
+            idle=timeouts.idle or config.timeouts.read,
+        ),
+        breaker=group_breaker,
+        ejection=passive.settings() if passive is not None else None,
+        budget=states.retry_budget(name, budget.ratio, budget.window, budget.min_per_second)
+        if budget
+        else None,
+        failure_statuses=frozenset(upstream.failure_statuses),
+        monitored=per_target or passive is not None or upstream.balancer.name == "p2c",
+    )

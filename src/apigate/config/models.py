@@ -10,13 +10,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from apigate.config.headernames import HEADER_NAME
 from apigate.config.units import ByteSize, Duration
-from apigate.config.validators import Strict, check_http_url
+from apigate.config.upstreams import RetryConfig, UpstreamConfig
+from apigate.config.validators import Strict, check_http_url, env_default
 from apigate.engine.paths import PathRefused, normalize_path
 from apigate.state.urls import check_state_url
 from apigate.webhooks.config import WebhooksConfig
@@ -36,18 +37,6 @@ def _is_routable(segment: str, last: bool) -> bool:
         return ";" not in segment and normalize_path("/" + segment) == "/" + segment
     except PathRefused:
         return False
-
-
-_Number = TypeVar("_Number", int, float)
-
-
-def _env_default(name: str, default: _Number) -> _Number:
-    """A default taken from the environment variable ``name`` when it holds a number of its type."""
-    raw = os.environ.get(name)
-    try:
-        return type(default)(raw) if raw else default
-    except ValueError:
-        return default
 
 
 def _networks(value: Any) -> Any:
@@ -77,31 +66,13 @@ class ListenConfig(Strict):
         return value
 
 
-class TargetConfig(Strict):
-    url: str
-    weight: int = Field(default=1, ge=0, le=10000)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_url(cls, value: Any) -> Any:
-        return {"url": value} if isinstance(value, str) else value
-
-    _check_url = field_validator("url")(classmethod(lambda cls, v: check_http_url(v)))
-
-
-class PoolConfig(Strict):
-    max_connections: int = Field(default=512, ge=1, description="open connections per target")
-    idle_timeout: Duration = Field(default=60.0, description="idle pooled connections are closed after this")
-
-
-class UpstreamConfig(Strict):
-    targets: list[TargetConfig] = Field(min_length=1)
-    pool: PoolConfig = PoolConfig()
-
-
 class TimeoutsConfig(Strict):
     connect: Duration = 5.0
-    read: Duration = Field(default=60.0, description="longest wait for the upstream's next bytes")
+    read: Duration = Field(
+        default=60.0,
+        description="default first_byte and idle of upstreams: the longest wait for a response to begin, "
+        "and the longest silence within it",
+    )
     keepalive: Duration = Field(default=75.0, description="idle client connections are closed after this")
     header: Duration = Field(
         default=60.0, description="a request head must arrive whole within this, or 408 and close"
@@ -234,8 +205,8 @@ class RouteConfig(Strict):
     strip_prefix: bool = False
     rewrite: str | None = Field(default=None, description="upstream path template: {param}, {path}")
     preserve_host: bool = False
-    timeout: Duration = Field(default_factory=lambda: _env_default("DEFAULT_TIMEOUT", 30.0))
-    retries: int = Field(default_factory=lambda: _env_default("MAX_RETRIES", 2), ge=0, le=10)
+    timeout: Duration = Field(default_factory=lambda: env_default("DEFAULT_TIMEOUT", 30.0))
+    retries: RetryConfig = Field(default_factory=RetryConfig, description="a count, or attempts and retry_on")
     max_body_size: ByteSize | None = None
     upgrades: list[str] = Field(
         default_factory=lambda: ["websocket"], description="Upgrade protocols tunneled to the upstream"
@@ -343,7 +314,7 @@ class RouteConfig(Strict):
 
 
 class GatewayConfig(Strict):
-    listen: ListenConfig = Field(default_factory=lambda: ListenConfig(port=_env_default("PORT", 8000)))
+    listen: ListenConfig = Field(default_factory=lambda: ListenConfig(port=env_default("PORT", 8000)))
     workers: int = Field(default=1, ge=1, le=256)
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
     timeouts: TimeoutsConfig = TimeoutsConfig()

@@ -4,6 +4,8 @@ features (webhooks, pollers, policies) use them without importing ``config.model
 
 from __future__ import annotations
 
+import os
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
@@ -28,3 +30,15 @@ def check_http_url(url: str) -> str:
     if parts.query or parts.fragment:
         raise ValueError("must not carry a query string or fragment")
     return url
+
+
+_Number = TypeVar("_Number", int, float)
+
+
+def env_default(name: str, default: _Number) -> _Number:
+    """A default taken from the environment variable ``name`` when it holds a number of its type."""
+    raw = os.environ.get(name)
+    try:
+        return type(default)(raw) if raw else default
+    except ValueError:
+        return default

@@ -9,13 +9,16 @@ retries when that is safe, and turns failures into JSON errors.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable
 from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any, Final
 
 from apigate.engine import framing, wire
+from apigate.engine.breakers import CLOSED
 from apigate.engine.replies import Reply, error_body
+from apigate.engine.retries import CONNECT, RESET, TIMEOUT
 from apigate.engine.router import MethodNotAllowed
 from apigate.engine.upstream import PoolTimeout, UpstreamConnection
 from apigate.engine.wire import (
@@ -33,7 +36,9 @@ from apigate.httpspec import IDEMPOTENT_METHODS
 
 if TYPE_CHECKING:
     from apigate.engine.client import ClientConnection
-    from apigate.engine.plan import CompiledRoute, Plan, Target
+    from apigate.engine.plan import CompiledRoute, Plan, Target, UpstreamGroup
+
+log = logging.getLogger("apigate")
 
 # What a client's Connection header cannot take away: the engine reads these for Host and
 # framing (RFC 9112 §6), and the Upgrade handshake needs its Upgrade field.
@@ -61,6 +66,9 @@ class Exchange:
     target: Target | None = None
     upstream: UpstreamConnection | None = None
     attempt = 0
+    t_attempt = 0.0  # when the current attempt picked its target (monotonic)
+    sent_at = 0.0  # when the sweep first saw the current attempt sent (0.0: not yet)
+    tried: list[str] | None = None  # each failed attempt, for the exchange's log line (retries only)
     reused = False
     body_pending: list[bytes] | None = None
     body_pending_size = 0
@@ -403,57 +411,175 @@ class Exchange:
         if group is None:
             self.fail(500, "this route has no upstream and no policy answered the request")
             return
-        target = group.single or group.pick(self.target if self.attempt else None)
+        first = self.attempt == 0
+        now = self.t_start if first else _monotonic()
+        target = group.single
+        if target is None:
+            target = self._pick(group, now)
+            if target is None:
+                return
+        previous = self.target
+        if previous is not None:
+            previous.state.in_flight -= 1
+        target.state.in_flight += 1
         self.target = target
+        if first and group.budget is not None:
+            group.budget.request(now)
         self.attempt += 1
+        self.t_attempt = now
         conn = target.pool.take_idle()
         if conn is not None:
             self.attach(conn, reused=True)
         else:
-            self.client.gateway.spawn(self._connect(target))
+            self.client.gateway.spawn(self._connect(target, group.timeouts.connect))
 
-    async def _connect(self, target: Target) -> None:
+    def _pick(self, group: UpstreamGroup, now: float) -> Target | None:
+        """The balancer's choice, or None after answering 503 (circuit open, no usable target)."""
+        breaker = group.breaker
+        if breaker is not None and not breaker.admit(now):
+            self._unavailable(group, now, "circuit_open", f"the circuit of upstream {group.name} is open")
+            return None
+        target = group.pick(self, self.target if self.attempt else None, now)
+        if target is None:
+            if all(t.state.breaker is not None and t.state.breaker.state != CLOSED for t in group.targets):
+                self._unavailable(
+                    group, now, "circuit_open", f"every circuit of upstream {group.name} is open"
+                )
+            else:
+                self._unavailable(
+                    group, now, "no_healthy_upstream", f"no target of upstream {group.name} is available"
+                )
+            return None
+        target.state.admit(now)
+        return target
+
+    def _unavailable(self, group: UpstreamGroup, now: float, reason: str, message: str) -> None:
+        """503 at once with Retry-After: nothing queues for targets that are down."""
+        if self.tried is not None:
+            self._log_attempts(f"503 {reason}")
+        retry_after = str(group.retry_after(now)).encode()
+        self.fail(503, message, [(b"retry-after", retry_after)], reason)
+
+    async def _connect(self, target: Target, timeout: float) -> None:
         try:
-            conn = await target.pool.connect(self.plan.timeouts.connect)
+            conn = await target.pool.connect(timeout)
         except (PoolTimeout, TimeoutError):
-            self.retry_or_fail(504, "upstream connect timed out")
+            self.attempt_failed(CONNECT, 504, "upstream connect timed out", "connect_timeout")
             return
         except OSError:
-            self.retry_or_fail(502, "upstream refused the connection or could not be resolved")
+            self.attempt_failed(
+                CONNECT, 502, "upstream refused the connection or could not be resolved", "connect_failed"
+            )
             return
         if self.finished or self.client.closed:
             target.pool.release(conn)
             return
         self.attach(conn, reused=False)
 
-    def retry_or_fail(self, status: int, message: str, sent: bool = False) -> None:
-        """Try again on another connection when that cannot repeat a side effect, else answer an error.
+    def attempt_failed(self, kind: int, status: int, message: str, reason: str, sent: bool = False) -> None:
+        """The current attempt failed before a usable response: note it against the target, then
+        try again when that is allowed and safe, else answer ``status`` with ``reason``.
 
         A request that never reached an upstream is always safe to retry; one that was sent is
-        retried only when its method is idempotent (RFC 9110 §9.2.2). A pooled connection that
-        the upstream had closed while idle fails before answering and does not use up a retry.
+        retried only when its method is idempotent (RFC 9110 §9.2.2) or it carries the route's
+        idempotency-key header. A pooled connection that the upstream had closed while idle fails
+        before answering: that is not the target's failure, and it retries at once, for free.
         """
         route = self.route
-        if sent and self.reused:
-            self.attempt -= 1
-        if (
-            route is not None
-            and not self.response_started
-            and self.attempt <= route.retries
-            and self.replayable
-            and not self.finished
-            and (not sent or self.method in IDEMPOTENT_METHODS)
-        ):
-            self.client.gateway.stats.retries += 1
-            self.go_upstream()
+        target = self.target
+        if self.finished or route is None or target is None:
             return
-        self.fail(status, message)
+        group = route.upstream
+        assert group is not None
+        now = _monotonic()
+        stale = sent and self.reused and kind == RESET
+        if stale:
+            self.attempt -= 1
+        else:
+            self._note_failure(group, target, now, reason)
+        delay = self._retry_delay(route, group, bool(kind & route.retry.on), sent, stale, now)
+        if delay >= 0.0:
+            self._retry(delay)
+            return
+        if self.tried is not None and self.attempt > 1:
+            self._log_attempts(f"{status} {reason}")
+        self.fail(status, message, None, reason)
+
+    def _note_failure(self, group: UpstreamGroup, target: Target, now: float, reason: str) -> None:
+        if group.monitored:
+            group.failed(target, now)
+        self._note_attempt(target, reason)
+
+    def _note_attempt(self, target: Target, outcome: str) -> None:
+        if self.tried is None:
+            self.tried = []
+        self.tried.append(f"{target.host}:{target.port} {outcome}")
+
+    def _retry_delay(
+        self,
+        route: CompiledRoute,
+        group: UpstreamGroup,
+        retried_kind: bool,
+        sent: bool,
+        stale: bool,
+        now: float,
+    ) -> float:
+        """Seconds to wait before the next attempt, or -1.0 when there is none: not this kind of
+        failure, no attempts left, not safe to resend, no time left, or the budget is spent (asked
+        last, as a yes spends from it)."""
+        policy = route.retry
+        if not (
+            retried_kind
+            and not self.response_started
+            and not self.client.closed
+            and self.replayable
+            and self.attempt <= policy.attempts
+            and (not sent or self._may_resend(policy.idempotency_header))
+        ):
+            return -1.0
+        if stale:
+            return 0.0
+        delay = policy.backoff(self.attempt)
+        if delay > 0.0 and delay >= route.timeout - (now - self.t_start):
+            return -1.0
+        if group.budget is not None and not group.budget.try_retry(now):
+            return -1.0
+        return delay
+
+    def _retry(self, delay: float) -> None:
+        self.client.gateway.stats.retries += 1
+        if delay > 0.0:
+            self.client.gateway.loop.call_later(delay, self._retry_now)
+        else:
+            self.go_upstream()
+
+    def _retry_now(self) -> None:
+        if not self.finished and not self.client.closed:
+            self.go_upstream()
+
+    def _may_resend(self, idempotency_header: bytes | None) -> bool:
+        if self.method in IDEMPOTENT_METHODS:
+            return True
+        return idempotency_header is not None and self.header(idempotency_header) is not None
+
+    def _log_attempts(self, outcome: str) -> None:
+        tried = ", ".join(self.tried or ())
+        log.warning(
+            "request %s %s %s: %d attempt(s): %s; %s",
+            self.request_id,
+            self.method,
+            self.path,
+            self.attempt,
+            tried,
+            outcome,
+        )
 
     def attach(self, conn: UpstreamConnection, reused: bool) -> None:
         self.upstream = conn
         conn.exchange = self
         conn.head_only = self.method == "HEAD"
         self.quiet_since = 0.0
+        self.sent_at = 0.0
         route = self.route
         assert route is not None
         target = self.target
@@ -545,13 +671,20 @@ class Exchange:
 
     # -- response from the upstream -------------------------------------------------------------------
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
-        self.t_first_byte = _monotonic()
+        self.t_first_byte = now = _monotonic()
+        route = self.route
+        if (
+            route is not None
+            and (group := route.upstream) is not None
+            and (group.monitored or self.tried is not None or route.retry.statuses)
+            and self._judge_response(group, status, now)
+        ):
+            return  # retried: this response is dropped
         self.response_status = status
         self.upstream_keep_alive = keep_alive
         client = self.client
         kept, length_known, chunked = framing.response_fields(headers, self.rid)
         self.response_headers = kept
-        route = self.route
         if route is not None and route.response_hooks:
             for hook in route.response_hooks:
                 hook(self)
@@ -587,6 +720,33 @@ class Exchange:
             self.close_after = True
         client.write(head)
 
+    def _judge_response(self, group: UpstreamGroup, status: int, now: float) -> bool:
+        """Note the response against its target; True when a retryable status is retried instead."""
+        target = self.target
+        assert target is not None
+        route = self.route
+        assert route is not None
+        failed = status in group.failure_statuses
+        if failed:
+            self._note_failure(group, target, now, str(status))
+        elif group.monitored:
+            group.succeeded(target, now, now - self.t_attempt)
+        if status in route.retry.statuses:
+            delay = self._retry_delay(route, group, True, True, False, now)
+            if delay >= 0.0:
+                if not failed:
+                    self._note_attempt(target, str(status))
+                conn = self.upstream
+                self.upstream = None
+                if conn is not None:  # the rest of this response is not read: the connection goes
+                    conn.exchange = None
+                    conn.close()
+                self._retry(delay)
+                return True
+        if self.tried is not None and self.attempt > 1:
+            self._log_attempts(f"{status} from {target.host}:{target.port}")
+        return False
+
     def on_response_body(self, data: bytes) -> None:
         self.bytes_out += len(data)
         self.client.write(wire.chunk(data) if self.response_chunked else data)
@@ -621,7 +781,9 @@ class Exchange:
             else:
                 self.abort()
             return
-        self.retry_or_fail(502, "upstream closed the connection before answering", sent=True)
+        self.attempt_failed(
+            RESET, 502, "upstream closed the connection before answering", "upstream_reset", True
+        )
 
     def upstream_protocol_error(self, conn: UpstreamConnection | None) -> None:
         self.upstream = None
@@ -630,20 +792,54 @@ class Exchange:
             conn.close()
         if self.response_started:
             self.abort()
-        else:
-            self.fail(502, "upstream sent an invalid HTTP response")
+            return
+        route = self.route
+        target = self.target
+        if route is not None and route.upstream is not None and target is not None:
+            self._note_failure(route.upstream, target, _monotonic(), "invalid_response")
+        self.fail(502, "upstream sent an invalid HTTP response", None, "invalid_response")
 
-    def check_timeouts(self, now: float, read_timeout: float) -> None:
-        """Called by the gateway's sweep while an upstream is attached."""
+    def check_timeouts(self, now: float, tunnel_idle: float) -> None:
+        """Called by the gateway's sweep while an upstream is attached: the route's total time, the
+        try's time, the first byte of the response, then silences between bytes (no clock call
+        per chunk: upstream data sets ``seen``; the sweep notes when it last found it set)."""
+        route = self.route
+        assert route is not None
+        if self.tunnel:  # a tunnel lives as long as it is used: only the idle timeout
+            self._check_idle(now, tunnel_idle)
+            return
+        if now - self.t_start > route.timeout:
+            self.timed_out(now, "total_timeout", "upstream timed out: the route's timeout passed")
+            return
+        group = route.upstream
+        assert group is not None
+        if self.seen or self.quiet_since:
+            self._check_idle(now, group.timeouts.idle)
+            return
+        if not self.sent_at:
+            self.sent_at = now  # within one sweep of the send: the timeouts' resolution
+            return
+        waited = now - self.sent_at
+        per_try = route.retry.per_try_timeout
+        if per_try and waited > per_try:
+            self.attempt_failed(
+                TIMEOUT,
+                504,
+                "upstream timed out: no answer within the try's timeout",
+                "per_try_timeout",
+                True,
+            )
+        elif waited > group.timeouts.first_byte:
+            self.attempt_failed(
+                TIMEOUT, 504, "upstream timed out before its response began", "first_byte_timeout", True
+            )
+
+    def _check_idle(self, now: float, idle: float) -> None:
         if self.seen or not self.quiet_since:
             self.seen = False
             self.quiet_since = now
-        elif now - self.quiet_since > read_timeout:
-            self.timed_out(now)
-            return
-        route = self.route
-        if not self.tunnel and route is not None and now - self.t_start > route.timeout:
-            self.timed_out(now)
+        elif now - self.quiet_since > idle:
+            self.timed_out(now, "idle_timeout", "upstream timed out: silent in the middle of its answer")
 
     def check_body_timeouts(self, now: float, body_idle: float) -> None:
         """Called by the gateway's sweep while the request body is still arriving. Silence longer
@@ -670,12 +866,12 @@ class Exchange:
                 self.close_after = True
                 self.fail(408, "the request body did not arrive in time")
 
-    def timed_out(self, now: float) -> None:
+    def timed_out(self, now: float, reason: str, message: str) -> None:
         self.client.gateway.stats.timeouts += 1
         if self.response_started:
             self.abort()
         else:
-            self.fail(504, "upstream timed out")
+            self.fail(504, message, None, reason)
 
     # -- websocket and other upgrades ----------------------------------------------------------------
     def tunnel_to_client(self, data: bytes) -> None:
@@ -725,7 +921,13 @@ class Exchange:
         self.client.write(message)
         self.finish()
 
-    def fail(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    def fail(
+        self,
+        status: int,
+        message: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        reason: str | None = None,
+    ) -> None:
         """Answer with a JSON error if nothing was sent yet; otherwise cut the connection."""
         conn = self.upstream
         if conn is not None:
@@ -736,7 +938,7 @@ class Exchange:
             self.abort()
             return
         self.client.gateway.stats.count_error(status)
-        self.reply(Reply(status, error_body(message, self.request_id), headers))
+        self.reply(Reply(status, error_body(message, self.request_id, reason), headers))
 
     def abort(self) -> None:
         """The response cannot be completed: close both sides so the client sees a truncated reply."""
@@ -760,6 +962,9 @@ class Exchange:
         route = self.route
         if route is not None:
             route.requests += 1
+        target = self.target
+        if target is not None:
+            target.state.in_flight -= 1
         if route is not None and route.log_hooks:
             for hook in route.log_hooks:
                 try:

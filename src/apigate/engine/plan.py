@@ -3,13 +3,14 @@
 config/compile.py builds a Plan from a validated config; the engine reads it and nothing else of
 the config (no pydantic model is read per request). A reload builds a new Plan and
 ``Gateway.apply`` swaps one reference; requests already running keep the plan they started with.
-The balancer's pick and the upstream path are built here, per request, compiled with the other
-hot modules.
+The upstream path is built here per request, compiled with the other hot modules; the
+balancers are in engine/balancers.py, target health and circuits in engine/breakers.py.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,8 +18,11 @@ from typing import Any
 
 # Imported at run time, not only for type checking: mypyc builds these dataclasses from their
 # annotations when the module loads, so every name they use must exist then.
+from apigate.engine.balancers import Balancer
+from apigate.engine.breakers import CLOSED, Breaker, EjectionSettings, TargetState
 from apigate.engine.exchange import Exchange
 from apigate.engine.replies import Reply
+from apigate.engine.retries import RetryBudget, RetryPolicy
 from apigate.engine.router import Router
 from apigate.engine.upstream import ConnectionPool
 
@@ -32,7 +36,7 @@ LogHook = Callable[[Exchange], None]
 
 @dataclass(slots=True)
 class Target:
-    """One upstream server: where to connect and what Host to send."""
+    """One upstream server: where to connect, what Host to send, and its kept state."""
 
     scheme: str
     host: str
@@ -40,42 +44,96 @@ class Target:
     host_header: bytes
     weight: int
     pool: ConnectionPool
+    state: TargetState
+    id: str  # opaque and stable (sticky cookies name it): a hash of the upstream and the address
     ssl: ssl.SSLContext | None = None
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTimeouts:
+    """Seconds: connecting, the first byte of the response after the request went, and the
+    longest silence between bytes after that (the route's ``timeout`` bounds the whole)."""
+
+    connect: float = 5.0
+    first_byte: float = 60.0
+    idle: float = 60.0
 
 
 class UpstreamGroup:
-    """Targets behind one name; smooth weighted round robin (as nginx does) picks one per request."""
+    """Targets behind one name, the balancer that picks among them, and what keeps failing
+    targets out of rotation: passive ejection, circuit breakers and a retry budget."""
 
-    __slots__ = ("_current", "name", "single", "targets")
+    __slots__ = (
+        "balancer",
+        "breaker",
+        "budget",
+        "ejection",
+        "failure_statuses",
+        "monitored",
+        "name",
+        "single",
+        "states",
+        "targets",
+        "timeouts",
+    )
 
-    def __init__(self, name: str, targets: list[Target]) -> None:
+    def __init__(
+        self,
+        name: str,
+        targets: list[Target],
+        balancer: Balancer | None = None,
+        timeouts: UpstreamTimeouts | None = None,
+        breaker: Breaker | None = None,
+        ejection: EjectionSettings | None = None,
+        budget: RetryBudget | None = None,
+        failure_statuses: frozenset[int] = frozenset(),
+        monitored: bool = False,
+    ) -> None:
+        """``monitored``: results are recorded per target (passive health, circuit breakers or a
+        latency-aware balancer need them); active checks alone do not need it."""
         self.name = name
         self.targets = [t for t in targets if t.weight > 0] or targets
-        # The only target, if there is one: the proxy then skips pick() (one call fewer per request).
-        self.single = self.targets[0] if len(self.targets) == 1 else None
-        self._current = [0] * len(self.targets)
+        self.balancer = balancer if balancer is not None else Balancer(self.targets)
+        self.timeouts = timeouts if timeouts is not None else UpstreamTimeouts()
+        self.breaker = breaker
+        self.ejection = ejection
+        self.budget = budget
+        self.failure_statuses = failure_statuses
+        self.monitored = monitored or breaker is not None
+        self.states = [t.state for t in self.targets]
+        # The only target of a plain upstream: the proxy skips the balancer (one call fewer per
+        # request). A single target that can be ejected or cut off goes through the balancer.
+        plain = len(self.targets) == 1 and not monitored and self.targets[0].state.breaker is None
+        self.single = self.targets[0] if plain and type(self.balancer) is Balancer else None
 
-    def pick(self, exclude: Target | None = None) -> Target:
-        single = self.single
-        if single is not None:
-            return single
-        total = 0
-        best = -1
-        current = self._current
-        targets = self.targets
-        for index in range(len(targets)):
-            target = targets[index]
-            if target is exclude:
-                continue
-            current[index] += target.weight
-            total += target.weight
-            if best < 0 or current[index] > current[best]:
-                best = index
-        if best < 0:  # every target excluded: fall back to the excluded one
-            assert exclude is not None
-            return exclude
-        current[best] -= total
-        return targets[best]
+    def pick(self, exchange: Exchange, exclude: Target | None, now: float) -> Target | None:
+        return self.balancer.pick(exchange, exclude, now)
+
+    def succeeded(self, target: Target, now: float, latency: float) -> None:
+        state = target.state
+        state.note_latency(latency)
+        state.succeeded(now)
+        breaker = self.breaker
+        if breaker is not None:
+            breaker.success(now)
+
+    def failed(self, target: Target, now: float) -> None:
+        target.state.failed(now, self.ejection, self.states)
+        breaker = self.breaker
+        if breaker is not None:
+            breaker.failure(now)
+
+    def retry_after(self, now: float) -> int:
+        """Whole seconds until a target may take requests again (for Retry-After), at least 1."""
+        soonest = min((t.state.retry_after(now) for t in self.targets), default=1.0)
+        if self.breaker is not None and self.breaker.state != CLOSED:
+            soonest = max(soonest, self.breaker.open_until - now)
+        return max(1, math.ceil(soonest))
 
 
 @dataclass(slots=True)
@@ -87,7 +145,7 @@ class CompiledRoute:
     rewrite: tuple[tuple[bool, str], ...] | None
     preserve_host: bool
     timeout: float
-    retries: int
+    retry: RetryPolicy
     max_body_size: int | None
     lists_methods: bool  # the route names its methods (TRACE is served only where listed)
     policies: tuple[Any, ...]

@@ -29,6 +29,8 @@ def json_reply(status: int, payload: Any, headers: list[tuple[bytes, bytes]] | N
     return Reply(status, orjson.dumps(payload), headers)
 
 
-def error_body(message: str, request_id: str) -> bytes:
-    """The JSON body of every error the gateway makes."""
-    return orjson.dumps({"error": message, "request_id": request_id})
+def error_body(message: str, request_id: str, reason: str | None = None) -> bytes:
+    """The JSON body of every error the gateway makes; ``reason`` is a stable code for programs."""
+    if reason is None:
+        return orjson.dumps({"error": message, "request_id": request_id})
+    return orjson.dumps({"error": message, "reason": reason, "request_id": request_id})

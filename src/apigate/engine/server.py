@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from apigate.engine import builtin, wire
+from apigate.engine.breakers import TargetStates
 from apigate.engine.client import ClientConnection
 from apigate.engine.exchange import Exchange
 from apigate.engine.plan import Plan
@@ -36,6 +37,7 @@ class Gateway:
         """A gateway serving an empty plan (every request 404) until ``apply`` gives it one."""
         self.loop = loop or asyncio.get_running_loop()
         self.pools = PoolManager(self.loop)
+        self.target_states = TargetStates()  # health and circuits of upstream targets, across reloads
         self.stats = Stats()
         self.connections: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()

@@ -40,6 +40,7 @@ from apigate.config.headernames import HEADER_NAME, check_header_name
 from apigate.config.units import ByteSize, Duration
 from apigate.config.validators import check_http_url
 from apigate.engine.replies import Reply
+from apigate.httpspec import cookie_value
 from apigate.policies.authconfig import AuthConfig
 from apigate.policies.base import Policy
 from apigate.policies.claims import (
@@ -506,15 +507,7 @@ class JwtPolicy(Policy[JwtConfig]):
 
     # -- other places a token can be ----------------------------------------------------------------------
     def _from_cookie(self, exchange: Exchange) -> bytes | None:
-        wanted = self._cookie
-        for key, value in exchange.headers:
-            if key != b"cookie":
-                continue
-            for part in value.split(b";"):
-                name, sep, found = part.strip().partition(b"=")
-                if sep and name == wanted:
-                    return found.strip(b'" ') or None
-        return None
+        return cookie_value(exchange.headers, self._cookie) or None
 
     def _strip_cookie(self, exchange: Exchange) -> None:
         wanted = self._cookie
