@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +18,10 @@ from tests.support.redis_cluster import RedisClusterServers
 from tests.support.redis_sentinel import RedisSentinelServers
 from tests.support.state import Run
 from tests.support.upstream import UpstreamServer
+
+# Gateways started by tests run side by side: their admin listeners take a free port each unless
+# a test names one (the default, 127.0.0.1:8001, would be taken by the first).
+os.environ["APIGATE_ADMIN_LISTEN"] = "127.0.0.1:0"
 
 
 @pytest.fixture

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +30,8 @@ from apigate.config.compile import compile_plan, needs_of, state_urls_of
 from apigate.config.loader import ConfigError, load_config
 from apigate.config.models import GatewayConfig
 from apigate.engine.server import Gateway
+from apigate.node.link import WorkerLink
+from apigate.node.runtime import NodeRuntime
 from apigate.services import Services
 
 log = logging.getLogger("apigate")
@@ -65,6 +71,40 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+@dataclass
+class Sockets:
+    """What the process bound before forking: workers and the node agent inherit them."""
+
+    proxy: socket.socket
+    demo: socket.socket | None = None
+    admin: socket.socket | None = None
+    node_path: str | None = None  # the node agent's Unix socket, when it runs in its own process
+
+
+def bind_admin(config: GatewayConfig) -> socket.socket | None:
+    """The admin listener's socket (None: ``admin: null``). Without a token it binds loopback only."""
+    admin = config.admin
+    if admin is None:
+        return None
+    host = admin.listen.host
+    if admin.token is None and not _is_loopback(host):
+        print(
+            f"apigate: the admin listener has no token (admin.token or $APIGATE_ADMIN_TOKEN), so it "
+            f"listens on 127.0.0.1 only, not on {host}",
+            file=sys.stderr,
+            flush=True,
+        )
+        host = "127.0.0.1"
+    return bind(host, admin.listen.port)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def run(source: ConfigSource, workers: int | None) -> int:
     """Run the gateway until SIGTERM/SIGINT; returns the process exit code."""
     demo_sock = None
@@ -84,10 +124,22 @@ def run(source: ConfigSource, workers: int | None) -> int:
     except OSError as exc:
         print(f"apigate: cannot listen on {config.listen.host}:{config.listen.port}: {exc}", file=sys.stderr)
         return 1
-    host, port = sock.getsockname()[:2]
-    shown_host = f"[{host}]" if ":" in host else host
+    try:
+        admin_sock = bind_admin(config)
+    except OSError as exc:
+        assert config.admin is not None
+        listen = config.admin.listen
+        print(
+            f"apigate: cannot listen for the admin API on {listen.host}:{listen.port}: {exc} "
+            "(set admin.listen, or admin: null to run without it)",
+            file=sys.stderr,
+        )
+        return 1
     where = f"config {source.path}" if source.path else "the embedded demo (GET /api/v1/hello)"
-    print(f"apigate listening on http://{shown_host}:{port} with {count} worker(s), {where}", flush=True)
+    print(f"apigate listening on {_url_of(sock)} with {count} worker(s), {where}", flush=True)
+    if admin_sock is not None:
+        guard = "bearer token required" if config.admin and config.admin.token else "no token: loopback only"
+        print(f"apigate admin API on {_url_of(admin_sock)} ({guard})", flush=True)
     per_process = _limits_counted_per_process(config)
     if count > 1 and per_process:
         print(
@@ -96,9 +148,15 @@ def run(source: ConfigSource, workers: int | None) -> int:
             file=sys.stderr,
             flush=True,
         )
+    sockets = Sockets(sock, demo_sock, admin_sock)
     if count == 1:
-        return _worker(source, config, sock, demo_sock)
-    return _supervise(source, config, sock, demo_sock, count)
+        return _worker(source, config, sockets)
+    return _supervise(source, config, sockets, count)
+
+
+def _url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _limits_counted_per_process(config: GatewayConfig) -> list[str]:
@@ -115,15 +173,11 @@ def _limits_counted_per_process(config: GatewayConfig) -> list[str]:
 
 
 def _worker(
-    source: ConfigSource,
-    config: GatewayConfig,
-    sock: socket.socket,
-    demo_sock: socket.socket | None,
-    parent_alive: int | None = None,
+    source: ConfigSource, config: GatewayConfig, sockets: Sockets, parent_alive: int | None = None
 ) -> int:
     """Serve until told to stop; ``parent_alive`` is the read end of the supervisor's pipe."""
     uvloop.install()
-    return asyncio.run(_serve(source, config, sock, demo_sock, parent_alive))
+    return asyncio.run(_serve(source, config, sockets, parent_alive))
 
 
 class Runtime:
@@ -133,6 +187,7 @@ class Runtime:
         self.source = source
         self.gateway = Gateway(loop)
         self.services = Services()  # outlive reloads: a reload recompiles policies, not connections
+        self.node: NodeRuntime | None = None  # the node agent, when it runs in this process
 
     def apply(self, config: GatewayConfig) -> None:
         """Compile ``config`` and serve it; raises (and keeps the running plan) if compiling fails."""
@@ -165,6 +220,8 @@ class Runtime:
         except Exception:
             log.exception("reload (%s) failed, the running config stays", why)
             return
+        if self.node is not None:
+            self.node.apply(config)
         self.gateway.spawn(self._start_services_after_reload())
         log.info("reloaded config (%s): %d routes", why, len(config.routes))
 
@@ -182,31 +239,77 @@ class Runtime:
 
 
 async def _serve(
-    source: ConfigSource,
-    config: GatewayConfig,
-    sock: socket.socket,
-    demo_sock: socket.socket | None,
-    parent_alive: int | None = None,
+    source: ConfigSource, config: GatewayConfig, sockets: Sockets, parent_alive: int | None = None
 ) -> int:
     loop = asyncio.get_running_loop()
     runtime = Runtime(source, loop)
     runtime.apply(config)
     await runtime.start_services()
-    if demo_sock is not None:
+    if sockets.demo is not None:
         from apigate.demo.upstream import serve_demo
 
-        await serve_demo(demo_sock)
-    await runtime.gateway.serve(sock)
+        await serve_demo(sockets.demo)
+    link = _link_to_node(runtime, config, sockets)
+    link.start()
+    await runtime.gateway.serve(sockets.proxy)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, runtime.reload, "SIGHUP")
     if parent_alive is not None:
         loop.add_reader(parent_alive, _parent_gone, loop, parent_alive, stop)
-    watcher = loop.create_task(_watch(runtime, source))
+    watcher = loop.create_task(_watch(source, runtime.reload))
     await stop.wait()
     watcher.cancel()
     await runtime.drain()
+    await link.stop()
+    if runtime.node is not None:
+        await runtime.node.stop()
+    return 0
+
+
+def _link_to_node(runtime: Runtime, config: GatewayConfig, sockets: Sockets) -> WorkerLink:
+    """The worker's link to the node agent: in this process when it is the only worker, else the
+    agent process's Unix socket."""
+    path = sockets.node_path
+    if path is None:
+        node = runtime.node = NodeRuntime(config, sockets.admin)
+        node.start()
+        return WorkerLink(runtime.gateway, node.connect_here)
+    return WorkerLink(runtime.gateway, lambda: asyncio.open_unix_connection(path))
+
+
+def _node_agent(
+    source: ConfigSource, config: GatewayConfig, sockets: Sockets, node_sock: socket.socket, parent_alive: int
+) -> int:
+    """The node agent's own process (several workers): active checks and the admin listener."""
+    uvloop.install()
+    return asyncio.run(_serve_node(source, config, sockets, node_sock, parent_alive))
+
+
+async def _serve_node(
+    source: ConfigSource, config: GatewayConfig, sockets: Sockets, node_sock: socket.socket, parent_alive: int
+) -> int:
+    loop = asyncio.get_running_loop()
+    node = NodeRuntime(config, sockets.admin)
+    node.start()
+    await node.listen(node_sock)
+
+    def reload(why: str) -> None:
+        try:
+            node.apply(source.load())
+        except ConfigError as exc:
+            log.error("node: reload (%s) refused, the running config stays:\n%s", why, exc)
+
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload, "SIGHUP")
+    loop.add_reader(parent_alive, _parent_gone, loop, parent_alive, stop)
+    watcher = loop.create_task(_watch(source, reload))
+    await stop.wait()
+    watcher.cancel()
+    await node.stop()
     return 0
 
 
@@ -217,7 +320,7 @@ def _parent_gone(loop: asyncio.AbstractEventLoop, parent_alive: int, stop: async
     stop.set()
 
 
-async def _watch(runtime: Runtime, source: ConfigSource) -> None:
+async def _watch(source: ConfigSource, reload: Callable[[str], None]) -> None:
     """Reload when the file changes (mtime polled once a second: portable and cheap)."""
     seen = source.mtime()
     while True:
@@ -225,17 +328,15 @@ async def _watch(runtime: Runtime, source: ConfigSource) -> None:
         current = source.mtime()
         if current != seen:
             seen = current
-            runtime.reload("file changed")
+            reload("file changed")
 
 
-def _supervise(
-    source: ConfigSource,
-    config: GatewayConfig,
-    sock: socket.socket,
-    demo_sock: socket.socket | None,
-    count: int,
-) -> int:
-    children: dict[int, int] = {}  # pid -> worker slot
+NODE_SLOT = -1  # the node agent's slot among the supervised children
+
+
+def _supervise(source: ConfigSource, config: GatewayConfig, sockets: Sockets, count: int) -> int:
+    """Fork the node agent and the workers, restart whichever exits, forward signals."""
+    children: dict[int, int] = {}  # pid -> worker slot (NODE_SLOT: the node agent)
     stopping = False
     # Workers learn of this process's death, however it dies (SIGKILL included), from a pipe only
     # it holds the write end of: the kernel closes that end when it exits, and each worker's loop
@@ -243,6 +344,14 @@ def _supervise(
     # process rather than the forking thread, and has no window to close between fork and setup
     # (an end of file that came early is still there when the worker starts watching).
     parent_alive, held_by_parent = os.pipe()
+    # The node agent's socket, in a directory only this user can enter; bound here so that it
+    # outlives an agent that is restarted (workers reconnect to the same path).
+    node_dir = tempfile.mkdtemp(prefix="apigate-node-")
+    node_path = os.path.join(node_dir, "node.sock")
+    node_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    node_sock.bind(node_path)
+    node_sock.listen(256)
+    worker_sockets = Sockets(sockets.proxy, sockets.demo, None, node_path)
 
     def start(slot: int) -> None:
         pid = os.fork()
@@ -252,7 +361,10 @@ def _supervise(
                 signal.signal(sig, signal.SIG_DFL)
             code = 1
             try:
-                code = _worker(source, config, sock, demo_sock, parent_alive)
+                if slot == NODE_SLOT:
+                    code = _node_agent(source, config, sockets, node_sock, parent_alive)
+                else:
+                    code = _worker(source, config, worker_sockets, parent_alive)
             finally:
                 os._exit(code)
         children[pid] = slot
@@ -267,18 +379,24 @@ def _supervise(
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    for slot in range(count):
-        start(slot)
-    while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-        slot = children.pop(pid, None)
-        if slot is not None and not stopping:
-            log.error("worker %d exited (status %d); starting a new one", pid, status)
-            time.sleep(0.2)
+    try:
+        start(NODE_SLOT)
+        for slot in range(count):
             start(slot)
+        while children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+            slot = children.pop(pid, None)
+            if slot is not None and not stopping:
+                what = "the node agent" if slot == NODE_SLOT else "worker"
+                log.error("%s %d exited (status %d); starting a new one", what, pid, status)
+                time.sleep(0.2)
+                start(slot)
+    finally:
+        node_sock.close()
+        shutil.rmtree(node_dir, ignore_errors=True)
     return 0

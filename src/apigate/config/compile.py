@@ -69,6 +69,16 @@ def _compile_rewrite(template: str | None) -> tuple[tuple[bool, str], ...] | Non
     return tuple(parts)
 
 
+def target_key(upstream: str, url: str) -> str:
+    """The name a target's kept state goes by: its upstream and its normalised address. The node's
+    active checks report under the same key."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    shown_host = f"[{host}]" if ":" in host else host
+    return f"{upstream}/{parts.scheme}://{shown_host}:{port}"
+
+
 def _make_target(
     upstream_name: str, url: str, weight: int, pool_config: Any, pools: PoolManager, states: TargetStates
 ) -> Target:
@@ -79,8 +89,7 @@ def _make_target(
     host_header = host_field(scheme, host, port)
     tls = ssl.create_default_context() if scheme == "https" else None
     pool = pools.pool_for(scheme, host, port, tls, pool_config)
-    shown_host = f"[{host}]" if ":" in host else host
-    key = f"{upstream_name}/{scheme}://{shown_host}:{port}"
+    key = target_key(upstream_name, url)
     target_id = f"{stable_hash(key.encode()):016x}"
     return Target(scheme, host, port, host_header, weight, pool, states.state_for(key), target_id, tls)
 
@@ -145,6 +154,7 @@ def compile_plan(
         groups[name] = _group(name, upstream, config, pools, states)
 
     compiled: list[CompiledRoute] = []
+    target_groups: list[UpstreamGroup] = []  # the groups of routes that name one target
     entries: list[RouteEntry] = []
     inactive: dict[str, tuple[str, ...]] = {}
     for order, route in enumerate([*config.routes, *source_routes(config)]):
@@ -154,6 +164,7 @@ def compile_plan(
         elif route.target is not None:
             single = UpstreamConfig(targets=[TargetConfig(url=route.target)])
             group = _group(route.display_name, single, config, pools, states)
+            target_groups.append(group)
         policies, route_inactive = _policy_chain(config.policies, route, services)
         body_policies = [p for p in policies if "body" in p.phases]
         max_body = route.max_body_size if route.max_body_size is not None else config.limits.max_body_size
@@ -214,6 +225,7 @@ def compile_plan(
         max_header_bytes=config.limits.max_header_bytes,
         unescape_slashes=config.paths.escaped_slashes == "unescape",
         inactive=inactive,
+        upstreams=(*groups.values(), *target_groups),
     )
 
 

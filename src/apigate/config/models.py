@@ -122,6 +122,28 @@ class EndpointsConfig(Strict):
         return _networks(value)
 
 
+class AdminConfig(Strict):
+    """The admin listener: operations endpoints on their own port, never on the proxy's."""
+
+    listen: ListenConfig = Field(
+        default_factory=lambda: ListenConfig.model_validate(
+            os.environ.get("APIGATE_ADMIN_LISTEN", "127.0.0.1:8001")
+        ),
+        description="default $APIGATE_ADMIN_LISTEN, else 127.0.0.1:8001",
+    )
+    token: SecretStr | None = Field(
+        default_factory=lambda: (
+            SecretStr(os.environ["APIGATE_ADMIN_TOKEN"]) if os.environ.get("APIGATE_ADMIN_TOKEN") else None
+        ),
+        description="bearer token the admin endpoints require; default $APIGATE_ADMIN_TOKEN. "
+        "Without one the listener binds loopback only",
+    )
+
+    _empty_token_is_none = field_validator("token", mode="before")(
+        classmethod(lambda cls, v: None if v == "" else v)
+    )
+
+
 class StoreConfig(Strict):
     """Where durable entities live: SQLite (default, embedded) or PostgreSQL (a cluster)."""
 
@@ -321,6 +343,7 @@ class GatewayConfig(Strict):
     limits: LimitsConfig = LimitsConfig()
     paths: PathsConfig = PathsConfig()
     endpoints: EndpointsConfig = EndpointsConfig()
+    admin: AdminConfig | None = Field(default_factory=AdminConfig, description="null: no admin listener")
     store: StoreConfig = Field(default_factory=StoreConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     consumers: list[ConsumerConfig] = Field(default_factory=list)

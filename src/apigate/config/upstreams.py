@@ -135,7 +135,9 @@ class ActiveCheckConfig(Strict):
 
     path: str = Field(default="/health", pattern=r"^/[^\s#]*$")
     interval: Duration = Field(default=10.0, gt=0)
-    timeout: Duration = Field(default=2.0, gt=0)
+    timeout: Duration | None = Field(
+        default=None, gt=0, description="default: 2s, or the interval if shorter"
+    )
     healthy_threshold: int = Field(default=2, ge=1, le=100)
     unhealthy_threshold: int = Field(default=3, ge=1, le=100)
     statuses: list[_STATUS] = Field(default_factory=lambda: list(range(200, 400)), min_length=1)
@@ -146,9 +148,13 @@ class ActiveCheckConfig(Strict):
 
     @model_validator(mode="after")
     def _timeout_within_interval(self) -> ActiveCheckConfig:
-        if self.timeout > self.interval:
+        if self.timeout is not None and self.timeout > self.interval:
             raise ValueError("timeout must not exceed interval")
         return self
+
+    @property
+    def probe_timeout(self) -> float:
+        return self.timeout if self.timeout is not None else min(2.0, self.interval)
 
 
 class PassiveCheckConfig(Strict):

@@ -205,3 +205,4 @@ class Plan:
     max_header_bytes: int = 32 * 1024
     unescape_slashes: bool = False
     inactive: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    upstreams: tuple[UpstreamGroup, ...] = ()  # every upstream group, named or a route's target

@@ -1,0 +1,1 @@
+"""The admin plane: its own listener, its own framework (FastAPI), never on the proxy path."""

@@ -1,0 +1,247 @@
+"""The node agent: runs once per node (in the supervisor's agent process, or inside the only
+worker), and does what must not run once per worker.
+
+- Active health checks: each target is probed by this one checker; every verdict is pushed to
+  every worker, and a worker that connects (or reconnects) gets the whole table first.
+- The admin listener's answers: it asks every worker for its view (in flight, ejections,
+  circuits) and merges them, and sends a circuit reset to every worker.
+
+Workers connect over a Unix socket (node/frames.py); a worker that does not answer within
+``ASK_TIMEOUT`` is left out of an answer, which says how many workers answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Any, Final
+
+from apigate.config.compile import target_key
+from apigate.config.models import GatewayConfig
+from apigate.health.active import ActiveChecker, CheckSettings, ProbeTarget, TargetHealth
+from apigate.node.frames import FrameError, encode, read_frame
+
+log = logging.getLogger("apigate")
+
+ASK_TIMEOUT: Final = 2.0
+_STATE_RANK: Final = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class _Worker:
+    def __init__(self, writer: asyncio.StreamWriter, pid: int) -> None:
+        self.writer = writer
+        self.pid = pid
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+
+
+class NodeAgent:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.workers: set[_Worker] = set()
+        self.health: dict[str, dict[str, Any]] = {}  # target key -> {"healthy", "detail"}
+        self.checker = ActiveChecker(self._health_changed)
+        self._ids = itertools.count(1)
+
+    # -- config ----------------------------------------------------------------------------------
+    def apply(self, config: GatewayConfig) -> None:
+        """Probe what ``config`` asks to be probed (probes of unchanged targets keep their state)."""
+        self.config = config
+        probes = []
+        for name, upstream in config.upstreams.items():
+            active = upstream.health.active
+            if active is None:
+                continue
+            settings = CheckSettings(
+                path=active.path,
+                interval=active.interval,
+                timeout=active.probe_timeout,
+                healthy_threshold=active.healthy_threshold,
+                unhealthy_threshold=active.unhealthy_threshold,
+                expected_statuses=frozenset(active.statuses),
+                host=active.host,
+                method=active.method,
+            )
+            for target in upstream.targets:
+                probes.append(ProbeTarget(target_key(name, target.url), target.url, settings))
+        self.checker.set_targets(probes)
+        known = {probe.key for probe in probes}
+        for key in [k for k in self.health if k not in known]:
+            del self.health[key]
+        if probes and not self.checker.running:
+            self.checker.start()
+
+    async def stop(self) -> None:
+        await self.checker.stop()
+        for worker in list(self.workers):
+            worker.writer.close()
+
+    # -- workers ---------------------------------------------------------------------------------
+    async def serve_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One worker's connection, until it closes."""
+        worker: _Worker | None = None
+        try:
+            hello = await read_frame(reader)
+            if hello is None or hello.get("op") != "hello":
+                return
+            worker = _Worker(writer, int(hello.get("pid", 0)))
+            self.workers.add(worker)
+            if self.health:
+                writer.write(encode({"op": "health", "states": self.health}))
+            while True:
+                message = await read_frame(reader)
+                if message is None:
+                    return
+                future = worker.pending.pop(message.get("id", 0), None)
+                if future is not None and not future.done():
+                    future.set_result(message)
+        except (OSError, FrameError, ValueError) as exc:
+            log.warning("a worker's link to the node broke: %s", exc)
+        finally:
+            if worker is not None:
+                self.workers.discard(worker)
+                for future in worker.pending.values():
+                    future.cancel()
+            writer.close()
+
+    def broadcast(self, message: dict[str, Any]) -> None:
+        data = encode(message)
+        for worker in self.workers:
+            worker.writer.write(data)
+
+    async def ask_all(self, message: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every worker's answer to ``message`` (those that answer within ASK_TIMEOUT)."""
+        loop = asyncio.get_running_loop()
+        waits = []
+        for worker in list(self.workers):
+            request_id = next(self._ids)
+            future: asyncio.Future[dict[str, Any]] = loop.create_future()
+            worker.pending[request_id] = future
+            worker.writer.write(encode({**message, "id": request_id}))
+            waits.append(future)
+        if not waits:
+            return []
+        done, pending = await asyncio.wait(waits, timeout=ASK_TIMEOUT)
+        for future in pending:
+            future.cancel()
+        return [f.result() for f in done if not f.cancelled() and f.exception() is None]
+
+    def _health_changed(self, key: str, health: TargetHealth) -> None:
+        verdict = {"healthy": health.healthy, "detail": health.describe()}
+        self.health[key] = verdict
+        self.broadcast({"op": "health", "states": {key: verdict}})
+
+    # -- what the admin listener shows -------------------------------------------------------------
+    async def services(self) -> dict[str, Any]:
+        answers = await self.ask_all({"op": "snapshot"})
+        return {"workers": len(answers), "upstreams": merge_upstreams(answers, self.health)}
+
+    async def circuits(self) -> dict[str, Any]:
+        upstreams = (await self.services())["upstreams"]
+        circuits = []
+        for upstream in upstreams:
+            if upstream.get("circuit") is not None:
+                circuits.append({"upstream": upstream["name"], "target": None, **upstream["circuit"]})
+            for target in upstream["targets"]:
+                if target.get("circuit") is not None:
+                    where = {"upstream": upstream["name"], "target": target["address"]}
+                    circuits.append({**where, **target["circuit"]})
+        return {"circuits": circuits}
+
+    async def reset(self, upstream: str, target: str | None) -> dict[str, Any]:
+        answers = await self.ask_all({"op": "reset", "upstream": upstream, "target": target})
+        return {"workers": len(answers), "reset": sum(int(a.get("reset", 0)) for a in answers)}
+
+    def upstream_names(self) -> set[str]:
+        return set(self.config.upstreams)
+
+    def health_summary(self) -> dict[str, Any]:
+        """Each upstream's status and response time from the active checks, and the node's overall."""
+        services: dict[str, Any] = {}
+        for name, upstream in self.config.upstreams.items():
+            verdicts = [self.health.get(target_key(name, t.url)) for t in upstream.targets]
+            known = [v for v in verdicts if v is not None]
+            if upstream.health.active is None:
+                services[name] = {"status": "unchecked"}
+                continue
+            healthy = sum(1 for v in known if v["healthy"]) + (len(verdicts) - len(known))
+            latencies = [v["detail"].get("last_latency") for v in known if v["detail"].get("last_latency")]
+            services[name] = {
+                "status": "healthy" if healthy == len(verdicts) else "degraded" if healthy else "unhealthy",
+                "healthy_targets": healthy,
+                "targets": len(verdicts),
+                "response_time_ms": round(min(latencies) * 1000, 3) if latencies else None,
+            }
+        statuses = {s["status"] for s in services.values()}
+        overall = next((s for s in ("unhealthy", "degraded") if s in statuses), "healthy")
+        return {"status": overall, "checked_at": time.time(), "services": services}
+
+
+def merge_upstreams(answers: list[dict[str, Any]], health: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One view of every upstream from the workers' own: requests in flight are summed; a target is
+    ejected if any worker ejected it; a circuit shows its worst state and each worker's."""
+    merged: dict[str, dict[str, Any]] = {}
+    for answer in answers:
+        pid = answer.get("pid")
+        for upstream in answer.get("upstreams", []):
+            item = merged.setdefault(
+                upstream["name"],
+                {"name": upstream["name"], "balancer": upstream["balancer"], "targets": {}, "circuits": []},
+            )
+            if "circuit" in upstream:
+                item["circuits"].append({"worker": pid, **upstream["circuit"]})
+            for target in upstream["targets"]:
+                _merge_target(item["targets"], target, pid)
+    result = []
+    for item in merged.values():
+        targets = list(item.pop("targets").values())
+        for target in targets:
+            verdict = health.get(target["key"])
+            target["healthy"] = verdict["healthy"] if verdict is not None else True
+            if verdict is not None:
+                target["active_check"] = verdict["detail"]
+            if target["circuits"]:
+                target["circuit"] = _worst(target["circuits"])
+            else:
+                del target["circuits"]
+        circuits = item.pop("circuits")
+        if circuits:
+            item["circuit"] = _worst(circuits)
+        item["targets"] = targets
+        result.append(item)
+    return result
+
+
+def _merge_target(targets: dict[str, dict[str, Any]], target: dict[str, Any], pid: Any) -> None:
+    seen = targets.get(target["key"])
+    if seen is None:
+        seen = targets[target["key"]] = {
+            "key": target["key"],
+            "address": target["address"],
+            "weight": target["weight"],
+            "in_flight": 0,
+            "ejected": False,
+            "ejections": 0,
+            "consecutive_failures": 0,
+            "circuits": [],
+        }
+    seen["in_flight"] += target["in_flight"]
+    seen["ejected"] = seen["ejected"] or target["ejected"]
+    seen["ejections"] = max(seen["ejections"], target["ejections"])
+    seen["consecutive_failures"] = max(seen["consecutive_failures"], target["consecutive_failures"])
+    if target.get("latency_ms"):
+        seen["latency_ms"] = max(seen.get("latency_ms", 0.0), target["latency_ms"])
+    if "circuit" in target:
+        seen["circuits"].append({"worker": pid, **target["circuit"]})
+
+
+def _worst(circuits: list[dict[str, Any]]) -> dict[str, Any]:
+    worst = max(circuits, key=lambda c: _STATE_RANK.get(c["state"], 0))
+    return {
+        "state": worst["state"],
+        "failures": sum(c["failures"] for c in circuits),
+        "reason": worst.get("reason"),
+        "changed_seconds_ago": worst.get("changed_seconds_ago"),
+        "workers": circuits,
+    }

@@ -1,0 +1,140 @@
+"""A worker's side of the node: it applies what the node pushes (target health from the active
+checks) and answers what the node asks (its view of upstreams and circuits, a circuit reset), so
+that the admin listener answers for every worker.
+
+The link reconnects when the node restarts; until it is up again the worker serves with the
+health it last heard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from apigate.engine.plan import UpstreamGroup
+from apigate.engine.server import Gateway
+from apigate.node.frames import FrameError, encode, read_frame
+
+log = logging.getLogger("apigate")
+
+Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+RECONNECT_MAX = 2.0
+
+
+class WorkerLink:
+    def __init__(self, gateway: Gateway, connect: Connect) -> None:
+        self.gateway = gateway
+        self.connect = connect
+        self.connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = self.gateway.loop.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                reader, writer = await self.connect()
+            except OSError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+                continue
+            delay = 0.05
+            try:
+                writer.write(encode({"op": "hello", "pid": os.getpid()}))
+                self.connected.set()
+                await self._serve(reader, writer)
+            except (OSError, FrameError) as exc:
+                log.warning("the link to the node broke (%s); reconnecting", exc)
+            finally:
+                self.connected.clear()
+                writer.close()
+            await asyncio.sleep(delay)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            message = await read_frame(reader)
+            if message is None:
+                return
+            try:
+                reply = self.handle(message)
+            except Exception:
+                log.exception("a message from the node failed: %s", message.get("op"))
+                reply = {"error": "failed"}
+            if "id" in message:
+                writer.write(encode({"id": message["id"], **reply}))
+
+    def handle(self, message: dict[str, Any]) -> dict[str, Any]:
+        op = message.get("op")
+        if op == "health":
+            self.apply_health(message["states"])
+            return {}
+        if op == "snapshot":
+            return {"pid": os.getpid(), "upstreams": upstreams_view(self.gateway)}
+        if op == "reset":
+            return {"reset": reset_circuits(self.gateway, message["upstream"], message.get("target"))}
+        return {"error": f"unknown op {op!r}"}
+
+    def apply_health(self, states: dict[str, dict[str, Any]]) -> None:
+        """The active checks' verdicts, by target key."""
+        target_states = self.gateway.target_states
+        for key, verdict in states.items():
+            state = target_states.state_for(key)
+            state.healthy = bool(verdict["healthy"])
+            state.health_detail = verdict.get("detail")
+
+
+def _groups(gateway: Gateway) -> list[UpstreamGroup]:
+    return list(gateway.plan.upstreams)
+
+
+def upstreams_view(gateway: Gateway) -> list[dict[str, Any]]:
+    """This worker's upstreams: balancer, targets with their state, the upstream's circuit."""
+    now = time.monotonic()
+    view = []
+    for group in _groups(gateway):
+        item: dict[str, Any] = {
+            "name": group.name,
+            "balancer": group.balancer.name,
+            "targets": [
+                {"key": t.state.key, "address": t.address, "weight": t.weight, **t.state.describe(now)}
+                for t in group.targets
+            ],
+        }
+        if group.breaker is not None:
+            item["circuit"] = group.breaker.describe(now)
+        view.append(item)
+    return view
+
+
+def reset_circuits(gateway: Gateway, upstream: str, target: str | None) -> int:
+    """Close the circuits (and end the ejections) of ``upstream``, or of one of its targets
+    (``target``: its address as /api/services shows it); returns how many were reset."""
+    now = time.monotonic()
+    count = 0
+    for group in _groups(gateway):
+        if group.name != upstream:
+            continue
+        if target is None and group.breaker is not None:
+            group.breaker.reset(now)
+            count += 1
+        for item in group.targets:
+            if target is not None and item.address != target:
+                continue
+            if item.state.breaker is not None:
+                item.state.breaker.reset(now)
+            item.state.return_now()
+            count += 1
+    return count

@@ -1,0 +1,162 @@
+"""The admin listener and the node agent, with real gateways of one and of two workers.
+
+The admin API answers for every worker (circuits opened in either show, a reset reaches both),
+refuses a missing or wrong token, and the active checks run once per node, not once per worker.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.support.errors_helpers import Client, request, wait_until
+from tests.support.faulty_upstream import FaultyUpstream
+from tests.support.gateway import GatewayProcess, free_port
+
+TOKEN = "admin-token-for-tests"
+
+
+def admin(port: int, method: str, path: str, token: str | None = TOKEN) -> tuple[int, Any]:
+    headers = [("Authorization", f"Bearer {token}")] if token is not None else []
+    response = request(port, method, path, headers=headers, host="127.0.0.1")
+    return response.status, orjson.loads(response.body) if response.body else None
+
+
+@pytest.fixture
+def targets() -> Iterator[list[FaultyUpstream]]:
+    servers = [FaultyUpstream(f"t{i}").start() for i in range(3)]
+    yield servers
+    for server in servers:
+        server.close()
+
+
+def start(tmp_path: Path, targets: list[FaultyUpstream], workers: int, **upstream: Any) -> tuple[GatewayProcess, int]:
+    admin_port = free_port()
+    config = {
+        "admin": {"listen": f"127.0.0.1:{admin_port}", "token": TOKEN},
+        "upstreams": {"pool": {"targets": [t.url for t in targets], **upstream}},
+        "routes": [{"path": "/*", "upstream": "pool", "retries": 0}],
+    }
+    gateway = GatewayProcess(tmp_path, config, workers=workers).start()
+    wait_until(lambda: _answers(admin_port), timeout=15, message="admin listener up")
+    return gateway, admin_port
+
+
+def _answers(port: int) -> bool:
+    try:
+        return admin(port, "GET", "/api/services")[0] == 200
+    except OSError:
+        return False
+
+
+def spread_requests(port: int, count: int) -> collections.Counter[int]:
+    """``count`` requests, each on a new connection, so that both workers take some."""
+    return collections.Counter(request(port, "GET", "/x").status for _ in range(count))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_admin_refuses_a_missing_or_wrong_token(tmp_path: Path, targets: list[FaultyUpstream], workers: int) -> None:
+    gateway, port = start(tmp_path, targets, workers)
+    try:
+        status, body = admin(port, "GET", "/api/services", token=None)
+        assert status == 401 and body == {"error": "a bearer token is required"}
+        assert admin(port, "GET", "/api/circuits", token="wrong")[0] == 403
+        assert admin(port, "POST", "/api/circuits/pool/reset", token="wrong")[0] == 403
+        status, body = admin(port, "GET", "/api/services")
+        assert status == 200 and body["workers"] == workers
+        (pool,) = body["upstreams"]
+        assert pool["name"] == "pool" and pool["balancer"] == "round_robin"
+        assert [t["address"] for t in pool["targets"]] == [t.url for t in targets]
+    finally:
+        gateway.stop()
+
+
+def test_circuits_of_every_worker_show_and_a_reset_reaches_them_all(
+    tmp_path: Path, targets: list[FaultyUpstream]
+) -> None:
+    gateway, port = start(tmp_path, targets, 2, circuit_breaker={"failures": 2, "recovery": "60s"})
+    try:
+        bad = targets[0]
+        bad.mode = "status:503"
+
+        def both_open() -> bool:
+            spread_requests(gateway.port, 6)
+            circuit = _target(admin(port, "GET", "/api/services")[1], bad.url).get("circuit", {})
+            return [w["state"] for w in circuit.get("workers", [])] == ["open", "open"]
+
+        wait_until(both_open, timeout=15, message="the bad target's circuit open in both workers")
+        status, body = admin(port, "GET", "/api/circuits")
+        assert status == 200
+        opened = [c for c in body["circuits"] if c["state"] == "open"]
+        assert [c["target"] for c in opened] == [bad.url]
+        assert opened[0]["failures"] >= 4 and opened[0]["reason"] == "2 consecutive failures"
+        hits = bad.hits
+        assert spread_requests(gateway.port, 10) == {200: 10}  # no worker sends it anything
+        assert bad.hits == hits
+
+        bad.mode = "ok"
+        status, body = admin(port, "POST", f"/api/circuits/pool/reset?target={bad.url}")
+        assert status == 200 and body == {"workers": 2, "reset": 2}
+        circuit = _target(admin(port, "GET", "/api/services")[1], bad.url)["circuit"]
+        assert [w["state"] for w in circuit["workers"]] == ["closed", "closed"]
+        wait_until(lambda: spread_requests(gateway.port, 6) and bad.hits > hits, timeout=10)
+        assert admin(port, "POST", "/api/circuits/nowhere/reset")[0] == 404
+        assert admin(port, "POST", "/api/circuits/pool/reset?target=http://10.9.9.9:1")[0] == 404
+    finally:
+        gateway.stop()
+
+
+def _target(services: dict[str, Any], url: str) -> dict[str, Any]:
+    (pool,) = services["upstreams"]
+    return next(t for t in pool["targets"] if t["address"] == url)
+
+
+def test_active_checks_run_once_per_node_and_every_worker_follows(
+    tmp_path: Path, targets: list[FaultyUpstream]
+) -> None:
+    active = {"path": "/health", "interval": "200ms", "unhealthy_threshold": 2, "healthy_threshold": 1}
+    gateway, port = start(tmp_path, targets, 2, health={"active": active})
+    try:
+        bad = targets[1]
+        started = time.monotonic()
+        before = bad.paths.count("/health")
+        time.sleep(2.0)
+        probes = bad.paths.count("/health") - before
+        elapsed = time.monotonic() - started
+        assert probes <= elapsed / 0.2 + 2, probes  # one checker: about one probe per interval
+        assert probes >= 5, probes
+
+        bad.stop()  # refuses: two failed probes take it out of every worker
+        wait_until(lambda: not _target(admin(port, "GET", "/api/services")[1], bad.url)["healthy"], timeout=10)
+        counts = collections.Counter(
+            orjson.loads(Client(gateway.port).request("GET", "/y").body)["target"] for _ in range(20)
+        )
+        assert set(counts) == {"t0", "t2"}
+        status, body = admin(port, "GET", "/api/health")
+        assert status == 200 and body["status"] == "degraded"
+        assert body["services"]["pool"]["healthy_targets"] == 2
+
+        bad.start()
+        wait_until(lambda: _target(admin(port, "GET", "/api/services")[1], bad.url)["healthy"], timeout=10)
+        wait_until(lambda: "t1" in {orjson.loads(request(gateway.port, "GET", "/z").body)["target"] for _ in range(6)})
+    finally:
+        gateway.stop()
+
+
+def test_without_a_token_the_admin_listener_binds_loopback_only(tmp_path: Path) -> None:
+    admin_port = free_port()
+    config = {"admin": {"listen": f"0.0.0.0:{admin_port}"}, "routes": [{"path": "/*", "target": "http://127.0.0.1:9"}]}
+    gateway = GatewayProcess(tmp_path, config, env={"APIGATE_ADMIN_TOKEN": ""}).start()
+    try:
+        wait_until(lambda: _answers(admin_port), timeout=10)
+        output = gateway.output()
+        assert "listens on 127.0.0.1 only, not on 0.0.0.0" in output
+        assert f"apigate admin API on http://127.0.0.1:{admin_port} (no token: loopback only)" in output
+    finally:
+        gateway.stop()
