@@ -223,6 +223,20 @@ def test_connection_close_is_honoured() -> None:
     run(main)
 
 
+def test_without_keep_alive_every_request_has_a_connection_of_its_own() -> None:
+    async def main() -> None:
+        async with Server(lambda seen: ok()) as server:  # the server would keep them open
+            client = HttpClient(keep_alive=False)
+            for _ in range(3):
+                assert (await client.request("GET", server.url)).body == b"hello"
+            await until(lambda: server.closes == 3)  # closed by the client after each response
+            await client.close()
+        assert server.accepts == 3
+        assert [seen.header("connection") for seen in server.requests] == ["close"] * 3
+
+    run(main)
+
+
 def test_http10_response_without_keep_alive_is_not_reused() -> None:
     async def main() -> None:
         async with Server(lambda seen: b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok") as server:

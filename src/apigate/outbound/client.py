@@ -10,7 +10,9 @@ callers need and nothing more:
   the loop's executor and TLS is asynchronous, so nothing here blocks;
 - keep-alive connections pooled per origin (scheme, host, port): at most
   ``max_connections_per_origin`` open at once (more callers wait for one, within their timeout),
-  the most recently used is reused first, and an idle one closes after ``idle_timeout``;
+  the most recently used is reused first, and an idle one closes after ``idle_timeout``; or,
+  with ``keep_alive=False``, a new connection per request, sent with ``Connection: close`` and
+  closed after the response (health probes: a dead server shows as a failed connect);
 - responses framed by Content-Length, chunked, or the end of the connection; a response with
   ``Connection: close`` (or HTTP/1.0 without keep-alive) closes its connection; 1xx interim
   answers are skipped; a HEAD response has no body;
@@ -157,7 +159,12 @@ def _split_url(url: str) -> tuple[_Origin, str]:
 
 
 def _request_head(
-    method: str, origin: _Origin, target: str, headers: list[tuple[bytes, bytes]] | None, body: bytes
+    method: str,
+    origin: _Origin,
+    target: str,
+    headers: list[tuple[bytes, bytes]] | None,
+    body: bytes,
+    close: bool = False,
 ) -> bytes:
     if not _TOKEN.fullmatch(method.encode("latin-1", "replace")):
         raise ValueError(f"{method!r} is not an HTTP method")
@@ -179,6 +186,8 @@ def _request_head(
         lines.append(b"User-Agent: " + USER_AGENT + b"\r\n")
     if body or method in _BODY_EXPECTED:
         lines.append(b"Content-Length: %d\r\n" % len(body))
+    if close:
+        lines.append(b"Connection: close\r\n")
     lines.append(b"\r\n")
     return b"".join(lines)
 
@@ -444,7 +453,7 @@ class _Pool:
 
     def release(self, conn: _Connection) -> None:
         """A connection whose response is complete and which may carry another request."""
-        if conn.closed or self.client.closed:
+        if conn.closed or self.client.closed or not self.client.keep_alive:
             conn.close()
             return
         conn.idle_timer = self.loop.call_later(self.client.idle_timeout, conn.close)
@@ -495,11 +504,13 @@ class HttpClient:
         max_connections_per_origin: int = 10,
         idle_timeout: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
+        keep_alive: bool = True,
     ) -> None:
         if max_connections_per_origin < 1:
             raise ValueError("max_connections_per_origin must be at least 1")
         self.max_connections_per_origin = max_connections_per_origin
         self.idle_timeout = idle_timeout
+        self.keep_alive = keep_alive  # False: one connection per request, never pooled
         self._tls = ssl_context
         self.closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -526,7 +537,7 @@ class HttpClient:
         if self.closed:
             raise RuntimeError("the HttpClient is closed")
         origin, target = _split_url(url)
-        request = _request_head(method, origin, target, headers, body) + body
+        request = _request_head(method, origin, target, headers, body, not self.keep_alive) + body
         pool = self._pool(origin)
         retry_stale = method in IDEMPOTENT_METHODS if idempotent is None else idempotent
         try:
