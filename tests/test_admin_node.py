@@ -7,6 +7,7 @@ refuses a missing or wrong token, and the active checks run once per node, not o
 from __future__ import annotations
 
 import collections
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from tests.support.errors_helpers import Client, request, wait_until
 from tests.support.faulty_upstream import FaultyUpstream
 from tests.support.gateway import GatewayProcess, free_port
+from tests.support.redis import RedisServer
 
 TOKEN = "admin-token-for-tests"
 
@@ -36,7 +38,9 @@ def targets() -> Iterator[list[FaultyUpstream]]:
         server.close()
 
 
-def start(tmp_path: Path, targets: list[FaultyUpstream], workers: int, **upstream: Any) -> tuple[GatewayProcess, int]:
+def start(
+    tmp_path: Path, targets: list[FaultyUpstream], workers: int, **upstream: Any
+) -> tuple[GatewayProcess, int]:
     admin_port = free_port()
     config = {
         "admin": {"listen": f"127.0.0.1:{admin_port}", "token": TOKEN},
@@ -44,15 +48,16 @@ def start(tmp_path: Path, targets: list[FaultyUpstream], workers: int, **upstrea
         "routes": [{"path": "/*", "upstream": "pool", "retries": 0}],
     }
     gateway = GatewayProcess(tmp_path, config, workers=workers).start()
-    wait_until(lambda: _answers(admin_port), timeout=15, message="admin listener up")
+    wait_until(lambda: _answers(admin_port, workers), timeout=15, message="every worker linked to the node")
     return gateway, admin_port
 
 
-def _answers(port: int) -> bool:
+def _answers(port: int, workers: int = 1) -> bool:
     try:
-        return admin(port, "GET", "/api/services")[0] == 200
+        status, body = admin(port, "GET", "/api/services")
     except OSError:
         return False
+    return status == 200 and body["workers"] == workers
 
 
 def spread_requests(port: int, count: int) -> collections.Counter[int]:
@@ -61,7 +66,9 @@ def spread_requests(port: int, count: int) -> collections.Counter[int]:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_admin_refuses_a_missing_or_wrong_token(tmp_path: Path, targets: list[FaultyUpstream], workers: int) -> None:
+def test_admin_refuses_a_missing_or_wrong_token(
+    tmp_path: Path, targets: list[FaultyUpstream], workers: int
+) -> None:
     gateway, port = start(tmp_path, targets, workers)
     try:
         status, body = admin(port, "GET", "/api/services", token=None)
@@ -133,7 +140,9 @@ def test_active_checks_run_once_per_node_and_every_worker_follows(
         assert probes >= 5, probes
 
         bad.stop()  # refuses: two failed probes take it out of every worker
-        wait_until(lambda: not _target(admin(port, "GET", "/api/services")[1], bad.url)["healthy"], timeout=10)
+        wait_until(
+            lambda: not _target(admin(port, "GET", "/api/services")[1], bad.url)["healthy"], timeout=10
+        )
         counts = collections.Counter(
             orjson.loads(Client(gateway.port).request("GET", "/y").body)["target"] for _ in range(20)
         )
@@ -144,14 +153,21 @@ def test_active_checks_run_once_per_node_and_every_worker_follows(
 
         bad.start()
         wait_until(lambda: _target(admin(port, "GET", "/api/services")[1], bad.url)["healthy"], timeout=10)
-        wait_until(lambda: "t1" in {orjson.loads(request(gateway.port, "GET", "/z").body)["target"] for _ in range(6)})
+        wait_until(
+            lambda: (
+                "t1" in {orjson.loads(request(gateway.port, "GET", "/z").body)["target"] for _ in range(6)}
+            )
+        )
     finally:
         gateway.stop()
 
 
 def test_without_a_token_the_admin_listener_binds_loopback_only(tmp_path: Path) -> None:
     admin_port = free_port()
-    config = {"admin": {"listen": f"0.0.0.0:{admin_port}"}, "routes": [{"path": "/*", "target": "http://127.0.0.1:9"}]}
+    config = {
+        "admin": {"listen": f"0.0.0.0:{admin_port}"},
+        "routes": [{"path": "/*", "target": "http://127.0.0.1:9"}],
+    }
     gateway = GatewayProcess(tmp_path, config, env={"APIGATE_ADMIN_TOKEN": ""}).start()
     try:
         wait_until(lambda: _answers(admin_port), timeout=10)
@@ -160,3 +176,60 @@ def test_without_a_token_the_admin_listener_binds_loopback_only(tmp_path: Path) 
         assert f"apigate admin API on http://127.0.0.1:{admin_port} (no token: loopback only)" in output
     finally:
         gateway.stop()
+
+
+def test_health_detailed_shows_upstreams_circuits_state_and_readiness(
+    tmp_path: Path, targets: list[FaultyUpstream]
+) -> None:
+    redis_server = RedisServer(tmp_path / "redis").start()
+    config = {
+        "admin": None,
+        "timeouts": {"drain_notice": "3s"},
+        "state": {"url": redis_server.url},
+        "upstreams": {
+            "pool": {
+                "targets": [t.url for t in targets],
+                "circuit_breaker": {"failures": 1, "recovery": "60s"},
+            }
+        },
+        "routes": [
+            {"path": "/*", "upstream": "pool", "retries": 0},
+            {
+                "path": "/limited",
+                "target": targets[0].url,
+                "policies": {"rate-limit": {"limits": [{"rate": "1000/s"}]}},
+            },
+        ],
+    }
+    (tmp_path / "gw").mkdir()
+    gateway = GatewayProcess(tmp_path / "gw", config).start()
+    try:
+        targets[2].mode = "status:500"
+        assert request(gateway.port, "GET", "/x").status == 200
+        assert request(gateway.port, "GET", "/x").status == 200
+        assert request(gateway.port, "GET", "/x").status == 500  # the third target opens its circuit
+
+        def detailed() -> tuple[int, Any]:
+            response = request(gateway.port, "GET", "/health/detailed", host="127.0.0.1")
+            return response.status, orjson.loads(response.body)
+
+        wait_until(lambda: detailed()[1]["dependencies"].get("state", {}).get("status") == "ok", timeout=10)
+        status, body = detailed()
+        assert status == 200 and body["ready"] is True and body["status"] == "degraded"
+        pool = body["upstreams"]["pool"]
+        assert pool["status"] == "degraded"
+        assert [t["circuit"] for t in pool["targets"]] == ["closed", "closed", "open"]
+        assert body["upstreams"]["/limited"]["status"] == "healthy"
+
+        redis_server.stop()
+        wait_until(lambda: detailed()[1]["dependencies"]["state"]["status"] == "unreachable", timeout=10)
+
+        # SIGTERM: during the drain notice the gateway still serves, and says it is not ready.
+        gateway.signal(signal.SIGTERM)
+        wait_until(lambda: detailed()[0] == 503, timeout=5)
+        status, body = detailed()
+        assert body["ready"] is False and body["status"] == "draining"
+        assert request(gateway.port, "GET", "/x").status in (200, 500)  # still served
+    finally:
+        gateway.stop()
+        redis_server.stop()

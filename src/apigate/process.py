@@ -37,6 +37,7 @@ from apigate.services import Services
 log = logging.getLogger("apigate")
 
 WATCH_INTERVAL = 1.0
+DEPENDENCY_CHECK_INTERVAL = 2.0
 
 
 @dataclass
@@ -231,10 +232,21 @@ class Runtime:
         except Exception:
             log.exception("starting services after a reload failed; policies that need them answer 503")
 
+    async def watch_dependencies(self) -> None:
+        """Keep what /health/detailed says of the store and state backend fresh."""
+        while True:
+            try:
+                self.gateway.dependencies = await self.services.reachability()
+            except Exception:
+                log.exception("checking the store and state backend failed")
+            await asyncio.sleep(DEPENDENCY_CHECK_INTERVAL)
+
     async def drain(self) -> None:
-        timeout = self.gateway.plan.timeouts.drain
-        log.info("draining (up to %.0fs)", timeout)
-        await self.gateway.drain(timeout)
+        timeouts = self.gateway.plan.timeouts
+        if timeouts.drain_notice:
+            log.info("not ready; serving %.0fs more before draining", timeouts.drain_notice)
+        log.info("draining (up to %.0fs)", timeouts.drain)
+        await self.gateway.drain(timeouts.drain, timeouts.drain_notice)
         await self.services.stop()
 
 
@@ -259,8 +271,10 @@ async def _serve(
     if parent_alive is not None:
         loop.add_reader(parent_alive, _parent_gone, loop, parent_alive, stop)
     watcher = loop.create_task(_watch(source, runtime.reload))
+    dependencies = loop.create_task(runtime.watch_dependencies())
     await stop.wait()
     watcher.cancel()
+    dependencies.cancel()
     await runtime.drain()
     await link.stop()
     if runtime.node is not None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -122,6 +124,24 @@ class Services:
             # Opens the store only if a quota counts in memory; loads its counts before serving.
             await LEDGER.start(lambda: self._open_store(config), shared)
             self.quotas = LEDGER
+
+    async def reachability(self, timeout: float = 2.0) -> dict[str, dict[str, object]]:
+        """Whether the running store and shared state backend answer, and how fast."""
+        probes: dict[str, Callable[[], Awaitable[None]]] = {}
+        if self.store is not None:
+            probes["store"] = self.store.ping
+        if self.state is not None and self.state.shared:
+            probes["state"] = self.state.ping
+        found: dict[str, dict[str, object]] = {}
+        for name, ping in probes.items():
+            started = time.monotonic()
+            try:
+                await asyncio.wait_for(ping(), timeout)
+            except Exception as exc:
+                found[name] = {"status": "unreachable", "error": f"{type(exc).__name__}: {exc}"[:200]}
+            else:
+                found[name] = {"status": "ok", "latency_ms": round((time.monotonic() - started) * 1000, 3)}
+        return found
 
     async def stop(self) -> None:
         if self.webhooks is not None:  # first: it commits and records through the store

@@ -220,6 +220,7 @@ def compile_plan(
             header=timeouts.header,
             body_idle=timeouts.body_idle,
             drain=timeouts.drain,
+            drain_notice=timeouts.drain_notice,
         ),
         endpoints=_endpoints(config),
         max_header_bytes=config.limits.max_header_bytes,
@@ -250,7 +251,12 @@ def _endpoints(config: GatewayConfig) -> Endpoints:
     else:
         allow = None if token is not None else (*_LOOPBACK, *config.trusted_proxies)
     return Endpoints(
-        health=endpoints.health, routes=endpoints.routes, stats=endpoints.stats, token=token, allow=allow
+        health=endpoints.health,
+        health_detailed=endpoints.health_detailed,
+        routes=endpoints.routes,
+        stats=endpoints.stats,
+        token=token,
+        allow=allow,
     )
 
 

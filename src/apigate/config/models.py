@@ -81,6 +81,11 @@ class TimeoutsConfig(Strict):
         default=30.0, description="longest silence between request body bytes, or 408 and close"
     )
     drain: Duration = Field(default=30.0, description="how long SIGTERM waits for in-flight requests")
+    drain_notice: Duration = Field(
+        default=0.0,
+        description="after SIGTERM, keep serving this long while /health/detailed says not ready, so "
+        "load balancers stop sending before the listener closes",
+    )
 
 
 class LimitsConfig(Strict):
@@ -102,6 +107,9 @@ class EndpointsConfig(Strict):
     written for the Pactown gateway expect them)."""
 
     health: str | None = "/health"
+    health_detailed: str | None = Field(
+        default="/health/detailed", description="upstreams, circuits, store and state; guarded as stats is"
+    )
     routes: str | None = "/routes"
     stats: str | None = "/stats"
     token: SecretStr | None = Field(default=None, description="bearer token required for routes and stats")

@@ -1,17 +1,20 @@
-"""The built-in endpoints on the proxy listener: /health, /routes and /stats (paths configurable).
+"""The built-in endpoints on the proxy listener: /health, /health/detailed, /routes and /stats
+(paths configurable).
 
 A user's exact route for the same path wins, so a backend's own /health stays reachable.
-/health answers anyone. /routes and /stats show upstream URLs and traffic, so they answer only
-clients in ``endpoints.allow`` (by default loopback and ``trusted_proxies`` when no token is
-set) and, with ``endpoints.token``, only with that bearer token.
+/health answers anyone. /health/detailed, /routes and /stats show upstream URLs and traffic, so
+they answer only clients in ``endpoints.allow`` (by default loopback and ``trusted_proxies``
+when no token is set) and, with ``endpoints.token``, only with that bearer token.
 """
 
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from apigate.engine.breakers import OPEN, STATE_NAMES
 from apigate.engine.exchange import Exchange
 from apigate.engine.replies import Reply, error_body, json_reply
 from apigate.httpspec import address_in
@@ -62,5 +65,54 @@ def endpoints(gateway: Gateway, plan: Plan) -> dict[str, Callable[[Exchange], Re
         per_route = {route.name: route.requests for route in plan.routes}
         return json_reply(200, gateway.stats.snapshot(len(gateway.connections), in_flight, per_route))
 
-    table = {config.health: health, config.routes: guarded(routes), config.stats: guarded(stats)}
+    def health_detailed(exchange: Exchange) -> Reply:
+        # Not ready while draining (a load balancer then stops sending); a down upstream or store
+        # degrades the status but not readiness: other routes still serve.
+        payload = detailed_health(gateway, plan)
+        return json_reply(200 if gateway.ready else 503, payload)
+
+    table = {
+        config.health: health,
+        config.health_detailed: guarded(health_detailed),
+        config.routes: guarded(routes),
+        config.stats: guarded(stats),
+    }
     return {path: handler for path, handler in table.items() if path and path not in exact_user_paths}
+
+
+def detailed_health(gateway: Gateway, plan: Plan) -> dict[str, object]:
+    """Each upstream's status (targets usable, active-check response times, circuits) and the
+    store's and state backend's reachability, as this worker sees them."""
+    now = time.monotonic()
+    upstreams: dict[str, object] = {}
+    degraded = False
+    for group in plan.upstreams:
+        targets: list[dict[str, object]] = []
+        usable = 0
+        for target in group.targets:
+            state = target.state
+            ok = state.usable(now)
+            usable += ok
+            item: dict[str, object] = {"address": target.address, "healthy": state.healthy, "usable": ok}
+            detail = state.health_detail
+            latency = detail.get("last_latency") if detail is not None else None
+            if isinstance(latency, float):
+                item["response_time_ms"] = round(latency * 1000, 3)
+            if state.breaker is not None:
+                item["circuit"] = STATE_NAMES[state.breaker.state]
+            targets.append(item)
+        cut_off = group.breaker is not None and group.breaker.state == OPEN
+        status = "down" if cut_off or not usable else "healthy" if usable == len(targets) else "degraded"
+        degraded = degraded or status != "healthy"
+        entry: dict[str, object] = {"status": status, "targets": targets}
+        if group.breaker is not None:
+            entry["circuit"] = STATE_NAMES[group.breaker.state]
+        upstreams[group.name] = entry
+    dependencies = dict(gateway.dependencies)
+    degraded = degraded or any(d.get("status") != "ok" for d in dependencies.values())
+    return {
+        "status": "draining" if not gateway.ready else "degraded" if degraded else "ok",
+        "ready": gateway.ready,
+        "upstreams": upstreams,
+        "dependencies": dependencies,
+    }

@@ -182,6 +182,7 @@ class Timeouts:
     header: float = 60.0
     body_idle: float = 30.0
     drain: float = 30.0
+    drain_notice: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +190,7 @@ class Endpoints:
     """The built-in endpoints: their paths (None: off), the bearer token, and who may read them."""
 
     health: str | None = "/health"
+    health_detailed: str | None = "/health/detailed"
     routes: str | None = "/routes"
     stats: str | None = "/stats"
     token: bytes | None = None

@@ -38,10 +38,14 @@ class Gateway:
         self.loop = loop or asyncio.get_running_loop()
         self.pools = PoolManager(self.loop)
         self.target_states = TargetStates()  # health and circuits of upstream targets, across reloads
+        # What the process last learned of the store and state backends ("store": {"status": ...}),
+        # for /health/detailed: the engine knows neither, the process checks them.
+        self.dependencies: dict[str, dict[str, object]] = {}
         self.stats = Stats()
         self.connections: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.draining = False
+        self.ready = True  # false from SIGTERM on (/health/detailed), through the drain notice
         self.server: asyncio.AbstractServer | None = None
         self.request_ids = wire.RequestIds()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -117,8 +121,12 @@ class Gateway:
             self.pools.sweep(now)
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
-    async def drain(self, timeout: float) -> None:
-        """Stop accepting, let in-flight requests finish (up to ``timeout``), then close everything."""
+    async def drain(self, timeout: float, notice: float = 0.0) -> None:
+        """Say not ready and keep serving for ``notice`` seconds; then stop accepting, let in-flight
+        requests finish (up to ``timeout``), and close everything."""
+        self.ready = False
+        if notice > 0:
+            await asyncio.sleep(notice)
         self.draining = True
         if self.server is not None:
             self.server.close()

@@ -121,6 +121,10 @@ class StateBackend(abc.ABC):
     async def close(self) -> None:
         """Release connections and end subscriptions, after awaiting ``_flush_users()``."""
 
+    async def ping(self) -> None:
+        """Raise unless the backend answers (for /health/detailed); memory always does."""
+        return None
+
     @abc.abstractmethod
     async def add_if_absent(self, key: str, ttl: float) -> bool:
         """Set ``key`` for ``ttl`` seconds if it is not set; True if this call set it."""

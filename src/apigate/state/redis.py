@@ -247,6 +247,9 @@ class RedisState(StateBackend):
                 exc,
             )
 
+    async def ping(self) -> None:
+        await self.client.ping()
+
     async def close(self) -> None:
         await self._flush_users()
         for subscription in self._subscriptions:

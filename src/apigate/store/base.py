@@ -35,3 +35,6 @@ class Store(
         """Connect and apply schema migrations (versioned, idempotent)."""
 
     async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise unless the store answers a trivial query (for /health/detailed)."""

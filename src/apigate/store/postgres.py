@@ -73,6 +73,9 @@ class PostgresStore(Store):
             raise
         self._pool = pool
 
+    async def ping(self) -> None:
+        await self._db.fetchval("SELECT 1")
+
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:

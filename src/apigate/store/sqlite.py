@@ -140,6 +140,9 @@ class SqliteStore(Store):
             # The close job has finished, so the thread is idle: no need to join it from the loop.
             executor.shutdown(wait=False)
 
+    async def ping(self) -> None:
+        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+
     # -- consumers ----------------------------------------------------------------------------
     async def upsert_consumer(self, consumer: Consumer) -> None:
         row = rows.consumer_to_row(consumer)
