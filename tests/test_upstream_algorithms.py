@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -150,9 +151,9 @@ def test_p2c_spreads_evenly_and_shuns_a_slow_or_busy_target(loop: asyncio.Abstra
     balancer = PowerOfTwoChoices(targets)
     even = picks(balancer, 3000)
     assert all(800 <= n <= 1200 for n in even.values()), even
-    targets[0].state.note_latency(0.5)  # slow: 500 ms against 5 ms
-    targets[1].state.note_latency(0.005)
-    targets[2].state.note_latency(0.005)
+    targets[0].state.note_latency(0.5, 100.0)  # slow: 500 ms against 5 ms
+    targets[1].state.note_latency(0.005, 100.0)
+    targets[2].state.note_latency(0.005, 100.0)
     slow = picks(balancer, 3000)
     assert slow["10.0.0.1"] < 150, slow  # only when both draws are the slow one... which P2C avoids
     targets[0].state.latency = 0.005
@@ -163,12 +164,24 @@ def test_p2c_spreads_evenly_and_shuns_a_slow_or_busy_target(loop: asyncio.Abstra
 
 def test_peak_latency_average_reacts_to_slow_answers_at_once(loop: asyncio.AbstractEventLoop) -> None:
     state = TargetState("x")
-    state.note_latency(0.010)
-    state.note_latency(0.200)
+    state.note_latency(0.010, 1.0)
+    state.note_latency(0.200, 1.0)
     assert state.latency == 0.200
     for _ in range(20):
-        state.note_latency(0.010)
+        state.note_latency(0.010, 1.0)
     assert state.latency < 0.011
+
+
+def test_an_idle_slow_target_fades_back_into_p2c(loop: asyncio.AbstractEventLoop) -> None:
+    targets = make_targets(loop, 3)
+    balancer = PowerOfTwoChoices(targets)
+    targets[0].state.note_latency(0.300, 100.0)  # slow once, then no traffic
+    for target in targets[1:]:
+        target.state.note_latency(0.005, 160.0)
+    assert targets[0].state.recent_latency(100.0) == pytest.approx(0.300)
+    assert targets[0].state.recent_latency(105.0) == pytest.approx(0.300 / math.e)
+    later = picks(balancer, 3000, now=160.0)  # 60 s on: 0.3 x e^-12, far below the others' 5 ms
+    assert later["10.0.0.1"] > 1000, later
 
 
 def test_hash_keeps_a_key_on_its_target_and_spreads_keys(loop: asyncio.AbstractEventLoop) -> None:

@@ -192,7 +192,7 @@ R = "routes:\n  - path: /a\n    upstream: u\n"
             U + R + "    retries: {retry_on: [connect, explode]}\n",
             7,
             "routes[0].retries.retry_on",
-            "unknown failure 'explode': use connect, reset, timeout or a ",
+            "unknown failure 'explode': connect, reset, timeout or a status",
             id="retries-on",
         ),
         pytest.param(

@@ -107,14 +107,14 @@ class PowerOfTwoChoices(Balancer):
             return super().pick(exchange, exclude, now)
         if second is None:
             return first
-        if _cost(second) < _cost(first):
+        if _cost(second, now) < _cost(first, now):
             return second
         return first
 
 
-def _cost(target: Target) -> float:
+def _cost(target: Target, now: float) -> float:
     state = target.state
-    return (state.in_flight + 1) * (state.latency + 0.0001) / max(target.weight, 1)
+    return (state.in_flight + 1) * (state.recent_latency(now) + 0.0001) / max(target.weight, 1)
 
 
 class ConsistentHash(Balancer):

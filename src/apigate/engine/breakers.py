@@ -26,6 +26,7 @@ CLOSED: Final = 0
 OPEN: Final = 1
 HALF_OPEN: Final = 2
 STATE_NAMES: Final = ("closed", "open", "half_open")
+LATENCY_FADE: Final = 5.0  # seconds for an idle target's latency average to fade by e (Finagle's tau)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +194,7 @@ class TargetState:
         "in_flight",
         "key",
         "latency",
+        "latency_at",
         "returned_at",
     )
 
@@ -200,6 +202,7 @@ class TargetState:
         self.key = key
         self.in_flight = 0
         self.latency = 0.0  # peak-sensitive moving average of time to first byte, seconds
+        self.latency_at = 0.0  # when it was last updated (monotonic)
         self.healthy = True  # the active checks' verdict
         self.health_detail: dict[str, object] | None = None
         self.blocked_until = 0.0
@@ -227,10 +230,16 @@ class TargetState:
             breaker.admit(now)
             self.update_blocked()
 
-    def note_latency(self, seconds: float) -> None:
+    def note_latency(self, seconds: float, now: float) -> None:
         # Peak-sensitive (as Finagle's peak EWMA): a slow answer counts at once, a fast one decays it.
         latency = self.latency
         self.latency = seconds if seconds > latency else latency + 0.3 * (seconds - latency)
+        self.latency_at = now
+
+    def recent_latency(self, now: float) -> float:
+        """The average, faded by the time since its last answer: a target that was slow once and
+        got no traffic since is tried again after a while rather than shunned for good."""
+        return self.latency * math.exp((self.latency_at - now) / LATENCY_FADE)
 
     def succeeded(self, now: float) -> None:
         self.consecutive_failures = 0

@@ -116,7 +116,7 @@ class UpstreamGroup:
 
     def succeeded(self, target: Target, now: float, latency: float) -> None:
         state = target.state
-        state.note_latency(latency)
+        state.note_latency(latency, now)
         state.succeeded(now)
         breaker = self.breaker
         if breaker is not None:
