@@ -189,10 +189,13 @@ class Runtime:
         self.gateway = Gateway(loop)
         self.services = Services()  # outlive reloads: a reload recompiles policies, not connections
         self.node: NodeRuntime | None = None  # the node agent, when it runs in this process
+        self.discovered: dict[str, list[tuple[str, int]]] = {}  # targets the node found, by upstream
 
     def apply(self, config: GatewayConfig) -> None:
         """Compile ``config`` and serve it; raises (and keeps the running plan) if compiling fails."""
-        plan = compile_plan(config, self.gateway.pools, self.services, self.gateway.target_states)
+        plan = compile_plan(
+            config, self.gateway.pools, self.services, self.gateway.target_states, self.discovered
+        )
         self.gateway.apply(plan)
         self.config = config
         for name, inactive in plan.inactive.items():
@@ -202,6 +205,14 @@ class Runtime:
                 name,
                 ", ".join(inactive),
             )
+
+    def take_targets(self, upstreams: dict[str, list[tuple[str, int]]]) -> None:
+        """Discovered targets changed: serve them from now on (requests running keep their plan)."""
+        self.discovered.update(upstreams)
+        try:
+            self.apply(self.config)
+        except Exception:
+            log.exception("applying discovered targets failed; the running plan stays")
 
     async def start_services(self) -> None:
         """Start the shared services the current plan's policies need (before serving)."""
@@ -289,8 +300,8 @@ def _link_to_node(runtime: Runtime, config: GatewayConfig, sockets: Sockets) -> 
     if path is None:
         node = runtime.node = NodeRuntime(config, sockets.admin)
         node.start()
-        return WorkerLink(runtime.gateway, node.connect_here)
-    return WorkerLink(runtime.gateway, lambda: asyncio.open_unix_connection(path))
+        return WorkerLink(runtime.gateway, node.connect_here, runtime.take_targets)
+    return WorkerLink(runtime.gateway, lambda: asyncio.open_unix_connection(path), runtime.take_targets)
 
 
 def _node_agent(

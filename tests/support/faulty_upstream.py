@@ -93,8 +93,9 @@ def _write(transport: asyncio.Transport, data: bytes) -> None:
 
 
 class FaultyUpstream:
-    def __init__(self, name: str, port: int = 0) -> None:
+    def __init__(self, name: str, port: int = 0, host: str = "127.0.0.1") -> None:
         self.name = name
+        self.host = host
         self.mode = "ok"
         self.hits = 0
         self.paths: list[str] = []
@@ -103,7 +104,7 @@ class FaultyUpstream:
         self._server: asyncio.AbstractServer | None = None
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
+        sock.bind((host, port))
         self.port = sock.getsockname()[1]
         self._sock: socket.socket | None = sock
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -111,7 +112,7 @@ class FaultyUpstream:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
@@ -122,7 +123,7 @@ class FaultyUpstream:
             if sock is None:
                 sock = socket.socket()
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(("127.0.0.1", self.port))
+                sock.bind((self.host, self.port))
             self._sock = None
             self._server = await self.loop.create_server(lambda: _Handler(self), sock=sock, backlog=1024)
 

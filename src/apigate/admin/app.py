@@ -10,10 +10,15 @@ from __future__ import annotations
 import hmac
 from typing import Any, Protocol
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+import orjson
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 
 from apigate import __version__
+from apigate.discovery.networks import AddressRefused, RegistrationError
+from apigate.discovery.registry import Registration, RegistryFull, parse_registration
+
+MAX_REGISTRATION_BYTES = 16 * 1024
 
 
 class Node(Protocol):
@@ -28,6 +33,12 @@ class Node(Protocol):
     def upstream_names(self) -> set[str]: ...
 
     def health_summary(self) -> dict[str, Any]: ...
+
+    async def register(self, registration: Registration) -> dict[str, Any]: ...
+
+    async def heartbeat(self, instance_id: str) -> bool: ...
+
+    async def deregister(self, instance_id: str) -> bool: ...
 
 
 def create_app(node: Node, token: bytes | None) -> FastAPI:
@@ -59,6 +70,41 @@ def create_app(node: Node, token: bytes | None) -> FastAPI:
     async def services() -> dict[str, Any]:
         """Upstreams, their targets (health, in flight, ejections, circuits) and balancers."""
         return await node.services()
+
+    @app.post("/api/services", dependencies=guarded, status_code=201)
+    async def register(request: Request) -> dict[str, Any]:
+        """Register (or, with the same id, renew) an instance of a service: name, host, port,
+        health URL, ttl. Its address must be in discovery.allowed_networks."""
+        body = await request.body()
+        if len(body) > MAX_REGISTRATION_BYTES:
+            raise HTTPException(413, f"a registration is at most {MAX_REGISTRATION_BYTES} bytes")
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise HTTPException(400, "the body must be a JSON object") from None
+        try:
+            return await node.register(parse_registration(data))
+        except AddressRefused as exc:
+            raise HTTPException(403, str(exc)) from None
+        except RegistryFull as exc:
+            raise HTTPException(409, str(exc)) from None
+        except RegistrationError as exc:
+            raise HTTPException(422, str(exc)) from None
+
+    @app.put("/api/services/{instance_id}/heartbeat", dependencies=guarded)
+    async def heartbeat(instance_id: str) -> dict[str, Any]:
+        """Keep a registration for another ttl; 404 once it expired (register again)."""
+        if not await node.heartbeat(instance_id):
+            raise HTTPException(
+                404, f"no registration {instance_id!r} (expired or never made): register again"
+            )
+        return {"id": instance_id}
+
+    @app.delete("/api/services/{instance_id}", dependencies=guarded, status_code=204)
+    async def deregister(instance_id: str) -> Response:
+        if not await node.deregister(instance_id):
+            raise HTTPException(404, f"no registration {instance_id!r}")
+        return Response(status_code=204)
 
     @app.get("/api/circuits", dependencies=guarded)
     async def circuits() -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
@@ -145,12 +145,20 @@ def compile_plan(
     pools: PoolManager,
     services: PolicyServices | None = None,
     states: TargetStates | None = None,
+    discovered: Mapping[str, Sequence[tuple[str, int]]] | None = None,
 ) -> Plan:
     """The Plan for ``config``: upstream targets get their pools from ``pools`` and their health
-    and circuits from ``states`` (both kept across reloads), policies get ``services``."""
+    and circuits from ``states`` (both kept across reloads), policies get ``services``. An upstream
+    whose targets come from a service or DNS takes them, as (url, weight), from ``discovered``
+    (none known yet: no target, and its requests are answered 503)."""
     states = states if states is not None else TargetStates()
     groups: dict[str, UpstreamGroup] = {}
     for name, upstream in config.upstreams.items():
+        if upstream.discovered:
+            found = (discovered or {}).get(name, ())
+            upstream = upstream.model_copy(
+                update={"targets": [TargetConfig(url=u, weight=w) for u, w in found]}
+            )
         groups[name] = _group(name, upstream, config, pools, states)
 
     compiled: list[CompiledRoute] = []

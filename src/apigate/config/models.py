@@ -130,6 +130,33 @@ class EndpointsConfig(Strict):
         return _networks(value)
 
 
+class DiscoveryRedisConfig(Strict):
+    """Registrations services write to Redis themselves (docs/discovery.md has the format)."""
+
+    url: str = Field(description="redis://host:6379/0")
+    prefix: str = Field(default="apigate:", max_length=100)
+    poll_interval: Duration = Field(default=2.0, gt=0, description="how often the node reads them")
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, url: str) -> str:
+        if not url.startswith(("redis://", "rediss://")):
+            raise ValueError("must be a redis:// or rediss:// URL")
+        return url
+
+
+class DiscoveryConfig(Strict):
+    allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        default_factory=list,
+        description="where registered services may be; internal ranges must be listed themselves",
+    )
+    redis: DiscoveryRedisConfig | None = None
+
+    _strict_networks = field_validator("allowed_networks", mode="before")(
+        classmethod(lambda cls, v: _networks(v))
+    )
+
+
 class AdminConfig(Strict):
     """The admin listener: operations endpoints on their own port, never on the proxy's."""
 
@@ -352,6 +379,7 @@ class GatewayConfig(Strict):
     paths: PathsConfig = PathsConfig()
     endpoints: EndpointsConfig = EndpointsConfig()
     admin: AdminConfig | None = Field(default_factory=AdminConfig, description="null: no admin listener")
+    discovery: DiscoveryConfig = DiscoveryConfig()
     store: StoreConfig = Field(default_factory=StoreConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     consumers: list[ConsumerConfig] = Field(default_factory=list)

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from apigate.config.headernames import HEADER_NAME
 from apigate.config.units import Duration
 from apigate.config.validators import Strict, check_http_url, env_default
+from apigate.discovery.dns import DnsQuery
 from apigate.engine.balancers import Balancer, ConsistentHash, LeastConnections, PowerOfTwoChoices, Sticky
 from apigate.engine.breakers import BreakerSettings, EjectionSettings
 from apigate.engine.retries import FAILURE_NAMES, RetryPolicy
@@ -235,8 +236,40 @@ class UpstreamTimeoutsConfig(Strict):
     idle: Duration | None = Field(default=None, gt=0, description="longest silence within the response")
 
 
+class DnsTargetsConfig(Strict):
+    """Targets from DNS, asked again as the records' TTLs pass (within min_ttl and max_ttl)."""
+
+    name: str = Field(description="users.internal, or _http._tcp.users.internal for SRV")
+    record: Literal["A", "AAAA", "A+AAAA", "SRV"] = "A"
+    port: int | None = Field(default=None, ge=1, le=65535, description="for A and AAAA (SRV names its own)")
+    nameservers: list[str] = Field(
+        default_factory=list, description='"10.0.0.2" or "10.0.0.2:5353"; none: the system\'s'
+    )
+    min_ttl: Duration = Field(default=1.0, gt=0)
+    max_ttl: Duration = Field(default=300.0, gt=0)
+    timeout: Duration = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _valid_query(self) -> DnsTargetsConfig:
+        if self.record != "SRV" and self.port is None:
+            raise ValueError(f"{self.record} records name no port: set port")
+        self.query()  # DnsQuery checks the rest (the name, the TTL bounds)
+        return self
+
+    def query(self) -> DnsQuery:
+        servers = []
+        for entry in self.nameservers:
+            host, sep, port = entry.rpartition(":") if entry.count(":") == 1 else ("", "", "")
+            servers.append((host, int(port)) if sep and port.isdigit() else (entry.strip("[]"), 53))
+        return DnsQuery(
+            self.name, self.record, self.port, tuple(servers), self.min_ttl, self.max_ttl, self.timeout
+        )
+
+
 class UpstreamConfig(Strict):
-    targets: list[TargetConfig] = Field(min_length=1)
+    targets: list[TargetConfig] = Field(default_factory=list)
+    service: str | None = Field(default=None, description="targets from the registrations of this service")
+    dns: DnsTargetsConfig | None = Field(default=None, description="targets from DNS records")
     pool: PoolConfig = PoolConfig()
     balancer: BalancerConfig = Field(default_factory=RoundRobinConfig)
     health: HealthConfig = HealthConfig()
@@ -251,6 +284,25 @@ class UpstreamConfig(Strict):
     )
 
     _expand = field_validator("failure_statuses", mode="before")(classmethod(lambda cls, v: _statuses(v)))
+
+    @model_validator(mode="after")
+    def _one_source_of_targets(self) -> UpstreamConfig:
+        sources = [
+            name
+            for name, given in (("targets", self.targets), ("service", self.service), ("dns", self.dns))
+            if given
+        ]
+        if len(sources) != 1:
+            raise ValueError(
+                "give one source of targets: targets, service or dns"
+                + (f" (not {' and '.join(sources)})" if sources else "")
+            )
+        return self
+
+    @property
+    def discovered(self) -> bool:
+        """Its targets come from discovery (a service or DNS), not from the config."""
+        return self.service is not None or self.dns is not None
 
     @field_validator("balancer", mode="before")
     @classmethod

@@ -44,6 +44,10 @@ class RegistrationError(ValueError):
         self.message = message
 
 
+class AddressRefused(RegistrationError):
+    """The address is outside ``discovery.allowed_networks``."""
+
+
 def _is_global(address: IPAddress) -> bool:
     return address.is_global and not any(address in network for network in _ALSO_NOT_GLOBAL)
 
@@ -90,7 +94,7 @@ def _refusal(field: str, host: str, address: IPAddress) -> RegistrationError:
             " (an internal address needs its internal network listed, such as 10.0.0.0/8; "
             "a public range such as 0.0.0.0/0 does not admit it)"
         )
-    return RegistrationError(field, message)
+    return AddressRefused(field, message)
 
 
 async def resolve_allowed(

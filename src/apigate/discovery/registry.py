@@ -265,6 +265,10 @@ class ServiceRegistry:
         self._by_id: dict[str, Entry] = {}
         self._by_service: dict[str, dict[str, Entry]] = {}
 
+    def set_allowed(self, allowed_networks: Sequence[IPNetwork]) -> None:
+        """The allow-list of a reloaded config (for registrations from now on)."""
+        self._allowed = tuple(allowed_networks)
+
     async def register(self, registration: Registration) -> Entry:
         """Admits the registration (RegistrationError naming ``host`` or ``health`` if its address
         is not allowed; RegistryFull at the cap) and holds it for its ttl. The same id again

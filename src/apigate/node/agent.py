@@ -3,6 +3,9 @@ worker), and does what must not run once per worker.
 
 - Active health checks: each target is probed by this one checker; every verdict is pushed to
   every worker, and a worker that connects (or reconnects) gets the whole table first.
+- Discovery: the targets of upstreams that name a ``service`` (registered over the admin API, or
+  written to Redis by the services themselves) or a ``dns`` name; every change is pushed to every
+  worker, which compiles its plan again (nothing restarts, no connection drops).
 - The admin listener's answers: it asks every worker for its view (in flight, ejections,
   circuits) and merges them, and sends a circuit reset to every worker.
 
@@ -20,12 +23,17 @@ from typing import Any, Final
 
 from apigate.config.compile import target_key
 from apigate.config.models import GatewayConfig
+from apigate.config.upstreams import UpstreamConfig
+from apigate.discovery.dns import DnsQuery, DnsWatcher, Endpoint
+from apigate.discovery.networks import resolve_allowed
+from apigate.discovery.registry import Entry, RedisServiceSource, Registration, ServiceRegistry, admit
 from apigate.health.active import ActiveChecker, CheckSettings, ProbeTarget, TargetHealth
 from apigate.node.frames import FrameError, encode, read_frame
 
 log = logging.getLogger("apigate")
 
 ASK_TIMEOUT: Final = 2.0
+EXPIRE_EVERY: Final = 1.0  # registrations whose heartbeats stopped leave within this of their ttl
 _STATE_RANK: Final = {"closed": 0, "half_open": 1, "open": 2}
 
 
@@ -43,11 +51,37 @@ class NodeAgent:
         self.health: dict[str, dict[str, Any]] = {}  # target key -> {"healthy", "detail"}
         self.checker = ActiveChecker(self._health_changed)
         self._ids = itertools.count(1)
+        self.discovered: dict[str, list[tuple[str, int]]] = {}  # upstream -> (url, weight) targets
+        self.registry = ServiceRegistry(config.discovery.allowed_networks, on_change=self._service_changed)
+        self.redis_source: RedisServiceSource | None = None
+        self._redis_entries: dict[str, list[Entry]] = {}
+        self._dns: dict[str, DnsWatcher] = {}
+        self._background: list[asyncio.Task[None]] = []
 
     # -- config ----------------------------------------------------------------------------------
     def apply(self, config: GatewayConfig) -> None:
-        """Probe what ``config`` asks to be probed (probes of unchanged targets keep their state)."""
+        """Probe and discover what ``config`` asks for (probes and DNS names that stay keep their
+        state; registrations stay)."""
         self.config = config
+        self.registry.set_allowed(config.discovery.allowed_networks)
+        self._follow_dns(config)
+        for name, upstream in config.upstreams.items():
+            if upstream.service is not None:
+                self._set_targets(name, self._service_targets(upstream))
+        for name in [n for n in self.discovered if not getattr(config.upstreams.get(n), "discovered", False)]:
+            del self.discovered[name]
+        self._probe(config)
+        if not self._background:
+            loop = asyncio.get_running_loop()
+            self._background.append(loop.create_task(self._expire_registrations()))
+            redis = config.discovery.redis
+            if redis is not None:
+                self.redis_source = RedisServiceSource(
+                    redis.url, config.discovery.allowed_networks, redis.prefix
+                )
+                self._background.append(loop.create_task(self._poll_redis(redis.poll_interval)))
+
+    def _probe(self, config: GatewayConfig) -> None:
         probes = []
         for name, upstream in config.upstreams.items():
             active = upstream.health.active
@@ -63,8 +97,12 @@ class NodeAgent:
                 host=active.host,
                 method=active.method,
             )
-            for target in upstream.targets:
-                probes.append(ProbeTarget(target_key(name, target.url), target.url, settings))
+            urls = (
+                [u for u, _ in self.discovered.get(name, ())]
+                if upstream.discovered
+                else [t.url for t in upstream.targets]
+            )
+            probes.extend(ProbeTarget(target_key(name, url), url, settings) for url in urls)
         self.checker.set_targets(probes)
         known = {probe.key for probe in probes}
         for key in [k for k in self.health if k not in known]:
@@ -72,7 +110,121 @@ class NodeAgent:
         if probes and not self.checker.running:
             self.checker.start()
 
+    # -- discovery -------------------------------------------------------------------------------
+    def _set_targets(self, upstream: str, targets: list[tuple[str, int]]) -> None:
+        targets = sorted(set(targets))
+        if self.discovered.get(upstream) == targets:
+            return
+        self.discovered[upstream] = targets
+        log.info("upstream %s: %d discovered target(s)", upstream, len(targets))
+        self.broadcast({"op": "targets", "upstreams": {upstream: targets}})
+        self._probe(self.config)
+
+    def _follow_dns(self, config: GatewayConfig) -> None:
+        wanted: dict[str, DnsQuery] = {
+            name: upstream.dns.query()
+            for name, upstream in config.upstreams.items()
+            if upstream.dns is not None
+        }
+        for name, watcher in list(self._dns.items()):
+            if wanted.get(name) != watcher.query:
+                del self._dns[name]
+                asyncio.get_running_loop().create_task(watcher.stop())
+        for name, query in wanted.items():
+            if name not in self._dns:
+
+                def changed(endpoints: list[Endpoint], upstream: str = name) -> None:
+                    self._set_targets(upstream, [(_url(e.host, e.port), e.weight) for e in endpoints])
+
+                watcher = self._dns[name] = DnsWatcher(query, changed)
+                watcher.start()
+
+    def _service_targets(self, upstream: UpstreamConfig) -> list[tuple[str, int]]:
+        entries = self.registry.endpoints(upstream.service or "") + self._redis_entries.get(
+            upstream.service or "", []
+        )
+        return [
+            (_url(e.address, e.registration.port, e.registration.scheme), e.registration.weight)
+            for e in entries
+        ]
+
+    def _service_changed(self, service: str) -> None:
+        for name, upstream in self.config.upstreams.items():
+            if upstream.service == service:
+                self._set_targets(name, self._service_targets(upstream))
+
+    async def register(self, registration: Registration) -> dict[str, Any]:
+        """A registration over the admin API: held here, or written to Redis when discovery reads
+        registrations from there (every node then sees it). Raises RegistrationError."""
+        if self.redis_source is None:
+            return (await self.registry.register(registration)).describe()
+        loop = asyncio.get_running_loop()
+        allowed = self.config.discovery.allowed_networks
+        await admit(registration, lambda host, field: resolve_allowed(host, allowed, loop, field))
+        await self.redis_source.write(registration)
+        await self._read_redis()
+        written = [
+            e for found in self._redis_entries.values() for e in found if e.id == registration.instance_id
+        ]
+        return written[0].describe() if written else {"id": registration.instance_id}
+
+    async def heartbeat(self, instance_id: str) -> bool:
+        if self.registry.heartbeat(instance_id):
+            return True
+        if self.redis_source is not None:
+            for name, entries in self._redis_entries.items():
+                for entry in entries:
+                    if entry.id == instance_id:
+                        return await self.redis_source.heartbeat(name, instance_id, entry.registration.ttl)
+        return False
+
+    async def deregister(self, instance_id: str) -> bool:
+        if self.registry.deregister(instance_id):
+            return True
+        if self.redis_source is not None:
+            for name, entries in self._redis_entries.items():
+                if any(entry.id == instance_id for entry in entries):
+                    found = await self.redis_source.delete(name, instance_id)
+                    await self._read_redis()
+                    return found
+        return False
+
+    def registrations(self) -> list[dict[str, Any]]:
+        entries = self.registry.entries() + [e for found in self._redis_entries.values() for e in found]
+        return [entry.describe() for entry in entries]
+
+    async def _expire_registrations(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRE_EVERY)
+            self.registry.expire()
+
+    async def _poll_redis(self, interval: float) -> None:
+        while True:
+            try:
+                await self._read_redis()
+            except Exception as exc:  # Redis away: keep what was read last
+                log.warning("discovery: reading registrations from Redis failed: %s", exc)
+            await asyncio.sleep(interval)
+
+    async def _read_redis(self) -> None:
+        assert self.redis_source is not None
+        found = await self.redis_source.read()
+        changed = {
+            name
+            for name in found.keys() | self._redis_entries.keys()
+            if [e.id for e in found.get(name, [])] != [e.id for e in self._redis_entries.get(name, [])]
+        }
+        self._redis_entries = found
+        for service in changed:
+            self._service_changed(service)
+
     async def stop(self) -> None:
+        for task in self._background:
+            task.cancel()
+        for watcher in self._dns.values():
+            await watcher.stop()
+        if self.redis_source is not None:
+            await self.redis_source.close()
         await self.checker.stop()
         for worker in list(self.workers):
             worker.writer.close()
@@ -87,6 +239,8 @@ class NodeAgent:
                 return
             worker = _Worker(writer, int(hello.get("pid", 0)))
             self.workers.add(worker)
+            if self.discovered:
+                writer.write(encode({"op": "targets", "upstreams": self.discovered}))
             if self.health:
                 writer.write(encode({"op": "health", "states": self.health}))
             while True:
@@ -135,7 +289,11 @@ class NodeAgent:
     # -- what the admin listener shows -------------------------------------------------------------
     async def services(self) -> dict[str, Any]:
         answers = await self.ask_all({"op": "snapshot"})
-        return {"workers": len(answers), "upstreams": merge_upstreams(answers, self.health)}
+        return {
+            "workers": len(answers),
+            "upstreams": merge_upstreams(answers, self.health),
+            "registered": self.registrations(),
+        }
 
     async def circuits(self) -> dict[str, Any]:
         upstreams = (await self.services())["upstreams"]
@@ -245,3 +403,7 @@ def _worst(circuits: list[dict[str, Any]]) -> dict[str, Any]:
         "changed_seconds_ago": worst.get("changed_seconds_ago"),
         "workers": circuits,
     }
+
+
+def _url(host: str, port: int, scheme: str = "http") -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"

@@ -1,6 +1,6 @@
 """A worker's side of the node: it applies what the node pushes (target health from the active
-checks) and answers what the node asks (its view of upstreams and circuits, a circuit reset), so
-that the admin listener answers for every worker.
+checks, discovered targets) and answers what the node asks (its view of upstreams and circuits, a
+circuit reset), so that the admin listener answers for every worker.
 
 The link reconnects when the node restarts; until it is up again the worker serves with the
 health it last heard.
@@ -23,13 +23,16 @@ from apigate.node.frames import FrameError, encode, read_frame
 log = logging.getLogger("apigate")
 
 Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+# Discovered targets, by upstream, as (url, weight): the worker compiles its plan again with them.
+OnTargets = Callable[[dict[str, list[tuple[str, int]]]], None]
 RECONNECT_MAX = 2.0
 
 
 class WorkerLink:
-    def __init__(self, gateway: Gateway, connect: Connect) -> None:
+    def __init__(self, gateway: Gateway, connect: Connect, on_targets: OnTargets) -> None:
         self.gateway = gateway
         self.connect = connect
+        self.on_targets = on_targets
         self.connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -80,6 +83,10 @@ class WorkerLink:
         op = message.get("op")
         if op == "health":
             self.apply_health(message["states"])
+            return {}
+        if op == "targets":
+            upstreams = message["upstreams"]
+            self.on_targets({name: [(str(u), int(w)) for u, w in found] for name, found in upstreams.items()})
             return {}
         if op == "snapshot":
             return {"pid": os.getpid(), "upstreams": upstreams_view(self.gateway)}
