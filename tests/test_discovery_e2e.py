@@ -39,6 +39,17 @@ def admin(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any
     return response.status, orjson.loads(response.body) if response.body else None
 
 
+def dns_gateway(tmp_path: Path, dns_server: DnsServer, dns: dict[str, Any]) -> GatewayProcess:
+    """A gateway whose one upstream takes its targets from ``dns``, asked of the test's server."""
+    dns = {**dns, "nameservers": [f"127.0.0.1:{dns_server.port}"]}
+    config = {
+        "admin": None,
+        "upstreams": {"api": {"dns": dns}},
+        "routes": [{"path": "/*", "upstream": "api"}],
+    }
+    return GatewayProcess(tmp_path, config).start()
+
+
 @pytest.fixture
 def pair() -> Iterator[tuple[FaultyUpstream, FaultyUpstream]]:
     """Two targets on one port of two loopback addresses (as two hosts behind one DNS name)."""
@@ -54,14 +65,8 @@ def test_targets_follow_dns_answers_within_the_ttl(
 ) -> None:
     first = pair[0]
     dns_server.set("api.test.", "A", ["127.0.0.2"], ttl=1)
-    nameserver = f"127.0.0.1:{dns_server.port}"
-    dns = {"name": "api.test.", "port": first.port, "nameservers": [nameserver], "min_ttl": "200ms"}
-    config = {
-        "admin": None,
-        "upstreams": {"api": {"dns": dns}},
-        "routes": [{"path": "/*", "upstream": "api"}],
-    }
-    gateway = GatewayProcess(tmp_path, config).start()
+    dns = {"name": "api.test.", "port": first.port, "min_ttl": "200ms"}
+    gateway = dns_gateway(tmp_path, dns_server, dns)
     try:
         wait_until(lambda: served(gateway.port, 1) == {"first": 1}, timeout=10, message="first answer used")
         dns_server.set("api.test.", "A", ["127.0.0.3"], ttl=1)
@@ -88,14 +93,7 @@ def test_srv_records_give_ports_and_weights(tmp_path: Path, dns_server: DnsServe
         dns_server.set_srv(
             "_http._tcp.api.test.", [(10, 1, light.port, "t1.test."), (10, 3, heavy.port, "t1.test.")]
         )
-        nameserver = f"127.0.0.1:{dns_server.port}"
-        dns = {"name": "_http._tcp.api.test.", "record": "SRV", "nameservers": [nameserver]}
-        config = {
-            "admin": None,
-            "upstreams": {"api": {"dns": dns}},
-            "routes": [{"path": "/*", "upstream": "api"}],
-        }
-        gateway = GatewayProcess(tmp_path, config).start()
+        gateway = dns_gateway(tmp_path, dns_server, {"name": "_http._tcp.api.test.", "record": "SRV"})
         try:
             wait_until(lambda: "503" not in served(gateway.port, 1), timeout=10, message="targets discovered")
             assert served(gateway.port, 40) == {"light": 10, "heavy": 30}
