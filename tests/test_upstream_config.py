@@ -276,3 +276,92 @@ def test_apigate_check_prints_the_path_and_line(tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert "line 4: upstreams.u.balancer: hashing on header needs key: the header name" in output
     assert "line 8: routes[0].retries.retry_on: unknown failure" in output
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "path", "message"),
+    [
+        pytest.param(
+            "upstreams:\n  u:\n    dns: {name: api.internal}\n",
+            3,
+            "upstreams.u.dns",
+            "set port",
+            id="dns-no-port",
+        ),
+        pytest.param(
+            "upstreams:\n  u:\n    dns: {name: 10.0.0.1, port: 80}\n",
+            3,
+            "upstreams.u.dns",
+            "is an IP address",
+            id="dns-ip",
+        ),
+        pytest.param(
+            "upstreams:\n  u:\n    dns: {name: api.internal, record: MX, port: 80}\n",
+            3,
+            "upstreams.u.dns.record",
+            "'SRV'",
+            id="dns-record",
+        ),
+        pytest.param(
+            "upstreams:\n  u:\n    dns: {name: a.internal, port: 80, min_ttl: 60s, max_ttl: 1s}\n",
+            3,
+            "upstreams.u.dns",
+            "max_ttl",
+            id="dns-ttls",
+        ),
+        pytest.param(
+            "upstreams:\n  u:\n    dns: {name: a.internal, port: 80, nameservers: [dns.google]}\n",
+            3,
+            "upstreams.u.dns",
+            "nameservers[0]",
+            id="dns-nameserver",
+        ),
+        pytest.param(
+            "upstreams:\n  u:\n    service: users\n    dns: {name: a.internal, port: 80}\n",
+            2,
+            "upstreams.u",
+            "not service and dns",
+            id="two-sources",
+        ),
+        pytest.param(
+            "upstreams:\n  u:\n    balancer: p2c\n",
+            2,
+            "upstreams.u",
+            "give one source of targets",
+            id="no-source",
+        ),
+        pytest.param(
+            "upstreams:\n  u:\n    service: 'Bad Name'\n",
+            3,
+            "upstreams.u.service",
+            "should match pattern",
+            id="service-name",
+        ),
+        pytest.param(
+            "discovery:\n  allowed_networks: [10.0.0.0/33]\n",
+            2,
+            "discovery.allowed_networks",
+            "network",
+            id="networks",
+        ),
+        pytest.param(
+            "discovery:\n  redis: {url: 'http://x'}\n", 2, "discovery.redis.url", "redis://", id="redis-url"
+        ),
+        pytest.param(
+            "discovery:\n  redis: {url: 'redis://x', poll_interval: 0s}\n",
+            2,
+            "discovery.redis.poll_interval",
+            "greater than 0",
+            id="redis-poll",
+        ),
+        pytest.param("admin:\n  listen: nowhere\n", 2, "admin.listen", "host:port", id="admin-listen"),
+        pytest.param("admin:\n  lisen: 8001\n", 2, "admin.lisen", "Extra inputs", id="admin-typo"),
+        pytest.param(
+            "timeouts:\n  drain_notice: soon\n", 2, "timeouts.drain_notice", "duration", id="drain-notice"
+        ),
+    ],
+)
+def test_bad_discovery_and_admin_settings_name_field_and_line(
+    text: str, line: int, path: str, message: str
+) -> None:
+    test_bad_upstream_settings_name_field_and_line(text, line, path, message)

@@ -16,6 +16,7 @@ from apigate.config.headernames import HEADER_NAME
 from apigate.config.units import Duration
 from apigate.config.validators import Strict, check_http_url, env_default
 from apigate.discovery.dns import DnsQuery
+from apigate.discovery.registry import NAME_PATTERN
 from apigate.engine.balancers import Balancer, ConsistentHash, LeastConnections, PowerOfTwoChoices, Sticky
 from apigate.engine.breakers import BreakerSettings, EjectionSettings
 from apigate.engine.retries import FAILURE_NAMES, RetryPolicy
@@ -268,7 +269,9 @@ class DnsTargetsConfig(Strict):
 
 class UpstreamConfig(Strict):
     targets: list[TargetConfig] = Field(default_factory=list)
-    service: str | None = Field(default=None, description="targets from the registrations of this service")
+    service: str | None = Field(
+        default=None, pattern=NAME_PATTERN, description="targets from the registrations of this service"
+    )
     dns: DnsTargetsConfig | None = Field(default=None, description="targets from DNS records")
     pool: PoolConfig = PoolConfig()
     balancer: BalancerConfig = Field(default_factory=RoundRobinConfig)
