@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from apigate.config.models import ROUTE_SHORTHANDS, GatewayConfig, RouteConfig
 from apigate.config.upstreams import TargetConfig, UpstreamConfig
 from apigate.engine.balancers import stable_hash
-from apigate.engine.breakers import Breaker, TargetStates
+from apigate.engine.breakers import TargetStates
 from apigate.engine.plan import (
     CompiledRoute,
     Endpoints,
@@ -300,11 +300,7 @@ def _group(
         state = target.state
         if per_target:
             assert circuit is not None
-            settings = circuit.settings()
-            if state.breaker is None:
-                state.breaker = Breaker(state.key, settings)
-            else:
-                state.breaker.settings = settings
+            states.target_breaker(state, circuit.settings(), circuit.share)
         else:
             state.breaker = None
         if upstream.health.active is None:

@@ -203,6 +203,11 @@ class CircuitBreakerConfig(Strict):
     scope: Literal["target", "upstream", "both"] = Field(
         default="target", description="a circuit per target, one for the whole upstream, or both"
     )
+    share: bool = Field(
+        default=True,
+        description="a target circuit that opens opens in the node's other workers, and (with a Redis "
+        "state.url) in the other nodes, as a hint",
+    )
 
     @model_validator(mode="after")
     def _opens_somehow(self) -> CircuitBreakerConfig:

@@ -133,6 +133,19 @@ class Breaker:
             if requests >= settings.min_requests and failed >= settings.error_rate * requests:
                 self._open(now, f"{failed} of {requests} requests failed in {settings.window:g}s")
 
+    def hint_open(self, now: float, seconds: float, origin: str) -> bool:
+        """Another worker or node saw this circuit open: open it here too for ``seconds`` (at most
+        one recovery period), without telling anyone (no echo). False if it was not closed."""
+        if self.state != CLOSED:
+            return False
+        self.open_until = now + min(seconds, self.settings.recovery)
+        self.admitted = self.succeeded = 0
+        self.state = OPEN
+        self.changed_at = now
+        self.reason = f"open at {origin}"
+        log.warning("circuit %s open (%s)", self.name, self.reason)
+        return True
+
     def reset(self, now: float) -> None:
         """Closed again, its counts cleared (an operator's reset)."""
         self.consecutive = 0
@@ -317,12 +330,34 @@ def _may_eject(now: float, ejection: EjectionSettings, peers: list[TargetState])
 
 class TargetStates:
     """What the gateway keeps of its upstreams across reloads, as it keeps their pools: a state per
-    (upstream, target address), and each upstream's own circuit and retry budget."""
+    (upstream, target address), and each upstream's own circuit and retry budget.
+
+    ``on_open(key, seconds)`` hears of each target circuit that opens here, for those that share
+    (the process passes it on to the other workers and nodes, which open theirs as a hint)."""
 
     def __init__(self) -> None:
         self.states: dict[str, TargetState] = {}
         self.breakers: dict[str, Breaker] = {}
         self.budgets: dict[str, RetryBudget] = {}
+        self.on_open: Callable[[str, float], None] | None = None
+
+    def target_breaker(self, state: TargetState, settings: BreakerSettings, share: bool) -> None:
+        """Give ``state`` a circuit with ``settings`` (its current one keeps its state)."""
+        breaker = state.breaker
+        if breaker is None:
+            breaker = state.breaker = Breaker(state.key, settings)
+        breaker.settings = settings
+        breaker.on_change = self._opened if share else None
+
+    def _opened(self, breaker: Breaker) -> None:
+        if breaker.state == OPEN and self.on_open is not None:
+            self.on_open(breaker.name, breaker.settings.recovery)
+
+    def hint(self, key: str, seconds: float, origin: str, now: float) -> None:
+        """A circuit opened elsewhere: open ours for that target, if we have one and it is closed."""
+        state = self.states.get(key)
+        if state is not None and state.breaker is not None and state.breaker.hint_open(now, seconds, origin):
+            state.update_blocked()
 
     def state_for(self, key: str) -> TargetState:
         state = self.states.get(key)

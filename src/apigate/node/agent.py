@@ -18,8 +18,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 from typing import Any, Final
+
+import orjson
 
 from apigate.config.compile import target_key
 from apigate.config.models import GatewayConfig
@@ -29,10 +32,14 @@ from apigate.discovery.networks import resolve_allowed
 from apigate.discovery.registry import Entry, RedisServiceSource, Registration, ServiceRegistry, admit
 from apigate.health.active import ActiveChecker, CheckSettings, ProbeTarget, TargetHealth
 from apigate.node.frames import FrameError, encode, read_frame
+from apigate.state import StateBackend, open_state
+from apigate.state.base import Subscription
 
 log = logging.getLogger("apigate")
 
 ASK_TIMEOUT: Final = 2.0
+HINT_EVERY: Final = 1.0  # at most one circuit hint per target this often, from a node or to Redis
+CIRCUITS_CHANNEL: Final = "circuits"
 EXPIRE_EVERY: Final = 1.0  # registrations whose heartbeats stopped leave within this of their ttl
 _STATE_RANK: Final = {"closed": 0, "half_open": 1, "open": 2}
 
@@ -57,6 +64,10 @@ class NodeAgent:
         self._redis_entries: dict[str, list[Entry]] = {}
         self._dns: dict[str, DnsWatcher] = {}
         self._background: list[asyncio.Task[None]] = []
+        self.node_id = secrets.token_hex(6)
+        self._hinted: dict[str, float] = {}  # target key -> when a hint about it last went out
+        self._hints: StateBackend | None = None  # Redis, when other nodes share circuit hints
+        self._hints_subscription: Subscription | None = None
 
     # -- config ----------------------------------------------------------------------------------
     def apply(self, config: GatewayConfig) -> None:
@@ -74,6 +85,10 @@ class NodeAgent:
         if not self._background:
             loop = asyncio.get_running_loop()
             self._background.append(loop.create_task(self._expire_registrations()))
+            if config.state.url.startswith("redis") and any(
+                u.circuit_breaker is not None and u.circuit_breaker.share for u in config.upstreams.values()
+            ):
+                self._background.append(loop.create_task(self._share_hints(config.state.url)))
             redis = config.discovery.redis
             if redis is not None:
                 self.redis_source = RedisServiceSource(
@@ -225,6 +240,10 @@ class NodeAgent:
             await watcher.stop()
         if self.redis_source is not None:
             await self.redis_source.close()
+        if self._hints_subscription is not None:
+            await self._hints_subscription.close()
+        if self._hints is not None:
+            await self._hints.close()
         await self.checker.stop()
         for worker in list(self.workers):
             worker.writer.close()
@@ -247,6 +266,9 @@ class NodeAgent:
                 message = await read_frame(reader)
                 if message is None:
                     return
+                if message.get("op") == "circuit":
+                    self._circuit_opened(worker, str(message["key"]), float(message["seconds"]))
+                    continue
                 future = worker.pending.pop(message.get("id", 0), None)
                 if future is not None and not future.done():
                     future.set_result(message)
@@ -259,10 +281,42 @@ class NodeAgent:
                     future.cancel()
             writer.close()
 
-    def broadcast(self, message: dict[str, Any]) -> None:
+    def broadcast(self, message: dict[str, Any], but: _Worker | None = None) -> None:
         data = encode(message)
         for worker in self.workers:
-            worker.writer.write(data)
+            if worker is not but:
+                worker.writer.write(data)
+
+    # -- circuit hints ---------------------------------------------------------------------------
+    def _circuit_opened(self, worker: _Worker | None, key: str, seconds: float, origin: str = "") -> None:
+        """A target circuit opened in one worker (or, ``origin``, on another node): the others
+        open theirs for the rest of its recovery period. At most one hint per target a second
+        goes out, so a flapping target cannot flood the workers or Redis."""
+        now = time.monotonic()
+        if now - self._hinted.get(key, -HINT_EVERY) < HINT_EVERY:
+            return
+        self._hinted[key] = now
+        where = origin or f"worker {worker.pid if worker is not None else '?'}"
+        self.broadcast({"op": "circuit", "key": key, "seconds": seconds, "origin": where}, but=worker)
+        if not origin and self._hints is not None:
+            message = orjson.dumps({"node": self.node_id, "key": key, "seconds": seconds})
+            task = asyncio.get_running_loop().create_task(self._hints.publish(CIRCUITS_CHANNEL, message))
+            task.add_done_callback(_log_failure)
+
+    def _hint_heard(self, message: bytes | None) -> None:
+        if message is None:  # (re)subscribed, or the subscription was lost: nothing to do
+            return
+        try:
+            hint = orjson.loads(message)
+            if hint["node"] != self.node_id:
+                self._circuit_opened(None, str(hint["key"]), float(hint["seconds"]), f"node {hint['node']}")
+        except (ValueError, KeyError, TypeError):
+            log.warning("a circuit hint from Redis was not understood")
+
+    async def _share_hints(self, url: str) -> None:
+        self._hints = open_state(url)
+        await self._hints.open()
+        self._hints_subscription = await self._hints.subscribe(CIRCUITS_CHANNEL, self._hint_heard)
 
     async def ask_all(self, message: dict[str, Any]) -> list[dict[str, Any]]:
         """Every worker's answer to ``message`` (those that answer within ASK_TIMEOUT)."""
@@ -407,3 +461,8 @@ def _worst(circuits: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _url(host: str, port: int, scheme: str = "http") -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a circuit hint could not be sent to Redis: %s", task.exception())

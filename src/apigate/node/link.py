@@ -35,6 +35,14 @@ class WorkerLink:
         self.on_targets = on_targets
         self.connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        gateway.target_states.on_open = self.report_open
+
+    def report_open(self, key: str, seconds: float) -> None:
+        """A target circuit opened in this worker: the node tells the others (a hint, bounded)."""
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            writer.write(encode({"op": "circuit", "key": key, "seconds": seconds}))
 
     def start(self) -> None:
         self._task = self.gateway.loop.create_task(self._run())
@@ -57,11 +65,13 @@ class WorkerLink:
             delay = 0.05
             try:
                 writer.write(encode({"op": "hello", "pid": os.getpid()}))
+                self._writer = writer
                 self.connected.set()
                 await self._serve(reader, writer)
             except (OSError, FrameError) as exc:
                 log.warning("the link to the node broke (%s); reconnecting", exc)
             finally:
+                self._writer = None
                 self.connected.clear()
                 writer.close()
             await asyncio.sleep(delay)
@@ -87,6 +97,11 @@ class WorkerLink:
         if op == "targets":
             upstreams = message["upstreams"]
             self.on_targets({name: [(str(u), int(w)) for u, w in found] for name, found in upstreams.items()})
+            return {}
+        if op == "circuit":
+            self.gateway.target_states.hint(
+                str(message["key"]), float(message["seconds"]), str(message["origin"]), time.monotonic()
+            )
             return {}
         if op == "snapshot":
             return {"pid": os.getpid(), "upstreams": upstreams_view(self.gateway)}
