@@ -474,6 +474,10 @@ class Exchange:
         if self.finished or self.client.closed:
             target.pool.release(conn)
             return
+        if not conn.open():
+            # It closed between opening and this turn (the target died): nothing was sent.
+            self.attempt_failed(CONNECT, 502, "upstream closed the connection as it opened", "connect_failed")
+            return
         self.attach(conn, reused=False)
 
     def attempt_failed(self, kind: int, status: int, message: str, reason: str, sent: bool = False) -> None:

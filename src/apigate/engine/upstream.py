@@ -223,6 +223,11 @@ class UpstreamConnection(wire.HeadReader):
             exchange.on_response_end()
 
     # -- used by the exchange -------------------------------------------------------------------
+    def open(self) -> bool:
+        """Still connected: not closed, and not being closed (connection_lost may come later)."""
+        transport = self.transport
+        return not self.closed and transport is not None and not transport.is_closing()
+
     def send(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[union-attr]
 
@@ -280,7 +285,7 @@ class ConnectionPool:
         idle = self.idle
         while idle:
             conn = idle.pop()
-            if not conn.closed:
+            if conn.open():
                 return conn
         return None
 
