@@ -154,10 +154,35 @@ def test_drain_timeout_cuts_long_request(start_gateway: Any, upstream: UpstreamS
 
 
 def two_workers(gateway: GatewayProcess) -> set[int] | None:
-    """The pids of the gateway's workers once both run."""
+    """The pids of the gateway's workers once both run (its other child is the node agent)."""
     assert gateway.proc is not None
-    found = children_of(gateway.proc.pid)
+    found = {pid for pid in children_of(gateway.proc.pid) if process_name(pid) == "apigate-worker"}
     return found if len(found) == 2 else None
+
+
+def process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def test_the_node_agent_is_restarted_and_workers_relink(start_gateway: Any, upstream: UpstreamServer) -> None:
+    gateway = start_gateway({"routes": [route("/echo", upstream.url)]}, workers=2)
+    assert gateway.proc is not None
+
+    def node_agent() -> int | None:
+        found = [pid for pid in children_of(gateway.proc.pid) if process_name(pid) == "apigate-node"]
+        return found[0] if found else None
+
+    first = wait_until(node_agent, message="the node agent")
+    os.kill(first, signal.SIGKILL)
+    second = wait_until(lambda: (pid := node_agent()) and pid != first and pid, message="a new node agent")
+    assert f"the node agent {first} exited" in gateway.output()
+    assert get(gateway.port, "/echo").status == 200  # the workers served on
+    gateway.signal(signal.SIGTERM)
+    assert gateway.proc.wait(10) == 0
+    assert not pid_alive(second)
 
 
 def test_two_workers_serve_restart_and_stop(start_gateway: Any, upstream: UpstreamServer) -> None:
@@ -196,14 +221,16 @@ def test_workers_of_a_killed_master_drain_and_free_the_port(
     start_gateway: Any, upstream: UpstreamServer, tmp_path: Path, launch: Callable[..., Launched]
 ) -> None:
     gateway = start_gateway({"routes": [route("/echo", upstream.url)]}, workers=2)
-    workers = wait_until(lambda: two_workers(gateway), message="two worker processes")
+    wait_until(lambda: two_workers(gateway), message="two worker processes")
+    assert gateway.proc is not None
+    workers = children_of(gateway.proc.pid)  # and the node agent
     try:
         assert get(gateway.port, "/echo").status == 200
         gateway.signal(signal.SIGKILL)  # the master alone: it cannot forward anything to the workers
         wait_until(
             lambda: not any(pid_alive(worker) for worker in workers),
             timeout=10,
-            message="both workers to exit after their master died",
+            message="the workers and the node agent to exit after their master died",
         )
     finally:
         for worker in workers:  # orphans must not outlive a failed run and keep the port

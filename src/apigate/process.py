@@ -359,6 +359,18 @@ async def _watch(source: ConfigSource, reload: Callable[[str], None]) -> None:
 NODE_SLOT = -1  # the node agent's slot among the supervised children
 
 
+def _close(*held: socket.socket | None) -> None:
+    for sock in held:
+        if sock is not None:
+            sock.close()
+
+
+def _name_process(name: str) -> None:
+    """Name this process as ps and top show it (Linux: /proc/self/comm); elsewhere nothing."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/comm").write_text(name[:15])
+
+
 def _supervise(source: ConfigSource, config: GatewayConfig, sockets: Sockets, count: int) -> int:
     """Fork the node agent and the workers, restart whichever exits, forward signals."""
     children: dict[int, int] = {}  # pid -> worker slot (NODE_SLOT: the node agent)
@@ -386,9 +398,15 @@ def _supervise(source: ConfigSource, config: GatewayConfig, sockets: Sockets, co
                 signal.signal(sig, signal.SIG_DFL)
             code = 1
             try:
+                # Each child keeps only the sockets it serves: a listener held by a process that
+                # never accepts on it would take connections nobody answers.
                 if slot == NODE_SLOT:
+                    _name_process("apigate-node")
+                    _close(sockets.proxy, sockets.demo)
                     code = _node_agent(source, config, sockets, node_sock, parent_alive)
                 else:
+                    _name_process("apigate-worker")
+                    _close(sockets.admin, node_sock)
                     code = _worker(source, config, worker_sockets, parent_alive)
             finally:
                 os._exit(code)
