@@ -425,3 +425,11 @@ def test_retry_budget_floor_allows_a_few_per_second_without_traffic() -> None:
     assert sum(budget.try_retry(0.0) for _ in range(100)) == 30
     assert sum(budget.try_retry(5.0) for _ in range(100)) == 0  # the window still holds 30
     assert sum(budget.try_retry(11.0) for _ in range(100)) == 30  # the old ones left the window
+
+
+def test_every_balancer_answers_none_without_targets(loop: asyncio.AbstractEventLoop) -> None:
+    # A discovered upstream before anything is found has no target at all.
+    balancers = [Balancer([]), LeastConnections([]), PowerOfTwoChoices([]), ConsistentHash([], "ip")]
+    balancers.append(Sticky([], Balancer([]), "pin", b""))
+    for balancer in balancers:
+        assert balancer.pick(FakeExchange(), None, 0.0) is None

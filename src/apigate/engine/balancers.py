@@ -68,6 +68,8 @@ class LeastConnections(Balancer):
     def pick(self, exchange: Exchange, exclude: Target | None, now: float) -> Target | None:
         targets = self.targets
         count = len(targets)
+        if not count:  # a discovered upstream with nothing found yet
+            return None
         self._start = start = (self._start + 1) % count
         best: Target | None = None
         best_load = 0.0
@@ -92,6 +94,8 @@ class PowerOfTwoChoices(Balancer):
     def pick(self, exchange: Exchange, exclude: Target | None, now: float) -> Target | None:
         targets = self.targets
         count = len(targets)
+        if not count:
+            return None
         first: Target | None = None
         second: Target | None = None
         for _ in range(4):  # a few draws find usable ones; a mostly-down upstream falls back to a scan
