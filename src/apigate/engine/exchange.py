@@ -606,8 +606,10 @@ class Exchange:
             chunked=self.request_chunked,
         )
         self.reused = reused
-        # A retry resends the whole kept body; a first attempt sends what arrived so far.
-        pieces = self.body_replay if self.attempt > 1 else self.body_pending
+        # A kept body holds everything that arrived, so every attempt sends it whole (a free retry
+        # after a stale pooled connection counts as the first attempt again: ``attempt`` cannot
+        # tell it apart); a body too big to keep goes once, as it arrives.
+        pieces = self.body_replay if self.replayable else self.body_pending
         if pieces:
             body = b"".join(pieces)
             self.body_pending = None
