@@ -1,14 +1,16 @@
 """Retries at their edges, through a real gateway: a pooled connection the upstream drops as a
-request arrives (the free, uncounted retry) must resend the whole request, body included."""
+request arrives (the free, uncounted retry) must resend the whole request, body included; retries
+without backoff still end when the route's timeout passes."""
 
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.support.errors_helpers import Client
+from tests.support.errors_helpers import Blackhole, Client, assert_error, request
 from tests.support.gateway import GatewayProcess
 from tests.support.hostile_upstream import HostileUpstream, read_request
 
@@ -61,3 +63,33 @@ def test_a_stale_pooled_connection_is_retried_with_the_whole_body(
         assert second.status == 200, second
         assert second.body == b"6"
     assert upstream.bodies == [b"hello", b"world!"]
+
+
+@pytest.fixture(scope="module")
+def blackholed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    blackhole = Blackhole()
+    assert blackhole.fill()
+    config = {
+        "upstreams": {"blackhole": {"targets": [blackhole.url], "timeouts": {"connect": "400ms"}}},
+        "routes": [
+            {
+                "path": "/b/*",
+                "upstream": "blackhole",
+                "timeout": "600ms",
+                "retries": {"attempts": 3, "retry_on": ["connect"], "backoff": {"base": 0}},
+            }
+        ],
+    }
+    gateway = GatewayProcess(tmp_path_factory.mktemp("blackholed"), config, workers=1).start()
+    yield gateway
+    gateway.stop()
+    blackhole.close()
+
+
+def test_retries_without_backoff_end_at_the_route_timeout(blackholed: GatewayProcess) -> None:
+    started = time.monotonic()
+    response = request(blackholed.port, "GET", "/b/x")
+    elapsed = time.monotonic() - started
+    assert_error(response, 504)
+    # Four connect timeouts would take 1.6 s; the route allows 0.6 s for everything.
+    assert elapsed < 1.0, elapsed
