@@ -433,6 +433,10 @@ class RedisServiceSource:
         self._refused: dict[bytes, bytes | None] = {}  # key -> the value left out, logged once
         self._over_cap = False  # more keys than max_entries at the last read: logged once
 
+    def set_allowed(self, allowed_networks: Sequence[IPNetwork]) -> None:
+        """The allow-list of a reloaded config: every ``read()`` from now on checks against it."""
+        self._allowed = tuple(allowed_networks)
+
     def key(self, name: str, instance_id: str) -> str:
         """The key of one instance: ``{prefix}service:{name}:{id}``."""
         _check_pattern("name", name, NAME_PATTERN)
