@@ -5,6 +5,7 @@ heartbeat, stop, and leave; a registration outside the allowed networks is refus
 from __future__ import annotations
 
 import collections
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -222,6 +223,36 @@ def test_registrations_written_to_redis_are_followed(tmp_path: Path, redis_url: 
         client.set(f"{prefix}service:user-service:u-10", orjson.dumps(outside), px=5000)
         wait_until(lambda: "10.1.2.3 is not allowed" in gateway.output(), timeout=10)
         assert served(gateway.port, 2) == {"503": 2}
+    finally:
+        client.close()
+        gateway.stop()
+        target.close()
+
+
+def test_a_reload_applies_its_allowed_networks_to_redis_registrations(tmp_path: Path, redis_url: str) -> None:
+    target = FaultyUpstream("from-redis").start()
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    discovery = {"redis": {"url": redis_url, "prefix": prefix, "poll_interval": "200ms"}}
+    config = {
+        "admin": None,
+        "discovery": {"allowed_networks": ["10.0.0.0/8"], **discovery},
+        "upstreams": {"users": {"service": "user-service"}},
+        "routes": [{"path": "/*", "upstream": "users", "retries": 0}],
+    }
+    gateway = GatewayProcess(tmp_path, config, workers=1).start()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        value = {"id": "u-1", "name": "user-service", "host": "127.0.0.1", "port": target.port, "ttl": 60}
+        client.set(f"{prefix}service:user-service:u-1", orjson.dumps(value), px=60_000)
+        wait_until(lambda: "127.0.0.1 is not allowed" in gateway.output(), timeout=10)
+        # The operator lists the network: the registration is admitted...
+        gateway.write_config({**config, "discovery": {"allowed_networks": ["127.0.0.0/8"], **discovery}})
+        gateway.signal(signal.SIGHUP)
+        wait_until(lambda: served(gateway.port, 2) == {"from-redis": 2}, timeout=10, message="admitted")
+        # ...and takes it off the list again: it is no longer used.
+        gateway.write_config(config)
+        gateway.signal(signal.SIGHUP)
+        wait_until(lambda: served(gateway.port, 2) == {"503": 2}, timeout=10, message="refused again")
     finally:
         client.close()
         gateway.stop()

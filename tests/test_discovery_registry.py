@@ -160,6 +160,20 @@ def test_registering_an_id_again_refreshes_it(
     assert changes == ["users", "users", "users", "orders"]
 
 
+def test_a_narrower_allow_list_removes_what_it_no_longer_lists(
+    registry: ServiceRegistry, changes: Changes, run: Run
+) -> None:
+    run(registry.register(registration(id="users-1", host="10.0.0.5")))
+    run(registry.register(registration(id="users-2", host="10.9.0.5")))
+    run(registry.register(registration(id="orders-1", name="orders", host="10.9.0.6")))
+    changes.clear()
+    registry.set_allowed(networks("10.0.0.0/16"))
+    # Heartbeats would otherwise keep the dropped network's instances in rotation for good.
+    assert [entry.id for entry in registry.entries()] == ["users-1"]
+    assert registry.heartbeat("users-2") is False
+    assert sorted(changes) == ["orders", "users"]
+
+
 def test_the_cap_refuses_new_entries_until_one_leaves(clock: ManualClock, run: Run) -> None:
     registry = ServiceRegistry(networks(*INTERNAL), clock, max_entries=2)
     run(registry.register(registration(id="a", ttl=5)))

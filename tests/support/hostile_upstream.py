@@ -11,6 +11,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Self
 
 # A response head or chunk extension that never ends is written up to this much, then dropped.
 ENDLESS_LIMIT = 8 * 1024 * 1024
@@ -75,6 +76,28 @@ SCRIPTS: dict[str, Callable[[socket.socket], bool]] = {
 }
 
 
+def read_request(conn: socket.socket, buffer: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """The next request's head and Content-Length body (the gateway sends no other kind here), and
+    what follows them; None when the connection ends first."""
+    while b"\r\n\r\n" not in buffer:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buffer += data
+    head, _, buffer = buffer.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(buffer) < length:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buffer += data
+    return head, buffer[:length], buffer[length:]
+
+
 @dataclass
 class HostileUpstream:
     """A threaded raw-socket server on 127.0.0.1; ``paths`` lists the targets it was asked for."""
@@ -88,7 +111,7 @@ class HostileUpstream:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> HostileUpstream:
+    def __enter__(self) -> Self:
         self._sock = socket.create_server(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -116,13 +139,10 @@ class HostileUpstream:
         with conn:
             try:
                 while True:
-                    while b"\r\n\r\n" not in buffer:
-                        data = conn.recv(65536)
-                        if not data:
-                            return
-                        buffer += data
-                    head, _, buffer = buffer.partition(b"\r\n\r\n")
-                    buffer = self._skip_body(conn, head, buffer)
+                    read = read_request(conn, buffer)
+                    if read is None:
+                        return
+                    head, _, buffer = read
                     target = head.split(b"\r\n", 1)[0].split(b" ")[1].decode("latin-1")
                     self.paths.append(target)
                     script = SCRIPTS.get(target.partition("?")[0], _write(_ok(b"plain"), True))
@@ -130,18 +150,3 @@ class HostileUpstream:
                         return
             except OSError:
                 return
-
-    @staticmethod
-    def _skip_body(conn: socket.socket, head: bytes, buffer: bytes) -> bytes:
-        """What follows the body of a Content-Length request (the gateway sends no other kind here)."""
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        while len(buffer) < length:
-            data = conn.recv(65536)
-            if not data:
-                break
-            buffer += data
-        return buffer[length:]

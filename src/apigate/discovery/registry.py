@@ -42,7 +42,7 @@ from pydantic import (
 )
 
 from apigate.config.validators import check_http_url
-from apigate.discovery.networks import IPNetwork, RegistrationError, resolve_allowed
+from apigate.discovery.networks import IPNetwork, RegistrationError, address_allowed, resolve_allowed
 
 __all__ = [
     "Entry",
@@ -266,8 +266,23 @@ class ServiceRegistry:
         self._by_service: dict[str, dict[str, Entry]] = {}
 
     def set_allowed(self, allowed_networks: Sequence[IPNetwork]) -> None:
-        """The allow-list of a reloaded config (for registrations from now on)."""
-        self._allowed = tuple(allowed_networks)
+        """The allow-list of a reloaded config: registrations from now on are checked against it,
+        and held ones at an address it no longer lists leave at once (heartbeats would otherwise
+        keep them in rotation for good), as the Redis source drops them on its next read."""
+        self._allowed = allowed = tuple(allowed_networks)
+        gone = [
+            entry
+            for entry in self._by_id.values()
+            if not all(
+                address_allowed(ipaddress.ip_address(address), allowed)
+                for address in (entry.address, entry.health_address)
+                if address is not None
+            )
+        ]
+        for entry in gone:
+            self._remove(entry)
+        for name in sorted({entry.name for entry in gone}):
+            self._notify(name)
 
     async def register(self, registration: Registration) -> Entry:
         """Admits the registration (RegistrationError naming ``host`` or ``health`` if its address
@@ -432,6 +447,10 @@ class RedisServiceSource:
         self._max_entries = max_entries
         self._refused: dict[bytes, bytes | None] = {}  # key -> the value left out, logged once
         self._over_cap = False  # more keys than max_entries at the last read: logged once
+
+    def set_allowed(self, allowed_networks: Sequence[IPNetwork]) -> None:
+        """The allow-list of a reloaded config: every ``read()`` from now on checks against it."""
+        self._allowed = tuple(allowed_networks)
 
     def key(self, name: str, instance_id: str) -> str:
         """The key of one instance: ``{prefix}service:{name}:{id}``."""

@@ -431,7 +431,9 @@ class Exchange:
         if conn is not None:
             self.attach(conn, reused=True)
         else:
-            self.client.gateway.spawn(self._connect(target, group.timeouts.connect))
+            # The route's timeout bounds the whole exchange: connecting included (no sweep watches it).
+            left = route.timeout - (now - self.t_start)
+            self.client.gateway.spawn(self._connect(target, min(group.timeouts.connect, left)))
 
     def _pick(self, group: UpstreamGroup, now: float) -> Target | None:
         """The balancer's choice, or None after answering 503 (circuit open, no usable target)."""
@@ -544,7 +546,8 @@ class Exchange:
         if stale:
             return 0.0
         delay = policy.backoff(self.attempt)
-        if delay > 0.0 and delay >= route.timeout - (now - self.t_start):
+        # No backoff (base 0) is no exemption: once the route's timeout passed, nothing is retried.
+        if delay >= route.timeout - (now - self.t_start):
             return -1.0
         if group.budget is not None and not group.budget.try_retry(now):
             return -1.0
@@ -610,8 +613,10 @@ class Exchange:
             chunked=self.request_chunked,
         )
         self.reused = reused
-        # A retry resends the whole kept body; a first attempt sends what arrived so far.
-        pieces = self.body_replay if self.attempt > 1 else self.body_pending
+        # A kept body holds everything that arrived, so every attempt sends it whole (a free retry
+        # after a stale pooled connection counts as the first attempt again: ``attempt`` cannot
+        # tell it apart); a body too big to keep goes once, as it arrives.
+        pieces = self.body_replay if self.replayable else self.body_pending
         if pieces:
             body = b"".join(pieces)
             self.body_pending = None

@@ -75,6 +75,8 @@ class NodeAgent:
         state; registrations stay)."""
         self.config = config
         self.registry.set_allowed(config.discovery.allowed_networks)
+        if self.redis_source is not None:  # its next poll admits and drops by the new list
+            self.redis_source.set_allowed(config.discovery.allowed_networks)
         self._follow_dns(config)
         for name, upstream in config.upstreams.items():
             if upstream.service is not None:

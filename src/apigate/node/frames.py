@@ -38,7 +38,11 @@ async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
         data = await reader.readexactly(size)
     except asyncio.IncompleteReadError:
         return None
-    message = orjson.loads(data)
+    try:
+        message = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        # A FrameError, so the reader drops this link and connects again rather than dying.
+        raise FrameError("a frame must hold JSON") from None
     if not isinstance(message, dict):
         raise FrameError("a frame must hold a JSON object")
     return message
