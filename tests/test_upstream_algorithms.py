@@ -32,6 +32,7 @@ from apigate.engine.breakers import (
     BreakerSettings,
     EjectionSettings,
     TargetState,
+    TargetStates,
 )
 from apigate.engine.plan import Target
 from apigate.engine.retries import RetryBudget
@@ -433,3 +434,20 @@ def test_every_balancer_answers_none_without_targets(loop: asyncio.AbstractEvent
     balancers.append(Sticky([], Balancer([]), "pin", b""))
     for balancer in balancers:
         assert balancer.pick(FakeExchange(), None, 0.0) is None
+
+
+def test_a_half_open_probe_that_did_not_go_is_given_back() -> None:
+    breaker = Breaker("up", BreakerSettings(failures=1, recovery=10.0))
+    breaker.failure(0.0)
+    assert breaker.admit(10.0) and not breaker.admit(10.1)
+    breaker.cancel_probe()  # no target could take it
+    assert breaker.admit(10.2)
+
+
+def test_target_states_forget_what_a_new_plan_no_longer_has() -> None:
+    states = TargetStates()
+    kept, gone = states.state_for("up/http://a:80"), states.state_for("up/http://b:80")
+    kept.ejections = gone.ejections = 2
+    states.retain({"up/http://a:80"}, {"up"})
+    assert states.state_for("up/http://a:80") is kept
+    assert states.state_for("up/http://b:80") is not gone  # came back: afresh

@@ -216,6 +216,10 @@ def compile_plan(
                 order=order,
             )
         )
+    states.retain(
+        {t.state.key for g in (*groups.values(), *target_groups) for t in g.targets},
+        {g.name for g in (*groups.values(), *target_groups)},
+    )
     timeouts = config.timeouts
     return Plan(
         router=Router(entries),

@@ -105,6 +105,11 @@ class Breaker:
         self.open_until = now + self.settings.recovery
         return True
 
+    def cancel_probe(self) -> None:
+        """A request admitted while half-open did not go after all."""
+        if self.state == HALF_OPEN and self.admitted > 0:
+            self.admitted -= 1
+
     def success(self, now: float) -> None:
         self.consecutive = 0
         if self.state == HALF_OPEN:
@@ -358,6 +363,16 @@ class TargetStates:
         state = self.states.get(key)
         if state is not None and state.breaker is not None and state.breaker.hint_open(now, seconds, origin):
             state.update_blocked()
+
+    def retain(self, keys: set[str], upstreams: set[str]) -> None:
+        """Forget the targets and upstreams a new plan no longer has (a target that comes back
+        starts afresh), so targets that come and go by discovery do not pile up."""
+        for key in [k for k in self.states if k not in keys]:
+            del self.states[key]
+        for name in [n for n in self.breakers if n not in upstreams]:
+            del self.breakers[name]
+        for name in [n for n in self.budgets if n not in upstreams]:
+            del self.budgets[name]
 
     def state_for(self, key: str) -> TargetState:
         state = self.states.get(key)

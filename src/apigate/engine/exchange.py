@@ -411,7 +411,7 @@ class Exchange:
         if group is None:
             self.fail(500, "this route has no upstream and no policy answered the request")
             return
-        first = self.attempt == 0
+        first = self.target is None  # (a free retry after a stale connection is not a first attempt)
         now = self.t_start if first else _monotonic()
         target = group.single
         if target is None:
@@ -443,6 +443,8 @@ class Exchange:
             return None
         target = group.pick(self, self.target if self.attempt else None, now)
         if target is None:
+            if breaker is not None:
+                breaker.cancel_probe()  # no request went: a half-open circuit's probe is not spent
             if all(t.state.breaker is not None and t.state.breaker.state != CLOSED for t in group.targets):
                 self._unavailable(
                     group, now, "circuit_open", f"every circuit of upstream {group.name} is open"

@@ -297,6 +297,8 @@ class NodeAgent:
         now = time.monotonic()
         if now - self._hinted.get(key, -HINT_EVERY) < HINT_EVERY:
             return
+        if len(self._hinted) > 10_000:  # only the last second's matter: keep the table small
+            self._hinted = {k: t for k, t in self._hinted.items() if now - t < HINT_EVERY}
         self._hinted[key] = now
         where = origin or f"worker {worker.pid if worker is not None else '?'}"
         self.broadcast({"op": "circuit", "key": key, "seconds": seconds, "origin": where}, but=worker)
@@ -324,17 +326,21 @@ class NodeAgent:
         """Every worker's answer to ``message`` (those that answer within ASK_TIMEOUT)."""
         loop = asyncio.get_running_loop()
         waits = []
+        asked: list[tuple[_Worker, int]] = []
         for worker in list(self.workers):
             request_id = next(self._ids)
             future: asyncio.Future[dict[str, Any]] = loop.create_future()
             worker.pending[request_id] = future
             worker.writer.write(encode({**message, "id": request_id}))
             waits.append(future)
+            asked.append((worker, request_id))
         if not waits:
             return []
         done, pending = await asyncio.wait(waits, timeout=ASK_TIMEOUT)
         for future in pending:
             future.cancel()
+        for worker, request_id in asked:  # a worker that never answered keeps no waiting entry
+            worker.pending.pop(request_id, None)
         return [f.result() for f in done if not f.cancelled() and f.exception() is None]
 
     def _health_changed(self, key: str, health: TargetHealth) -> None:
