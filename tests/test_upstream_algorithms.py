@@ -416,7 +416,7 @@ def test_retry_budget_holds_retries_to_its_share_of_requests() -> None:
     allowed = 0
     for index in range(1000):  # 100 requests a second, every one failing and asking for a retry
         now = index / 100
-        budget.request(now)
+        budget.request()
         allowed += budget.try_retry(now)
     assert 190 <= allowed <= 200, allowed
 
@@ -451,3 +451,11 @@ def test_target_states_forget_what_a_new_plan_no_longer_has() -> None:
     states.retain({"up/http://a:80"}, {"up"})
     assert states.state_for("up/http://a:80") is kept
     assert states.state_for("up/http://b:80") is not gone  # came back: afresh
+
+
+def test_retry_budget_counts_requests_of_long_ago_for_the_window_only() -> None:
+    budget = RetryBudget(ratio=0.2, window=10.0, min_per_second=0.0, now=0.0)
+    for _ in range(1000):  # spread over 100 s, first counted at 100 s: 100 of them are recent
+        budget.request()
+    allowed = sum(budget.try_retry(100.0) for _ in range(100))
+    assert allowed == 20

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from apigate.engine.plan import Target
 
 HASH_POINTS_PER_TARGET: Final = 160  # ring points per target of average weight (as ketama)
+SCHEDULE_LIMIT: Final = 1024  # the longest round robin period worked out in advance
 
 
 def stable_hash(data: bytes) -> int:
@@ -29,15 +30,32 @@ def stable_hash(data: bytes) -> int:
 
 
 class Balancer:
-    """Smooth weighted round robin (as nginx does): with equal weights, plain round robin."""
+    """Smooth weighted round robin (as nginx does): with equal weights, plain round robin.
+
+    One period of the sequence is worked out in advance, so while its target can take the request
+    a pick is one step along a list; otherwise the usable targets are weighed as they stand."""
 
     name: ClassVar[str] = "round_robin"
 
     def __init__(self, targets: list[Target]) -> None:
         self.targets = targets
         self._current = [0] * len(targets)
+        self.schedule = _smooth_schedule(targets)
+        self._position = 0
 
     def pick(self, exchange: Exchange, exclude: Target | None, now: float) -> Target | None:
+        schedule = self.schedule
+        if schedule:
+            position = self._position
+            target = schedule[position]
+            position += 1
+            self._position = 0 if position == len(schedule) else position
+            if target is not exclude and target.state.usable(now):
+                return target
+        return self.weigh(exclude, now)
+
+    def weigh(self, exclude: Target | None, now: float) -> Target | None:
+        """Smooth weighted round robin over the targets that can take a request now."""
         total = 0
         best = -1
         current = self._current
@@ -87,33 +105,45 @@ class LeastConnections(Balancer):
 class PowerOfTwoChoices(Balancer):
     """Two usable targets drawn at random; the one with the lower cost, (in flight + 1) x recent
     latency, wins (as Finagle's and Envoy's P2C with peak EWMA): the cost of a full scan is avoided
-    and a slow or loaded target gets less traffic, without herding onto one target."""
+    and a slow or loaded target gets less traffic, without herding onto one target.
+
+    The draw is Marsaglia's xorshift32 kept here, compiled on small integers: two draws from
+    ``random`` cost more than the rest of the pick, and choosing targets needs no better randomness."""
 
     name: ClassVar[str] = "p2c"
+
+    def __init__(self, targets: list[Target]) -> None:
+        super().__init__(targets)
+        self._seed = random.getrandbits(32) | 1  # xorshift never leaves 0
 
     def pick(self, exchange: Exchange, exclude: Target | None, now: float) -> Target | None:
         targets = self.targets
         count = len(targets)
-        if not count:
-            return None
-        first: Target | None = None
-        second: Target | None = None
-        for _ in range(4):  # a few draws find usable ones; a mostly-down upstream falls back to a scan
-            target = targets[int(random.random() * count)]
-            if target is exclude or not target.state.usable(now):
-                continue
-            if first is None:
-                first = target
-            elif target is not first:
-                second = target
-                break
-        if first is None:
+        if count < 2:
             return super().pick(exchange, exclude, now)
-        if second is None:
+        seed = _xorshift(self._seed)
+        first_index = seed % count
+        seed = _xorshift(seed)
+        self._seed = seed
+        second_index = (first_index + 1 + seed % (count - 1)) % count
+        first = targets[first_index]
+        second = targets[second_index]
+        first_ok = first is not exclude and first.state.usable(now)
+        second_ok = second is not exclude and second.state.usable(now)
+        if first_ok and second_ok:
+            return second if _cost(second, now) < _cost(first, now) else first
+        if first_ok:
             return first
-        if _cost(second, now) < _cost(first, now):
+        if second_ok:
             return second
-        return first
+        return super().pick(exchange, exclude, now)
+
+
+def _xorshift(x: int) -> int:
+    """The next of Marsaglia's xorshift32 sequence (32-bit values, masked: no big integers)."""
+    x ^= (x << 13) & 0xFFFFFFFF
+    x ^= x >> 17
+    return x ^ ((x << 5) & 0xFFFFFFFF)
 
 
 def _cost(target: Target, now: float) -> float:
@@ -209,6 +239,26 @@ class Sticky(Balancer):
 
     def _line(self, target: Target) -> bytes:
         return self.set_prefix + target.id.encode() + self.attributes + b"\r\n"
+
+
+def _smooth_schedule(targets: list[Target]) -> list[Target]:
+    """One period of smooth weighted round robin with every target up (empty when the weights
+    add up to more than SCHEDULE_LIMIT: then each pick is weighed)."""
+    weights = [max(t.weight, 0) for t in targets]
+    total = sum(weights)
+    if not total or total > SCHEDULE_LIMIT:
+        return []
+    current = [0] * len(targets)
+    schedule = []
+    for _ in range(total):
+        best = 0
+        for index, weight in enumerate(weights):
+            current[index] += weight
+            if current[index] > current[best]:
+                best = index
+        current[best] -= total
+        schedule.append(targets[best])
+    return schedule
 
 
 def _fallback(exclude: Target | None, now: float) -> Target | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -390,7 +391,7 @@ class TargetStates:
     def retry_budget(self, upstream: str, ratio: float, window: float, min_per_second: float) -> RetryBudget:
         budget = self.budgets.get(upstream)
         if budget is None or budget.counts.window != window:
-            budget = self.budgets[upstream] = RetryBudget(ratio, window, min_per_second)
+            budget = self.budgets[upstream] = RetryBudget(ratio, window, min_per_second, time.monotonic())
         budget.ratio = ratio
         budget.min_per_second = min_per_second
         return budget

@@ -424,7 +424,7 @@ class Exchange:
         target.state.in_flight += 1
         self.target = target
         if first and group.budget is not None:
-            group.budget.request(now)
+            group.budget.request()
         self.attempt += 1
         self.t_attempt = now
         conn = target.pool.take_idle()
@@ -737,12 +737,13 @@ class Exchange:
         assert target is not None
         route = self.route
         assert route is not None
-        failed = status in group.failure_statuses
+        failed = status < 600 and group.fails[status]
         if failed:
             self._note_failure(group, target, now, str(status))
         elif group.monitored:
             group.succeeded(target, now, now - self.t_attempt)
-        if status in route.retry.statuses:
+        retry_statuses = route.retry.statuses
+        if retry_statuses and status in retry_statuses:
             delay = self._retry_delay(route, group, True, True, False, now)
             if delay >= 0.0:
                 if not failed:

@@ -73,6 +73,7 @@ class UpstreamGroup:
         "breaker",
         "budget",
         "ejection",
+        "fails",
         "failure_statuses",
         "monitored",
         "name",
@@ -104,6 +105,8 @@ class UpstreamGroup:
         self.ejection = ejection
         self.budget = budget
         self.failure_statuses = failure_statuses
+        # By status: is it a failure? (a list index per response, not a set lookup)
+        self.fails = [status in failure_statuses for status in range(600)]
         self.monitored = monitored or breaker is not None
         self.states = [t.state for t in self.targets]
         # The only target of a plain upstream: the proxy skips the balancer (one call fewer per

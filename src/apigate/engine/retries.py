@@ -47,21 +47,38 @@ NO_RETRIES: Final = RetryPolicy(attempts=0)
 
 class RetryBudget:
     """Retries allowed while they stay under ``ratio`` of the requests of the last ``window``
-    seconds, or under ``min_per_second`` x window, whichever is more."""
+    seconds, or under ``min_per_second`` x window, whichever is more.
 
-    __slots__ = ("counts", "min_per_second", "ratio")
+    A request only adds one to ``pending`` (no clock, no window arithmetic per request); the
+    requests pending are counted into the window when a retry asks, spread over the time since the
+    last count (those older than the window count for their share only)."""
 
-    def __init__(self, ratio: float = 0.2, window: float = 10.0, min_per_second: float = 3.0) -> None:
+    __slots__ = ("counted_at", "counts", "min_per_second", "pending", "ratio")
+
+    def __init__(
+        self, ratio: float = 0.2, window: float = 10.0, min_per_second: float = 3.0, now: float = 0.0
+    ) -> None:
         self.ratio = ratio
         self.min_per_second = min_per_second
         self.counts = WindowCounts(window)  # requests and retries
+        self.pending = 0
+        self.counted_at = now
 
-    def request(self, now: float) -> None:
+    def request(self) -> None:
         """A request's first attempt went to the upstream."""
-        self.counts.add(now, 1, 0)
+        self.pending += 1
 
     def try_retry(self, now: float) -> bool:
         """May one more retry go now? If so, it is counted."""
+        pending = self.pending
+        if pending:
+            self.pending = 0
+            elapsed = now - self.counted_at
+            window = self.counts.window
+            if elapsed > window:
+                pending = int(pending * window / elapsed)
+            self.counts.add(now, pending, 0)
+        self.counted_at = now
         requests, retries = self.counts.totals(now)
         if retries >= max(self.min_per_second * self.counts.window, self.ratio * requests):
             return False
