@@ -47,6 +47,7 @@ class UpstreamConnection(wire.HeadReader):
         "idle_since",
         "in_head",
         "interim",
+        "lost",
         "parser",
         "pool",
         "reset_parser",
@@ -67,6 +68,7 @@ class UpstreamConnection(wire.HeadReader):
         self.framing_bytes = 0  # chunked-body framing read since the last body byte
         self.idle_since = 0.0
         self.closed = False
+        self.lost = False
         self.interim = False
         self.head_only = False
         self.reset_parser = False
@@ -77,6 +79,9 @@ class UpstreamConnection(wire.HeadReader):
         self.transport = transport
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost:  # (already reported by a send that found the transport closed)
+            return
+        self.lost = True
         self.closed = True
         exchange = self.exchange
         self.exchange = None
@@ -229,7 +234,14 @@ class UpstreamConnection(wire.HeadReader):
         return not self.closed and transport is not None and not transport.is_closing()
 
     def send(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
+        try:
+            self.transport.write(data)  # type: ignore[union-attr]
+        except RuntimeError:
+            # The transport closed under us (the peer reset it, connection_lost is still to
+            # come): the exchange hears of a lost connection, as it would a turn later.
+            if not self.lost:
+                self.closed = True
+                self.pool.loop.call_soon(self.connection_lost, None)
 
     def pause_reading(self, paused: bool) -> None:
         if self.transport is not None and not self.closed:
@@ -285,7 +297,7 @@ class ConnectionPool:
         idle = self.idle
         while idle:
             conn = idle.pop()
-            if conn.open():
+            if not conn.closed:  # (one being closed fails its send, which is then a lost connection)
                 return conn
         return None
 
