@@ -133,6 +133,7 @@ def test_a_service_registers_heartbeats_and_leaves_after_its_ttl(
 ) -> None:
     gateway, port = registered_gateway
     assert served(gateway.port, 1) == {"503": 1}  # nothing registered: no target
+    assert request(gateway.port, "GET", "/x").json()["reason"] == "no_healthy_upstream"
     target = FaultyUpstream("user-1").start()
     try:
         registration = {

@@ -445,7 +445,10 @@ class Exchange:
         if target is None:
             if breaker is not None:
                 breaker.cancel_probe()  # no request went: a half-open circuit's probe is not spent
-            if all(t.state.breaker is not None and t.state.breaker.state != CLOSED for t in group.targets):
+            targets = group.targets
+            if targets and all(
+                t.state.breaker is not None and t.state.breaker.state != CLOSED for t in targets
+            ):
                 self._unavailable(
                     group, now, "circuit_open", f"every circuit of upstream {group.name} is open"
                 )
