@@ -258,3 +258,38 @@ def test_a_reload_applies_its_allowed_networks_to_redis_registrations(tmp_path: 
         client.close()
         gateway.stop()
         target.close()
+
+
+def test_a_reload_that_changes_the_redis_source_reads_the_new_one(tmp_path: Path, redis_url: str) -> None:
+    first, second = FaultyUpstream("old-prefix").start(), FaultyUpstream("new-prefix").start()
+    old, new = f"t{uuid.uuid4().hex[:8]}:", f"t{uuid.uuid4().hex[:8]}:"
+
+    def config(prefix: str) -> dict[str, Any]:
+        redis_source = {"url": redis_url, "prefix": prefix, "poll_interval": "200ms"}
+        return {
+            "admin": None,
+            "discovery": {"allowed_networks": ["127.0.0.0/8"], "redis": redis_source},
+            "upstreams": {"users": {"service": "user-service"}},
+            "routes": [{"path": "/*", "upstream": "users", "retries": 0}],
+        }
+
+    gateway = GatewayProcess(tmp_path, config(old)).start()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for prefix, target in ((old, first), (new, second)):
+            value = {"id": "u", "name": "user-service", "host": "127.0.0.1", "port": target.port, "ttl": 60}
+            client.set(f"{prefix}service:user-service:u", orjson.dumps(value), px=60_000)
+        wait_until(
+            lambda: served(gateway.port, 2) == {"old-prefix": 2}, timeout=10, message="old prefix read"
+        )
+        gateway.write_config(config(new))
+        gateway.signal(signal.SIGHUP)
+        wait_until(
+            lambda: served(gateway.port, 2) == {"new-prefix": 2}, timeout=10, message="new prefix read"
+        )
+        assert served(gateway.port, 6) == {"new-prefix": 6}  # what the old source held left with it
+    finally:
+        client.close()
+        gateway.stop()
+        first.close()
+        second.close()

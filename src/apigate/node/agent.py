@@ -20,6 +20,7 @@ import itertools
 import logging
 import secrets
 import time
+from collections.abc import Coroutine
 from typing import Any, Final
 
 import orjson
@@ -63,7 +64,10 @@ class NodeAgent:
         self.redis_source: RedisServiceSource | None = None
         self._redis_entries: dict[str, list[Entry]] = {}
         self._dns: dict[str, DnsWatcher] = {}
-        self._background: list[asyncio.Task[None]] = []
+        self._expiry: asyncio.Task[None] | None = None
+        self._redis_settings: tuple[str, str, float] | None = None  # what the Redis poller reads
+        self._redis_poll: asyncio.Task[None] | None = None
+        self._hints_url: str | None = None  # where circuit hints are shared (a Redis state.url)
         self.node_id = secrets.token_hex(6)
         self._hinted: dict[str, float] = {}  # target key -> when a hint about it last went out
         self._hints: StateBackend | None = None  # Redis, when other nodes share circuit hints
@@ -84,19 +88,44 @@ class NodeAgent:
         for name in [n for n in self.discovered if not getattr(config.upstreams.get(n), "discovered", False)]:
             del self.discovered[name]
         self._probe(config)
-        if not self._background:
-            loop = asyncio.get_running_loop()
-            self._background.append(loop.create_task(self._expire_registrations()))
-            if config.state.url.startswith("redis") and any(
-                u.circuit_breaker is not None and u.circuit_breaker.share for u in config.upstreams.values()
-            ):
-                self._background.append(loop.create_task(self._share_hints(config.state.url)))
-            redis = config.discovery.redis
-            if redis is not None:
-                self.redis_source = RedisServiceSource(
-                    redis.url, config.discovery.allowed_networks, redis.prefix
-                )
-                self._background.append(loop.create_task(self._poll_redis(redis.poll_interval)))
+        if self._expiry is None:
+            self._expiry = asyncio.get_running_loop().create_task(self._expire_registrations())
+        self._follow_redis(config)
+        self._follow_hints(config)
+
+    def _follow_redis(self, config: GatewayConfig) -> None:
+        """Read registrations from the Redis the config names (a reload may change or drop it:
+        what the old one held leaves with it)."""
+        redis = config.discovery.redis
+        wanted = None if redis is None else (redis.url, redis.prefix, redis.poll_interval)
+        if wanted == self._redis_settings:
+            return
+        self._redis_settings = wanted
+        if self._redis_poll is not None:
+            self._redis_poll.cancel()
+            self._redis_poll = None
+        if self.redis_source is not None:
+            _in_background(self.redis_source.close())
+            self.redis_source = None
+        held, self._redis_entries = self._redis_entries, {}
+        for service in held:
+            self._service_changed(service)
+        if redis is not None:
+            self.redis_source = RedisServiceSource(redis.url, config.discovery.allowed_networks, redis.prefix)
+            self._redis_poll = asyncio.get_running_loop().create_task(self._poll_redis(redis.poll_interval))
+
+    def _follow_hints(self, config: GatewayConfig) -> None:
+        """Share circuit hints through the config's Redis state backend, when an upstream shares."""
+        sharing = any(
+            u.circuit_breaker is not None and u.circuit_breaker.share for u in config.upstreams.values()
+        )
+        url = config.state.url if sharing and config.state.url.startswith("redis") else None
+        if url == self._hints_url:
+            return
+        self._hints_url = url
+        _in_background(self._stop_hints())
+        if url is not None:
+            _in_background(self._share_hints(url))
 
     def _probe(self, config: GatewayConfig) -> None:
         probes = []
@@ -236,16 +265,14 @@ class NodeAgent:
             self._service_changed(service)
 
     async def stop(self) -> None:
-        for task in self._background:
-            task.cancel()
+        for task in (self._expiry, self._redis_poll):
+            if task is not None:
+                task.cancel()
         for watcher in self._dns.values():
             await watcher.stop()
         if self.redis_source is not None:
             await self.redis_source.close()
-        if self._hints_subscription is not None:
-            await self._hints_subscription.close()
-        if self._hints is not None:
-            await self._hints.close()
+        await self._stop_hints()
         await self.checker.stop()
         for worker in list(self.workers):
             worker.writer.close()
@@ -304,8 +331,7 @@ class NodeAgent:
         self.broadcast({"op": "circuit", "key": key, "seconds": seconds, "origin": where}, but=worker)
         if not origin and self._hints is not None:
             message = orjson.dumps({"node": self.node_id, "key": key, "seconds": seconds})
-            task = asyncio.get_running_loop().create_task(self._hints.publish(CIRCUITS_CHANNEL, message))
-            task.add_done_callback(_log_failure)
+            _in_background(self._hints.publish(CIRCUITS_CHANNEL, message))
 
     def _hint_heard(self, message: bytes | None) -> None:
         if message is None:  # (re)subscribed, or the subscription was lost: nothing to do
@@ -318,9 +344,22 @@ class NodeAgent:
             log.warning("a circuit hint from Redis was not understood")
 
     async def _share_hints(self, url: str) -> None:
-        self._hints = open_state(url)
-        await self._hints.open()
-        self._hints_subscription = await self._hints.subscribe(CIRCUITS_CHANNEL, self._hint_heard)
+        hints = self._hints = open_state(url)
+        await hints.open()
+        subscription = await hints.subscribe(CIRCUITS_CHANNEL, self._hint_heard)
+        if self._hints is hints:
+            self._hints_subscription = subscription
+        else:  # a reload stopped sharing meanwhile
+            await subscription.close()
+            await hints.close()
+
+    async def _stop_hints(self) -> None:
+        subscription, self._hints_subscription = self._hints_subscription, None
+        hints, self._hints = self._hints, None
+        if subscription is not None:
+            await subscription.close()
+        if hints is not None:
+            await hints.close()
 
     async def ask_all(self, message: dict[str, Any]) -> list[dict[str, Any]]:
         """Every worker's answer to ``message`` (those that answer within ASK_TIMEOUT)."""
@@ -471,6 +510,16 @@ def _url(host: str, port: int, scheme: str = "http") -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
+def _in_background(work: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(work)
+    _RUNNING.add(task)
+    task.add_done_callback(_RUNNING.discard)
+    task.add_done_callback(_log_failure)
+
+
+_RUNNING: set[asyncio.Task[None]] = set()  # background work of the agent, kept until it ends
+
+
 def _log_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.warning("a circuit hint could not be sent to Redis: %s", task.exception())
+        log.warning("the node's work with Redis failed: %s", task.exception())
