@@ -20,6 +20,7 @@ from apigate.discovery.registry import NAME_PATTERN
 from apigate.engine.balancers import Balancer, ConsistentHash, LeastConnections, PowerOfTwoChoices, Sticky
 from apigate.engine.breakers import BreakerSettings, EjectionSettings
 from apigate.engine.retries import FAILURE_NAMES, RetryPolicy
+from apigate.health.active import CheckSettings
 
 if TYPE_CHECKING:
     from apigate.engine.plan import Target
@@ -157,6 +158,18 @@ class ActiveCheckConfig(Strict):
     @property
     def probe_timeout(self) -> float:
         return self.timeout if self.timeout is not None else min(2.0, self.interval)
+
+    def settings(self) -> CheckSettings:
+        return CheckSettings(
+            path=self.path,
+            interval=self.interval,
+            timeout=self.probe_timeout,
+            healthy_threshold=self.healthy_threshold,
+            unhealthy_threshold=self.unhealthy_threshold,
+            expected_statuses=frozenset(self.statuses),
+            host=self.host,
+            method=self.method,
+        )
 
 
 class PassiveCheckConfig(Strict):

@@ -114,18 +114,18 @@ class PowerOfTwoChoices(Balancer):
 
     def __init__(self, targets: list[Target]) -> None:
         super().__init__(targets)
-        self._seed = random.getrandbits(32) | 1  # xorshift never leaves 0
+        self._bits = random.getrandbits(32) | 1  # xorshift never leaves 0
 
     def pick(self, exchange: Exchange, exclude: Target | None, now: float) -> Target | None:
         targets = self.targets
         count = len(targets)
         if count < 2:
             return super().pick(exchange, exclude, now)
-        seed = _xorshift(self._seed)
-        first_index = seed % count
-        seed = _xorshift(seed)
-        self._seed = seed
-        second_index = (first_index + 1 + seed % (count - 1)) % count
+        bits = _xorshift(self._bits)
+        first_index = bits % count
+        bits = _xorshift(bits)
+        self._bits = bits
+        second_index = (first_index + 1 + bits % (count - 1)) % count
         first = targets[first_index]
         second = targets[second_index]
         first_ok = first is not exclude and first.state.usable(now)

@@ -31,7 +31,7 @@ from apigate.config.upstreams import UpstreamConfig
 from apigate.discovery.dns import DnsQuery, DnsWatcher, Endpoint
 from apigate.discovery.networks import resolve_allowed
 from apigate.discovery.registry import Entry, RedisServiceSource, Registration, ServiceRegistry, admit
-from apigate.health.active import ActiveChecker, CheckSettings, ProbeTarget, TargetHealth
+from apigate.health.active import ActiveChecker, ProbeTarget, TargetHealth
 from apigate.node.frames import FrameError, encode, read_frame
 from apigate.state import StateBackend, open_state
 from apigate.state.base import Subscription
@@ -133,16 +133,7 @@ class NodeAgent:
             active = upstream.health.active
             if active is None:
                 continue
-            settings = CheckSettings(
-                path=active.path,
-                interval=active.interval,
-                timeout=active.probe_timeout,
-                healthy_threshold=active.healthy_threshold,
-                unhealthy_threshold=active.unhealthy_threshold,
-                expected_statuses=frozenset(active.statuses),
-                host=active.host,
-                method=active.method,
-            )
+            settings = active.settings()
             urls = (
                 [u for u, _ in self.discovered.get(name, ())]
                 if upstream.discovered
