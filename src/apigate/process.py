@@ -32,6 +32,7 @@ from apigate.config.models import GatewayConfig
 from apigate.engine.server import Gateway
 from apigate.node.link import WorkerLink
 from apigate.node.runtime import NodeRuntime
+from apigate.observe.base import Observer
 from apigate.services import Services
 
 log = logging.getLogger("apigate")
@@ -190,11 +191,15 @@ class Runtime:
         self.services = Services()  # outlive reloads: a reload recompiles policies, not connections
         self.node: NodeRuntime | None = None  # the node agent, when it runs in this process
         self.discovered: dict[str, list[tuple[str, int]]] = {}  # targets the node found, by upstream
+        # What watches finished exchanges; each outlives reloads (observe/base.py).
+        self.observers: list[Observer] = []
+        self.observing = False
 
     def apply(self, config: GatewayConfig) -> None:
         """Compile ``config`` and serve it; raises (and keeps the running plan) if compiling fails."""
+        hooks = [hook for observer in self.observers if (hook := observer.apply(config)) is not None]
         plan = compile_plan(
-            config, self.gateway.pools, self.services, self.gateway.target_states, self.discovered
+            config, self.gateway.pools, self.services, self.gateway.target_states, self.discovered, hooks
         )
         self.gateway.apply(plan)
         self.config = config
@@ -221,6 +226,10 @@ class Runtime:
             # Compiled again with the state backend running: what /routes says of a policy (where
             # its counters live) may depend on it. Counters outlive this as they outlive a reload.
             self.apply(self.config)
+        if not self.observing:
+            self.observing = True
+            for observer in self.observers:
+                await observer.start(self.config, self.services)
 
     def reload(self, why: str) -> None:
         try:
@@ -258,6 +267,11 @@ class Runtime:
             log.info("not ready; serving %.0fs more before draining", timeouts.drain_notice)
         log.info("draining (up to %.0fs)", timeouts.drain)
         await self.gateway.drain(timeouts.drain, timeouts.drain_notice)
+        for observer in self.observers:
+            try:
+                await observer.stop()
+            except Exception:
+                log.exception("stopping %s failed", type(observer).__name__)
         await self.services.stop()
 
 

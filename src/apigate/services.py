@@ -77,7 +77,7 @@ class Services:
         if "consumers" in needs and self.consumers is None:
             from apigate.consumers.registry import ConsumerRegistry
 
-            store = await self._open_store(config)
+            store = await self.store_for(config)
             registry = ConsumerRegistry(store, config, self.state)
             await registry.start()
             self.consumers = registry
@@ -93,7 +93,7 @@ class Services:
     def state_at(self, url: str) -> StateBackend | None:
         return self._states_of_policies.get(url)
 
-    async def _open_store(self, config: GatewayConfig) -> Store:
+    async def store_for(self, config: GatewayConfig) -> Store:
         """The store, opened on first use and shared by every service that needs it."""
         if self.store is None:
             from apigate.store import open_store
@@ -111,7 +111,7 @@ class Services:
         elif "webhooks" in needs:
             from apigate.webhooks.runtime import WebhookRuntime
 
-            runtime = WebhookRuntime(await self._open_store(config), config.webhooks)
+            runtime = WebhookRuntime(await self.store_for(config), config.webhooks)
             await runtime.start()
             self.webhooks = runtime
 
@@ -122,7 +122,7 @@ class Services:
 
             shared = self.state is not None and self.state.shared
             # Opens the store only if a quota counts in memory; loads its counts before serving.
-            await LEDGER.start(lambda: self._open_store(config), shared)
+            await LEDGER.start(lambda: self.store_for(config), shared)
             self.quotas = LEDGER
 
     async def reachability(self, timeout: float = 2.0) -> dict[str, dict[str, object]]:

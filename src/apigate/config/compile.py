@@ -22,6 +22,7 @@ from apigate.engine.breakers import TargetStates
 from apigate.engine.plan import (
     CompiledRoute,
     Endpoints,
+    LogHook,
     Network,
     Plan,
     Target,
@@ -146,11 +147,13 @@ def compile_plan(
     services: PolicyServices | None = None,
     states: TargetStates | None = None,
     discovered: Mapping[str, Sequence[tuple[str, int]]] | None = None,
+    finish_hooks: Sequence[LogHook] = (),
 ) -> Plan:
     """The Plan for ``config``: upstream targets get their pools from ``pools`` and their health
     and circuits from ``states`` (both kept across reloads), policies get ``services``. An upstream
     whose targets come from a service or DNS takes them, as (url, weight), from ``discovered``
-    (none known yet: no target, and its requests are answered 503)."""
+    (none known yet: no target, and its requests are answered 503). ``finish_hooks`` see every
+    finished exchange (the process's observers)."""
     states = states if states is not None else TargetStates()
     groups: dict[str, UpstreamGroup] = {}
     for name, upstream in config.upstreams.items():
@@ -239,6 +242,7 @@ def compile_plan(
         unescape_slashes=config.paths.escaped_slashes == "unescape",
         inactive=inactive,
         upstreams=(*groups.values(), *target_groups),
+        finish_hooks=tuple(finish_hooks),
     )
 
 

@@ -986,6 +986,11 @@ class Exchange:
                     hook(self)
                 except Exception:
                     gateway.log_exception("log hook failed", self)
+        for hook in self.plan.finish_hooks:
+            try:
+                hook(self)
+            except Exception:
+                gateway.log_exception("finish hook failed", self)
         self.client.exchange_finished(self)
 
 

@@ -211,3 +211,6 @@ class Plan:
     unescape_slashes: bool = False
     inactive: dict[str, tuple[str, ...]] = field(default_factory=dict)
     upstreams: tuple[UpstreamGroup, ...] = ()  # every upstream group, named or a route's target
+    # Called for every finished exchange, routed or not (access log, usage, events, spans): the
+    # process builds them from the config; the engine knows only that they take the exchange.
+    finish_hooks: tuple[LogHook, ...] = ()

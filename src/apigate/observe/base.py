@@ -1,0 +1,29 @@
+"""The contract between the process and what watches finished exchanges."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from apigate.config.models import GatewayConfig
+    from apigate.engine.exchange import Exchange
+    from apigate.services import Services
+
+FinishHook = Callable[["Exchange"], None]
+
+
+class Observer(Protocol):
+    """Lives as long as the worker: a reload calls ``apply`` again, it never rebuilds the observer
+    (a log file, a writer thread or an unsent batch is kept)."""
+
+    def apply(self, config: GatewayConfig) -> FinishHook | None:
+        """Take ``config``; the hook the engine calls for every finished exchange, or None when
+        this observer is off. Runs on the event loop: the hook must not block or await."""
+
+    async def start(self, config: GatewayConfig, services: Services) -> None:
+        """Start what runs in the background (a writer, a flush timer); ``services`` opens the
+        store or the state backend for an observer that needs one. Called once, before serving."""
+
+    async def stop(self) -> None:
+        """Flush what is pending and stop; called once, while the worker drains."""
