@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import random
 
+from apigate.config.models import GatewayConfig
 from apigate.config.usage import UsageConfig
+from apigate.node.usage import NodeUsage
 from apigate.observe.usage_queries import rollup_cutoffs
 from apigate.store import Store, open_store
 from apigate.store.roles.usage import DAY, HOUR, MINUTE, RollupCutoffs
@@ -173,3 +175,23 @@ def test_two_rollups_at_once_and_writers_meanwhile_count_each_request_once(store
     written, found = run(scenario())
     initial = len(range(0, 2 * 24 * 60, 13)) * len(consumers)
     assert sum(found.values()) == initial + written
+
+
+def test_the_node_rolls_up_by_its_clock_and_config(store_url: str, run: Run) -> None:
+    config = GatewayConfig.model_validate(
+        {"store": {"url": store_url}, "usage": {"rollup": {"hourly_after": "1h", "daily_after": "1d"}}}
+    )
+    now = [float(T0 + 30 * 60)]
+    node = NodeUsage(config, clock=lambda: now[0])
+
+    async def scenario() -> list[tuple[int, int | None, int]]:
+        store = await node.store()
+        await store.add_usage([minute(T0 - 90 * 60, 2), minute(T0 - 20 * 60, 3), minute(T0 + 60, 4)])
+        await node.roll_up()  # an hour ago is T0 - 30 min: only the whole hour before T0 - 1h goes
+        now[0] += 3 * HOUR
+        await node.roll_up()
+        rows = await store.query_usage(Query(0, 2**40, (), MINUTE))
+        await node.stop()
+        return [(r.start, r.granularity, r.counts.requests) for r in rows]
+
+    assert run(scenario()) == [(T0 - 2 * HOUR, HOUR, 2), (T0 - HOUR, HOUR, 3), (T0, HOUR, 4)]

@@ -6,6 +6,7 @@ worker), and does what must not run once per worker.
 - Discovery: the targets of upstreams that name a ``service`` (registered over the admin API, or
   written to Redis by the services themselves) or a ``dns`` name; every change is pushed to every
   worker, which compiles its plan again (nothing restarts, no connection drops).
+- Usage analytics: the periodic rollup, and the store the admin API reads usage from (usage.py).
 - The admin listener's answers: it asks every worker for its view (in flight, ejections,
   circuits) and merges them, and sends a circuit reset to every worker.
 
@@ -33,8 +34,10 @@ from apigate.discovery.networks import resolve_allowed
 from apigate.discovery.registry import Entry, RedisServiceSource, Registration, ServiceRegistry, admit
 from apigate.health.active import ActiveChecker, ProbeTarget, TargetHealth
 from apigate.node.frames import FrameError, encode, read_frame
+from apigate.node.usage import NodeUsage
 from apigate.state import StateBackend, open_state
 from apigate.state.base import Subscription
+from apigate.store.roles.usage import UsageStore
 
 log = logging.getLogger("apigate")
 
@@ -72,6 +75,7 @@ class NodeAgent:
         self._hinted: dict[str, float] = {}  # target key -> when a hint about it last went out
         self._hints: StateBackend | None = None  # Redis, when other nodes share circuit hints
         self._hints_subscription: Subscription | None = None
+        self.usage = NodeUsage(config)
 
     # -- config ----------------------------------------------------------------------------------
     def apply(self, config: GatewayConfig) -> None:
@@ -92,6 +96,7 @@ class NodeAgent:
             self._expiry = asyncio.get_running_loop().create_task(self._expire_registrations())
         self._follow_redis(config)
         self._follow_hints(config)
+        self.usage.apply(config)
 
     def _follow_redis(self, config: GatewayConfig) -> None:
         """Read registrations from the Redis the config names (a reload may change or drop it:
@@ -265,6 +270,7 @@ class NodeAgent:
             await self.redis_source.close()
         await self._stop_hints()
         await self.checker.stop()
+        await self.usage.stop()
         for worker in list(self.workers):
             worker.writer.close()
 
@@ -402,6 +408,9 @@ class NodeAgent:
     async def reset(self, upstream: str, target: str | None) -> dict[str, Any]:
         answers = await self.ask_all({"op": "reset", "upstream": upstream, "target": target})
         return {"workers": len(answers), "reset": sum(int(a.get("reset", 0)) for a in answers)}
+
+    async def usage_store(self) -> UsageStore:
+        return await self.usage.store()
 
     def upstream_names(self) -> set[str]:
         return set(self.config.upstreams)

@@ -537,7 +537,10 @@ def usage_rows(found: Sequence[Any], query: UsageQuery) -> list[UsageRow]:
     for row in found:
         if row[-7] is None:  # a total over no row at all
             continue
-        counts = UsageCounts(*(int(value) for value in row[-7:-2]), float(row[-2]), float(row[-1]))
+        requests, client_errors, server_errors, bytes_in, bytes_out = (int(value) for value in row[-7:-2])
+        counts = UsageCounts(
+            requests, client_errors, server_errors, bytes_in, bytes_out, float(row[-2]), float(row[-1])
+        )
         groups = {name: row[lead + n] or None for n, name in enumerate(query.group_by)}
         start, granularity = (int(row[0]), int(row[1])) if lead else (query.start, None)
         answers.append(UsageRow(start, granularity, groups, counts))
