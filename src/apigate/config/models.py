@@ -19,6 +19,7 @@ from apigate.config.metrics import MetricsConfig
 from apigate.config.tracing import TracingConfig
 from apigate.config.units import ByteSize, Duration
 from apigate.config.upstreams import RetryConfig, UpstreamConfig
+from apigate.config.usage import UsageConfig
 from apigate.config.validators import Strict, check_http_url, env_default
 from apigate.engine.paths import PathRefused, normalize_path
 from apigate.state.urls import check_state_url
@@ -398,6 +399,7 @@ class GatewayConfig(Strict):
     policies: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
     webhooks: WebhooksConfig = WebhooksConfig()
+    usage: UsageConfig = UsageConfig()
 
     _strict_networks = field_validator("trusted_proxies", mode="before")(
         classmethod(lambda cls, v: _networks(v))
