@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from apigate.config.accesslog import AccessLogConfig
 from apigate.config.headernames import HEADER_NAME
 from apigate.config.units import ByteSize, Duration
 from apigate.config.upstreams import RetryConfig, UpstreamConfig
@@ -390,6 +391,7 @@ class GatewayConfig(Strict):
     policies: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
     webhooks: WebhooksConfig = WebhooksConfig()
+    access_log: AccessLogConfig = AccessLogConfig(enabled=False)
 
     _strict_networks = field_validator("trusted_proxies", mode="before")(
         classmethod(lambda cls, v: _networks(v))
