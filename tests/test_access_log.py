@@ -9,6 +9,8 @@ import base64
 import errno
 import os
 import random
+import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -84,6 +86,7 @@ def test_lines_for_routed_unrouted_and_failed_requests_through_two_workers(
             "routes": [
                 {"name": "api", "path": "/api/*", "target": upstream.url},
                 {"name": "dead", "path": "/dead/*", "target": dead.url, "retries": 1},
+                {"name": "slow", "path": "/delay/*", "target": upstream.url},
             ],
         },
         workers=2,
@@ -94,8 +97,12 @@ def test_lines_for_routed_unrouted_and_failed_requests_through_two_workers(
     missing = get(gateway, "/nowhere", "rid-404")
     failed = get(gateway, "/dead/thing", "rid-502")
     assert (ok.status, posted.status, missing.status, failed.status) == (200, 200, 404, 502)
+    with socket.create_connection(("127.0.0.1", gateway.port)) as gone:
+        gone.sendall(b"GET /delay/3000 HTTP/1.1\r\nHost: gateway.test\r\nX-Request-ID: rid-gone\r\n\r\n")
+        wait_until(lambda: any(seen.path == "/delay/3000" for seen in list(upstream.requests)))
+        gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
 
-    lines = by_request_id(lines_when(log_path, 4))
+    lines = by_request_id(lines_when(log_path, 5))
     for line in lines.values():
         assert tuple(line) == FIELDS  # every field, in order; the query is dropped by default
         logged = datetime.strptime(line["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
@@ -128,6 +135,10 @@ def test_lines_for_routed_unrouted_and_failed_requests_through_two_workers(
     assert gateway_error["tried"] == [f"127.0.0.1:{dead.port} connect_failed"] * 2
     assert gateway_error["upstream"] == f"127.0.0.1:{dead.port}"
     assert gateway_error["upstream_ms"] is None
+
+    abandoned = lines["rid-gone"]
+    assert (abandoned["status"], abandoned["error"], abandoned["bytes_out"]) == (0, "client_closed", 0)
+    assert abandoned["duration_ms"] < 3000
     dead.close()
 
 
