@@ -538,6 +538,13 @@ def test_query_is_dropped_by_default_and_redacted_when_kept() -> None:
     )
 
 
+def test_a_token_in_the_path_is_redacted() -> None:
+    lines: list[bytes] = []
+    token = hs_sign(claims(sub="user-42"))
+    LineMaker(config_of().access_log, lines.append)(finished(200, f"/login/{token}/done"))
+    assert orjson.loads(lines[0])["path"] == f"/login/{REDACTED}/done"
+
+
 def test_fields_can_be_chosen_and_listed_headers_named_like_secrets_are_redacted() -> None:
     lines: list[bytes] = []
     listed = ["User-Agent", "X-Hub-Signature-256", "X-Shopify-Hmac-Sha256", "Api-Key", "X-Device", "Accept"]

@@ -2,9 +2,9 @@
 
 Runs on the event loop for every finished exchange: it reads plain attributes, builds one dict
 and hands ``orjson.dumps`` of it to the writer's queue. Credentials never reach a line: no
-header is written unless listed, and a listed credential header is redacted; the query is
-dropped unless kept, and then the values of parameters named like a secret (or shaped like a
-JWT) are redacted; a listed header named like a secret is redacted too.
+header is written unless listed, and a listed header named like a secret is redacted; the
+query is dropped unless kept, and then the values of parameters named like a secret (or shaped
+like a JWT) are redacted; so is a JWT in the path.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ REDACTED: Final = "[redacted]"
 _REDACTED_BYTES: Final = REDACTED.encode()
 # A JWT or JWS in compact form: base64url header starting with '{"' (eyJ), then two more parts.
 _JWT_SHAPE: Final = re.compile(rb"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")
+_JWT_IN_TEXT: Final = re.compile(_JWT_SHAPE.pattern.decode())
 _LONGEST_ID: Final = 256  # an identity claim longer than this is cut (it is not ours to trust)
+_LONGEST_HEADER: Final = 1024  # a logged header value longer than this is cut
 
 
 class Clock:
@@ -101,6 +103,8 @@ class LineMaker:
         consumer = exchange.consumer
         query = exchange.query
         path = exchange.path
+        if "eyJ" in path:  # a token in the path (a magic link): one substring test per request
+            path = _JWT_IN_TEXT.sub(REDACTED, path)
         if query and self.keep_query:
             path = f"{path}?{self.redact_query(query)}"
         record = {
@@ -143,7 +147,9 @@ class LineMaker:
         for name, value in headers:
             key = name.decode("latin-1")
             if key in found and found[key] is None:
-                found[key] = REDACTED if key in self.redacted_headers else value.decode("latin-1")
+                found[key] = (
+                    REDACTED if key in self.redacted_headers else value[:_LONGEST_HEADER].decode("latin-1")
+                )
         return found
 
     def redact_query(self, query: bytes) -> str:
