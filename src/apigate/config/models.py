@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from apigate.config.accesslog import AccessLogConfig
 from apigate.config.headernames import HEADER_NAME
 from apigate.config.metrics import MetricsConfig
 from apigate.config.tracing import TracingConfig
@@ -400,6 +401,7 @@ class GatewayConfig(Strict):
     routes: list[RouteConfig] = Field(default_factory=list)
     webhooks: WebhooksConfig = WebhooksConfig()
     usage: UsageConfig = UsageConfig()
+    access_log: AccessLogConfig = AccessLogConfig(enabled=False)
 
     _strict_networks = field_validator("trusted_proxies", mode="before")(
         classmethod(lambda cls, v: _networks(v))
