@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from apigate.node.link import WorkerLink
 from apigate.node.runtime import NodeRuntime
 from apigate.observe.accesslog import AccessLog
 from apigate.observe.base import Observer
+from apigate.observe.events import EventFeed
 from apigate.observe.usage import UsageObserver
 from apigate.services import Services
 
@@ -196,7 +198,8 @@ class Runtime:
         self.discovered: dict[str, list[tuple[str, int]]] = {}  # targets the node found, by upstream
         # What watches finished exchanges; each outlives reloads (observe/base.py).
         self.access_log = AccessLog()
-        self.observers: list[Observer] = [self.access_log, UsageObserver()]
+        self.events = EventFeed()
+        self.observers: list[Observer] = [self.access_log, UsageObserver(), self.events]
         self.observing = False
 
     def apply(self, config: GatewayConfig) -> None:
@@ -222,6 +225,15 @@ class Runtime:
             self.apply(self.config)
         except Exception:
             log.exception("applying discovered targets failed; the running plan stays")
+
+    def events_wanted(self, on: bool) -> None:
+        """The node wants request events (someone listens) or no longer does: the hook comes or goes."""
+        if on != self.events.wanted:
+            self.events.wanted = on
+            try:
+                self.apply(self.config)
+            except Exception:
+                log.exception("turning request events %s failed", "on" if on else "off")
 
     def counts(self) -> dict[str, Any]:
         """What the observers and services count, for the node's merged metrics."""
@@ -329,10 +341,12 @@ def _link_to_node(runtime: Runtime, config: GatewayConfig, sockets: Sockets) -> 
     if path is None:
         node = runtime.node = NodeRuntime(config, sockets.admin)
         node.start()
-        return WorkerLink(runtime.gateway, node.connect_here, runtime.take_targets, runtime.counts)
-    return WorkerLink(
-        runtime.gateway, lambda: asyncio.open_unix_connection(path), runtime.take_targets, runtime.counts
-    )
+        connect = node.connect_here
+    else:
+        connect = partial(asyncio.open_unix_connection, path)
+    link = WorkerLink(runtime.gateway, connect, runtime.take_targets, runtime.counts, runtime.events_wanted)
+    runtime.events.send = link.send_events
+    return link
 
 
 def _node_agent(

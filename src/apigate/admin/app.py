@@ -7,14 +7,16 @@ Every endpoint needs ``Authorization: Bearer <token>`` when a token is configure
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import orjson
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from apigate import __version__
 from apigate.discovery.networks import AddressRefused, RegistrationError
@@ -57,6 +59,10 @@ class Node(Protocol):
     async def deregister(self, instance_id: str) -> bool: ...
 
     async def view(self, name: str) -> tuple[str, str]: ...
+
+    def subscribe_events(self) -> asyncio.Queue[dict[str, Any]]: ...
+
+    def unsubscribe_events(self, queue: asyncio.Queue[dict[str, Any]]) -> None: ...
 
     async def usage_store(self) -> UsageStore:
         """The store usage analytics is read from (opened on first use)."""
@@ -197,7 +203,39 @@ def create_app(node: Node, token: bytes | None) -> FastAPI:
         found = await read_usage(query)
         return {"start": iso(query.start), "end": iso(query.end), "errors": error_summary(found)}
 
+    @app.get("/api/events", dependencies=guarded)
+    async def events(route: str | None = None, errors: bool = False) -> StreamingResponse:
+        """Request events as server-sent events, live (sampled and capped per worker: see
+        ``events:``); ``route`` keeps one route's, ``errors=true`` only failed requests."""
+        queue = node.subscribe_events()
+        return StreamingResponse(
+            _event_stream(node, queue, route, errors),
+            media_type="text/event-stream",
+            headers={**_NO_STORE, "x-accel-buffering": "no"},
+        )
+
     return app
 
 
 _NO_STORE = {"cache-control": "no-store"}
+KEEPALIVE_EVERY = 15.0  # seconds of silence before a comment line keeps proxies from closing
+
+
+async def _event_stream(
+    node: Node, queue: asyncio.Queue[dict[str, Any]], route: str | None, errors: bool
+) -> AsyncIterator[bytes]:
+    try:
+        yield b": listening\n\n"
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), KEEPALIVE_EVERY)
+            except TimeoutError:
+                yield b": keepalive\n\n"
+                continue
+            if not event:  # the node stops
+                return
+            if (route is not None and event.get("route") != route) or (errors and not event.get("error")):
+                continue
+            yield b"event: request\ndata: " + orjson.dumps(event) + b"\n\n"
+    finally:
+        node.unsubscribe_events(queue)

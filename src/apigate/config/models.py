@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from apigate.config.accesslog import AccessLogConfig
+from apigate.config.events import EventsConfig
 from apigate.config.headernames import HEADER_NAME
 from apigate.config.metrics import MetricsConfig
 from apigate.config.tracing import TracingConfig
@@ -388,6 +389,7 @@ class GatewayConfig(Strict):
     endpoints: EndpointsConfig = EndpointsConfig()
     metrics: MetricsConfig = MetricsConfig()
     tracing: TracingConfig = TracingConfig()
+    events: EventsConfig = EventsConfig()
     admin: AdminConfig | None = Field(default_factory=AdminConfig, description="null: no admin listener")
     discovery: DiscoveryConfig = DiscoveryConfig()
     store: StoreConfig = Field(default_factory=StoreConfig)

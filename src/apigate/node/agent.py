@@ -9,6 +9,8 @@ worker), and does what must not run once per worker.
 - Usage analytics: the periodic rollup, and the store the admin API reads usage from (usage.py).
 - The admin listener's answers: it asks every worker for its view (in flight, ejections,
   circuits) and merges them, and sends a circuit reset to every worker.
+- Request events: workers send them while someone listens; the node streams them to /api/events
+  listeners and to a Redis stream (events.py).
 - Metrics: it asks every worker for its counts and merges them (observe/metrics.py), for the
   admin listener and for a worker that serves /stats or /metrics on the proxy listener.
 
@@ -35,6 +37,7 @@ from apigate.discovery.dns import DnsQuery, DnsWatcher, Endpoint
 from apigate.discovery.networks import resolve_allowed
 from apigate.discovery.registry import Entry, RedisServiceSource, Registration, ServiceRegistry, admit
 from apigate.health.active import ActiveChecker, ProbeTarget, TargetHealth
+from apigate.node.events import EventHub
 from apigate.node.frames import FrameError, encode, read_frame
 from apigate.node.usage import NodeUsage
 from apigate.observe.metrics import CONTENT_TYPE, Merged, json_view, merge, pactown_stats, prometheus_text
@@ -79,6 +82,7 @@ class NodeAgent:
         self._hints: StateBackend | None = None  # Redis, when other nodes share circuit hints
         self._hints_subscription: Subscription | None = None
         self.usage = NodeUsage(config)
+        self.events = EventHub(self._events_wanted)
 
     # -- config ----------------------------------------------------------------------------------
     def apply(self, config: GatewayConfig) -> None:
@@ -100,6 +104,7 @@ class NodeAgent:
         self._follow_redis(config)
         self._follow_hints(config)
         self.usage.apply(config)
+        self.events.configure(config.events)
 
     def _follow_redis(self, config: GatewayConfig) -> None:
         """Read registrations from the Redis the config names (a reload may change or drop it:
@@ -264,6 +269,7 @@ class NodeAgent:
             self._service_changed(service)
 
     async def stop(self) -> None:
+        await self.events.close()
         for task in (self._expiry, self._redis_poll):
             if task is not None:
                 task.cancel()
@@ -291,12 +297,17 @@ class NodeAgent:
                 writer.write(encode({"op": "targets", "upstreams": self.discovered}))
             if self.health:
                 writer.write(encode({"op": "health", "states": self.health}))
+            if self.events.wanted:
+                writer.write(encode({"op": "events_wanted", "on": True}))
             while True:
                 message = await read_frame(reader)
                 if message is None:
                     return
                 if message.get("op") == "circuit":
                     self._circuit_opened(worker, str(message["key"]), float(message["seconds"]))
+                    continue
+                if message.get("op") == "events":
+                    self.events.publish(message["events"])
                     continue
                 if message.get("op") == "view":  # a worker serves /stats or /metrics: merge for it
                     _in_background(self._answer_view(writer, message.get("ask"), str(message.get("view"))))
@@ -318,6 +329,16 @@ class NodeAgent:
         for worker in self.workers:
             if worker is not but:
                 worker.writer.write(data)
+
+    def subscribe_events(self) -> asyncio.Queue[dict[str, Any]]:
+        return self.events.subscribe()
+
+    def unsubscribe_events(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        self.events.unsubscribe(queue)
+
+    def _events_wanted(self, on: bool) -> None:
+        """Workers send request events only while someone takes them (observe/events.py)."""
+        self.broadcast({"op": "events_wanted", "on": on})
 
     # -- circuit hints ---------------------------------------------------------------------------
     def _circuit_opened(self, worker: _Worker | None, key: str, seconds: float, origin: str = "") -> None:

@@ -29,18 +29,26 @@ OnTargets = Callable[[dict[str, list[tuple[str, int]]]], None]
 # What the process counts outside the engine: {"counters": {name: n}, "gauges": {name: n},
 # "webhooks": ...} (observe/metrics.py merges them).
 Counts = Callable[[], dict[str, Any]]
+# The node says whether it wants request events (someone listens, or a Redis stream takes them).
+OnEventsWanted = Callable[[bool], None]
 RECONNECT_MAX = 2.0
 VIEW_TIMEOUT = 5.0  # the node asks every worker (ASK_TIMEOUT each) before it answers
 
 
 class WorkerLink:
     def __init__(
-        self, gateway: Gateway, connect: Connect, on_targets: OnTargets, counts: Counts | None = None
+        self,
+        gateway: Gateway,
+        connect: Connect,
+        on_targets: OnTargets,
+        counts: Counts | None = None,
+        on_events_wanted: OnEventsWanted | None = None,
     ) -> None:
         self.gateway = gateway
         self.connect = connect
         self.on_targets = on_targets
         self.counts = counts
+        self.on_events_wanted = on_events_wanted
         self.connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -68,6 +76,12 @@ class WorkerLink:
         finally:
             self._asked.pop(ask, None)
         return int(answer["status"]), str(answer["type"]).encode(), str(answer["body"]).encode()
+
+    def send_events(self, events: list[dict[str, Any]]) -> None:
+        """A batch of request events for the node (lost if the link is down: they are a live view)."""
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            writer.write(encode({"op": "events", "events": events}))
 
     def report_open(self, key: str, seconds: float) -> None:
         """A target circuit opened in this worker: the node tells the others (a hint, bounded)."""
@@ -145,6 +159,10 @@ class WorkerLink:
             return {"pid": os.getpid(), "upstreams": upstreams_view(self.gateway)}
         if op == "metrics":
             return self.metrics()
+        if op == "events_wanted":
+            if self.on_events_wanted is not None:
+                self.on_events_wanted(bool(message["on"]))
+            return {}
         if op == "reset":
             return {"reset": reset_circuits(self.gateway, message["upstream"], message.get("target"))}
         return {"error": f"unknown op {op!r}"}
