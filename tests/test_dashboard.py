@@ -104,11 +104,11 @@ def test_the_dashboard_shows_every_panel_and_live_traffic(
         assert page.context.cookies() == []
         assert TOKEN not in page.url
 
-        page.wait_for_function("document.querySelector('#rate-chart canvas') !== null")
+        page.wait_for_function("() => document.querySelector('#rate-chart canvas') !== null")
         assert page.evaluate(COUNT_RATE_FILL) == 0  # no traffic yet: nothing under the line
 
         send_traffic(setup)
-        page.wait_for_function(f"({COUNT_RATE_FILL})() > 2000", timeout=15_000)
+        page.wait_for_function(f"() => ({COUNT_RATE_FILL})() > 2000", timeout=15_000)
 
         expect(page.locator("#latency-table tbody")).to_contain_text("orders")
         expect(page.locator("#latency-chart canvas")).to_have_count(1)
@@ -127,7 +127,7 @@ def test_the_dashboard_shows_every_panel_and_live_traffic(
         expect(page.locator("#upstream-latency-table tbody")).to_contain_text(setup.upstream.url)
         expect(page.locator("#webhooks-table tbody")).to_contain_text("github", timeout=15_000)
         page.wait_for_function(
-            "document.querySelector('#webhook-totals').innerText.includes('dead letters\\n1')",
+            "() => document.querySelector('#webhook-totals').innerText.includes('dead letters\\n1')",
             timeout=15_000,
         )
 
@@ -139,7 +139,7 @@ def test_the_dashboard_shows_every_panel_and_live_traffic(
 
         # A phone: everything fits the width, nothing scrolls sideways.
         page.set_viewport_size({"width": 375, "height": 800})
-        page.wait_for_function("document.documentElement.scrollWidth <= 375")
+        page.wait_for_function("() => document.documentElement.scrollWidth <= 375")
         assert page.evaluate("document.documentElement.scrollWidth") <= 375
         page.screenshot(path=str(tmp_path / "dashboard-phone.png"), full_page=True)
         assert (tmp_path / "dashboard.png").stat().st_size > 0
@@ -181,24 +181,22 @@ def test_a_wrong_token_shows_the_error_and_no_data(setup: Observed, browser: Bro
 def test_polling_pauses_while_the_tab_is_hidden(setup: Observed, browser: Browser) -> None:
     watched = WatchedPage(browser)
     page = watched.page
-    polls: list[float] = []
-    page.on("request", lambda sent: polls.append(1) if sent.url.endswith("/api/metrics") else None)
+    polls = "performance.getEntriesByType('resource').filter((e) => e.name.endsWith('/api/metrics')).length"
+    visibility = """(hidden) => {
+      Object.defineProperty(document, "hidden", {value: hidden, configurable: true});
+      document.dispatchEvent(new Event("visibilitychange"));
+    }"""
     try:
         sign_in(page, setup.admin_url, TOKEN)
-        wait_until(lambda: len(polls) >= 3, timeout=10, message="polls every 2 s")
-        page.evaluate("""() => {
-          Object.defineProperty(document, "hidden", {value: true, configurable: true});
-          document.dispatchEvent(new Event("visibilitychange"));
-        }""")
-        page.wait_for_timeout(300)  # a poll already on its way may still land
-        hidden_at = len(polls)
+        page.wait_for_function(f"() => {polls} >= 3", timeout=10_000)  # one every 2 s
+        page.evaluate(visibility, True)
+        page.wait_for_timeout(500)  # a poll already on its way may still land
+        hidden_at = page.evaluate(polls)
         page.wait_for_timeout(5000)  # two and a half poll periods with the tab hidden
-        assert len(polls) == hidden_at
-        page.evaluate("""() => {
-          Object.defineProperty(document, "hidden", {value: false, configurable: true});
-          document.dispatchEvent(new Event("visibilitychange"));
-        }""")
-        wait_until(lambda: len(polls) > hidden_at, timeout=1, message="a poll as soon as it is visible")
+        assert page.evaluate(polls) == hidden_at
+        page.evaluate(visibility, False)
+        page.wait_for_function(f"() => {polls} > {hidden_at}", timeout=1500)  # at once, not in 2 s
+        assert watched.problems() == []
     finally:
         watched.close()
 

@@ -50,6 +50,7 @@
   }
 
   async function poll() {
+    clearTimeout(view.timer); // a poll asked for now replaces the one scheduled
     view.timer = null;
     if (view.polling || document.hidden) return;
     view.polling = true;
