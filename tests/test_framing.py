@@ -11,6 +11,7 @@ from apigate.engine import framing
 
 # -- the request head sent upstream ------------------------------------------------------------
 
+TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 REQUEST: dict[str, Any] = {
     "method": "GET",
     "raw_path": b"/a",
@@ -25,13 +26,14 @@ REQUEST: dict[str, Any] = {
     "forwarded_proto": b"http",
     "forwarded_host": b"gw.example",
     "rid": b"rid-1",
+    "traceparent": TRACEPARENT,
     "upgrade_to": None,
     "chunked": False,
 }
 # What the gateway adds after the client's fields, for REQUEST as it is.
 GATEWAY_FIELDS = (
     b"x-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\nvia: 1.1 apigate\r\n"
-    b"x-request-id: rid-1\r\nx-forwarded-host: gw.example\r\n"
+    b"x-request-id: rid-1\r\ntraceparent: " + TRACEPARENT + b"\r\nx-forwarded-host: gw.example\r\n"
 )
 
 
@@ -72,7 +74,7 @@ GATEWAY_FIELDS = (
             {"client_host": "", "forwarded_host": None},
             b"GET /a HTTP/1.1\r\nhost: backend:8080\r\naccept: */*\r\n"
             b"x-forwarded-for: 192.0.2.7\r\nx-forwarded-proto: http\r\nvia: 1.1 apigate\r\n"
-            b"x-request-id: rid-1\r\n\r\n",
+            b"x-request-id: rid-1\r\ntraceparent: " + TRACEPARENT + b"\r\n\r\n",
             id="preserve-host-without-one",
         ),
         pytest.param(
@@ -83,6 +85,7 @@ GATEWAY_FIELDS = (
                     (b"x-forwarded-proto", b"https"),
                     (b"x-forwarded-host", b"evil.example"),
                     (b"x-request-id", b"client-id"),
+                    (b"traceparent", b"00-11111111111111111111111111111111-2222222222222222-01"),
                     (b"expect", b"100-continue"),
                     (b"connection", b"keep-alive"),
                     (b"keep-alive", b"timeout=5"),
@@ -121,7 +124,7 @@ GATEWAY_FIELDS = (
             {"xff": b"203.0.113.9, 198.51.100.2", "forwarded_proto": b"https", "forwarded_host": None},
             b"GET /a HTTP/1.1\r\nhost: backend:8080\r\naccept: */*\r\n"
             b"x-forwarded-for: 203.0.113.9, 198.51.100.2, 192.0.2.7\r\nx-forwarded-proto: https\r\n"
-            b"via: 1.1 apigate\r\nx-request-id: rid-1\r\n\r\n",
+            b"via: 1.1 apigate\r\nx-request-id: rid-1\r\ntraceparent: " + TRACEPARENT + b"\r\n\r\n",
             id="trusted-chain-appended",
         ),
         pytest.param(

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
@@ -198,10 +199,10 @@ class Runtime:
     def apply(self, config: GatewayConfig) -> None:
         """Compile ``config`` and serve it; raises (and keeps the running plan) if compiling fails."""
         hooks = [hook for observer in self.observers if (hook := observer.apply(config)) is not None]
-        plan = compile_plan(
-            config, self.gateway.pools, self.services, self.gateway.target_states, self.discovered, hooks
-        )
-        self.gateway.apply(plan)
+        gateway = self.gateway
+        states, meters = gateway.target_states, gateway.meters
+        plan = compile_plan(config, gateway.pools, self.services, states, self.discovered, hooks, meters)
+        gateway.apply(plan)
         self.config = config
         for name, inactive in plan.inactive.items():
             log.warning(
@@ -218,6 +219,17 @@ class Runtime:
             self.apply(self.config)
         except Exception:
             log.exception("applying discovered targets failed; the running plan stays")
+
+    def counts(self) -> dict[str, Any]:
+        """What the observers and services count, for the node's merged metrics."""
+        counters: dict[str, int] = {}
+        for observer in self.observers:
+            counters.update(observer.counts())
+        counts: dict[str, Any] = {"counters": counters, "gauges": self.services.gauges()}
+        webhooks = self.services.webhook_metrics()
+        if webhooks is not None:
+            counts["webhooks"] = webhooks
+        return counts
 
     async def start_services(self) -> None:
         """Start the shared services the current plan's policies need (before serving)."""
@@ -314,8 +326,10 @@ def _link_to_node(runtime: Runtime, config: GatewayConfig, sockets: Sockets) -> 
     if path is None:
         node = runtime.node = NodeRuntime(config, sockets.admin)
         node.start()
-        return WorkerLink(runtime.gateway, node.connect_here, runtime.take_targets)
-    return WorkerLink(runtime.gateway, lambda: asyncio.open_unix_connection(path), runtime.take_targets)
+        return WorkerLink(runtime.gateway, node.connect_here, runtime.take_targets, runtime.counts)
+    return WorkerLink(
+        runtime.gateway, lambda: asyncio.open_unix_connection(path), runtime.take_targets, runtime.counts
+    )
 
 
 def _node_agent(

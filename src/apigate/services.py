@@ -90,6 +90,15 @@ class Services:
         await self._start_quotas(config, needs)
         return opened
 
+    def gauges(self) -> dict[str, int]:
+        """What the services hold now, for the node's merged metrics."""
+        return {}
+
+    def webhook_metrics(self) -> dict[str, object] | None:
+        """Webhooks taken in and delivered by this process, and the store's backlog (None: no
+        webhook source is configured)."""
+        return self.webhooks.metrics() if self.webhooks is not None else None
+
     def state_at(self, url: str) -> StateBackend | None:
         return self._states_of_policies.get(url)
 

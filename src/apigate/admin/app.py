@@ -42,6 +42,8 @@ class Node(Protocol):
 
     async def deregister(self, instance_id: str) -> bool: ...
 
+    async def view(self, name: str) -> tuple[str, str]: ...
+
 
 def create_app(node: Node, token: bytes | None) -> FastAPI:
     app = FastAPI(
@@ -128,5 +130,26 @@ def create_app(node: Node, token: bytes | None) -> FastAPI:
         """Each upstream's status and response time from the active checks."""
         return node.health_summary()
 
+    @app.get("/metrics", dependencies=guarded)
+    async def prometheus() -> Response:
+        """Every worker's counts, merged, in the Prometheus text format."""
+        content_type, text = await node.view("prometheus")
+        return Response(text, media_type=content_type, headers=_NO_STORE)
+
+    @app.get("/api/metrics", dependencies=guarded)
+    async def metrics() -> Response:
+        """Counts, latency percentiles, top clients, merged across workers (docs/observability.md)."""
+        content_type, text = await node.view("metrics")
+        return Response(text, media_type=content_type, headers=_NO_STORE)
+
+    @app.get("/api/stats", dependencies=guarded)
+    async def stats() -> Response:
+        """What /stats on the proxy listener shows, merged across workers."""
+        content_type, text = await node.view("stats")
+        return Response(text, media_type=content_type, headers=_NO_STORE)
+
     add_dashboard(app)
     return app
+
+
+_NO_STORE = {"cache-control": "no-store"}

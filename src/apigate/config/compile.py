@@ -19,6 +19,7 @@ from apigate.config.models import ROUTE_SHORTHANDS, GatewayConfig, RouteConfig
 from apigate.config.upstreams import TargetConfig, UpstreamConfig
 from apigate.engine.balancers import stable_hash
 from apigate.engine.breakers import TargetStates
+from apigate.engine.metrics import Meters, RouteMeter
 from apigate.engine.plan import (
     CompiledRoute,
     Endpoints,
@@ -148,12 +149,14 @@ def compile_plan(
     states: TargetStates | None = None,
     discovered: Mapping[str, Sequence[tuple[str, int]]] | None = None,
     finish_hooks: Sequence[LogHook] = (),
+    meters: Meters | None = None,
 ) -> Plan:
     """The Plan for ``config``: upstream targets get their pools from ``pools`` and their health
     and circuits from ``states`` (both kept across reloads), policies get ``services``. An upstream
     whose targets come from a service or DNS takes them, as (url, weight), from ``discovered``
     (none known yet: no target, and its requests are answered 503). ``finish_hooks`` see every
-    finished exchange (the process's observers)."""
+    finished exchange (the process's observers). Routes and targets count into ``meters`` (kept
+    across reloads) unless ``metrics.enabled`` is off."""
     states = states if states is not None else TargetStates()
     groups: dict[str, UpstreamGroup] = {}
     for name, upstream in config.upstreams.items():
@@ -223,6 +226,8 @@ def compile_plan(
         {t.state.key for g in (*groups.values(), *target_groups) for t in g.targets},
         {g.name for g in (*groups.values(), *target_groups)},
     )
+    all_groups = (*groups.values(), *target_groups)
+    unrouted = _meter(config, meters, compiled, all_groups)
     timeouts = config.timeouts
     return Plan(
         router=Router(entries),
@@ -241,9 +246,30 @@ def compile_plan(
         max_header_bytes=config.limits.max_header_bytes,
         unescape_slashes=config.paths.escaped_slashes == "unescape",
         inactive=inactive,
-        upstreams=(*groups.values(), *target_groups),
+        upstreams=all_groups,
         finish_hooks=tuple(finish_hooks),
+        unrouted=unrouted,
+        trace_sample_ratio=config.tracing.sample_ratio,
     )
+
+
+def _meter(
+    config: GatewayConfig,
+    meters: Meters | None,
+    routes: list[CompiledRoute],
+    groups: tuple[UpstreamGroup, ...],
+) -> RouteMeter | None:
+    """Give routes and targets their meters; the meter of requests no route matched."""
+    if meters is None or not config.metrics.enabled:
+        return None
+    for route in routes:
+        route.meter = meters.route(route.name)
+    for group in groups:
+        for target in group.targets:
+            target.meter = meters.target(group.name, target.address)
+    meters.retain({route.name for route in routes}, {(g.name, t.address) for g in groups for t in g.targets})
+    meters.consumer_limit = config.metrics.consumers
+    return meters.unrouted
 
 
 def needs_of(plan: Plan) -> frozenset[ServiceName]:
@@ -271,6 +297,8 @@ def _endpoints(config: GatewayConfig) -> Endpoints:
         health_detailed=endpoints.health_detailed,
         routes=endpoints.routes,
         stats=endpoints.stats,
+        metrics=endpoints.metrics,
+        metrics_prometheus=endpoints.metrics_prometheus,
         token=token,
         allow=allow,
     )

@@ -15,6 +15,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from apigate.config.headernames import HEADER_NAME
+from apigate.config.metrics import MetricsConfig
+from apigate.config.tracing import TracingConfig
 from apigate.config.units import ByteSize, Duration
 from apigate.config.upstreams import RetryConfig, UpstreamConfig
 from apigate.config.validators import Strict, check_http_url, env_default
@@ -112,6 +114,10 @@ class EndpointsConfig(Strict):
     )
     routes: str | None = "/routes"
     stats: str | None = "/stats"
+    metrics: str | None = Field(default="/metrics", description="counts and latency percentiles, JSON")
+    metrics_prometheus: str | None = Field(
+        default=None, description="the Prometheus text on the proxy listener too (e.g. /metrics/prometheus)"
+    )
     token: SecretStr | None = Field(default=None, description="bearer token required for routes and stats")
     allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = Field(
         default=None,
@@ -378,6 +384,8 @@ class GatewayConfig(Strict):
     limits: LimitsConfig = LimitsConfig()
     paths: PathsConfig = PathsConfig()
     endpoints: EndpointsConfig = EndpointsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    tracing: TracingConfig = TracingConfig()
     admin: AdminConfig | None = Field(default_factory=AdminConfig, description="null: no admin listener")
     discovery: DiscoveryConfig = DiscoveryConfig()
     store: StoreConfig = Field(default_factory=StoreConfig)

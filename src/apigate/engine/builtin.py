@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from apigate.engine.breakers import OPEN, STATE_NAMES
@@ -24,14 +24,17 @@ if TYPE_CHECKING:
     from apigate.engine.server import Gateway
 
 
-def endpoints(gateway: Gateway, plan: Plan) -> dict[str, Callable[[Exchange], Reply]]:
+Handler = Callable[[Exchange], "Reply | Awaitable[Reply]"]
+
+
+def endpoints(gateway: Gateway, plan: Plan) -> dict[str, Handler]:
     config = plan.endpoints
     token = config.token
     exact_user_paths = {route.path for route in plan.routes}
     allow = config.allow
 
-    def guarded(handler: Callable[[Exchange], Reply]) -> Callable[[Exchange], Reply]:
-        def check(exchange: Exchange) -> Reply:
+    def guarded(handler: Handler) -> Handler:
+        def check(exchange: Exchange) -> Reply | Awaitable[Reply]:
             if allow is not None and not address_in(exchange.client_ip, allow):
                 return Reply(
                     403,
@@ -60,10 +63,17 @@ def endpoints(gateway: Gateway, plan: Plan) -> dict[str, Callable[[Exchange], Re
     def routes(exchange: Exchange) -> Reply:
         return json_reply(200, {"routes": [route.description for route in plan.routes]})
 
-    def stats(exchange: Exchange) -> Reply:
-        in_flight = sum(1 for conn in gateway.connections if not conn.idle())
-        per_route = {route.name: route.requests for route in plan.routes}
-        return json_reply(200, gateway.stats.snapshot(len(gateway.connections), in_flight, per_route))
+    def node_view(name: str) -> Callable[[Exchange], Awaitable[Reply]]:
+        """A view the node merges from every worker (whichever worker answers, the same numbers)."""
+
+        async def answer(exchange: Exchange) -> Reply:
+            ask = gateway.node_view
+            if ask is None:
+                return Reply(503, error_body("this gateway runs without its node", exchange.request_id))
+            status, content_type, body = await ask(name)
+            return Reply(status, body, [(b"cache-control", b"no-store")], content_type)
+
+        return answer
 
     def health_detailed(exchange: Exchange) -> Reply:
         # Not ready while draining (a load balancer then stops sending); a down upstream or store
@@ -71,11 +81,13 @@ def endpoints(gateway: Gateway, plan: Plan) -> dict[str, Callable[[Exchange], Re
         payload = detailed_health(gateway, plan)
         return json_reply(200 if gateway.ready else 503, payload)
 
-    table = {
+    table: dict[str | None, Handler] = {
         config.health: health,
         config.health_detailed: guarded(health_detailed),
         config.routes: guarded(routes),
-        config.stats: guarded(stats),
+        config.stats: guarded(node_view("stats")),
+        config.metrics: guarded(node_view("metrics")),
+        config.metrics_prometheus: guarded(node_view("prometheus")),
     }
     return {path: handler for path, handler in table.items() if path and path not in exact_user_paths}
 

@@ -421,7 +421,7 @@ class ClientConnection(wire.HeadReader):
         self.pause(self.PAUSE_PIPELINE)
 
     def answer_refusal(self, status: int, message: str) -> None:
-        self.gateway.stats.count_error(status)
+        self.gateway.meters.count_error(status, None)
         request_id = self.gateway.next_request_id()
         body = error_body(message, request_id.decode())
         self.write(

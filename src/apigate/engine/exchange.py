@@ -20,12 +20,14 @@ from apigate.engine.breakers import CLOSED
 from apigate.engine.replies import Reply, error_body
 from apigate.engine.retries import CONNECT, RESET, TIMEOUT
 from apigate.engine.router import MethodNotAllowed
+from apigate.engine.tracing import TraceIds, parse_traceparent
 from apigate.engine.upstream import PoolTimeout, UpstreamConnection
 from apigate.engine.wire import (
     FIELD_CONNECTION,
     FIELD_CONTENT_LENGTH,
     FIELD_EXPECT,
     FIELD_HOST,
+    FIELD_TRACEPARENT,
     FIELD_TRANSFER_ENCODING,
     FIELD_X_FORWARDED_FOR,
     FIELD_X_FORWARDED_PROTO,
@@ -105,6 +107,13 @@ class Exchange:
     # the gateway's sweep notes when it last found it set.
     seen = False
     quiet_since = 0.0
+    # W3C trace context (engine/tracing.py): 32 and 16 hex digits; the client's span (None: a
+    # new trace), the gateway's server span and its span of the upstream call.
+    trace_id = b""
+    span_id = b""
+    parent_span_id: bytes | None = None
+    upstream_span_id = b""
+    sampled = False
     # Where a hook chain waits while a hook's future is pending (see _run_hooks).
     waiting_hooks: tuple[Any, ...] = ()
     waiting_index = 0
@@ -138,7 +147,7 @@ class Exchange:
         self.params = _NO_PARAMS  # shared and never mutated in place: routing replaces it
         self.response_headers = _NO_HEADERS
         # One pass over the headers for what the proxy itself needs (one dict probe per header).
-        host = xff = rid = proto = fwd_host = None
+        host = xff = rid = proto = fwd_host = traceparent = None
         content_length: int | None = None
         chunked = expect = False
         hosts = 0
@@ -166,6 +175,8 @@ class Exchange:
                     tokens = found if tokens is None else tokens | found
             elif kind == FIELD_X_FORWARDED_PROTO:
                 proto = value
+            elif kind == FIELD_TRACEPARENT:
+                traceparent = value
             else:  # FIELD_X_FORWARDED_HOST
                 fwd_host = value
         if hosts != 1 or version != "1.1" or authority is not None:
@@ -178,13 +189,31 @@ class Exchange:
         self.expect_continue = expect and version == "1.1"
         self.xff = xff
         gateway = client.gateway
-        self.rid = rid if rid is not None and _sane_id(rid) else client.request_ids.next()
+        if rid is not None and _sane_id(rid):
+            self.rid = rid
+            self._start_trace(traceparent, False, gateway.trace_ids)
+        else:
+            self.rid = client.request_ids.next()
+            self._start_trace(traceparent, True, gateway.trace_ids)
         trusted = client.peer_trusted
         self.client_ip = (
             gateway.client_ip_from(client.peer_ip, xff, self.plan) if trusted and xff else client.peer_ip
         )
         self.forwarded_proto = proto if trusted and proto else b"http"
         self.forwarded_host = fwd_host if trusted and fwd_host else host
+
+    def _start_trace(self, traceparent: bytes | None, own_id: bool, ids: TraceIds) -> None:
+        """The client's trace (a valid traceparent) or a new one, and the gateway's span in it;
+        the response will say both (traceresponse)."""
+        found = parse_traceparent(traceparent) if traceparent is not None else None
+        if found is not None:
+            self.trace_id, self.parent_span_id, self.sampled = found
+        else:  # a new trace: the request id the gateway made is one (32 hex digits)
+            self.trace_id = self.rid if own_id else self.client.request_ids.next()
+            self.sampled = ids.sample()
+        self.span_id = span = ids.span_id()
+        flags = b"-01\r\n" if self.sampled else b"-00\r\n"
+        self.response_lines = b"traceresponse: 00-" + self.trace_id + b"-" + span + flags
 
     def _check_head(
         self, hosts: int, version: str, authority: bytes | None, host: bytes | None
@@ -215,6 +244,14 @@ class Exchange:
     def request_id(self) -> str:
         return self.rid.decode("latin-1")
 
+    def consumer_id(self) -> str | None:
+        """The consumer's id: identity policies set a consumer record (with ``id``) or a name."""
+        consumer = self.consumer
+        if consumer is None or isinstance(consumer, str):
+            return consumer
+        found = getattr(consumer, "id", None)
+        return found if isinstance(found, str) else None
+
     def header(self, name: bytes) -> bytes | None:
         """First value of a request header; ``name`` in lowercase."""
         for key, value in self.headers:
@@ -244,7 +281,11 @@ class Exchange:
             return
         builtin = self.client.gateway.builtins.get(self.path)
         if builtin is not None and self.method in ("GET", "HEAD"):
-            self.reply(builtin(self))
+            answer = builtin(self)
+            if isinstance(answer, Reply):
+                self.reply(answer)
+            else:
+                self.client.gateway.spawn(self._reply_later(answer))
             return
         match = self.plan.router.match(self.method, self.path, self.host, self.headers)
         if match is None:
@@ -283,6 +324,16 @@ class Exchange:
             self.upgrade_to = b", ".join(offered)
         else:
             self.upgrade = False
+
+    async def _reply_later(self, pending: Awaitable[Reply]) -> None:
+        try:
+            answer = await pending
+        except Exception:
+            self.client.gateway.log_exception("a built-in endpoint failed", self)
+            self.fail(500, "the endpoint failed")
+            return
+        if not self.finished and not self.client.closed:
+            self.reply(answer)
 
     def _method_not_allowed(self, allow: bytes) -> None:
         self.reply(Reply(405, error_body("method not allowed", self.request_id), [(b"allow", allow)]))
@@ -559,7 +610,9 @@ class Exchange:
         return delay
 
     def _retry(self, delay: float) -> None:
-        self.client.gateway.stats.retries += 1
+        route = self.route
+        if route is not None and route.meter is not None:
+            route.meter.retries += 1
         if delay > 0.0:
             self.client.gateway.loop.call_later(delay, self._retry_now)
         else:
@@ -614,6 +667,7 @@ class Exchange:
             forwarded_proto=self.forwarded_proto,
             forwarded_host=self.forwarded_host,
             rid=self.rid,
+            traceparent=self._traceparent(),
             upgrade_to=self.upgrade_to if self.upgrade else None,
             chunked=self.request_chunked,
         )
@@ -634,6 +688,14 @@ class Exchange:
         conn.send(head)
         client = self.client
         client.resume(client.PAUSE_BODY)
+
+    def _traceparent(self) -> bytes:
+        """The upstream's traceparent: its parent is the gateway's span of the upstream call, one
+        per exchange (its attempts share it)."""
+        span = self.upstream_span_id
+        if not span:
+            span = self.upstream_span_id = self.client.gateway.trace_ids.span_id()
+        return b"00-" + self.trace_id + b"-" + span + (b"-01" if self.sampled else b"-00")
 
     # -- request body from the client ---------------------------------------------------------------
     def on_request_body(self, data: bytes) -> None:
@@ -686,6 +748,9 @@ class Exchange:
     # -- response from the upstream -------------------------------------------------------------------
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
         self.t_first_byte = now = _monotonic()
+        target = self.target
+        if target is not None and target.meter is not None:
+            target.meter.observe(now - self.t_attempt, now)
         route = self.route
         if (
             route is not None
@@ -874,7 +939,7 @@ class Exchange:
             idle = now - self.body_quiet_since > body_idle
         route = self.route
         if idle or (route is not None and now - self.t_start > route.timeout):
-            client.gateway.stats.timeouts += 1
+            client.gateway.meters.timeouts += 1
             if self.finished:  # answered early; its body was being read to keep the connection
                 client.close()
             else:
@@ -882,7 +947,7 @@ class Exchange:
                 self.fail(408, "the request body did not arrive in time")
 
     def timed_out(self, now: float, reason: str, message: str) -> None:
-        self.client.gateway.stats.timeouts += 1
+        self.client.gateway.meters.timeouts += 1
         if self.response_started:
             self.abort()
         else:
@@ -904,10 +969,13 @@ class Exchange:
         """Send a response the gateway made itself."""
         if self.finished:
             return
-        self.response_status = reply.status
+        status = self.response_status = reply.status
         self.response_headers = [*reply.headers, (b"x-request-id", self.rid)]
-        if self.route is not None:
-            for hook in self.route.response_hooks:
+        route = self.route
+        if route is not None:
+            if route.meter is not None and (status == 429 or status == 401 or status == 403):
+                route.meter.refused(status, reply.reason)
+            for hook in route.response_hooks:
                 hook(self)
         if not self.request_done and (
             self.request_chunked
@@ -952,7 +1020,7 @@ class Exchange:
         if self.response_started:
             self.abort()
             return
-        self.client.gateway.stats.count_error(status)
+        self.client.gateway.meters.count_error(status, reason)
         self.reply(Reply(status, error_body(message, self.request_id, reason), headers))
 
     def abort(self) -> None:
@@ -969,14 +1037,17 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        self.t_end = time.monotonic()
+        self.t_end = now = time.monotonic()
         gateway = self.client.gateway
-        stats = gateway.stats
-        stats.requests_total += 1
-        stats.by_status_class[self.response_status // 100 if self.response_status < 600 else 5] += 1
+        meters = gateway.meters
+        meters.requests_total += 1
         route = self.route
-        if route is not None:
-            route.requests += 1
+        meter = route.meter if route is not None else self.plan.unrouted
+        if meter is not None:
+            meter.observe(
+                self.method, self.response_status, now - self.t_start, self.bytes_in, self.bytes_out, now
+            )
+            meters.count_client(self.client_ip, self.consumer_id(), now)
         target = self.target
         if target is not None:
             target.state.in_flight -= 1

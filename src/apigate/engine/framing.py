@@ -22,11 +22,12 @@ _REQUEST_OWN: Final = HOP_BY_HOP | {
     b"x-forwarded-host",
     b"x-request-id",
     b"expect",
+    b"traceparent",
 }
 # A buffered body is sent with its own Content-Length (a body hook may have replaced it).
 _REQUEST_OWN_BUFFERED: Final = _REQUEST_OWN | {b"content-length"}
 # Response headers the proxy owns: hop-by-hop ones, and X-Request-ID (it sends its own).
-_RESPONSE_OWN: Final = HOP_BY_HOP | {b"x-request-id"}
+_RESPONSE_OWN: Final = HOP_BY_HOP | {b"x-request-id", b"traceresponse"}
 _STATUS_101: Final = wire.status_line(101)
 
 
@@ -45,6 +46,7 @@ def upstream_head(
     forwarded_proto: bytes,
     forwarded_host: bytes | None,
     rid: bytes,
+    traceparent: bytes,
     upgrade_to: bytes | None,
     chunked: bool,
 ) -> bytes:
@@ -53,10 +55,10 @@ def upstream_head(
     The client's path goes as it came unless the route rewrote it (``rewritten_path``). Host is
     ``client_host`` (given where the route preserves the client's Host), else ``target_host``.
     The client's fields the gateway owns are dropped and its own written instead:
-    X-Forwarded-For (``xff``, the client's chain, with ``peer`` appended), -Proto, -Host, Via
-    and X-Request-ID. A buffered ``body`` goes with its own Content-Length; ``upgrade_to`` (the
-    protocols offered) asks the upstream to switch, and ``chunked`` says the body follows in
-    chunks.
+    X-Forwarded-For (``xff``, the client's chain, with ``peer`` appended), -Proto, -Host, Via,
+    X-Request-ID and traceparent (engine/tracing.py). A buffered ``body`` goes with its own
+    Content-Length; ``upgrade_to`` (the protocols offered) asks the upstream to switch, and
+    ``chunked`` says the body follows in chunks.
     """
     path = raw_path if rewritten_path is None else rewritten_path.encode("latin-1")
     if query:
@@ -81,6 +83,8 @@ def upstream_head(
         forwarded_proto,
         b"\r\nvia: 1.1 apigate\r\nx-request-id: ",
         rid,
+        b"\r\ntraceparent: ",
+        traceparent,
         b"\r\n",
     )
     if forwarded_host is not None:
@@ -99,8 +103,8 @@ def response_fields(
     """The upstream's response fields the client gets, and what they say of the body:
     ``(fields, length_known, chunked)``.
 
-    Hop-by-hop fields, those the upstream's Connection field names (RFC 9110 §7.6.1) and its
-    X-Request-ID are dropped; the gateway's X-Request-ID (``rid``) is added last.
+    Hop-by-hop fields, those the upstream's Connection field names (RFC 9110 §7.6.1), its
+    X-Request-ID and its traceresponse are dropped; the gateway's X-Request-ID (``rid``) is added last.
     """
     tokens: set[bytes] | None = None
     length_known = False

@@ -21,6 +21,7 @@ from typing import Any
 from apigate.engine.balancers import Balancer
 from apigate.engine.breakers import CLOSED, Breaker, EjectionSettings, TargetState
 from apigate.engine.exchange import Exchange
+from apigate.engine.metrics import RouteMeter, TargetMeter
 from apigate.engine.replies import Reply
 from apigate.engine.retries import RetryBudget, RetryPolicy
 from apigate.engine.router import Router
@@ -47,6 +48,7 @@ class Target:
     state: TargetState
     id: str  # opaque and stable (sticky cookies name it): a hash of the upstream and the address
     ssl: ssl.SSLContext | None = None
+    meter: TargetMeter | None = None  # None: metrics are off
 
     @property
     def address(self) -> str:
@@ -159,8 +161,8 @@ class CompiledRoute:
     body_limit: int = 0  # largest body the body hooks buffer
     inactive: tuple[str, ...] = ()
     upgrades: frozenset[bytes] = frozenset()  # Upgrade protocols this route tunnels (lowercase)
+    meter: RouteMeter | None = None  # None: metrics are off
     description: dict[str, Any] = field(default_factory=dict)  # what /routes shows, secrets masked
-    requests: int = 0  # served by this worker since the plan was compiled
 
     def upstream_path(
         self, path: str, params: dict[str, str], remainder: str | None, prefix: str | None
@@ -196,6 +198,8 @@ class Endpoints:
     health_detailed: str | None = "/health/detailed"
     routes: str | None = "/routes"
     stats: str | None = "/stats"
+    metrics: str | None = "/metrics"
+    metrics_prometheus: str | None = None
     token: bytes | None = None
     allow: tuple[Network, ...] | None = None  # None: any client address
 
@@ -214,3 +218,5 @@ class Plan:
     # Called for every finished exchange, routed or not (access log, usage, events, spans): the
     # process builds them from the config; the engine knows only that they take the exchange.
     finish_hooks: tuple[LogHook, ...] = ()
+    unrouted: RouteMeter | None = None  # what counts requests no route matched (None: metrics off)
+    trace_sample_ratio: float = 0.0  # of new traces, the share marked sampled (engine/tracing.py)

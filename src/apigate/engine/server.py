@@ -12,17 +12,18 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from apigate.engine import builtin, wire
 from apigate.engine.breakers import TargetStates
 from apigate.engine.client import ClientConnection
 from apigate.engine.exchange import Exchange
+from apigate.engine.metrics import Meters
 from apigate.engine.plan import Plan
 from apigate.engine.replies import Reply
 from apigate.engine.router import Router
-from apigate.engine.stats import Stats
+from apigate.engine.tracing import TraceIds
 from apigate.engine.upstream import PoolManager
 from apigate.httpspec import address_in, peer_address
 
@@ -41,16 +42,20 @@ class Gateway:
         # What the process last learned of the store and state backends ("store": {"status": ...}),
         # for /health/detailed: the engine knows neither, the process checks them.
         self.dependencies: dict[str, dict[str, object]] = {}
-        self.stats = Stats()
+        self.meters = Meters()  # this worker's counts, across reloads
         self.connections: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.draining = False
         self.ready = True  # false from SIGTERM on (/health/detailed), through the drain notice
         self.server: asyncio.AbstractServer | None = None
         self.request_ids = wire.RequestIds()
+        self.trace_ids = TraceIds()
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweeps = 0
-        self.builtins: dict[str, Callable[[Exchange], Reply]] = {}
+        self.builtins: dict[str, Callable[[Exchange], Reply | Awaitable[Reply]]] = {}
+        # The node's merged views (stats, metrics, prometheus): status, content type and body.
+        # The process links it; the engine only passes the answer on.
+        self.node_view: Callable[[str], Awaitable[tuple[int, bytes, bytes]]] | None = None
         self.plan = Plan(router=Router(()), routes=())
         self.max_header_bytes = self.plan.max_header_bytes
         self.unescape_slashes = self.plan.unescape_slashes
@@ -59,6 +64,7 @@ class Gateway:
     def apply(self, plan: Plan) -> None:
         """Serve ``plan`` from now on; requests already running keep the plan they started with."""
         self.builtins = builtin.endpoints(self, plan)
+        self.trace_ids.ratio = plan.trace_sample_ratio
         # Kept here as well: the client protocol reads them on every head.
         self.max_header_bytes = plan.max_header_bytes
         self.unescape_slashes = plan.unescape_slashes

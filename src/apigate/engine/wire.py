@@ -60,6 +60,7 @@ FIELD_EXPECT: Final = 5
 FIELD_CONNECTION: Final = 6
 FIELD_X_FORWARDED_PROTO: Final = 7
 FIELD_X_FORWARDED_HOST: Final = 8
+FIELD_TRACEPARENT: Final = 9
 PROXY_READ_FIELDS: Final = {
     b"host": FIELD_HOST,
     b"content-length": FIELD_CONTENT_LENGTH,
@@ -70,6 +71,7 @@ PROXY_READ_FIELDS: Final = {
     b"connection": FIELD_CONNECTION,
     b"x-forwarded-proto": FIELD_X_FORWARDED_PROTO,
     b"x-forwarded-host": FIELD_X_FORWARDED_HOST,
+    b"traceparent": FIELD_TRACEPARENT,
 }
 
 PLAIN_CONNECTION: Final = frozenset(

@@ -8,6 +8,8 @@ worker), and does what must not run once per worker.
   worker, which compiles its plan again (nothing restarts, no connection drops).
 - The admin listener's answers: it asks every worker for its view (in flight, ejections,
   circuits) and merges them, and sends a circuit reset to every worker.
+- Metrics: it asks every worker for its counts and merges them (observe/metrics.py), for the
+  admin listener and for a worker that serves /stats or /metrics on the proxy listener.
 
 Workers connect over a Unix socket (node/frames.py); a worker that does not answer within
 ``ASK_TIMEOUT`` is left out of an answer, which says how many workers answered.
@@ -33,6 +35,7 @@ from apigate.discovery.networks import resolve_allowed
 from apigate.discovery.registry import Entry, RedisServiceSource, Registration, ServiceRegistry, admit
 from apigate.health.active import ActiveChecker, ProbeTarget, TargetHealth
 from apigate.node.frames import FrameError, encode, read_frame
+from apigate.observe.metrics import CONTENT_TYPE, Merged, json_view, merge, pactown_stats, prometheus_text
 from apigate.state import StateBackend, open_state
 from apigate.state.base import Subscription
 
@@ -289,6 +292,9 @@ class NodeAgent:
                 if message.get("op") == "circuit":
                     self._circuit_opened(worker, str(message["key"]), float(message["seconds"]))
                     continue
+                if message.get("op") == "view":  # a worker serves /stats or /metrics: merge for it
+                    _in_background(self._answer_view(writer, message.get("ask"), str(message.get("view"))))
+                    continue
                 future = worker.pending.pop(message.get("id", 0), None)
                 if future is not None and not future.done():
                     future.set_result(message)
@@ -398,6 +404,33 @@ class NodeAgent:
                     where = {"upstream": upstream["name"], "target": target["address"]}
                     circuits.append({**where, **target["circuit"]})
         return {"circuits": circuits}
+
+    async def metrics(self) -> Merged:
+        """Every worker's counts and upstream states, merged."""
+        answers = await self.ask_all({"op": "metrics"})
+        merged = merge(answers)
+        merged.upstreams = merge_upstreams(answers, self.health)
+        return merged
+
+    async def view(self, name: str) -> tuple[str, str]:
+        """The merged view ``name`` (stats, metrics or prometheus): its content type and text."""
+        merged = await self.metrics()
+        settings = self.config.metrics
+        if name == "prometheus":
+            return CONTENT_TYPE, prometheus_text(merged, settings.namespace).decode()
+        if name == "stats":
+            return "application/json", orjson.dumps(pactown_stats(merged)).decode()
+        return "application/json", orjson.dumps(json_view(merged, settings.top_clients)).decode()
+
+    async def _answer_view(self, writer: asyncio.StreamWriter, ask: Any, name: str) -> None:
+        try:
+            content_type, body = await self.view(name)
+            answer = {"answer": ask, "status": 200, "type": content_type, "body": body}
+        except Exception:
+            log.exception("merging the workers' metrics failed")
+            answer = {"answer": ask, "status": 500, "type": "application/json", "body": '{"error": "failed"}'}
+        if not writer.is_closing():
+            writer.write(encode(answer))
 
     async def reset(self, upstream: str, target: str | None) -> dict[str, Any]:
         answers = await self.ask_all({"op": "reset", "upstream": upstream, "target": target})

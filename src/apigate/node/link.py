@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import time
@@ -25,18 +26,48 @@ log = logging.getLogger("apigate")
 Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 # Discovered targets, by upstream, as (url, weight): the worker compiles its plan again with them.
 OnTargets = Callable[[dict[str, list[tuple[str, int]]]], None]
+# What the process counts outside the engine: {"counters": {name: n}, "gauges": {name: n},
+# "webhooks": ...} (observe/metrics.py merges them).
+Counts = Callable[[], dict[str, Any]]
 RECONNECT_MAX = 2.0
+VIEW_TIMEOUT = 5.0  # the node asks every worker (ASK_TIMEOUT each) before it answers
 
 
 class WorkerLink:
-    def __init__(self, gateway: Gateway, connect: Connect, on_targets: OnTargets) -> None:
+    def __init__(
+        self, gateway: Gateway, connect: Connect, on_targets: OnTargets, counts: Counts | None = None
+    ) -> None:
         self.gateway = gateway
         self.connect = connect
         self.on_targets = on_targets
+        self.counts = counts
         self.connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._asked: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
         gateway.target_states.on_open = self.report_open
+        gateway.node_view = self.view
+
+    async def view(self, name: str) -> tuple[int, bytes, bytes]:
+        """The node's merged view ``name`` (stats, metrics, prometheus): status, content type, body."""
+        if not self.connected.is_set():  # just started, or the node restarts: wait a little
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.connected.wait(), VIEW_TIMEOUT)
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            return 503, b"application/json", b'{"error": "the node is not reachable; try again"}'
+        ask = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = self.gateway.loop.create_future()
+        self._asked[ask] = future
+        writer.write(encode({"op": "view", "view": name, "ask": ask}))
+        try:
+            answer = await asyncio.wait_for(future, VIEW_TIMEOUT)
+        except (TimeoutError, asyncio.CancelledError):
+            return 503, b"application/json", b'{"error": "the node did not answer in time; try again"}'
+        finally:
+            self._asked.pop(ask, None)
+        return int(answer["status"]), str(answer["type"]).encode(), str(answer["body"]).encode()
 
     def report_open(self, key: str, seconds: float) -> None:
         """A target circuit opened in this worker: the node tells the others (a hint, bounded)."""
@@ -74,6 +105,8 @@ class WorkerLink:
                 self._writer = None
                 self.connected.clear()
                 writer.close()
+                for future in self._asked.values():
+                    future.cancel()
             await asyncio.sleep(delay)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -81,6 +114,11 @@ class WorkerLink:
             message = await read_frame(reader)
             if message is None:
                 return
+            if "answer" in message:  # the node's answer to a view this worker asked for
+                future = self._asked.get(message["answer"])
+                if future is not None and not future.done():
+                    future.set_result(message)
+                continue
             try:
                 reply = self.handle(message)
             except Exception:
@@ -105,9 +143,25 @@ class WorkerLink:
             return {}
         if op == "snapshot":
             return {"pid": os.getpid(), "upstreams": upstreams_view(self.gateway)}
+        if op == "metrics":
+            return self.metrics()
         if op == "reset":
             return {"reset": reset_circuits(self.gateway, message["upstream"], message.get("target"))}
         return {"error": f"unknown op {op!r}"}
+
+    def metrics(self) -> dict[str, Any]:
+        """This worker's counts, connections and upstream states, for the node to merge."""
+        gateway = self.gateway
+        answer: dict[str, Any] = {
+            "pid": os.getpid(),
+            "meters": gateway.meters.export(),
+            "connections_open": len(gateway.connections),
+            "requests_in_flight": sum(1 for conn in gateway.connections if not conn.idle()),
+            "upstreams": upstreams_view(gateway),
+        }
+        if self.counts is not None:
+            answer.update(self.counts())
+        return answer
 
     def apply_health(self, states: dict[str, dict[str, Any]]) -> None:
         """The active checks' verdicts, by target key."""

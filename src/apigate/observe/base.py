@@ -27,3 +27,7 @@ class Observer(Protocol):
 
     async def stop(self) -> None:
         """Flush what is pending and stop; called once, while the worker drains."""
+
+    def counts(self) -> dict[str, int]:
+        """Monotonic counts to show as metrics (``{"access_log_dropped": 3}`` becomes
+        ``apigate_access_log_dropped_total``); names unique across observers."""

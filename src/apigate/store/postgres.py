@@ -356,6 +356,9 @@ class PostgresStore(Store):
             for row in await self._db.fetch(rows.WEBHOOK_DESTINATIONS_SELECT)
         ]
 
+    async def count_webhook_backlog(self) -> list[tuple[str, str, str, int]]:
+        return [(r[0], r[1], r[2], r[3]) for r in await self._db.fetch(rows.WEBHOOK_BACKLOG_SELECT)]
+
     async def take_lease(self, name: str, holder: str, now: float, until: float) -> bool:
         taken = await self._db.fetchval(
             "INSERT INTO webhook_leases (name, holder, expires_at) VALUES ($1, $2, $3) "

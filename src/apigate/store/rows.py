@@ -285,6 +285,14 @@ WEBHOOK_DESTINATIONS_SELECT = (
 )
 
 
+# Deliveries waiting (pending) and given up (dead), by source and destination, for metrics.
+WEBHOOK_BACKLOG_SELECT = (
+    "SELECT e.source, d.destination, d.state, count(*) FROM webhook_deliveries d "
+    "JOIN webhook_events e ON e.id = d.event WHERE d.state IN ('pending', 'dead') "
+    "GROUP BY e.source, d.destination, d.state ORDER BY e.source, d.destination, d.state"
+)
+
+
 def destination_health_rows(outcomes: Sequence[DeliveryOutcome]) -> list[tuple[Any, ...]]:
     """Per destination of the batch: (name, its newest success, the first failure after that
     success, the newest failure's error and time), as DESTINATION_HEALTH_COLUMNS."""

@@ -473,6 +473,12 @@ class SqliteStore(Store):
 
         return await self._run(job)
 
+    async def count_webhook_backlog(self) -> list[tuple[str, str, str, int]]:
+        def job(conn: sqlite3.Connection) -> list[tuple[str, str, str, int]]:
+            return [(r[0], r[1], r[2], r[3]) for r in conn.execute(rows.WEBHOOK_BACKLOG_SELECT)]
+
+        return await self._run(job)
+
     async def take_lease(self, name: str, holder: str, now: float, until: float) -> bool:
         def job(conn: sqlite3.Connection) -> bool:
             return (

@@ -122,6 +122,7 @@ class DeliveryWorker:
         self._purge_at = 0.0
         self._failed_since_check: set[str] = set()  # destinations with a failed attempt not yet checked
         self._report_due = True  # report disabled and removed destinations (at start and reload)
+        self.attempts: dict[tuple[str, str, str], int] = {}  # (source, destination, outcome) -> attempts
 
     def configure(self, lanes: dict[str, Lane], retention: dict[str, float]) -> None:
         """Take a new set of destinations (a reload); attempts in flight finish on their old lane."""
@@ -264,6 +265,8 @@ class DeliveryWorker:
             log.exception("webhook delivery to %s failed inside the gateway", claim.destination)
             result = Result(False, error=f"gateway error: {type(exc).__name__}")
         outcome = self._outcome(lane.retry, claim, result, started, time.monotonic() - began)
+        key = (claim.source, claim.destination, "delivered" if result.delivered else "failed")
+        self.attempts[key] = self.attempts.get(key, 0) + 1
         try:
             await self._outcomes.submit(outcome)
             if not result.delivered:

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from apigate.outbound import HttpClient, OutboundError
 from apigate.store.groupcommit import GroupCommit
@@ -96,6 +96,9 @@ def content_event_id(body: bytes) -> str:
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
+BACKLOG_EVERY = 5.0
+
+
 class WebhookRuntimeStore(DeliveryStore, PollerStore, Protocol):
     """Intake commits events, delivery claims them, pollers lease sources; the signing secret is
     a setting."""
@@ -116,6 +119,12 @@ class WebhookRuntime:
         self.signer: Signer | None = None
         self.worker: DeliveryWorker | None = None
         self._events: GroupCommit[NewWebhookEvent, bool] = GroupCommit(store.add_webhook_events)
+        # For metrics: events taken in, by (source, outcome); deliveries waiting and dead, as the
+        # store last counted them (every BACKLOG_EVERY seconds), by (source, destination, state).
+        self.received: dict[tuple[str, str], int] = {}
+        self.backlog: list[tuple[str, str, str, int]] = []
+        self.backlog_counted_at = 0.0
+        self._backlog_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         secret = await signing_secret_in_effect(self.config.signing_secret, self.store)
@@ -129,6 +138,26 @@ class WebhookRuntime:
         )
         self.apply_config(self.config)
         self.worker.start()
+        self._backlog_task = asyncio.get_running_loop().create_task(self._count_backlog())
+
+    async def _count_backlog(self) -> None:
+        while True:
+            try:
+                self.backlog = await self.store.count_webhook_backlog()
+                self.backlog_counted_at = self.clock()
+            except Exception as exc:  # the store is down: the last count stays, with its time
+                log.warning("counting the webhook backlog failed: %s", exc)
+            await asyncio.sleep(BACKLOG_EVERY)
+
+    def metrics(self) -> dict[str, Any]:
+        """Counts for the node's merged metrics (observe/metrics.py merges them)."""
+        attempts = self.worker.attempts if self.worker is not None else {}
+        return {
+            "received": [[source, outcome, n] for (source, outcome), n in self.received.items()],
+            "deliveries": [[*key, n] for key, n in attempts.items()],
+            "backlog": [list(row) for row in self.backlog],
+            "counted_at": self.backlog_counted_at,
+        }
 
     def apply_config(self, config: WebhooksConfig) -> None:
         """Compile sources and destinations (a verifier per source, a sender per destination)."""
@@ -161,6 +190,8 @@ class WebhookRuntime:
         self.pollers.configure({name: s.poll for name, s in config.sources.items() if s.poll is not None})
 
     async def stop(self) -> None:
+        if self._backlog_task is not None:
+            self._backlog_task.cancel()
         await self.pollers.stop()  # first: a poll commits through the group commit below
         await self._events.close()
         if self.worker is not None:
@@ -196,7 +227,9 @@ class WebhookRuntime:
             return Refused("not_stored")
         if new and self.worker is not None:
             self.worker.wake()
-        return Stored("accepted" if new else "duplicate", event.event_id)
+        outcome = "accepted" if new else "duplicate"
+        self._count_received(source.name, outcome)
+        return Stored(outcome, event.event_id)
 
     async def forward(
         self, source: Source, event_id: str | None, headers: list[tuple[bytes, bytes]], body: bytes
@@ -238,8 +271,14 @@ class WebhookRuntime:
             )
             for event in events
         ]
-        if any(await asyncio.gather(*submitted)) and self.worker is not None:
+        stored = await asyncio.gather(*submitted)
+        for new in stored:
+            self._count_received(source_name, "accepted" if new else "duplicate")
+        if any(stored) and self.worker is not None:
             self.worker.wake()
+
+    def _count_received(self, source: str, outcome: str) -> None:
+        self.received[(source, outcome)] = self.received.get((source, outcome), 0) + 1
 
 
 def fifo_sources(config: WebhooksConfig, destination: str) -> frozenset[str]:

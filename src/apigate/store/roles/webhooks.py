@@ -167,6 +167,9 @@ class WebhookStore(Protocol):
     async def list_webhook_destinations(self) -> list[WebhookDestinationState]:
         """Every destination with a recorded attempt, a disabled state or pending deliveries."""
 
+    async def count_webhook_backlog(self) -> list[tuple[str, str, str, int]]:
+        """(source, destination, state, deliveries) for the states pending and dead."""
+
     async def list_webhook_events(self, query: WebhookEventQuery) -> list[WebhookEventSummary]: ...
 
     async def get_webhook_event(self, source: str, event_id: str) -> WebhookEventDetail | None: ...
