@@ -157,11 +157,12 @@ def scraped(tmp_path: Path) -> Iterator[dict[str, set[str]]]:
             assert {request(port, "GET", "/retried").status for _ in range(4)} == {200}
             assert request(port, "GET", "/down").status == 502
 
-            def dead_letter_counted() -> dict[str, set[str]] | None:
+            def webhooks_counted() -> dict[str, set[str]] | None:
                 metrics = scrape(observed)
-                return metrics if "apigate_webhook_dead_letters" in metrics else None
+                counted = {"apigate_webhook_dead_letters", "apigate_webhook_backlog"} <= set(metrics)
+                return metrics if counted else None
 
-            yield wait_until(dead_letter_counted, timeout=15, message="the dead letter in /metrics")
+            yield wait_until(webhooks_counted, timeout=20, message="a dead letter and a backlog in /metrics")
     finally:
         closed.close()
 

@@ -3,7 +3,8 @@
 Routes that answer 200 (``orders``), 429 (``limited``: one request a minute), 401 and 200
 (``keyed``: key-auth, consumer ``acme``), and 404 (no route); an upstream with a circuit breaker
 and active health checks; GitHub webhooks for a handler that always answers 503, so that an event
-ends as a dead letter. Tests add their own routes and upstreams to ``config``.
+ends as a dead letter, and for one that refuses connections and is tried again only after an hour,
+so that it waits in the backlog. Tests add their own routes and upstreams to ``config``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.errors_helpers import request, wait_until
+from tests.support.errors_helpers import ClosedPort, request, wait_until
 from tests.support.gateway import GatewayProcess, free_port
 from tests.support.upstream import UpstreamServer
 from tests.support.webhook_handler import WebhookHandler
@@ -42,7 +43,7 @@ class Observed:
 
 
 def observed_config(
-    tmp_path: Path, admin_port: int, upstream: UpstreamServer, handler: WebhookHandler
+    tmp_path: Path, admin_port: int, upstream: UpstreamServer, handler: WebhookHandler, later: ClosedPort
 ) -> dict:
     echo: dict[str, Any] = {"upstream": "backend", "rewrite": "/echo"}
     return {
@@ -68,8 +69,11 @@ def observed_config(
         ],
         "webhooks": {
             "poll_interval": "50ms",
-            "sources": {"github": github_source(["handler"])},
-            "destinations": {"handler": {"url": handler.url, "timeout": "2s", "retry": FAST_RETRIES}},
+            "sources": {"github": github_source(["handler", "later"])},
+            "destinations": {
+                "handler": {"url": handler.url, "timeout": "2s", "retry": FAST_RETRIES},
+                "later": {"url": later.url, "timeout": "2s", "retry": {"schedule": [0, "1h"], "jitter": 0}},
+            },
         },
     }
 
@@ -82,7 +86,8 @@ def observed_gateway(tmp_path: Path, extend: Callable[[dict], None] | None = Non
     handler.status = 503
     handler.start()
     admin_port = free_port()
-    config = observed_config(tmp_path, admin_port, upstream, handler)
+    later = ClosedPort()
+    config = observed_config(tmp_path, admin_port, upstream, handler, later)
     if extend is not None:
         extend(config)
     gateway = GatewayProcess(tmp_path, config).start()
@@ -93,6 +98,7 @@ def observed_gateway(tmp_path: Path, extend: Callable[[dict], None] | None = Non
     finally:
         gateway.stop()
         handler.stop()
+        later.close()
         upstream.stop()
 
 

@@ -150,7 +150,8 @@
     $("health-overall").textContent = "";
   }
 
-  function render(metrics, circuits, health) {
+  function render(answer, circuits, health) {
+    const metrics = { ...answer, routes: routesOf(answer) };
     track(metrics);
     renderOverview(metrics);
     renderRateChart();
@@ -160,6 +161,13 @@
     renderClients(metrics);
     renderUpstreams(metrics, circuits, health);
     renderWebhooks(metrics);
+  }
+
+  // Requests no route matched come as "unrouted" (or as the route ""): one row, "(no route)".
+  function routesOf(metrics) {
+    const routes = { ...(metrics.routes || {}) };
+    if (metrics.unrouted) routes[""] = metrics.unrouted;
+    return routes;
   }
 
   // Rates come from the counters' growth between two polls of the same node (same started_at).
@@ -283,6 +291,8 @@
       ];
     });
     fillTable($("errors-table"), rows, "No requests yet.");
+    const types = Object.entries(metrics.errors_by_type || {}).sort((a, b) => b[1] - a[1]);
+    fillTable($("error-types-table"), types, "None.");
   }
 
   function renderRefused(metrics) {
