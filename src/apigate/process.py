@@ -33,7 +33,9 @@ from apigate.config.models import GatewayConfig
 from apigate.engine.server import Gateway
 from apigate.node.link import WorkerLink
 from apigate.node.runtime import NodeRuntime
+from apigate.observe.accesslog import AccessLog
 from apigate.observe.base import Observer
+from apigate.observe.usage import UsageObserver
 from apigate.services import Services
 
 log = logging.getLogger("apigate")
@@ -193,7 +195,8 @@ class Runtime:
         self.node: NodeRuntime | None = None  # the node agent, when it runs in this process
         self.discovered: dict[str, list[tuple[str, int]]] = {}  # targets the node found, by upstream
         # What watches finished exchanges; each outlives reloads (observe/base.py).
-        self.observers: list[Observer] = []
+        self.access_log = AccessLog()
+        self.observers: list[Observer] = [self.access_log, UsageObserver()]
         self.observing = False
 
     def apply(self, config: GatewayConfig) -> None:

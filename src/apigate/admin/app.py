@@ -9,6 +9,8 @@ Every endpoint needs ``Authorization: Bearer <token>`` when a token is configure
 from __future__ import annotations
 
 import hmac
+import logging
+import time
 from typing import Any, Protocol
 
 import orjson
@@ -19,8 +21,22 @@ from apigate import __version__
 from apigate.admin.dashboard import add_dashboard
 from apigate.discovery.networks import AddressRefused, RegistrationError
 from apigate.discovery.registry import Registration, RegistryFull, parse_registration
+from apigate.observe.usage_queries import (
+    ERROR_GROUPS,
+    ParameterNames,
+    UsageQueryError,
+    answer,
+    build_query,
+    error_summary,
+    iso,
+    parse_timeframe,
+)
+from apigate.store.roles.usage import UsageQuery, UsageRow, UsageStore
+
+log = logging.getLogger("apigate")
 
 MAX_REGISTRATION_BYTES = 16 * 1024
+USAGE_PARAMETERS = ParameterNames(start="start", end="end", group_by="group_by", granularity="granularity")
 
 
 class Node(Protocol):
@@ -43,6 +59,9 @@ class Node(Protocol):
     async def deregister(self, instance_id: str) -> bool: ...
 
     async def view(self, name: str) -> tuple[str, str]: ...
+
+    async def usage_store(self) -> UsageStore:
+        """The store usage analytics is read from (opened on first use)."""
 
 
 def create_app(node: Node, token: bytes | None) -> FastAPI:
@@ -147,6 +166,38 @@ def create_app(node: Node, token: bytes | None) -> FastAPI:
         """What /stats on the proxy listener shows, merged across workers."""
         content_type, text = await node.view("stats")
         return Response(text, media_type=content_type, headers=_NO_STORE)
+
+    async def read_usage(query: UsageQuery) -> list[UsageRow]:
+        try:
+            store = await node.usage_store()
+            return await store.query_usage(query)
+        except Exception as exc:
+            log.warning("admin: reading usage from the store failed: %s", exc)
+            raise HTTPException(503, "the store cannot be read now; try again") from None
+
+    @app.get("/api/analytics/usage", dependencies=guarded)
+    async def usage(request: Request) -> dict[str, Any]:
+        """Requests, errors, bytes and latency in [start, end) (default: the last hour), per bucket
+        (granularity: minute, hour, day or total; default by the range) and per group_by (consumer,
+        key, tenant, route, comma-separated)."""
+        try:
+            query = build_query(request.query_params, USAGE_PARAMETERS)
+        except UsageQueryError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return answer(query, await read_usage(query))
+
+    @app.get("/api/analytics/errors", dependencies=guarded)
+    async def errors(timeframe: str | None = None) -> dict[str, Any]:
+        """4xx and 5xx answers per route, consumer and status class over the last ``timeframe``
+        (default 24h), most first."""
+        try:
+            seconds = parse_timeframe(timeframe, "timeframe")
+        except UsageQueryError as exc:
+            raise HTTPException(400, str(exc)) from None
+        end = int(time.time())
+        query = UsageQuery(end - seconds, end, ERROR_GROUPS, None)
+        found = await read_usage(query)
+        return {"start": iso(query.start), "end": iso(query.end), "errors": error_summary(found)}
 
     add_dashboard(app)
     return app

@@ -14,11 +14,13 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from apigate.config.accesslog import AccessLogConfig
 from apigate.config.headernames import HEADER_NAME
 from apigate.config.metrics import MetricsConfig
 from apigate.config.tracing import TracingConfig
 from apigate.config.units import ByteSize, Duration
 from apigate.config.upstreams import RetryConfig, UpstreamConfig
+from apigate.config.usage import UsageConfig
 from apigate.config.validators import Strict, check_http_url, env_default
 from apigate.engine.paths import PathRefused, normalize_path
 from apigate.state.urls import check_state_url
@@ -398,6 +400,8 @@ class GatewayConfig(Strict):
     policies: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
     webhooks: WebhooksConfig = WebhooksConfig()
+    usage: UsageConfig = UsageConfig()
+    access_log: AccessLogConfig = AccessLogConfig(enabled=False)
 
     _strict_networks = field_validator("trusted_proxies", mode="before")(
         classmethod(lambda cls, v: _networks(v))

@@ -103,6 +103,9 @@ class Exchange:
     body_quiet_since = 0.0
     t_first_byte = 0.0
     t_end = 0.0
+    # Why the gateway ended the exchange itself, for its log line: the reason of a failure
+    # (connect_failed, first_byte_timeout...), or aborted when a started response was cut.
+    failure: str | None = None
     # Read-timeout bookkeeping without a clock call per chunk: upstream data sets ``seen``;
     # the gateway's sweep notes when it last found it set.
     seen = False
@@ -949,6 +952,7 @@ class Exchange:
     def timed_out(self, now: float, reason: str, message: str) -> None:
         self.client.gateway.meters.timeouts += 1
         if self.response_started:
+            self.failure = reason
             self.abort()
         else:
             self.fail(504, message, None, reason)
@@ -1017,6 +1021,8 @@ class Exchange:
             self.upstream = None
             conn.exchange = None
             conn.close()
+        if reason is not None:
+            self.failure = reason
         if self.response_started:
             self.abort()
             return
@@ -1031,6 +1037,8 @@ class Exchange:
             conn.exchange = None
             conn.close()
         self.close_after = True
+        if not self.finished and self.failure is None:
+            self.failure = "client_closed" if self.client.closed else "aborted"
         self.finish()
 
     def finish(self) -> None:

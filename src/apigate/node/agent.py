@@ -6,6 +6,7 @@ worker), and does what must not run once per worker.
 - Discovery: the targets of upstreams that name a ``service`` (registered over the admin API, or
   written to Redis by the services themselves) or a ``dns`` name; every change is pushed to every
   worker, which compiles its plan again (nothing restarts, no connection drops).
+- Usage analytics: the periodic rollup, and the store the admin API reads usage from (usage.py).
 - The admin listener's answers: it asks every worker for its view (in flight, ejections,
   circuits) and merges them, and sends a circuit reset to every worker.
 - Metrics: it asks every worker for its counts and merges them (observe/metrics.py), for the
@@ -35,9 +36,11 @@ from apigate.discovery.networks import resolve_allowed
 from apigate.discovery.registry import Entry, RedisServiceSource, Registration, ServiceRegistry, admit
 from apigate.health.active import ActiveChecker, ProbeTarget, TargetHealth
 from apigate.node.frames import FrameError, encode, read_frame
+from apigate.node.usage import NodeUsage
 from apigate.observe.metrics import CONTENT_TYPE, Merged, json_view, merge, pactown_stats, prometheus_text
 from apigate.state import StateBackend, open_state
 from apigate.state.base import Subscription
+from apigate.store.roles.usage import UsageStore
 
 log = logging.getLogger("apigate")
 
@@ -75,6 +78,7 @@ class NodeAgent:
         self._hinted: dict[str, float] = {}  # target key -> when a hint about it last went out
         self._hints: StateBackend | None = None  # Redis, when other nodes share circuit hints
         self._hints_subscription: Subscription | None = None
+        self.usage = NodeUsage(config)
 
     # -- config ----------------------------------------------------------------------------------
     def apply(self, config: GatewayConfig) -> None:
@@ -95,6 +99,7 @@ class NodeAgent:
             self._expiry = asyncio.get_running_loop().create_task(self._expire_registrations())
         self._follow_redis(config)
         self._follow_hints(config)
+        self.usage.apply(config)
 
     def _follow_redis(self, config: GatewayConfig) -> None:
         """Read registrations from the Redis the config names (a reload may change or drop it:
@@ -268,6 +273,7 @@ class NodeAgent:
             await self.redis_source.close()
         await self._stop_hints()
         await self.checker.stop()
+        await self.usage.stop()
         for worker in list(self.workers):
             worker.writer.close()
 
@@ -435,6 +441,9 @@ class NodeAgent:
     async def reset(self, upstream: str, target: str | None) -> dict[str, Any]:
         answers = await self.ask_all({"op": "reset", "upstream": upstream, "target": target})
         return {"workers": len(answers), "reset": sum(int(a.get("reset", 0)) for a in answers)}
+
+    async def usage_store(self) -> UsageStore:
+        return await self.usage.store()
 
     def upstream_names(self) -> set[str]:
         return set(self.config.upstreams)

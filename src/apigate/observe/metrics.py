@@ -195,8 +195,10 @@ def merge(answers: list[dict[str, Any]], now: float | None = None) -> Merged:
     now = time.monotonic() if now is None else now
     epoch = int(now / WINDOW_SLOT)
     top_epoch = int(now / TOP_SLOT)
-    merged = Merged(workers=len(answers))
+    merged = Merged()
     starts = []
+    answers = [answer for answer in answers if "meters" in answer]  # (a worker that failed to answer)
+    merged.workers = len(answers)
     for answer in answers:
         meters = answer["meters"]
         starts.append(meters["started_at"])

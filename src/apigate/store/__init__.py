@@ -1,7 +1,8 @@
 """The store: entities that must survive restarts, behind small async interfaces, one per role.
 
 Each role (``roles/``) is the type its users depend on: consumers and keys, credentials, revoked
-tokens, settings, the change feed, webhooks, leases, quota usage. Two backends implement every role: SQLite in
+tokens, settings, the change feed, webhooks, leases, quota usage, usage
+analytics. Two backends implement every role: SQLite in
 WAL mode (embedded, the default) and PostgreSQL (a cluster of gateways on several machines).
 ``Store`` is all of them together with opening and closing; ``open_store`` returns one such
 object, so a process holds one connection (SQLite) or one pool (PostgreSQL) for every role.

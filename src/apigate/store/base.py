@@ -15,6 +15,7 @@ from apigate.store.roles.leases import LeaseStore
 from apigate.store.roles.quotas import QuotaStore
 from apigate.store.roles.settings import SettingStore
 from apigate.store.roles.tokens import RevokedTokenStore
+from apigate.store.roles.usage import UsageStore
 from apigate.store.roles.webhooks import WebhookStore
 
 
@@ -27,6 +28,7 @@ class Store(
     WebhookStore,
     LeaseStore,
     QuotaStore,
+    UsageStore,
     Protocol,
 ):
     """Every role of one backend; the process that opens it closes it."""

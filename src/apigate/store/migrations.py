@@ -218,6 +218,31 @@ INSERT INTO quota_usage_version (id, version) VALUES (1, 0);
 )
 _POSTGRES_V6 = _QUOTAS_V6.format(real="DOUBLE PRECISION") + "CREATE SEQUENCE quota_usage_version;\n"
 
+# -- version 7: usage analytics (requests, errors, bytes, latency per bucket and identity) ---------
+# granularity is the bucket's length in seconds (60, 3600, 86400) and bucket_start a multiple of it.
+# Identities a request did not have are "", so that every key column can be in the primary key.
+_USAGE_V7 = """
+CREATE TABLE usage_buckets (
+    granularity     INTEGER NOT NULL,
+    bucket_start    BIGINT NOT NULL,
+    route           TEXT NOT NULL,
+    consumer        TEXT NOT NULL,
+    key_id          TEXT NOT NULL,
+    tenant          TEXT NOT NULL,
+    requests        BIGINT NOT NULL,
+    client_errors   BIGINT NOT NULL,
+    server_errors   BIGINT NOT NULL,
+    bytes_in        BIGINT NOT NULL,
+    bytes_out       BIGINT NOT NULL,
+    latency_sum_ms  {real} NOT NULL,
+    latency_max_ms  {real} NOT NULL,
+    PRIMARY KEY (granularity, bucket_start, route, consumer, key_id, tenant)
+);
+CREATE INDEX usage_buckets_start ON usage_buckets (bucket_start);
+"""
+_SQLITE_V7 = _USAGE_V7.format(real="REAL")
+_POSTGRES_V7 = _USAGE_V7.format(real="DOUBLE PRECISION")
+
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, _SQLITE_V1, _POSTGRES_V1),
     (2, _SQLITE_V2, _POSTGRES_V2),
@@ -225,6 +250,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     (4, _SQLITE_V4, _POSTGRES_V4),
     (5, _SQLITE_V5, _POSTGRES_V5),
     (6, _SQLITE_V6, _POSTGRES_V6),
+    (7, _SQLITE_V7, _POSTGRES_V7),
 ]
 
 _SQLITE_VERSION_TABLE = (

@@ -15,6 +15,7 @@ from apigate.store.roles.consumers import ApiKey, Consumer
 from apigate.store.roles.credentials import Credential
 from apigate.store.roles.quotas import QuotaUsage
 from apigate.store.roles.tokens import RevokedToken
+from apigate.store.roles.usage import RollupCutoffs, RollupResult, UsageBucket, UsageQuery, UsageRow
 from apigate.store.roles.webhooks import (
     DeliveryClaim,
     DeliveryOutcome,
@@ -32,6 +33,10 @@ CHANGES_LOCK_KEY = 0x61706967_63686E67  # "apigchng"
 
 # Held from taking a quota usage version to commit, so versions commit in order (see migrations.py).
 QUOTA_LOCK_KEY = 0x61706967_71756F74  # "apigquot"
+
+# Held by a usage rollup to commit (writers of usage hold it shared): rollups on several nodes take
+# turns, and no writer adds to a row a rollup is moving.
+USAGE_ROLLUP_LOCK_KEY = 0x61706967_75736167  # "apigusag"
 
 POOL_MIN_SIZE = 1
 POOL_MAX_SIZE = 10
@@ -444,3 +449,42 @@ class PostgresStore(Store):
         async with self._db.acquire() as conn, conn.transaction():
             status = await conn.execute(sql, await self._next_quota_version(conn), *args)
         return int(status.split()[-1])
+
+    # -- usage analytics ----------------------------------------------------------------------------
+    async def add_usage(self, buckets: Sequence[UsageBucket]) -> None:
+        if not buckets:
+            return
+        add = rows.usage_add("GREATEST", [f"${n}" for n in range(1, 14)])
+        # Rows in key order: two writers lock the rows they share in the same order.
+        table = sorted(rows.usage_bucket_to_row(bucket) for bucket in buckets)
+        async with self._db.acquire() as conn, conn.transaction():
+            # Shared with other writers, not with a rollup: a rollup deleting rows in its own order
+            # while a writer adds to them could deadlock with it.
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", USAGE_ROLLUP_LOCK_KEY)
+            await conn.executemany(add, table)
+
+    async def query_usage(self, query: UsageQuery) -> list[UsageRow]:
+        sql, args = rows.usage_select(query, "GREATEST", lambda n: f"${n}")
+        return rows.usage_rows(await self._db.fetch(sql, *args), query)
+
+    async def rollup_usage(self, cutoffs: RollupCutoffs) -> RollupResult:
+        async def move(conn: asyncpg.Connection, source: int, into: int, before: int) -> int:
+            # What is added up is exactly what this statement deleted; a minute written after the
+            # rollup commits is a new row, moved by the next one.
+            return int(
+                await conn.fetchval(
+                    "WITH moved AS (DELETE FROM usage_buckets "
+                    f"WHERE granularity = {source} AND bucket_start < $1 RETURNING *), "
+                    f"added AS ({rows.usage_rollup('GREATEST', into, 'moved')}) "
+                    "SELECT count(*) FROM moved",
+                    before,
+                )
+            )
+
+        async with self._db.acquire() as conn, conn.transaction():
+            # Rollups take turns, and writers wait for them (they would otherwise lock the same rows
+            # in different orders).
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", USAGE_ROLLUP_LOCK_KEY)
+            minutes, hours = [await move(conn, *step) for step in rows.usage_rollup_moves(cutoffs)]
+            deleted = await conn.execute(rows.USAGE_EXPIRED.format("$1"), cutoffs.delete_before)
+            return RollupResult(minutes, hours, int(deleted.split()[-1]))

@@ -17,6 +17,17 @@ from apigate.store.roles.consumers import ApiKey, Consumer
 from apigate.store.roles.credentials import Credential
 from apigate.store.roles.quotas import QuotaUsage
 from apigate.store.roles.tokens import RevokedToken
+from apigate.store.roles.usage import (
+    DAY,
+    GROUP_COLUMNS,
+    HOUR,
+    MINUTE,
+    RollupCutoffs,
+    UsageBucket,
+    UsageCounts,
+    UsageQuery,
+    UsageRow,
+)
 from apigate.store.roles.webhooks import (
     DeliveryClaim,
     DeliveryOutcome,
@@ -438,3 +449,107 @@ def quota_usage_reset(
         args.append(key)
         where += f" AND counter_key = {param(5)}"
     return f"UPDATE quota_usage SET used = 0, version = {param(1)} WHERE {where}", args
+
+
+# -- usage analytics --------------------------------------------------------------------------------
+USAGE_KEY_COLUMNS = "granularity, bucket_start, route, consumer, key_id, tenant"
+_USAGE_SUMMED = ("requests", "client_errors", "server_errors", "bytes_in", "bytes_out", "latency_sum_ms")
+USAGE_COUNT_COLUMNS = ", ".join((*_USAGE_SUMMED, "latency_max_ms"))
+# A whole bucket's counts from its rows: what a query and a rollup both compute.
+_USAGE_SUMS = ", ".join(
+    [
+        *(f"CAST(sum({column}) AS BIGINT)" for column in _USAGE_SUMMED[:-1]),
+        "sum(latency_sum_ms)",
+        "max(latency_max_ms)",
+    ]
+)
+
+
+def _usage_upsert(greatest: str) -> str:
+    """The ON CONFLICT clause that adds to a bucket's row; ``greatest`` is the backend's two-argument
+    maximum (SQLite's max, PostgreSQL's GREATEST)."""
+    added = ", ".join(f"{column} = usage_buckets.{column} + excluded.{column}" for column in _USAGE_SUMMED)
+    return (
+        f"ON CONFLICT ({USAGE_KEY_COLUMNS}) DO UPDATE SET {added}, "
+        f"latency_max_ms = {greatest}(usage_buckets.latency_max_ms, excluded.latency_max_ms)"
+    )
+
+
+def usage_add(greatest: str, params: Sequence[str]) -> str:
+    """INSERT of one bucket's row (the values of ``usage_bucket_to_row``) that adds to an existing one."""
+    return (
+        f"INSERT INTO usage_buckets ({USAGE_KEY_COLUMNS}, {USAGE_COUNT_COLUMNS}) "
+        f"VALUES ({', '.join(params)}) {_usage_upsert(greatest)}"
+    )
+
+
+def usage_bucket_to_row(bucket: UsageBucket) -> tuple[Any, ...]:
+    counts = bucket.counts
+    return (
+        bucket.granularity,
+        bucket.start,
+        bucket.route or "",
+        bucket.consumer or "",
+        bucket.key_id or "",
+        bucket.tenant or "",
+        counts.requests,
+        counts.client_errors,
+        counts.server_errors,
+        counts.bytes_in,
+        counts.bytes_out,
+        float(counts.latency_sum_ms),
+        float(counts.latency_max_ms),
+    )
+
+
+def usage_rollup(greatest: str, into: int, source: str) -> str:
+    """INSERT adding the rows of ``source`` (a FROM item) into buckets of ``into`` seconds."""
+    return (
+        f"INSERT INTO usage_buckets ({USAGE_KEY_COLUMNS}, {USAGE_COUNT_COLUMNS}) "
+        f"SELECT {into}, bucket_start - bucket_start % {into}, route, consumer, key_id, tenant, "
+        f"{_USAGE_SUMS} "
+        f"FROM {source} GROUP BY 2, 3, 4, 5, 6 {_usage_upsert(greatest)}"
+    )
+
+
+def usage_rollup_moves(cutoffs: RollupCutoffs) -> list[tuple[int, int, int]]:
+    """A rollup's moves, in order: (granularity of the rows, granularity they go into, rows that
+    start before this go)."""
+    return [(MINUTE, HOUR, cutoffs.hours_before), (HOUR, DAY, cutoffs.days_before)]
+
+
+USAGE_EXPIRED = f"DELETE FROM usage_buckets WHERE granularity = {DAY} AND bucket_start < {{}}"
+
+
+def usage_select(query: UsageQuery, greatest: str, param: Callable[[int], str]) -> tuple[str, list[Any]]:
+    """SELECT answering ``query``: [bucket start, granularity,] grouped columns, then the counts.
+    A row coarser than the asked granularity stays in its own bucket."""
+    leading: list[str] = []
+    if query.granularity is not None:
+        step = f"{greatest}(granularity, {int(query.granularity)})"
+        leading = [f"bucket_start - bucket_start % {step}", step]
+    columns = [*leading, *(GROUP_COLUMNS[name] for name in query.group_by)]
+    positions = ", ".join(str(n) for n in range(1, len(columns) + 1))
+    grouping = f" GROUP BY {positions} ORDER BY {positions}" if columns else ""
+    sql = (
+        f"SELECT {', '.join([*columns, _USAGE_SUMS])} FROM usage_buckets "
+        f"WHERE bucket_start >= {param(1)} AND bucket_start < {param(2)}{grouping}"
+    )
+    return sql, [query.start, query.end]
+
+
+def usage_rows(found: Sequence[Any], query: UsageQuery) -> list[UsageRow]:
+    """Rows of ``usage_select`` as UsageRows (an empty total reads as none)."""
+    lead = 0 if query.granularity is None else 2
+    answers = []
+    for row in found:
+        if row[-7] is None:  # a total over no row at all
+            continue
+        requests, client_errors, server_errors, bytes_in, bytes_out = (int(value) for value in row[-7:-2])
+        counts = UsageCounts(
+            requests, client_errors, server_errors, bytes_in, bytes_out, float(row[-2]), float(row[-1])
+        )
+        groups = {name: row[lead + n] or None for n, name in enumerate(query.group_by)}
+        start, granularity = (int(row[0]), int(row[1])) if lead else (query.start, None)
+        answers.append(UsageRow(start, granularity, groups, counts))
+    return answers

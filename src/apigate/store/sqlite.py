@@ -26,6 +26,7 @@ from apigate.store.roles.consumers import ApiKey, Consumer
 from apigate.store.roles.credentials import Credential
 from apigate.store.roles.quotas import QuotaUsage
 from apigate.store.roles.tokens import RevokedToken
+from apigate.store.roles.usage import RollupCutoffs, RollupResult, UsageBucket, UsageQuery, UsageRow
 from apigate.store.roles.webhooks import (
     DeliveryClaim,
     DeliveryOutcome,
@@ -583,5 +584,31 @@ class SqliteStore(Store):
 
         def job(conn: sqlite3.Connection) -> int:
             return conn.execute(sql, [self._next_quota_version(conn), *args]).rowcount
+
+        return await self._write(job)
+
+    # -- usage analytics ----------------------------------------------------------------------------
+    async def add_usage(self, buckets: Sequence[UsageBucket]) -> None:
+        if not buckets:
+            return
+        add = rows.usage_add("max", "?" * 13)
+        table = [rows.usage_bucket_to_row(bucket) for bucket in buckets]
+        await self._write(lambda conn: conn.executemany(add, table))
+
+    async def query_usage(self, query: UsageQuery) -> list[UsageRow]:
+        sql, args = rows.usage_select(query, "max", lambda _: "?")
+        return await self._run(lambda conn: rows.usage_rows(conn.execute(sql, args).fetchall(), query))
+
+    async def rollup_usage(self, cutoffs: RollupCutoffs) -> RollupResult:
+        def move(conn: sqlite3.Connection, source: int, into: int, before: int) -> int:
+            # The write lock is held from the copy to the delete: no writer slips in between.
+            where = f"usage_buckets WHERE granularity = {source} AND bucket_start < ?"
+            conn.execute(rows.usage_rollup("max", into, where), (before,))
+            return conn.execute(f"DELETE FROM {where}", (before,)).rowcount
+
+        def job(conn: sqlite3.Connection) -> RollupResult:
+            minutes, hours = (move(conn, *step) for step in rows.usage_rollup_moves(cutoffs))
+            deleted = conn.execute(rows.USAGE_EXPIRED.format("?"), (cutoffs.delete_before,)).rowcount
+            return RollupResult(minutes, hours, deleted)
 
         return await self._write(job)

@@ -81,6 +81,7 @@ class ConcurrencyLimit(Policy[ConcurrencyLimitConfig]):
         return self._refuse(exchange, "no slot freed up in time; too many requests in flight")
 
     def _refuse(self, exchange: Exchange, message: str) -> Reply:
+        exchange.vars()["limited"] = "concurrency_limited"  # for the access log
         payload = {"error": message, "reason": "concurrency_limited", "request_id": exchange.request_id}
         return json_reply(503, payload, self.retry_after)
 

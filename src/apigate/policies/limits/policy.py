@@ -174,6 +174,7 @@ class CountingPolicy(Policy[CountingConfig]):
         """429: the limit's fields are in ``exchange.response_lines`` already."""
         retry_after = max(1, -(-retry_ms // 1000))
         message, reason = self.refusal
+        exchange.vars()["limited"] = reason  # for the access log: which limit refused
         payload = {
             "error": message,
             "reason": reason,
