@@ -11,6 +11,7 @@
   const COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#db2777", "#0891b2", "#65a30d"];
   const RATE_FILL = "rgba(37, 99, 235, 0.25)";
   const NO_ROUTE = "(no route)";
+  const TIME_STEPS = [1, 2, 5, 10, 15, 30, 60, 120, 300]; // whole seconds between time-axis ticks
 
   const $ = (id) => document.getElementById(id);
 
@@ -466,7 +467,7 @@
       height: container.clientWidth < 500 ? 180 : 220,
       series: [{}, ...series],
       scales: { y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] } },
-      axes: [{}, { size: 56 }],
+      axes: [{ incrs: TIME_STEPS, values: clockTimes, space: 70 }, { size: 56 }],
       legend: { live: false },
       cursor: { drag: { x: false, y: false } },
     }, data, container);
@@ -485,6 +486,10 @@
     }
     view.charts[key] = null;
     if (key === "latency") view.charts.latencyKey = "";
+  }
+
+  function clockTimes(u, splits) {
+    return splits.map((seconds) => new Date(seconds * 1000).toLocaleTimeString([], { hour12: false }));
   }
 
   function chartWidth(container) {
