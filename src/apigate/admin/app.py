@@ -3,6 +3,7 @@ node through the node agent.
 
 Every endpoint needs ``Authorization: Bearer <token>`` when a token is configured: none given is
 401, a wrong one 403. Without a token the listener binds loopback only (node/admin.py).
+``GET /`` is the dashboard (admin/dashboard.py): a page that holds no data and asks for the token.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from apigate import __version__
+from apigate.admin.dashboard import add_dashboard
 from apigate.discovery.networks import AddressRefused, RegistrationError
 from apigate.discovery.registry import Registration, RegistryFull, parse_registration
 from apigate.observe.usage_queries import (
@@ -214,6 +216,7 @@ def create_app(node: Node, token: bytes | None) -> FastAPI:
             headers={**_NO_STORE, "x-accel-buffering": "no"},
         )
 
+    add_dashboard(app)
     return app
 
 
