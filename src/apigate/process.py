@@ -34,6 +34,7 @@ from apigate.engine.server import Gateway
 from apigate.node.link import WorkerLink
 from apigate.node.runtime import NodeRuntime
 from apigate.observe.base import Observer
+from apigate.observe.tracing import SpanExport
 from apigate.services import Services
 
 log = logging.getLogger("apigate")
@@ -194,6 +195,7 @@ class Runtime:
         self.discovered: dict[str, list[tuple[str, int]]] = {}  # targets the node found, by upstream
         # What watches finished exchanges; each outlives reloads (observe/base.py).
         self.observers: list[Observer] = []
+        self.observers.append(SpanExport())
         self.observing = False
 
     def apply(self, config: GatewayConfig) -> None:
