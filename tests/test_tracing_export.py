@@ -13,7 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -75,6 +75,12 @@ def _gateway(
         "tracing": {"sample_ratio": ratio, "export": export_config(receiver)},
         "routes": [
             {"name": "echo", "path": "/echo/*", "target": upstream.url},
+            {
+                "name": "retried",
+                "path": "/status/503",
+                "target": upstream.url,
+                "retries": {"attempts": 1, "retry_on": [503]},
+            },
             {"name": "status", "path": "/status/{code}", "target": upstream.url},
             {"name": "down", "path": "/down", "target": f"http://127.0.0.1:{closed}"},
         ],
@@ -136,7 +142,6 @@ def test_a_new_trace_exports_the_server_and_client_spans_with_the_ids_that_were_
         "http.request.method": "GET",
         "server.address": "127.0.0.1",
         "server.port": upstream.port,
-        "url.full": upstream.url,
         "http.response.status_code": 200,
     }
     assert not server.error and not client.error
@@ -211,6 +216,23 @@ def test_upstream_error_statuses(
     assert ("error.type" in server.attributes) == server_error
 
 
+def test_retries_share_the_client_span_and_are_listed_on_it(
+    gateway: GatewayProcess, receiver: OtlpReceiver, upstream: UpstreamServer
+) -> None:
+    before = len(upstream.requests)
+    response = send(gateway, "/status/503")
+    assert response.status == 503
+    parents = {ids_of(seen.header("traceparent"))[1] for seen in upstream.requests[before:]}
+    assert len(upstream.requests) - before == 2 and len(parents) == 1  # one upstream span, two attempts
+    spans = receiver.trace(ids_of(response.header("traceresponse"))[0], 2)
+    client = spans["client"]
+    assert client.span_id == parents.pop()
+    assert client.attributes["http.request.resend_count"] == 1
+    assert client.attributes["apigate.upstream.tried"] == [f"127.0.0.1:{upstream.port} 503"] * 2
+    assert client.error and client.attributes["error.type"] == "503"
+    assert spans["server"].attributes["apigate.route"] == "retried"
+
+
 def test_exported_spans_are_counted(gateway: GatewayProcess, receiver: OtlpReceiver) -> None:
     marker(gateway, receiver)
 
@@ -269,7 +291,7 @@ def test_a_reload_turns_export_on_and_off(
 
 # -- webhook deliveries -------------------------------------------------------------------------------
 def test_webhook_deliveries_are_spans_of_the_senders_trace(
-    receiver: OtlpReceiver, tmp_path: Path, start_gateway: object
+    receiver: OtlpReceiver, tmp_path: Path, start_gateway: Callable[..., GatewayProcess]
 ) -> None:
     handler = WebhookHandler().start()
     config = {
@@ -281,7 +303,7 @@ def test_webhook_deliveries_are_spans_of_the_senders_trace(
             "destinations": {"handler": {"url": handler.url, "timeout": "2s"}},
         },
     }
-    gateway = start_gateway(config)  # type: ignore[operator]
+    gateway = start_gateway(config)
     sender = Sender(gateway.port, "/webhooks/github")
     try:
         trace_id = new_trace_id()
@@ -290,6 +312,9 @@ def test_webhook_deliveries_are_spans_of_the_senders_trace(
         assert sender.post(body, headers)[0] == 200
         assert sender.send("without-trace")[0] == 200
         deliveries = handler.wait_for(lambda seen: len(seen) == 2)
+        handler.status = 500
+        assert sender.send("refused")[0] == 200
+        failed = _span_where(receiver, lambda s: s.attributes.get("apigate.webhook.event_id") == "refused")
     finally:
         sender.close()
         handler.stop()
@@ -317,10 +342,17 @@ def test_webhook_deliveries_are_spans_of_the_senders_trace(
     span = _span(receiver, new_span)
     assert (span.trace_id, span.parent_span_id) == (new_trace, "")
 
+    assert failed.error and failed.status_message == "answered 500"
+    assert failed.attributes["error.type"] == "500" and failed.attributes["http.response.status_code"] == 500
+
 
 def _span(receiver: OtlpReceiver, span_id: str) -> ReceivedSpan:
-    found = receiver.wait_for(lambda spans: any(s.span_id == span_id for s in spans))
-    return next(span for span in found if span.span_id == span_id)
+    return _span_where(receiver, lambda span: span.span_id == span_id)
+
+
+def _span_where(receiver: OtlpReceiver, matches: Callable[[ReceivedSpan], bool]) -> ReceivedSpan:
+    found = receiver.wait_for(lambda spans: any(matches(span) for span in spans))
+    return next(span for span in found if matches(span))
 
 
 # -- without the extra --------------------------------------------------------------------------------

@@ -133,7 +133,6 @@ class SpanExport:
                 "http.request.method": method,
                 "server.address": target.host,
                 "server.port": target.port,
-                "url.full": target.address,
             }
             if exchange.attempt > 1:
                 client["http.request.resend_count"] = exchange.attempt - 1
