@@ -37,6 +37,7 @@ from apigate.node.runtime import NodeRuntime
 from apigate.observe.accesslog import AccessLog
 from apigate.observe.base import Observer
 from apigate.observe.events import EventFeed
+from apigate.observe.tracing import SpanExport
 from apigate.observe.usage import UsageObserver
 from apigate.services import Services
 
@@ -199,7 +200,7 @@ class Runtime:
         # What watches finished exchanges; each outlives reloads (observe/base.py).
         self.access_log = AccessLog()
         self.events = EventFeed()
-        self.observers: list[Observer] = [self.access_log, UsageObserver(), self.events]
+        self.observers: list[Observer] = [self.access_log, UsageObserver(), self.events, SpanExport()]
         self.observing = False
 
     def apply(self, config: GatewayConfig) -> None:

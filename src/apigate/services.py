@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from apigate.state import StateBackend
     from apigate.store import Store
     from apigate.webhooks.runtime import WebhookRuntime
+    from apigate.webhooks.tracing import DeliverySpans
 
 log = logging.getLogger("apigate")
 
@@ -36,6 +37,7 @@ class Services:
         self.consumers: ConsumerRegistry | None = None
         self.webhooks: WebhookRuntime | None = None
         self.quotas: QuotaLedger | None = None
+        self.delivery_spans: DeliverySpans | None = None  # given to the webhook runtime, now or later
         self._store_url: str | None = None
         self.state: StateBackend | None = None
         self._state_url: str | None = None
@@ -114,6 +116,12 @@ class Services:
         return self.store
 
     # -- webhooks: intake and delivery, started when a source is configured -------------------------
+    def trace_deliveries(self, spans: DeliverySpans) -> None:
+        """Trace webhook delivery attempts with ``spans``, whether the runtime runs yet or not."""
+        self.delivery_spans = spans
+        if self.webhooks is not None:
+            self.webhooks.trace_deliveries(spans)
+
     async def _start_webhooks(self, config: GatewayConfig, needs: frozenset[ServiceName]) -> None:
         if self.webhooks is not None:
             self.webhooks.apply_config(config.webhooks)
@@ -121,6 +129,8 @@ class Services:
             from apigate.webhooks.runtime import WebhookRuntime
 
             runtime = WebhookRuntime(await self.store_for(config), config.webhooks)
+            if self.delivery_spans is not None:
+                runtime.trace_deliveries(self.delivery_spans)
             await runtime.start()
             self.webhooks = runtime
 

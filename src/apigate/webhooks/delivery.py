@@ -39,6 +39,7 @@ from apigate.store.roles.webhooks import DeliveryClaim, DeliveryOutcome, Webhook
 from apigate.webhooks.config import RetryConfig
 from apigate.webhooks.destinations.base import Destination, Message, Result
 from apigate.webhooks.signing import Signer
+from apigate.webhooks.tracing import AttemptTrace, DeliverySpans
 
 log = logging.getLogger("apigate.webhooks")
 
@@ -81,9 +82,18 @@ class Lane:
             self.tokens -= claimed
 
 
-def delivery_message(claim: DeliveryClaim, signer: Signer, now: float) -> Message:
-    """The kept request headers, the gateway's Standard Webhooks headers and the attempt number."""
-    headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in claim.headers]
+def delivery_message(
+    claim: DeliveryClaim, signer: Signer, now: float, trace: AttemptTrace | None = None
+) -> Message:
+    """The kept request headers, the gateway's Standard Webhooks headers and the attempt number;
+    with ``trace``, a traceparent naming the attempt's span instead of the sender's."""
+    headers = [
+        (name.encode("latin-1"), value.encode("latin-1"))
+        for name, value in claim.headers
+        if trace is None or name.lower() != "traceparent"
+    ]
+    if trace is not None:
+        headers.append((b"traceparent", trace.traceparent()))
     headers += signer.headers(claim.event_id, int(now), claim.body)
     headers += [(b"x-apigate-source", claim.source.encode()), (b"x-apigate-attempt", b"%d" % claim.attempt)]
     if claim.event_type is not None:
@@ -123,6 +133,7 @@ class DeliveryWorker:
         self._failed_since_check: set[str] = set()  # destinations with a failed attempt not yet checked
         self._report_due = True  # report disabled and removed destinations (at start and reload)
         self.attempts: dict[tuple[str, str, str], int] = {}  # (source, destination, outcome) -> attempts
+        self.spans: DeliverySpans | None = None  # set while span export may be on
 
     def configure(self, lanes: dict[str, Lane], retention: dict[str, float]) -> None:
         """Take a new set of destinations (a reload); attempts in flight finish on their old lane."""
@@ -259,11 +270,15 @@ class DeliveryWorker:
     async def _attempt(self, lane: Lane, claim: DeliveryClaim) -> None:
         started = self.clock()
         began = time.monotonic()
+        spans = self.spans
+        trace = spans.begin(claim) if spans is not None else None
         try:
-            result = await lane.destination.deliver(delivery_message(claim, self.signer, started))
+            result = await lane.destination.deliver(delivery_message(claim, self.signer, started, trace))
         except Exception as exc:
             log.exception("webhook delivery to %s failed inside the gateway", claim.destination)
             result = Result(False, error=f"gateway error: {type(exc).__name__}")
+        if spans is not None and trace is not None:
+            spans.end(trace, claim, result, started, self.clock())
         outcome = self._outcome(lane.retry, claim, result, started, time.monotonic() - began)
         key = (claim.source, claim.destination, "delivered" if result.delivered else "failed")
         self.attempts[key] = self.attempts.get(key, 0) + 1

@@ -25,6 +25,7 @@ from apigate.webhooks.destinations.redis_streams import RedisConnections
 from apigate.webhooks.outcomes import Handled, Refused, Stored
 from apigate.webhooks.pollers import PUSH_REFUSED, PolledEvent, Pollers, PollerStore
 from apigate.webhooks.signing import Signer, signing_secret_in_effect
+from apigate.webhooks.tracing import DeliverySpans
 from apigate.webhooks.verify.model import Verifier
 from apigate.webhooks.verify.schemes import build_verifier
 
@@ -118,6 +119,7 @@ class WebhookRuntime:
         self.pollers = Pollers(store, self.client, self.commit_polled, clock)
         self.signer: Signer | None = None
         self.worker: DeliveryWorker | None = None
+        self.spans: DeliverySpans | None = None  # traces delivery attempts while span export may be on
         self._events: GroupCommit[NewWebhookEvent, bool] = GroupCommit(store.add_webhook_events)
         # For metrics: events taken in, by (source, outcome); deliveries waiting and dead, as the
         # store last counted them (every BACKLOG_EVERY seconds), by (source, destination, state).
@@ -136,6 +138,7 @@ class WebhookRuntime:
             self.clock,
             intake_busy=lambda: self._events.busy,
         )
+        self.worker.spans = self.spans
         self.apply_config(self.config)
         self.worker.start()
         self._backlog_task = asyncio.get_running_loop().create_task(self._count_backlog())
@@ -158,6 +161,11 @@ class WebhookRuntime:
             "backlog": [list(row) for row in self.backlog],
             "counted_at": self.backlog_counted_at,
         }
+
+    def trace_deliveries(self, spans: DeliverySpans) -> None:
+        self.spans = spans
+        if self.worker is not None:
+            self.worker.spans = spans
 
     def apply_config(self, config: WebhooksConfig) -> None:
         """Compile sources and destinations (a verifier per source, a sender per destination)."""
