@@ -93,8 +93,12 @@ class Services:
         return opened
 
     def gauges(self) -> dict[str, int]:
-        """What the services hold now, for the node's merged metrics."""
-        return {}
+        """What the services hold now, for the node's merged metrics: the keys the limits count
+        in this process (rate-limit, spike-arrest and quota counters in memory, expired ones not
+        yet swept included; those in Redis are Redis's)."""
+        from apigate.policies.limits.local import all_counters
+
+        return {"rate_limit_keys": sum(len(counters.entries) for counters in all_counters().values())}
 
     def webhook_metrics(self) -> dict[str, object] | None:
         """Webhooks taken in and delivered by this process, and the store's backlog (None: no
