@@ -271,6 +271,9 @@ def test_webhook_intake_deliveries_and_dead_letters_are_counted(tmp_path: Path) 
         assert _sample(families, received, f"{received}_total", source="github", outcome="duplicate") == 1
         dead = "apigate_webhook_dead_letters"
         assert _sample(families, dead, dead, source="backup", destination="vault") == 2
+        assert _sample(families, dead, dead, source="github", destination="ledger") == 0  # a series at 0
+        backlog = "apigate_webhook_backlog"
+        assert _sample(families, backlog, backlog, source="github", destination="ledger") == 0
         deliveries = "apigate_webhook_deliveries"
         labels = {"source": "github", "destination": "ledger", "outcome": "delivered"}
         assert _sample(families, deliveries, f"{deliveries}_total", **labels) == 4

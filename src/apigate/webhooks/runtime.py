@@ -158,7 +158,7 @@ class WebhookRuntime:
         return {
             "received": [[source, outcome, n] for (source, outcome), n in self.received.items()],
             "deliveries": [[*key, n] for key, n in attempts.items()],
-            "backlog": [list(row) for row in self.backlog],
+            "backlog": [list(row) for row in self._backlog_with_zeros()],
             "counted_at": self.backlog_counted_at,
         }
 
@@ -196,6 +196,19 @@ class WebhookRuntime:
                 {name: source.dedupe.retention for name, source in config.sources.items()},
             )
         self.pollers.configure({name: s.poll for name, s in config.sources.items() if s.poll is not None})
+
+    def _backlog_with_zeros(self) -> list[tuple[str, str, str, int]]:
+        """The store's counts, and 0 for each configured source and destination it has none of
+        (a gauge with no series cannot be alerted on when it first rises)."""
+        counted = {(source, destination, state) for source, destination, state, _n in self.backlog}
+        zeros = [
+            (name, target.name, state, 0)
+            for name, source in self.sources.items()
+            for target in source.config.destinations
+            for state in ("pending", "dead")
+            if (name, target.name, state) not in counted
+        ]
+        return [*self.backlog, *zeros]
 
     async def stop(self) -> None:
         if self._backlog_task is not None:
