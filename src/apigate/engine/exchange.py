@@ -113,6 +113,7 @@ class Exchange:
     # W3C trace context (engine/tracing.py): 32 and 16 hex digits; the client's span (None: a
     # new trace), the gateway's server span and its span of the upstream call.
     trace_id = b""
+    span_base = b""
     span_id = b""
     parent_span_id: bytes | None = None
     upstream_span_id = b""
@@ -214,7 +215,9 @@ class Exchange:
         else:  # a new trace: the request id the gateway made is one (32 hex digits)
             self.trace_id = self.rid if own_id else self.client.request_ids.next()
             self.sampled = ids.sample()
-        self.span_id = span = ids.span_id()
+        # The server span ends in 1, the span of the upstream call in 2 (one number formatted).
+        base = self.span_base = ids.span_base()
+        self.span_id = span = base + b"1"
         flags = b"-01\r\n" if self.sampled else b"-00\r\n"
         self.response_lines = b"traceresponse: 00-" + self.trace_id + b"-" + span + flags
 
@@ -697,7 +700,7 @@ class Exchange:
         per exchange (its attempts share it)."""
         span = self.upstream_span_id
         if not span:
-            span = self.upstream_span_id = self.client.gateway.trace_ids.span_id()
+            span = self.upstream_span_id = self.span_base + b"2"
         return b"00-" + self.trace_id + b"-" + span + (b"-01" if self.sampled else b"-00")
 
     # -- request body from the client ---------------------------------------------------------------

@@ -26,6 +26,8 @@ _INV_LOG_GAMMA: Final = 1.0 / math.log(GAMMA)
 _SMALLEST: Final = 1e-6  # a second's millionth: anything quicker counts as this
 WINDOW_SLOT: Final = 10.0
 WINDOW_SLOTS: Final = 6  # 6 x 10 s: "the last minute"
+SKETCH_OFFSET: Final = 576  # list position of sketch index 0: index -576 is about 10 µs
+SKETCH_BUCKETS: Final = 1000  # up to index 423, about an hour
 
 # Histogram bounds (Prometheus ``le``): seconds, and bytes.
 LATENCY_BOUNDS: Final[tuple[float, ...]] = (
@@ -33,12 +35,13 @@ LATENCY_BOUNDS: Final[tuple[float, ...]] = (
 )  # fmt: skip
 SIZE_BOUNDS: Final[tuple[float, ...]] = (100.0, 1_000.0, 10_000.0, 100_000.0, 1_000_000.0, 10_000_000.0)
 
-# Methods get a small code (status * 16 + code keys the counts); any other method counts as OTHER.
+# Methods get a small code; any other method counts as OTHER. Statuses are 0 (no answer) to 999.
 METHODS: Final[tuple[str, ...]] = (
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "OTHER",
 )  # fmt: skip
 _METHOD_CODES: Final[dict[str, int]] = {name: code for code, name in enumerate(METHODS)}
 _OTHER: Final = len(METHODS) - 1
+STATUSES: Final = 1000
 # Consumers named in per-consumer counts, at most; the rest count together under this name.
 OTHER_CONSUMERS: Final = "_other"
 TOP_CAPACITY: Final = 200  # counters per heavy-hitters summary
@@ -87,40 +90,67 @@ class Histogram:
 
 
 class Sketch:
-    """Relative-error buckets since start, and per slot of the last minute."""
+    """Relative-error buckets for the current 10 s slot and the five before it; slots that leave
+    the window are added to ``retired``, so "since start" is ``retired`` plus the window.
 
-    __slots__ = ("epochs", "slots", "total")
+    Buckets are lists indexed from ``SKETCH_OFFSET`` (one list lookup per value, no key to box):
+    about 10 µs to an hour at 1 %, anything outside counted in the first or last bucket. A request
+    touches the current slot only; the slot changes once per 10 s."""
+
+    __slots__ = ("current", "epoch", "epochs", "retired", "ring")
 
     def __init__(self) -> None:
-        self.total: dict[int, int] = {}
-        self.slots: list[dict[int, int]] = [{} for _ in range(WINDOW_SLOTS)]
+        self.epoch = -1
+        self.current: list[int] = []
+        self.ring: list[list[int]] = [[] for _ in range(WINDOW_SLOTS)]
         self.epochs = [-1] * WINDOW_SLOTS
+        self.retired: list[int] = []
 
     def observe(self, value: float, now: float) -> None:
-        index = sketch_index(value)
-        total = self.total
-        total[index] = total.get(index, 0) + 1
         epoch = int(now / WINDOW_SLOT)
+        if epoch != self.epoch:
+            self._turn(epoch)
+        index = sketch_index(value) + SKETCH_OFFSET
+        if index < 0:
+            index = 0
+        elif index >= SKETCH_BUCKETS:
+            index = SKETCH_BUCKETS - 1
+        self.current[index] += 1
+
+    def _turn(self, epoch: int) -> None:
         slot = epoch % WINDOW_SLOTS
-        counts = self.slots[slot]
-        if self.epochs[slot] != epoch:
-            counts = self.slots[slot] = {}
-            self.epochs[slot] = epoch
-        counts[index] = counts.get(index, 0) + 1
+        leaving = self.ring[slot]
+        if leaving:
+            retired = self.retired
+            if not retired:
+                retired = self.retired = [0] * SKETCH_BUCKETS
+            for index in range(SKETCH_BUCKETS):
+                retired[index] += leaving[index]
+        fresh = [0] * SKETCH_BUCKETS
+        self.ring[slot] = fresh
+        self.epochs[slot] = epoch
+        self.current = fresh
+        self.epoch = epoch
 
     def export(self) -> dict[str, Any]:
+        total: dict[int, int] = {}
+        for counts in (self.retired, *self.ring):
+            for index, count in enumerate(counts):
+                if count:
+                    total[index - SKETCH_OFFSET] = total.get(index - SKETCH_OFFSET, 0) + count
         return {
-            "total": _pairs(self.total),
+            "total": [[index, count] for index, count in total.items()],
             "slots": [
                 [epoch, _pairs(counts)]
-                for epoch, counts in zip(self.epochs, self.slots, strict=True)
+                for epoch, counts in zip(self.epochs, self.ring, strict=True)
                 if epoch >= 0
             ],
         }
 
 
-def _pairs(counts: dict[int, int]) -> list[list[int]]:
-    return [[index, count] for index, count in counts.items()]
+def _pairs(counts: list[int]) -> list[list[int]]:
+    """(sketch index, count) of the buckets that counted something."""
+    return [[index - SKETCH_OFFSET, count] for index, count in enumerate(counts) if count]
 
 
 class TopCounts:
@@ -129,26 +159,29 @@ class TopCounts:
     its count is low by at most that share; a full summary costs one pass per TOP_CAPACITY new
     keys at most (amortised O(1) per request)."""
 
-    __slots__ = ("epochs", "slots")
+    __slots__ = ("current", "epoch", "epochs", "slots")
 
     def __init__(self) -> None:
+        self.epoch = -1
+        self.current: dict[str, int] = {}
         self.slots: list[dict[str, int]] = [{} for _ in range(TOP_SLOTS)]
         self.epochs = [-1] * TOP_SLOTS
 
     def add(self, key: str, now: float) -> None:
         epoch = int(now / TOP_SLOT)
-        slot = epoch % TOP_SLOTS
-        counts = self.slots[slot]
-        if self.epochs[slot] != epoch:
-            counts = self.slots[slot] = {}
+        if epoch != self.epoch:
+            slot = epoch % TOP_SLOTS
+            self.current = self.slots[slot] = {}
             self.epochs[slot] = epoch
+            self.epoch = epoch
+        counts = self.current
         seen = counts.get(key)
         if seen is not None:
             counts[key] = seen + 1
         elif len(counts) < TOP_CAPACITY:
             counts[key] = 1
         else:  # full: every counter gives one back, and the new key is not kept
-            self.slots[slot] = {k: n - 1 for k, n in counts.items() if n > 1}
+            self.current = self.slots[self.epoch % TOP_SLOTS] = {k: n - 1 for k, n in counts.items() if n > 1}
 
     def export(self) -> list[list[Any]]:
         return [[epoch, counts] for epoch, counts in zip(self.epochs, self.slots, strict=True) if epoch >= 0]
@@ -170,7 +203,8 @@ class RouteMeter:
     )
 
     def __init__(self) -> None:
-        self.counts: dict[int, int] = {}  # status * 16 + method code
+        # By method code, the counts by status (a list of STATUSES, made when the method is first seen).
+        self.counts: list[list[int]] = [[] for _ in METHODS]
         self.duration = Histogram(LATENCY_BOUNDS)
         self.request_size = Histogram(SIZE_BOUNDS)
         self.response_size = Histogram(SIZE_BOUNDS)
@@ -182,9 +216,10 @@ class RouteMeter:
     def observe(
         self, method: str, status: int, seconds: float, size_in: int, size_out: int, now: float
     ) -> None:
-        key = status * 16 + _METHOD_CODES.get(method, _OTHER)
-        counts = self.counts
-        counts[key] = counts.get(key, 0) + 1
+        counts = self.counts[_METHOD_CODES.get(method, _OTHER)]
+        if not counts:
+            counts.extend([0] * STATUSES)
+        counts[status if 0 <= status < STATUSES else 0] += 1
         self.duration.observe(seconds)
         self.request_size.observe(float(size_in))
         self.response_size.observe(float(size_out))
@@ -200,7 +235,12 @@ class RouteMeter:
 
     def export(self) -> dict[str, Any]:
         return {
-            "counts": [[key >> 4, METHODS[key & 15], n] for key, n in self.counts.items()],
+            "counts": [
+                [status, METHODS[code], n]
+                for code, counts in enumerate(self.counts)
+                for status, n in enumerate(counts)
+                if n
+            ],
             "duration": self.duration.export(),
             "request_size": self.request_size.export(),
             "response_size": self.response_size.export(),

@@ -27,14 +27,20 @@ class TraceIds:
     """Span ids and sampling decisions for one process."""
 
     def __init__(self) -> None:
-        self.base = int.from_bytes(os.urandom(7), "big")  # 56 bits: the xor stays a small int
+        self.base = int.from_bytes(os.urandom(7), "big") << 4  # 60 bits: the xor stays a small int
         self.count = 0
         self.ratio = 0.0
         self.credit = 0.0
 
     def span_id(self) -> bytes:
+        """A new span id: 15 hex digits of the process's base mixed with a counter, then ``1``."""
+        return self.span_base() + b"1"
+
+    def span_base(self) -> bytes:
+        """15 hex digits unique in this process: a request's span ids are these and one more
+        digit each, so one number is formatted per request, not one per span."""
         self.count += 1
-        return b"%016x" % ((self.base ^ self.count) | 0x0100000000000000)  # never all zeros
+        return b"%015x" % ((self.base ^ self.count) & 0x0FFFFFFFFFFFFFFF)
 
     def sample(self) -> bool:
         """Whether a new trace is sampled: exactly ``ratio`` of them, evenly spread."""

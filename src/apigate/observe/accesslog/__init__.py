@@ -67,7 +67,7 @@ class AccessLog:
         if self.started:
             self.writer.start()
         params, headers = _credential_names(config)
-        return LineMaker(settings, self.writer.put, params, headers)
+        return LineMaker(settings, self.writer.put, params, headers).lines
 
     async def start(self, config: GatewayConfig, services: Services) -> None:
         self.started = True
