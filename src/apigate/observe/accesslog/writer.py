@@ -73,7 +73,8 @@ class Sink:
         with self._locked():
             fd = self._current()
             max_bytes = self.destination.max_bytes if self.regular else None
-            size = os.fstat(fd).st_size if self.regular else 0
+            rotating = self.regular and (max_bytes is not None or self.destination.every is not None)
+            size = os.fstat(fd).st_size if rotating else 0
             if self._period_passed():
                 if size:
                     fd = self._rotate()
@@ -81,6 +82,12 @@ class Sink:
                 else:  # nothing of the past period to keep apart
                     self.period = self._period_at(self.clock())
             piece_limit = FILE_PIECE if self.regular else PIPE_PIECE
+            total = sum(map(len, lines))
+            if total <= piece_limit and (max_bytes is None or size + total <= max_bytes):
+                # The usual batch: one write, and no Python loop over its lines (the thread holds
+                # the GIL for as little as it can: the event loop needs it).
+                self._put(fd, lines)
+                return
             piece: list[bytes] = []
             piece_size = 0
             for line in lines:
@@ -220,7 +227,7 @@ class LogWriter:
         """New settings (a reload): the thread moves to a new destination before its next batch."""
         self.destination = destination
         self.limit = buffer
-        self.batch = max(1, min(1024, buffer // 4))
+        self.batch = max(1, min(8192, buffer // 4))  # (fewer, larger batches: fewer GIL handovers)
         self.flush_interval = flush_interval
 
     @property
