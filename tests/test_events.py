@@ -243,3 +243,23 @@ def test_events_go_to_a_redis_stream_trimmed_to_its_length(
     finally:
         gateway.stop()
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("section", "words"),
+    [
+        (
+            {"redis": {"url": "http://127.0.0.1:6379"}},
+            "events.redis.url: must be a redis:// or rediss:// URL",
+        ),
+        ({"sample": 1.5}, "events.sample"),
+        ({"max_per_second": 0}, "events.max_per_second"),
+        ({"stream": "x"}, "events.stream"),
+    ],
+)
+def test_bad_events_settings_name_the_field(section: dict[str, Any], words: str) -> None:
+    from apigate.config.loader import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as refused:
+        load_config(text=orjson.dumps({"events": section, "routes": []}).decode())
+    assert words in str(refused.value)

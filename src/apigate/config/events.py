@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from apigate.config.validators import Strict
+from apigate.config.validators import Strict, check_redis_url
 
 
 class EventsRedisConfig(Strict):
@@ -13,12 +13,7 @@ class EventsRedisConfig(Strict):
     stream: str = Field(default="apigate:events", min_length=1, max_length=200)
     max_length: int = Field(default=10_000, ge=1, le=100_000_000, description="XADD MAXLEN ~ (kept entries)")
 
-    @field_validator("url")
-    @classmethod
-    def _redis_url(cls, url: str) -> str:
-        if not url.startswith(("redis://", "rediss://")):
-            raise ValueError("must be a redis:// or rediss:// URL")
-        return url
+    _redis_url = field_validator("url")(classmethod(lambda cls, v: check_redis_url(v)))
 
 
 class EventsConfig(Strict):

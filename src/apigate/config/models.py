@@ -22,7 +22,7 @@ from apigate.config.tracing import TracingConfig
 from apigate.config.units import ByteSize, Duration
 from apigate.config.upstreams import RetryConfig, UpstreamConfig
 from apigate.config.usage import UsageConfig
-from apigate.config.validators import Strict, check_http_url, env_default
+from apigate.config.validators import Strict, check_http_url, check_redis_url, env_default
 from apigate.engine.paths import PathRefused, normalize_path
 from apigate.state.urls import check_state_url
 from apigate.webhooks.config import WebhooksConfig
@@ -146,12 +146,7 @@ class DiscoveryRedisConfig(Strict):
     prefix: str = Field(default="apigate:", max_length=100)
     poll_interval: Duration = Field(default=2.0, gt=0, description="how often the node reads them")
 
-    @field_validator("url")
-    @classmethod
-    def _redis_url(cls, url: str) -> str:
-        if not url.startswith(("redis://", "rediss://")):
-            raise ValueError("must be a redis:// or rediss:// URL")
-        return url
+    _redis_url = field_validator("url")(classmethod(lambda cls, v: check_redis_url(v)))
 
 
 class DiscoveryConfig(Strict):

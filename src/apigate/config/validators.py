@@ -35,6 +35,12 @@ def check_http_url(url: str) -> str:
 _Number = TypeVar("_Number", int, float)
 
 
+def check_redis_url(url: str) -> str:
+    if not url.startswith(("redis://", "rediss://")):
+        raise ValueError("must be a redis:// or rediss:// URL")
+    return url
+
+
 def env_default(name: str, default: _Number) -> _Number:
     """A default taken from the environment variable ``name`` when it holds a number of its type."""
     raw = os.environ.get(name)
