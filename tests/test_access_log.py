@@ -26,7 +26,8 @@ from apigate.config.loader import ConfigError, load_config
 from apigate.consumers.passwords import hash_password
 from apigate.observe.accesslog import AccessLog
 from apigate.observe.accesslog.lines import REDACTED, LineMaker
-from apigate.observe.accesslog.writer import Destination, LogWriter, Sink
+from apigate.observe.accesslog.pipe import WAIT_RESPAWN, LogPipe
+from apigate.observe.accesslog.writer import Destination, Sink
 from tests.support.errors_helpers import ClosedPort, Response, request, wait_until
 from tests.support.exchanges import request_exchange
 from tests.support.gateway import GatewayProcess
@@ -35,6 +36,10 @@ from tests.support.proxy_http import running_upstream
 from tests.support.upstream import UpstreamServer
 
 FAST_FLUSH = "50ms"
+SENT_TO_A_BLOCKED_OUTPUT = 3600
+# The fields every line has; the others are left out when they have no value (omit_empty).
+ALWAYS_THERE = ("time", "request_id", "trace_id", "client_ip", "method", "path", "status", "duration_ms")
+ALWAYS_THERE += ("bytes_in", "bytes_out", "attempts")
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
@@ -104,11 +109,12 @@ def test_lines_for_routed_unrouted_and_failed_requests_through_two_workers(
 
     lines = by_request_id(lines_when(log_path, 5))
     for line in lines.values():
-        assert tuple(line) == FIELDS  # every field, in order; the query is dropped by default
+        assert list(line) == [name for name in FIELDS if name in line]  # in order
+        assert set(ALWAYS_THERE) <= set(line)  # the others only with a value (omit_empty)
         logged = datetime.strptime(line["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
         assert before - 1 <= logged.timestamp() <= time.time()
         assert line["client_ip"] == "127.0.0.1"
-        assert line["cache"] is None
+        assert "cache" not in line
         assert line["duration_ms"] >= 0
 
     routed = lines["rid-ok"]
@@ -120,14 +126,14 @@ def test_lines_for_routed_unrouted_and_failed_requests_through_two_workers(
     assert 0 <= routed["upstream_ms"] <= routed["duration_ms"]
     assert routed["bytes_out"] == len(ok.body)
     assert routed["attempts"] == 1
-    assert (routed["tried"], routed["error"], routed["consumer"], routed["limited"]) == (None,) * 4
+    assert not {"tried", "error", "consumer", "limited"} & set(routed)
     assert lines["rid-post"]["bytes_in"] == 1234
     # The trace the client was told of (traceresponse: 00-<trace id>-<span>-<flags>).
     assert routed["trace_id"] == (ok.header("traceresponse") or "").split("-")[1]
 
     unrouted = lines["rid-404"]
-    assert (unrouted["route"], unrouted["status"], unrouted["upstream"]) == (None, 404, None)
-    assert (unrouted["attempts"], unrouted["upstream_ms"]) == (0, None)
+    assert (unrouted.get("route"), unrouted["status"], unrouted.get("upstream")) == (None, 404, None)
+    assert (unrouted["attempts"], unrouted.get("upstream_ms")) == (0, None)
     assert unrouted["bytes_out"] == len(missing.body)
 
     gateway_error = lines["rid-502"]
@@ -136,7 +142,7 @@ def test_lines_for_routed_unrouted_and_failed_requests_through_two_workers(
     assert gateway_error["attempts"] == 2
     assert gateway_error["tried"] == [f"127.0.0.1:{dead.port} connect_failed"] * 2
     assert gateway_error["upstream"] == f"127.0.0.1:{dead.port}"
-    assert gateway_error["upstream_ms"] is None
+    assert "upstream_ms" not in gateway_error
 
     abandoned = lines["rid-gone"]
     assert (abandoned["status"], abandoned["error"], abandoned["bytes_out"]) == (0, "client_closed", 0)
@@ -260,10 +266,10 @@ def test_no_credential_reaches_the_log_or_the_gateways_output(
         "x-pin": None,
     }
     assert lines["key-query"]["path"] == f"/key/a?k={REDACTED}&page=2"
-    assert lines["key-wrong"]["status"] == 401 and lines["key-wrong"]["consumer"] is None
+    assert lines["key-wrong"]["status"] == 401 and "consumer" not in lines["key-wrong"]
     assert lines["key-wrong"]["headers"]["x-api-key"] == REDACTED
     assert (lines["jwt"]["user_id"], lines["jwt"]["consumer"]) == ("user-42", "user-42")
-    assert lines["jwt-forged"]["user_id"] is None
+    assert "user_id" not in lines["jwt-forged"]
     assert lines["jwt"]["headers"]["authorization"] in (REDACTED, None)  # None: stripped before proxying
     assert (lines["basic"]["consumer"], lines["basic"]["tenant"]) == ("alice", "wonderland")
     assert lines["basic-wrong"]["headers"]["authorization"] == REDACTED
@@ -276,7 +282,7 @@ def test_no_credential_reaches_the_log_or_the_gateways_output(
     refused = [lines[f"limited-{i}"] for i, status in enumerate(limited) if status == 429]
     assert refused and all(line["limited"] == "rate_limited" for line in refused)
     admitted = [lines[f"limited-{i}"] for i, status in enumerate(limited) if status == 200]
-    assert all(line["limited"] is None for line in admitted)
+    assert all("limited" not in line for line in admitted)
 
 
 # -- a blocked output ---------------------------------------------------------------------------------
@@ -295,14 +301,16 @@ def test_a_blocked_output_costs_the_proxy_nothing_and_drops_are_reported(
             }
         )
         slowest = 0.0
-        for i in range(600):  # ~250 KB of lines: four times what the pipe holds
+        # ~1.6 MB of lines: more than the pipe to the writing process (1 MiB) and the fifo hold.
+        for i in range(SENT_TO_A_BLOCKED_OUTPUT):
             began = time.monotonic()
             assert get(gateway, "/api/echo", f"blocked-{i}").status == 200
             slowest = max(slowest, time.monotonic() - began)
         assert slowest < 1.0
         wait_until(lambda: "access log:" in gateway.output() and "lines dropped" in gateway.output())
         counters = orjson.loads(get(gateway, "/metrics", "metrics").body)["counters"]
-        assert counters["access_log_dropped"] > 0 and counters["access_log_written"] < 600
+        assert counters["access_log_dropped"] > 0
+        assert counters["access_log_written"] < SENT_TO_A_BLOCKED_OUTPUT
         began = time.monotonic()
         assert gateway.stop() == 0
         assert time.monotonic() - began < 8.0  # the bounded wait for the blocked output, not the kill
@@ -311,54 +319,105 @@ def test_a_blocked_output_costs_the_proxy_nothing_and_drops_are_reported(
         os.close(reader)
 
 
-def test_writer_queue_stays_bounded_and_counts_drops_while_its_output_blocks(tmp_path: Path) -> None:
+def test_the_backlog_stays_bounded_and_drops_are_counted_while_the_output_blocks(
+    tmp_path: Path, run: Any
+) -> None:
     fifo = tmp_path / "blocked.fifo"
     os.mkfifo(fifo)
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        writer = LogWriter(Destination(str(fifo)), buffer=100, flush_interval=0.01)
-        writer.start()
-        line = b"x" * 1023 + b"\n"
+    line = b"x" * 1023 + b"\n"
+
+    async def scenario() -> LogPipe:
+        pipe = LogPipe(Destination(str(fifo)), buffer=100, flush_interval=0.01)
+        pipe.start()
         began = time.monotonic()
-        most = 0
         for _ in range(5000):
-            writer.put(line)
-            most = max(most, len(writer.queue))
-        assert time.monotonic() - began < 1.0  # put never waits for the output
-        assert most <= 100
-        wait_until(lambda: writer.overflowed > 0 and len(writer.queue) == 100)
-        assert writer.written <= 64  # what the pipe took (64 KiB) before it blocked
-        assert writer.dropped == writer.overflowed >= 5000 - 100 - 64 - writer.batch
+            pipe.put(line)
+            pipe.flush()
+            assert pipe.backlog_lines <= 100
+        assert time.monotonic() - began < 2.0  # put and flush never wait for the output
+        # Between the writing process's pipe (1 MiB) and the fifo (64 KiB), ~1,100 lines went on.
+        assert 5000 - pipe.overflowed - pipe.backlog_lines <= 1200
+        assert pipe.overflowed >= 5000 - 100 - 1200
         began = time.monotonic()
-        assert writer.stop(0.3) is False
-        assert time.monotonic() - began < 1.0
+        assert await pipe.stop(0.3) > 0  # the output still blocks: the process is killed
+        assert time.monotonic() - began < 2.0
+        return pipe
+
+    try:
+        pipe = run(scenario())
     finally:
         os.close(reader)
+    assert pipe.written <= 64  # what the fifo took before it blocked
+    assert pipe.written + pipe.dropped == 5000  # every line is counted, one way or the other
 
 
-def test_a_failing_output_loses_lines_counted_and_keeps_its_error(tmp_path: Path) -> None:
-    writer = LogWriter(Destination("/dev/full"), buffer=1000, flush_interval=0.01)
-    writer.start()
-    for _ in range(10):
-        writer.put(b'{"a":1}\n')
-    wait_until(lambda: writer.lost == 10)
-    assert writer.error is not None and writer.error.errno == errno.ENOSPC
-    assert (writer.written, writer.dropped) == (0, 10)
-    assert writer.stop(5.0)
+def test_a_failing_output_loses_lines_counted_and_keeps_its_error(run: Any) -> None:
+    async def scenario() -> LogPipe:
+        pipe = LogPipe(Destination("/dev/full"), buffer=1000, flush_interval=0.01)
+        pipe.start()
+        for _ in range(10):
+            pipe.put(b'{"a":1}\n')
+        pipe.flush()
+        await async_wait_until(lambda: (pipe.flush(), pipe.lost)[1] == 10)
+        assert pipe.error is not None and os.strerror(errno.ENOSPC) in pipe.error
+        assert await pipe.stop(5.0) == 0
+        return pipe
+
+    pipe = run(scenario())
+    assert (pipe.written, pipe.dropped) == (0, 10)
 
 
-def test_stop_writes_what_is_queued(tmp_path: Path) -> None:
+def test_stop_writes_what_is_buffered(tmp_path: Path, run: Any) -> None:
     path = tmp_path / "access.log"
-    writer = LogWriter(Destination(str(path)), buffer=10_000, flush_interval=60.0)
-    writer.start()
-    for i in range(500):
-        writer.put(b'{"n":%d}\n' % i)
-    assert writer.stop(5.0)
+
+    async def scenario() -> LogPipe:
+        pipe = LogPipe(Destination(str(path)), buffer=10_000, flush_interval=60.0)
+        pipe.start()
+        for i in range(500):
+            pipe.put(b'{"n":%d}\n' % i)
+        assert await pipe.stop(5.0) == 0
+        return pipe
+
+    pipe = run(scenario())
     assert [line["n"] for line in read_lines(path)] == list(range(500))
-    assert (writer.written, writer.dropped) == (500, 0)
+    assert (pipe.written, pipe.dropped) == (500, 0)
 
 
-# -- rotation ----------------------------------------------------------------------------------------
+def test_a_killed_writing_process_is_replaced_and_its_lines_counted(tmp_path: Path, run: Any) -> None:
+    path = tmp_path / "access.log"
+
+    async def scenario() -> LogPipe:
+        pipe = LogPipe(Destination(str(path)), buffer=10_000, flush_interval=60.0)
+        pipe.start()
+        pipe.put(b'{"n":1}\n')
+        pipe.flush()
+        await async_wait_until(lambda: (pipe.flush(), pipe.written)[1] == 1)
+        first = pipe.process
+        assert first is not None
+        first.child.kill()
+        await asyncio.to_thread(first.child.wait)
+        await asyncio.sleep(WAIT_RESPAWN)  # (a process that ended is replaced at most once a second)
+        pipe.put(b'{"n":2}\n')
+        pipe.flush()
+        await async_wait_until(lambda: (pipe.flush(), pipe.written)[1] == 2)
+        assert pipe.process is not first
+        assert await pipe.stop(5.0) == 0
+        return pipe
+
+    pipe = run(scenario())
+    assert [line["n"] for line in read_lines(path)] == [1, 2]
+    assert (pipe.written, pipe.dropped) == (2, 0)
+
+
+async def async_wait_until(condition: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (found := condition()):
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        await asyncio.sleep(0.01)
+    return found
+
+
 class FakeClock:
     def __init__(self, now: float) -> None:
         self.now = now
@@ -521,6 +580,16 @@ def test_sample_zero_writes_only_errors_from_a_gateway(
     # One worker writes its lines in order: once the last is there, every earlier one would be.
     lines = wait_until(lambda: last_is(log_path, "missing"))
     assert [line["request_id"] for line in lines] == ["upstream-503", "missing"]
+
+
+def test_with_omit_empty_off_every_field_is_written_in_order_with_nulls() -> None:
+    exchange = finished(200, "/p")
+    line = LineMaker(config_of(omit_empty=False).access_log, [].append).record(exchange)
+    assert tuple(line) == FIELDS
+    assert (line["consumer"], line["cache"], line["error"], line["route"]) == (None,) * 4
+    lean = LineMaker(config_of().access_log, [].append).record(exchange)
+    del line["time"], lean["time"]  # (the milliseconds may turn between the two)
+    assert lean == {name: value for name, value in line.items() if value is not None}
 
 
 def test_query_is_dropped_by_default_and_redacted_when_kept() -> None:

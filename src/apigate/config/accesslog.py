@@ -14,7 +14,8 @@ from apigate.config.headernames import HEADER_NAME
 from apigate.config.units import ByteSize, Duration, parse_duration
 from apigate.config.validators import Strict
 
-# Every field a line may have, in the order a line has them.
+# Every field a line may have, in the order a line has them: those every line has, then those
+# written only when they have a value (unless omit_empty is off).
 FIELDS: Final = (
     "time",
     "request_id",
@@ -22,21 +23,21 @@ FIELDS: Final = (
     "client_ip",
     "method",
     "path",
-    "route",
     "status",
     "duration_ms",
-    "upstream_ms",
     "bytes_in",
     "bytes_out",
+    "attempts",
+    "route",
+    "upstream",
+    "upstream_ms",
     "consumer",
     "tenant",
     "key_id",
     "user_id",
     "limited",
     "cache",
-    "attempts",
     "tried",
-    "upstream",
     "error",
 )
 
@@ -104,6 +105,7 @@ class AccessLogConfig(Strict):
     output: str = Field(default="stdout", description="stdout, or the path of a file lines are appended to")
     rotate: RotateConfig | None = None
     fields: tuple[str, ...] = FIELDS
+    omit_empty: bool = Field(default=True, description="leave out fields without a value (else null)")
     headers: tuple[str, ...] = Field(default=(), description="request headers a line carries (under headers)")
     query: Literal["drop", "keep"] = "drop"
     redact_params: tuple[str, ...] = Field(

@@ -1,10 +1,11 @@
 """The access log: one JSON line per finished exchange (``access_log:`` in the config).
 
 ``AccessLog`` is the Observer: ``apply`` gives the engine a ``LineMaker`` (lines.py) for the
-config, which queues each line on the ``LogWriter`` (writer.py); the writer's thread writes them
-in batches. The writer outlives reloads (its queue, its open file); a reload may move it to
-another output. ``dropped`` and ``written`` count lines since the worker started; while lines
-are being dropped, a warning says how many, at most every ``WARN_EVERY`` seconds.
+config, whose compiled hook (hotpath.py) puts each line in the ``LogPipe``'s buffer (pipe.py);
+batches go through a pipe to a writing process (writer.py) that writes them. The pipe outlives
+reloads; a reload to another output starts another writing process. ``dropped`` and
+``written`` count lines since the worker started; while lines are being dropped, a warning says
+how many, at most every ``WARN_EVERY`` seconds.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 from apigate.observe.accesslog.lines import LineMaker
-from apigate.observe.accesslog.writer import STDOUT, Destination, LogWriter
+from apigate.observe.accesslog.pipe import LogPipe
+from apigate.observe.accesslog.writer import STDOUT, Destination
 
 if TYPE_CHECKING:
     from apigate.config.accesslog import AccessLogConfig
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("apigate.access_log")
 
 WARN_EVERY: Final = 10.0  # seconds between warnings about dropped lines or a failing output
-CHECK_EVERY: Final = 1.0
+CHECK_EVERY: Final = 1.0  # seconds between looks at the counts (at most: lines are sent each flush_interval)
 STOP_TIMEOUT: Final = 3.0  # longest wait, while the worker stops, for queued lines to be written
 # Policy settings that name where a credential is read from (key-auth, jwt, hmac-auth...).
 _CREDENTIAL_PARAMS: Final = ("query_param",)
@@ -36,9 +38,8 @@ _CREDENTIAL_HEADERS: Final = ("header",)
 
 
 class AccessLog:
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self.clock = clock
-        self.writer: LogWriter | None = None
+    def __init__(self) -> None:
+        self.writer: LogPipe | None = None
         self.started = False
         self.watch: asyncio.Task[None] | None = None
         self.reported_drops = 0
@@ -61,11 +62,11 @@ class AccessLog:
             return None
         destination = _destination(settings)
         if self.writer is None:
-            self.writer = LogWriter(destination, settings.buffer, settings.flush_interval, self.clock)
+            self.writer = LogPipe(destination, settings.buffer, settings.flush_interval)
+            if self.started:
+                self.writer.start()
         else:
             self.writer.configure(destination, settings.buffer, settings.flush_interval)
-        if self.started:
-            self.writer.start()
         params, headers = _credential_names(config)
         return LineMaker(settings, self.writer.put, params, headers).lines
 
@@ -83,15 +84,18 @@ class AccessLog:
         writer = self.writer
         if writer is None:
             return
-        if not await asyncio.to_thread(writer.stop, STOP_TIMEOUT):
-            log.warning(
-                "access log: the output blocks; %d queued lines not written at stop", len(writer.queue)
-            )
+        unwritten = await writer.stop(STOP_TIMEOUT)
+        if unwritten:
+            log.warning("access log: the output blocks; %d queued lines not written at stop", unwritten)
         self._report(force=True)
 
     async def _watch(self) -> None:
+        """Send the lines of the last ``flush_interval`` (a quiet gateway's too), and report drops."""
         while True:
-            await asyncio.sleep(CHECK_EVERY)
+            interval = self.writer.flush_interval if self.writer is not None else CHECK_EVERY
+            await asyncio.sleep(min(CHECK_EVERY, interval))
+            if self.writer is not None:
+                self.writer.flush()
             self._report()
 
     def _report(self, force: bool = False) -> None:

@@ -1,11 +1,11 @@
 """An exchange as one JSON line: the fields, the sampling of successes, and what is never written.
 
 The settings and the redaction rules live here; the per-request work (reading the exchange,
-building the dict, ``orjson.dumps``, handing the line to the writer's queue) is hotpath.py's,
-compiled. Credentials never reach a line: no
-header is written unless listed, and a listed header named like a secret is redacted; the
-query is dropped unless kept, and then the values of parameters named like a secret (or shaped
-like a JWT) are redacted; so is a JWT in the path.
+filling the line's dict, ``orjson.dumps``, handing the line to the writer's buffer) is
+hotpath.py's, compiled.
+Credentials never reach a line: no header is written unless listed, and a listed header named
+like a secret is redacted; the query is dropped unless kept, and then the values of parameters
+named like a secret (or shaped like a JWT) are redacted; so is a JWT in the path.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote_to_bytes
+
+import orjson
 
 from apigate.config.accesslog import CREDENTIAL_HEADERS, FIELDS, SECRET_NAME_PARTS, AccessLogConfig
 from apigate.observe.accesslog.hotpath import Lines
@@ -48,7 +50,6 @@ class LineMaker:
         self.chance = chance
         self.sample = config.sample
         self.keep_query = config.query == "keep"
-        self.fields = None if config.fields == FIELDS else config.fields
         self.headers = config.headers
         self.name_parts = (*SECRET_NAME_PARTS, *config.redact_params)
         self.exact_params = frozenset(name.lower() for name in secret_params)
@@ -65,12 +66,13 @@ class LineMaker:
             put,
             self.sample,
             chance,
-            self.fields,
+            None if config.fields == FIELDS else config.fields,
             self.keep_query,
             self.redact_query,
             _redact_path,
             _subject,
             self.request_headers if self.headers else None,
+            not config.omit_empty,
         )
 
     def __call__(self, exchange: Exchange) -> None:
@@ -78,7 +80,8 @@ class LineMaker:
 
     def record(self, exchange: Exchange) -> dict[str, Any]:
         """The line's fields, in their order."""
-        return self.lines.record(exchange)
+        record: dict[str, Any] = orjson.loads(self.lines.line(exchange))
+        return record
 
     def request_headers(self, headers: list[tuple[bytes, bytes]]) -> dict[str, str | None]:
         """The listed request headers (first value each), credentials redacted."""

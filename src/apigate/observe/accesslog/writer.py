@@ -1,37 +1,33 @@
-"""Access log lines off the event loop: a bounded queue the loop appends to, and one thread that
-writes what is queued in batches, to stdout or a file it rotates.
+"""The access log's writing process: run as a script by the gateway (pipe.py starts one per worker),
+it reads lines from stdin and writes them to stdout or to a file it rotates, so that no thread of
+the gateway's holds its GIL or stalls in the kernel for the file system (a thread writing the
+file cost the loop about a tenth of its requests per second in bench/run). It imports nothing
+but the standard library.
 
-The loop's side is ``LogWriter.put``: a length check and a deque append (a deque's append and
-popleft are atomic, so the loop and the thread share it without a lock). When the output cannot
-keep up (a full disk, a pipe nobody reads), the queue fills and further lines are dropped and
-counted; nothing queues without bound and the loop never waits for the output.
-
-A file is opened in append mode. Several worker processes may append to one file: each batch is
+A file is opened in append mode. Several workers' writers may append to one file: each batch is
 written in pieces that end at a line's end (at most ``PIPE_BUF`` bytes to a pipe, whose writes
-that size are atomic), and with rotation on, the processes take an advisory lock on
-``<file>.lock`` to rotate and write, and a process whose file was renamed under it (by another
-worker, or by logrotate) opens the path again.
+that size are atomic), and with rotation on, the writers take an advisory lock on
+``<file>.lock`` to rotate and write, and a writer whose file was renamed under it (by another
+writer, or by logrotate) opens the path again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
+import json
 import os
 import re
 import select
 import stat
-import threading
+import sys
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
-log = logging.getLogger("apigate.access_log")
-
 STDOUT: Final = None
+READ_SIZE: Final = 1 << 20
 # Largest piece of a batch written at once to a regular file; pipes get PIPE_BUF (atomic writes).
 FILE_PIECE: Final = 1 << 20
 PIPE_PIECE: Final = select.PIPE_BUF
@@ -67,8 +63,9 @@ class Sink:
         self.lock_fd = -1
         self.written_lines = 0  # of the current ``write`` call, so a failure knows what was lost
 
-    def write(self, lines: list[bytes]) -> None:
-        """Write ``lines`` whole, rotating first or between them when due; raises OSError."""
+    def write(self, chunks: list[bytes]) -> None:
+        """Write ``chunks`` (each one or more whole lines) without cutting a line, rotating first
+        or between lines when due; raises OSError."""
         self.written_lines = 0
         with self._locked():
             fd = self._current()
@@ -82,12 +79,11 @@ class Sink:
                 else:  # nothing of the past period to keep apart
                     self.period = self._period_at(self.clock())
             piece_limit = FILE_PIECE if self.regular else PIPE_PIECE
-            total = sum(map(len, lines))
+            total = sum(map(len, chunks))
             if total <= piece_limit and (max_bytes is None or size + total <= max_bytes):
-                # The usual batch: one write, and no Python loop over its lines (the thread holds
-                # the GIL for as little as it can: the event loop needs it).
-                self._put(fd, lines)
+                self._put(fd, chunks)  # the usual batch: one write, no Python loop over its lines
                 return
+            lines = [line for chunk in chunks for line in chunk.splitlines(keepends=True)]
             piece: list[bytes] = []
             piece_size = 0
             for line in lines:
@@ -152,7 +148,7 @@ class Sink:
                 view = view[os.write(fd, view) :]
             except BlockingIOError:  # a non-blocking stdout that is full
                 select.select([], [fd], [], WAIT_WRITABLE)
-        self.written_lines += len(piece)
+        self.written_lines += sum(chunk.count(b"\n") for chunk in piece)
 
     # -- rotation ---------------------------------------------------------------------------------
     def _period_at(self, moment: float) -> int:
@@ -200,97 +196,6 @@ class Sink:
             fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
 
 
-class LogWriter:
-    """The bounded queue and the thread that empties it every ``flush_interval`` seconds, or as
-    soon as a batch is queued."""
-
-    def __init__(
-        self,
-        destination: Destination,
-        buffer: int,
-        flush_interval: float,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.queue: deque[bytes] = deque()
-        self.destination = destination
-        self.clock = clock
-        self.configure(destination, buffer, flush_interval)
-        self.overflowed = 0  # lines refused because the queue was full (counted on the loop)
-        self.lost = 0  # lines the output refused (counted by the thread)
-        self.written = 0  # counted by the thread
-        self.error: OSError | None = None  # the output's last failure, until a write succeeds
-        self.wake = threading.Event()
-        self.stopping = False
-        self.thread: threading.Thread | None = None
-
-    def configure(self, destination: Destination, buffer: int, flush_interval: float) -> None:
-        """New settings (a reload): the thread moves to a new destination before its next batch."""
-        self.destination = destination
-        self.limit = buffer
-        self.batch = max(1, min(8192, buffer // 4))  # (fewer, larger batches: fewer GIL handovers)
-        self.flush_interval = flush_interval
-
-    @property
-    def dropped(self) -> int:
-        """Lines that never reached the output: the queue was full, or the output failed."""
-        return self.overflowed + self.lost
-
-    def put(self, line: bytes) -> None:
-        """Queue ``line`` (the event loop's side: never waits)."""
-        queue = self.queue
-        queued = len(queue)
-        if queued >= self.limit:
-            self.overflowed += 1
-            return
-        queue.append(line)
-        if queued + 1 == self.batch:
-            self.wake.set()
-
-    def start(self) -> None:
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._run, name="apigate-access-log", daemon=True)
-            self.thread.start()
-
-    def stop(self, timeout: float) -> bool:
-        """Write what is queued and end the thread; False if it did not finish within ``timeout``
-        (the output blocks): the thread is left behind, it holds no lock the process needs."""
-        self.stopping = True
-        self.wake.set()
-        thread = self.thread
-        if thread is None:
-            return True
-        thread.join(timeout)
-        return not thread.is_alive()
-
-    def _run(self) -> None:
-        sink = Sink(self.destination, self.clock)
-        try:
-            while not self.stopping:
-                self.wake.wait(self.flush_interval)
-                self.wake.clear()
-                sink = self._drain(sink)
-            self._drain(sink)
-        finally:
-            sink.close()
-
-    def _drain(self, sink: Sink) -> Sink:
-        queue = self.queue
-        while queue:
-            if sink.destination != self.destination:
-                sink.close()
-                sink = Sink(self.destination, self.clock)
-            lines = [queue.popleft() for _ in range(min(len(queue), self.batch))]
-            try:
-                sink.write(lines)
-                self.error = None
-            except OSError as exc:
-                self.error = exc
-                sink.close()  # opened again for the next batch
-                self.lost += len(lines) - sink.written_lines
-            self.written += sink.written_lines
-        return sink
-
-
 def _free_name(name: str) -> str:
     """``name``, or when files of that time exist (several rotations in one millisecond), the next
     sequence number after theirs, so that names keep sorting in the order they were made."""
@@ -300,3 +205,42 @@ def _free_name(name: str) -> str:
         return name
     numbers = [int(entry[len(base) + 1 :]) for entry in taken if entry[len(base) + 1 :].isdigit()]
     return f"{name}-{max(numbers, default=0) + 1:03d}"
+
+
+# -- the writing process ------------------------------------------------------------------------------
+def main(status_fd: int, described: str) -> None:
+    """Read lines from stdin until it closes, write them to the destination, and report
+    "<written> <lost> <error>" after each write on ``status_fd`` (non-blocking: a report the
+    gateway has not read yet is replaced by the next one)."""
+    path, max_bytes, every, keep = json.loads(described)
+    sink = Sink(Destination(path, max_bytes, every, keep))
+    os.set_blocking(status_fd, False)
+    written = lost = 0
+    rest = b""
+    while True:
+        chunk = os.read(0, READ_SIZE)
+        data = rest + chunk if rest else chunk
+        if chunk and not data.endswith(b"\n"):  # (a read may end inside a line)
+            cut = data.rfind(b"\n") + 1
+            data, rest = data[:cut], data[cut:]
+        else:
+            rest = b""
+        if data:
+            lines = data.count(b"\n")
+            error = ""
+            try:
+                sink.write([data])
+            except OSError as exc:
+                sink.close()  # opened again for the next batch
+                error = str(exc)
+            written += sink.written_lines
+            lost += lines - sink.written_lines
+            with contextlib.suppress(OSError):
+                os.write(status_fd, f"{written} {lost} {error}\n".encode())
+        if not chunk:
+            break
+    sink.close()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2])
