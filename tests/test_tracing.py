@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from apigate.engine.tracing import TraceIds, parse_traceparent
+from apigate.engine.wire import HexCounter, RequestIds
 from tests.support.errors_helpers import request
 from tests.support.gateway import GatewayProcess
 from tests.support.upstream import UpstreamServer
@@ -127,3 +128,15 @@ def test_span_ids_are_unique_and_never_zero(tmp_path: Path) -> None:
     assert all(len(span) == 16 and span != b"0" * 16 for span in made)
     ids.ratio = 0.01
     assert sum(ids.sample() for _ in range(1000)) == 10
+
+
+def test_hex_counters_give_each_number_its_own_fixed_width_digits() -> None:
+    # Across block boundaries (the leading digits are formatted once per 4,096 numbers).
+    mask = 0xFEDCBA9876543210F
+    counter = HexCounter(b"id-", 15, mask)
+    made = [counter.next() for _ in range(3 * 4096 + 5)]
+    assert made == [b"id-%015x" % ((mask ^ n) & (2**60 - 1)) for n in range(1, len(made) + 1)]
+    assert len(set(made)) == len(made)
+    ids = RequestIds()
+    first, second = ids.next(), ids.next()
+    assert len(first) == 32 and first[:16] == second[:16] and int(second, 16) == int(first, 16) + 1

@@ -18,6 +18,8 @@ import os
 import re
 from typing import Final
 
+from apigate.engine.wire import HexCounter
+
 _TRACEPARENT: Final = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 _ZERO_TRACE: Final = b"0" * 32
 _ZERO_SPAN: Final = b"0" * 16
@@ -27,8 +29,7 @@ class TraceIds:
     """Span ids and sampling decisions for one process."""
 
     def __init__(self) -> None:
-        self.base = int.from_bytes(os.urandom(7), "big") << 4  # 60 bits: the xor stays a small int
-        self.count = 0
+        self.spans = HexCounter(b"", 15, int.from_bytes(os.urandom(8), "big"))
         self.ratio = 0.0
         self.credit = 0.0
 
@@ -39,8 +40,7 @@ class TraceIds:
     def span_base(self) -> bytes:
         """15 hex digits unique in this process: a request's span ids are these and one more
         digit each, so one number is formatted per request, not one per span."""
-        self.count += 1
-        return b"%015x" % ((self.base ^ self.count) & 0x0FFFFFFFFFFFFFFF)
+        return self.spans.next()
 
     def sample(self) -> bool:
         """Whether a new trace is sampled: exactly ``ratio`` of them, evenly spread."""

@@ -86,17 +86,41 @@ def connection_tokens(value: bytes) -> set[bytes] | None:
     return {t.strip().lower() for t in value.split(b",")} - {b"close", b"keep-alive", b""}
 
 
+class HexCounter:
+    """Successive numbers, xored with ``mask``, as ``width`` hex digits after ``prefix``. Formatting
+    a number per call costs more than the rest of making an id, so the leading digits are
+    formatted once per 4,096 numbers and the last three come from a table."""
+
+    def __init__(self, prefix: bytes, width: int, mask: int) -> None:
+        self.prefix = prefix
+        self.width = width
+        self.mask = mask & ((1 << (4 * width)) - 1)
+        self.count = 0
+        self.block = -1
+        self.lead = b""  # the prefix and the leading digits of the current block
+
+    def next(self) -> bytes:
+        count = self.count = self.count + 1
+        block = count >> 12
+        if block != self.block:
+            self.block = block
+            high = ((self.mask >> 12) ^ block) & ((1 << (4 * (self.width - 3))) - 1)
+            self.lead = self.prefix + b"%0*x" % (self.width - 3, high)
+        return self.lead + _LAST_DIGITS[(self.mask ^ count) & 0xFFF]
+
+
+_LAST_DIGITS: Final = [b"%03x" % n for n in range(4096)]
+
+
 class RequestIds:
     """Request ids of 32 hex digits: a random per-process prefix and a counter (unique, and
     cheap to make; compiled here because every request without an id of its own needs one)."""
 
     def __init__(self) -> None:
-        self.prefix = os.urandom(8).hex().encode()
-        self.count = 0
+        self.counter = HexCounter(os.urandom(8).hex().encode(), 16, 0)
 
     def next(self) -> bytes:
-        self.count += 1
-        return self.prefix + b"%016x" % self.count
+        return self.counter.next()
 
 
 def chunk(data: bytes) -> bytes:
