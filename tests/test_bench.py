@@ -165,3 +165,29 @@ def test_every_scenario_config_is_one_the_gateway_accepts(name: str) -> None:
     scenario = bench.SCENARIOS[name]
     config = load_config(text=bench.apigate_config(scenario, 8080, 9090, 6390 if scenario.redis else None))
     assert config.routes[0].path == "/*"
+
+
+def test_a_scenario_with_a_baseline_of_its_own_brings_it_and_is_divided_by_it() -> None:
+    assert bench.parse_args(["--scenarios", "gzip-10k"]).scenarios == ["plain", "plain-10k", "gzip-10k"]
+    rounds = [
+        [
+            _measured("nginx", 100),
+            _measured("apigate plain", 80),
+            _measured("apigate plain-10k", 50),
+            _measured("apigate gzip-10k", 20),
+        ]
+    ]
+    summaries = bench.summarise(["nginx", "apigate plain", "apigate plain-10k", "apigate gzip-10k"], rounds)
+    # gzip-10k over plain-10k (the same 10 KB body), plain-10k over plain.
+    assert _summary(summaries, "apigate gzip-10k").ratios["rps_vs_plain"].median == pytest.approx(0.4)
+    assert _summary(summaries, "apigate plain-10k").ratios["rps_vs_plain"].median == pytest.approx(50 / 80)
+
+
+def test_the_10k_body_is_json_of_exactly_10_kb() -> None:
+    import json
+
+    assert len(bench.JSON_10K.encode()) == 10 * 1024
+    assert len(json.loads(bench.JSON_10K)["items"]) > 50
+    assert bench.SCENARIOS["gzip-10k"].path == bench.SCENARIOS["plain-10k"].path == bench.JSON_10K_PATH
+    framed = b"5\r\nhello\r\n6;x=1\r\n world\r\n0\r\n\r\n"
+    assert bench.dechunk(framed) == b"hello world"

@@ -114,8 +114,8 @@ def test_compiled_head_reader_agrees_with_llhttp() -> None:
 
 
 def test_compiled_policy_hot_paths_pass_the_policy_tests() -> None:
-    """The compiled hot paths of headers, jwt, key-auth, the limits (hybrid counters too) and quotas
-    answer as their sources do."""
+    """The compiled hot paths of headers, jwt, key-auth, the limits (hybrid counters too), quotas
+    and compression answer as their sources do."""
     env = {**os.environ, "PYTHONPATH": f"{compiled_build()}{os.pathsep}{ROOT}"}
     where = "import apigate.policies.jwt.hotpath as m; print(m.__file__)"
     compiled = subprocess.run([sys.executable, "-c", where], env=env, capture_output=True, text=True)
@@ -133,6 +133,9 @@ def test_compiled_policy_hot_paths_pass_the_policy_tests() -> None:
         "tests/test_policy_quota.py::test_a_quota_rolls_over_at_local_midnight_on_a_dst_day",
         "tests/test_policy_quota.py::test_a_dst_day_ends_at_local_midnight",
         "tests/test_policy_quota.py::test_workers_share_a_memory_quota_through_the_store",
+        # The response_body phase and compression's decision, with the engine's filtered path.
+        "tests/test_response_body_phase.py",
+        "tests/test_policy_compression.py",
     ]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],

@@ -13,6 +13,12 @@ Behaviour is chosen by path, so one server covers most cases:
   /close             closes the connection without answering
   /garbage           answers something that is not HTTP
   /hop               answers with hop-by-hop headers that must not reach the client
+  /made?size=&body=&type=&framing=&status=&h=
+                     a body made to order: ``size`` bytes (default 4096) of ``body``
+                     (``made_pieces``: lines, letters or noise), as
+                     ``type`` (default text/plain; ``-``: none), framed by Content-Length (default),
+                     ``chunked`` or ``eof`` (the close); ``status`` (default 200; 204 and 304
+                     without a body, as HEAD); each ``h=name:value`` adds a header
 Every request is also recorded in ``requests`` (method, path, query, headers, body length).
 
 With ``keeps_parsing_after_upgrade`` the server behaves like a backend that does not speak any
@@ -24,13 +30,46 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs
 
 import httptools
 import orjson
+
+# The pieces /made writes: numbered lines of text (compressible as API bodies are), or noise.
+MADE_BLOCK = 64 * 1024
+_TEXT_BLOCK = b"".join(
+    b'{"line": %06d, "text": "the quick brown fox jumps over the lazy dog"}\n' % i for i in range(1000)
+)[:MADE_BLOCK]
+# Random bytes repeated 1 MiB apart: farther than any window the gateway's codecs keep (gzip's
+# 32 KiB, 512 KiB for brotli and zstd), so no codec shrinks it.
+_NOISE = random.Random(7).randbytes(1 << 20)
+# The same randomness as letters, spaces and line ends: text that every codec shrinks about by
+# half, with no long repeats for one to skip through, so compressing it takes real work.
+_LETTERS = _NOISE.translate(bytes(b"abcdefghijklmnopqrstuvwxyz  \n,.-"[i % 32] for i in range(256)))
+_SOURCES = {"lines": _TEXT_BLOCK, "noise": _NOISE, "letters": _LETTERS}
+
+
+def made_pieces(size: int, kind: str = "lines", piece: int = MADE_BLOCK) -> Iterator[bytes]:
+    """The body of ``/made?size=...&body=kind`` in pieces of at most ``piece`` bytes: numbered JSON
+    lines (``lines``, repeated every 64 KiB), ``letters`` or ``noise``."""
+    source = _SOURCES[kind]
+    sent = 0
+    while sent < size:
+        start = sent % len(source)
+        chunk = source[start : start + min(piece, size - sent)]
+        sent += len(chunk)
+        yield chunk
+
+
+def made_body(size: int, kind: str = "lines") -> bytes:
+    """The whole body of ``/made?size=...`` (for sizes a test keeps in memory)."""
+    return b"".join(made_pieces(size, kind))
 
 
 @dataclass
@@ -258,6 +297,8 @@ class _Handler(asyncio.Protocol):
                 event = f"data: event-{i}\n\n".encode()
                 t.write(b"%x\r\n%s\r\n" % (len(event), event))
             t.write(b"0\r\n\r\n")
+        elif kind == "made":
+            await self.made(seen, query)
         elif kind == "sized":
             # n bytes with Content-Length, and no body at all for HEAD (as RFC 9110 requires).
             total = int(arg)
@@ -277,3 +318,30 @@ class _Handler(asyncio.Protocol):
                 "connection_id": self.connection_id,
             }
             self.send(200, orjson.dumps(payload), keep_alive=keep_alive)
+
+    async def made(self, seen: Seen, query: str) -> None:
+        args = parse_qs(query)
+        size = int(args.get("size", ["4096"])[0])
+        framing = args.get("framing", ["length"])[0]
+        status = int(args.get("status", ["200"])[0])
+        kind = args.get("body", ["lines"])[0]
+        content_type = args.get("type", ["text/plain"])[0]
+        head = [f"HTTP/1.1 {status} X"] + ([f"content-type: {content_type}"] if content_type != "-" else [])
+        head += [h.replace(":", ": ", 1) for h in args.get("h", [])]
+        bodiless = seen.method == "HEAD" or status in (204, 304)
+        if framing == "length" and status != 204:
+            head.append(f"content-length: {size}")
+        elif framing == "chunked" and not bodiless:
+            head.append("transfer-encoding: chunked")
+        elif framing == "eof":
+            head.append("connection: close")
+        t = self.transport
+        t.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        if not bodiless:
+            for piece in made_pieces(size, kind, 4096 if framing == "chunked" else MADE_BLOCK):
+                await self.can_write.wait()
+                t.write(b"%x\r\n%s\r\n" % (len(piece), piece) if framing == "chunked" else piece)
+            if framing == "chunked":
+                t.write(b"0\r\n\r\n")
+        if framing == "eof":
+            t.close()

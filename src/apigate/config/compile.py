@@ -202,6 +202,7 @@ def compile_plan(
             log_hooks=_hooks(policies, "log"),
             body_hooks=_hooks(body_policies, "body"),
             body_limit=body_limit,
+            response_body_hooks=tuple(reversed(_hooks(policies, "response_body"))),
             inactive=route_inactive,
             upgrades=frozenset(p.encode() for p in route.upgrades),
             description=_describe(route, policies, route_inactive),

@@ -91,6 +91,10 @@ class Exchange:
     response_lines = b""
     response_chunked = False
     response_until_eof = False
+    # The response body's filters (the route's response_body phase), in the order the body meets
+    # them; None, the class default, while the body goes to the client as it arrives.
+    body_filters: list[Any] | None = None
+    response_body_in = 0  # response body bytes read from the upstream while filters ran
     upstream_keep_alive = False
     close_after = False
     finished = False
@@ -784,6 +788,24 @@ class Exchange:
             self.tunnel = True
             client.start_tunnel(self)
             return
+        filtered = False
+        upstream_eof = False
+        if route is not None and route.response_body_hooks and self._response_has_body(status):
+            try:
+                self.body_filters = self._collect_filters(route.response_body_hooks)
+            except Exception:
+                self.client.gateway.log_exception("policy failed", self)
+                self.fail(500, "a policy failed while handling the response")
+                return
+            if self.body_filters is not None:
+                # The client's framing follows the filtered body: its own Content-Length if the
+                # policies kept one, else chunks (or the close, for HTTP/1.0); the upstream's
+                # framing still says where the upstream's body ends.
+                filtered = True
+                upstream_eof = not length_known and not chunked
+                kept = self.response_headers
+                length_known = framing.has_length(kept)
+                chunked = not length_known
         self.response_started = True
         head, rechunk, until_eof, close = framing.response_head(
             status=status,
@@ -800,7 +822,7 @@ class Exchange:
         if self.upgrade:  # the upstream declined the upgrade: answer, then close (close_after)
             self.upstream_keep_alive = False  # the upstream may wait for the other protocol
         self.response_chunked = rechunk
-        self.response_until_eof = until_eof
+        self.response_until_eof = upstream_eof if filtered else until_eof
         if close:
             self.close_after = True
         client.write(head)
@@ -834,11 +856,98 @@ class Exchange:
         return False
 
     def on_response_body(self, data: bytes) -> None:
+        filters = self.body_filters
+        if filters is not None:
+            self._filter_body(filters, data)
+            return
         self.bytes_out += len(data)
         self.client.write(wire.chunk(data) if self.response_chunked else data)
 
+    def _response_has_body(self, status: int) -> bool:
+        """Whether a response with ``status`` to this request carries a body (RFC 9110 §6.4.1)."""
+        return status >= 200 and status != 204 and status != 304 and self.method != "HEAD"
+
+    def _collect_filters(self, hooks: tuple[Any, ...]) -> list[Any] | None:
+        """The filters the response_body hooks hand back for this response (None: none did)."""
+        filters: list[Any] | None = None
+        for hook in hooks:
+            found = hook(self)
+            if found is not None:
+                if filters is None:
+                    filters = [found]
+                else:
+                    filters.append(found)
+        return filters
+
+    def _filter_body(self, filters: list[Any], data: bytes) -> None:
+        self.response_body_in += len(data)
+        try:
+            for body_filter in filters:
+                data = body_filter.feed(data)
+                if not data:
+                    return  # held (an empty chunk would end a chunked body)
+        except Exception:
+            self._filter_failed()
+            return
+        self._send_body(data)
+
+    def _send_body(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.client.write(wire.chunk(data) if self.response_chunked else data)
+
+    def _end_filters(self, filters: list[Any]) -> bool:
+        """The body is complete: send what the filters still hold. False when one failed (the
+        response is cut)."""
+        self.body_filters = None
+        try:
+            rest = finish_filters(filters, b"")
+        except Exception:
+            self._filter_failed()
+            return False
+        if rest:
+            self._send_body(rest)
+        return True
+
+    def _filter_failed(self) -> None:
+        """A filter raised while the body streamed: its head went, so the response is cut."""
+        self.body_filters = None
+        self.client.gateway.log_exception("a response body filter failed", self)
+        self.abort()
+
+    def _filter_reply(self, hooks: tuple[Any, ...], content_type: bytes, body: bytes) -> tuple[bytes, bytes]:
+        """A gateway-made body through the response_body hooks, whole: they see its Content-Type and
+        Content-Length among the headers, as they would an upstream's. On a failure the answer goes
+        as it was (it may itself be the answer to a failure)."""
+        before = self.response_headers
+        self.response_headers = [
+            (b"content-type", content_type),
+            (b"content-length", b"%d" % len(body)),
+            *before,
+        ]
+        try:
+            filters = self._collect_filters(hooks)
+            filtered = finish_filters(filters, body) if filters is not None else body
+        except Exception:
+            self.client.gateway.log_exception("policy failed", self)
+            self.response_headers = before
+            return content_type, body
+        kept: list[tuple[bytes, bytes]] = []
+        found_type: bytes | None = None
+        for pair in self.response_headers:
+            name = pair[0]
+            if name == b"content-type":
+                if found_type is None:
+                    found_type = pair[1]
+            elif name != b"content-length":  # the answer's own, from the filtered body
+                kept.append(pair)
+        self.response_headers = kept
+        return (found_type if found_type is not None else content_type), filtered
+
     def on_response_end(self) -> None:
         if self.finished:
+            return
+        filters = self.body_filters
+        if filters is not None and not self._end_filters(filters):
             return
         if self.response_chunked:
             self.client.write(wire.LAST_CHUNK)
@@ -978,12 +1087,16 @@ class Exchange:
             return
         status = self.response_status = reply.status
         self.response_headers = [*reply.headers, (b"x-request-id", self.rid)]
+        content_type = reply.content_type
+        body = reply.body
         route = self.route
         if route is not None:
             if route.meter is not None and (status == 429 or status == 401 or status == 403):
                 route.meter.refused(status, reply.reason)
             for hook in route.response_hooks:
                 hook(self)
+            if route.response_body_hooks and body and self._response_has_body(status):
+                content_type, body = self._filter_reply(route.response_body_hooks, content_type, body)
         if not self.request_done and (
             self.request_chunked
             or (self.content_length or 0) > DISCARD_LIMIT
@@ -998,8 +1111,8 @@ class Exchange:
         closing = self.close_after or not self.keep_alive or self.client.draining
         message = framing.reply_message(
             status=reply.status,
-            content_type=reply.content_type,
-            body=reply.body,
+            content_type=content_type,
+            body=body,
             headers=self.response_headers,
             method=self.method,
             closing=closing,
@@ -1007,7 +1120,7 @@ class Exchange:
         )
         self.close_after = closing
         self.response_started = True
-        self.bytes_out += 0 if self.method == "HEAD" else len(reply.body)
+        self.bytes_out += 0 if self.method == "HEAD" else len(body)
         self.client.write(message)
         self.finish()
 
@@ -1074,6 +1187,16 @@ class Exchange:
             except Exception:
                 gateway.log_exception("finish hook failed", self)
         self.client.exchange_finished(self)
+
+
+def finish_filters(filters: list[Any], data: bytes) -> bytes:
+    """The end of a body: ``data`` (its last piece, or b"") through ``filters`` in order, each
+    ended in turn, what it still held going through the filters after it; returns what remains."""
+    for body_filter in filters:
+        fed: bytes = body_filter.feed(data) if data else b""
+        held: bytes = body_filter.end()
+        data = fed + held if fed else held
+    return data
 
 
 def _sane_id(value: bytes) -> bool:

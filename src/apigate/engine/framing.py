@@ -184,6 +184,11 @@ def response_head(
     return b"".join(head), rechunk, until_eof, close
 
 
+def has_length(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether ``headers`` (lowercase names) hold a Content-Length field."""
+    return any(name == b"content-length" for name, _ in headers)
+
+
 def switch_head(headers: list[tuple[bytes, bytes]], upgrade_to: bytes) -> bytes:
     """The head of a 101 answer that switches the client to ``upgrade_to``."""
     return (

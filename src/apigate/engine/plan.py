@@ -32,6 +32,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 RequestHook = Callable[[Exchange], Reply | Awaitable[Reply | None] | None]
 BodyHook = Callable[[Exchange, bytes], Reply | Awaitable[Reply | None] | None]
 ResponseHook = Callable[[Exchange], None]
+# Returns the response body's filter (an object with feed(bytes) -> bytes and end() -> bytes), or None.
+ResponseBodyHook = Callable[[Exchange], Any]
 LogHook = Callable[[Exchange], None]
 
 
@@ -159,6 +161,7 @@ class CompiledRoute:
     log_hooks: tuple[LogHook, ...]
     body_hooks: tuple[BodyHook, ...] = ()
     body_limit: int = 0  # largest body the body hooks buffer
+    response_body_hooks: tuple[ResponseBodyHook, ...] = ()  # in the order the response meets them
     inactive: tuple[str, ...] = ()
     upgrades: frozenset[bytes] = frozenset()  # Upgrade protocols this route tunnels (lowercase)
     meter: RouteMeter | None = None  # None: metrics are off

@@ -117,7 +117,8 @@ class UpstreamConnection(wire.HeadReader):
     def read_with_llhttp(self, exchange: Exchange, data: bytes) -> None:
         in_head = self.in_head
         in_body = self.parser_busy and not in_head  # this read began inside a body
-        body_before = exchange.bytes_out
+        # Body progress: what reached the client, or a filter (which may hold it for now).
+        body_before = exchange.bytes_out + exchange.response_body_in
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -143,7 +144,7 @@ class UpstreamConnection(wire.HeadReader):
                 self.head_read += len(data)
                 if self.head_read > MAX_RESPONSE_HEAD + HEAD_SLACK:
                     self.refuse(exchange)
-        elif not in_body or exchange.bytes_out != body_before:
+        elif not in_body or exchange.bytes_out + exchange.response_body_in != body_before:
             self.framing_bytes = 0
         else:
             self.framing_bytes += len(data)

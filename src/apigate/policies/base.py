@@ -4,9 +4,9 @@ A policy subclasses ``Policy[ItsConfig]`` (``ItsConfig``, a ``PolicyConfig``, va
 config; the class gets it as ``Config``) and states, on the class:
 
 - ``name`` and ``order``;
-- ``phases``: the phases whose hooks it defines. ``register`` refuses a class whose ``phases``
-  and ``on_*`` methods disagree; the engine calls only the hooks of declared phases, so an
-  unused phase costs nothing;
+- ``phases``: the phases whose hooks it defines (of request, body, response, response_body,
+  log). ``register`` refuses a class whose ``phases`` and ``on_*`` methods disagree; the engine
+  calls only the hooks of declared phases, so an unused phase costs nothing;
 - ``needs``: the shared services it uses (``policies/services.py``); the process starts them
   before serving and hands every policy one ``PolicyServices``, ``self.services``; a policy that
   counts on a Redis of its own names it in ``state_urls``.
@@ -31,6 +31,30 @@ Phases, in the order a request meets them:
   upstream then receives the new bytes with a matching Content-Length.
 - ``on_response(exchange)``: the upstream's status and headers arrived; edit
   ``exchange.response_headers`` before they are sent. Runs in reverse order.
+- ``on_response_body(exchange)``: the response has a body and its head is final (every
+  ``on_response`` hook ran); return a ``ResponseBodyFilter`` to see that body, or ``None`` to
+  leave it alone: the choice is made per response (its content type, its size, the client's
+  Accept-Encoding...). The engine never asks for a response without a body (to HEAD, 1xx, 204,
+  304). A hook that returns a filter edits ``exchange.response_headers`` to match what the
+  filter makes: it removes Content-Length when the length may change (the client then gets the
+  body chunked, or delimited by the close for HTTP/1.0), sets Content-Encoding, adds to Vary.
+  Runs in reverse order, as ``on_response`` does, and the body meets the filters in that order:
+  the policy with the lowest ``order`` sees the body last (compression, after any transform).
+  Gateway-made answers (``Reply``: an early answer, an error) get the same hooks, their body
+  fed whole, with their Content-Type and Content-Length among the headers. A route without
+  this phase pays nothing for it: its body goes to the client as it arrives.
+
+  A filter has ``feed(chunk) -> bytes`` (each piece of the body as it arrives, never empty;
+  return what goes on now, ``b""`` to hold it) and ``end() -> bytes`` (the body is complete:
+  return the rest). It keeps memory bounded: a filter that needs the whole body (a JSON
+  mapping) buffers up to a limit of its own and past it gives up, returning what it held and
+  then each chunk unchanged. ``end()`` is not called when the response is cut short (the
+  upstream or the client went away): a filter that keeps what it saw (a cache) keeps it in
+  ``end()``. A hook that raises is a failing policy (500: nothing was sent yet); a filter that
+  raises cuts the response (its head went), or, for a gateway-made answer, lets that answer go
+  unfiltered with the head it had before the hooks. The client's slowness reaches the upstream
+  through the filters: what they return is written as it comes, and a full client socket
+  pauses reading from the upstream.
 - ``on_log(exchange)``: the exchange is finished (status, timings, bytes are known).
 
 The engine calls what ``hook(phase)`` returns: the bound ``on_<phase>`` method, or the callable
@@ -53,7 +77,7 @@ with mypyc, together with the engine; a policy puts a bound method of a hotpath 
   policy sets a dict), ``response_lines`` (header lines added to whatever response the request
   gets: append ``b"name: value\r\n"`` lines with ``+=``)
   and the method ``vars()`` (that dict, made on first use); the request's ``method``, ``path``,
-  ``raw_path``, ``query``, ``client_ip`` and ``route`` may be read;
+  ``raw_path``, ``query``, ``client_ip`` and ``route``, and the ``response_status``, may be read;
 - hands anything unusual (a refusal, a miss, a service not running) back to a callable of the
   policy, so the policy's Python module stays the one place that makes answers.
 """
@@ -62,7 +86,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Literal, Protocol, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict
 
@@ -74,13 +98,23 @@ if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
     from apigate.engine.replies import Reply
 
-Phase = Literal["request", "body", "response", "log"]
+Phase = Literal["request", "body", "response", "response_body", "log"]
 HOOK_METHODS: Final[dict[Phase, str]] = {
     "request": "on_request",
     "body": "on_body",
     "response": "on_response",
+    "response_body": "on_response_body",
     "log": "on_log",
 }
+
+
+class ResponseBodyFilter(Protocol):
+    """What an ``on_response_body`` hook hands the engine: it sees the response body piece by
+    piece and returns what the client gets instead (the module docstring is the contract)."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def end(self) -> bytes: ...
 
 
 class PolicyConfig(BaseModel):
@@ -161,6 +195,9 @@ class Policy(Generic[ConfigT]):
         return None
 
     def on_response(self, exchange: Exchange) -> None:
+        return None
+
+    def on_response_body(self, exchange: Exchange) -> ResponseBodyFilter | None:
         return None
 
     def on_log(self, exchange: Exchange) -> None:

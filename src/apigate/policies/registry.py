@@ -28,6 +28,7 @@ BUILTIN = (
     "apigate.policies.request_termination",
     "apigate.policies.webhook_verify",
     "apigate.policies.webhook_ingest",
+    "apigate.policies.compression",
 )
 
 PolicyClass = TypeVar("PolicyClass", bound=type[Policy[Any]])
