@@ -151,7 +151,7 @@ def test_headers_policy_errors_have_paths_and_lines(tmp_path: Path) -> None:
     )
     assert [(line, path) for line, path, _ in found] == [
         (3, "policies.headers.response.sett"),
-        (10, "routes[0].policies.headers.request.set"),
+        (11, "routes[0].policies.headers.request.set.Host"),  # the key itself
     ]
     assert "managed by the proxy" in found[1][2]
 

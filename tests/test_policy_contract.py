@@ -16,9 +16,9 @@ from apigate.engine.exchange import Exchange
 from apigate.engine.plan import Plan
 from apigate.engine.upstream import PoolManager
 from apigate.policies.base import Policy, PolicyConfig
-from apigate.policies.headers.hotpath import CompiledEdits
 from apigate.policies.key_auth.hotpath import KeyCheck
 from apigate.policies.registry import register, registry
+from apigate.policies.transform.hotpath import CompiledEdits
 
 
 class NoConfig(PolicyConfig):

@@ -19,7 +19,8 @@ Behaviour is chosen by path, so one server covers most cases:
                      ``type`` (default text/plain; ``-``: none), framed by Content-Length (default),
                      ``chunked`` or ``eof`` (the close); ``status`` (default 200; 204 and 304
                      without a body, as HEAD); each ``h=name:value`` adds a header
-Every request is also recorded in ``requests`` (method, path, query, headers, body length).
+Every request is also recorded in ``requests`` (method, path, query, headers, body length, and
+the first 64 KiB of the body).
 
 With ``keeps_parsing_after_upgrade`` the server behaves like a backend that does not speak any
 upgraded protocol: it answers an Upgrade request as a plain one and reads whatever follows on the
@@ -72,6 +73,9 @@ def made_body(size: int, kind: str = "lines") -> bytes:
     return b"".join(made_pieces(size, kind))
 
 
+KEPT_BODY = 64 * 1024  # of each request body, what ``Seen.body`` keeps
+
+
 @dataclass
 class Seen:
     method: str
@@ -80,6 +84,7 @@ class Seen:
     body_length: int = 0
     connection_id: int = 0
     query: str = ""
+    body: bytes = b""  # the first KEPT_BODY bytes
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
@@ -156,6 +161,7 @@ class _Handler(asyncio.Protocol):
         self.headers: list[tuple[str, str]] = []
         self.body = hashlib.sha256()
         self.body_length = 0
+        self.kept = bytearray()
         self.can_write = asyncio.Event()
         self.can_write.set()
 
@@ -183,6 +189,7 @@ class _Handler(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.url, self.headers, self.body, self.body_length = b"", [], hashlib.sha256(), 0
+        self.kept = bytearray()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -193,11 +200,15 @@ class _Handler(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.body.update(body)
         self.body_length += len(body)
+        if len(self.kept) < KEPT_BODY:
+            self.kept += body[: KEPT_BODY - len(self.kept)]
 
     def on_message_complete(self) -> None:
         method = self.parser.get_method().decode()
         path, _, query = self.url.decode("latin-1").partition("?")
-        seen = Seen(method, path, list(self.headers), self.body_length, self.connection_id, query)
+        seen = Seen(
+            method, path, list(self.headers), self.body_length, self.connection_id, query, bytes(self.kept)
+        )
         self.server.requests.append(seen)
         keep_alive = self.parser.should_keep_alive()
         task = asyncio.ensure_future(self.respond(seen, query, self.body.hexdigest(), keep_alive))

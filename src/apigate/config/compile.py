@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 from apigate.config.models import ROUTE_SHORTHANDS, GatewayConfig, RouteConfig
+from apigate.config.templates import path_template
 from apigate.config.upstreams import TargetConfig, UpstreamConfig
 from apigate.engine.balancers import stable_hash
 from apigate.engine.breakers import TargetStates
@@ -62,13 +63,7 @@ def _shorthand(key: str, value: str) -> tuple[str | None, dict[str, Any] | None]
 
 
 def _compile_rewrite(template: str | None) -> tuple[tuple[bool, str], ...] | None:
-    if template is None:
-        return None
-    parts: list[tuple[bool, str]] = []
-    for index, piece in enumerate(re.split(r"\{([^}]*)\}", template)):
-        if piece:
-            parts.append((index % 2 == 1, piece))
-    return tuple(parts)
+    return None if template is None else path_template(template)
 
 
 def target_key(upstream: str, url: str) -> str:
@@ -203,6 +198,8 @@ def compile_plan(
             body_hooks=_hooks(body_policies, "body"),
             body_limit=body_limit,
             response_body_hooks=tuple(reversed(_hooks(policies, "response_body"))),
+            oversized_body_streams=bool(body_policies)
+            and all(p.oversized_body == "stream" for p in body_policies),
             inactive=route_inactive,
             upgrades=frozenset(p.encode() for p in route.upgrades),
             description=_describe(route, policies, route_inactive),

@@ -24,6 +24,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from apigate.config.check import semantic_issues
 from apigate.config.issues import ConfigIssue
 from apigate.config.models import GatewayConfig
+from apigate.config.templates import is_request_reference
 from apigate.policies.registry import load_plugins
 
 __all__ = ["ConfigError", "load_config"]
@@ -40,8 +41,9 @@ _NULL_TAG = "tag:yaml.org,2002:null"
 # config is nowhere near this many nodes.
 _MAX_NODES = 200_000
 
-# `$${` first so that the escape wins over a reference starting at the second `$`.
-_ENV_REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
+# `$${` first so that the escape wins over a reference starting at the second `$`. `${env.NAME}` is
+# another spelling of `${NAME}`; `${...}` of anything else is a request variable or a mistake.
+_ENV_REF = re.compile(r"\$\$\{|\$\{(?:env\.)?([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{([^}$]*)\}|\$\{")
 
 # Shorter values are left in messages: they would match ordinary words, and secrets worth hiding are longer.
 _MIN_SCRUB_LEN = 8
@@ -339,15 +341,21 @@ class _Builder:
     def _interpolate(self, value: str, node: Node, loc: Loc) -> str:
         missing: list[str] = []
         malformed = False
+        # A policy's config may hold request variables (``${consumer.id}``, config/templates.py):
+        # the policy fills them per request, so they stay, and so does the escape before one.
+        in_policy = loc[:1] == ("policies",) or loc[:3:2] == ("routes", "policies")
 
         def replace(match: re.Match[str]) -> str:
             nonlocal malformed
             name, default = match.group(1), match.group(2)
-            if match.group(0) == "$${":
+            whole = match.group(0)
+            if in_policy and _names_request_variable(whole, value, match.end()):
+                return whole
+            if whole == "$${":
                 return "${"
             if name is None:
                 malformed = True
-                return match.group(0)
+                return whole
             found = self.environ.get(name)
             if found:
                 return found
@@ -365,6 +373,15 @@ class _Builder:
                 loc, node, "malformed ${...}: write ${NAME} or ${NAME:-default}, and $${ for a literal ${"
             )
         return result
+
+
+def _names_request_variable(reference: str, value: str, end: int) -> bool:
+    """Whether ``reference`` (a match of ``_ENV_REF`` ending at ``end`` in ``value``) is a request
+    variable, or the ``$${`` escape before one, which are left for the policy that fills them."""
+    if reference == "$${":
+        closing = value.find("}", end)
+        return closing >= 0 and is_request_reference(value[end:closing])
+    return reference.startswith("${") and reference.endswith("}") and is_request_reference(reference[2:-1])
 
 
 def _tag_problem(tag: str, what: str) -> str:

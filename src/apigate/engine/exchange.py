@@ -65,6 +65,9 @@ class Exchange:
     params: dict[str, str]
     remainder: str | None = None
     prefix: str | None = None
+    # The upstream path a request policy chose (the transform policy's path rewrite), in normal
+    # form; it replaces what the route's rewrite or strip_prefix would send.
+    rewritten_path: str | None = None
     target: Target | None = None
     upstream: UpstreamConnection | None = None
     attempt = 0
@@ -430,6 +433,9 @@ class Exchange:
     def _start_buffering(self, route: CompiledRoute) -> None:
         limit = route.body_limit
         if (self.content_length or 0) > limit or self.bytes_in > limit:
+            if route.oversized_body_streams:
+                self.go_upstream()  # the body hooks are skipped: the body goes on as it comes
+                return
             self.close_after = True
             self.fail(413, f"request body exceeds the limit of {limit} bytes")
             return
@@ -663,8 +669,8 @@ class Exchange:
             method=self.method,
             raw_path=self.raw_path,
             rewritten_path=(
-                None
-                if route.rewrite is None and not route.prefix_strip
+                self.rewritten_path
+                if self.rewritten_path is not None or (route.rewrite is None and not route.prefix_strip)
                 else route.upstream_path(self.path, self.params, self.remainder, self.prefix)
             ),
             query=self.query,
@@ -734,9 +740,18 @@ class Exchange:
         self.body_pending_size += len(data)
         if self.buffering:
             assert route is not None
-            if self.bytes_in > route.body_limit:
-                self.close_after = True
-                self.fail(413, f"request body exceeds the limit of {route.body_limit} bytes")
+            if self.bytes_in <= route.body_limit:
+                return
+            if route.oversized_body_streams:
+                # Too large for the body hooks, which let it pass: what arrived goes upstream
+                # first, then the rest as it comes, with backpressure as on any streamed body.
+                self.buffering = False
+                if self.body_pending_size > BODY_HIGH_WATER:
+                    self.client.pause(self.client.PAUSE_BODY)
+                self.go_upstream()
+                return
+            self.close_after = True
+            self.fail(413, f"request body exceeds the limit of {route.body_limit} bytes")
         elif self.body_pending_size > BODY_HIGH_WATER:
             self.client.pause(self.client.PAUSE_BODY)
 

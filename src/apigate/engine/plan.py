@@ -162,6 +162,9 @@ class CompiledRoute:
     body_hooks: tuple[BodyHook, ...] = ()
     body_limit: int = 0  # largest body the body hooks buffer
     response_body_hooks: tuple[ResponseBodyHook, ...] = ()  # in the order the response meets them
+    # A larger body skips the body hooks and streams on unchanged (every body policy of the
+    # route lets such bodies pass), instead of 413.
+    oversized_body_streams: bool = False
     inactive: tuple[str, ...] = ()
     upgrades: frozenset[bytes] = frozenset()  # Upgrade protocols this route tunnels (lowercase)
     meter: RouteMeter | None = None  # None: metrics are off

@@ -26,7 +26,8 @@ Phases, in the order a request meets them:
   ``async def`` works too, but then every request pays for a coroutine and a task.
 - ``on_body(exchange, body)``: the whole request body, exactly as the client sent it (chunked
   framing removed). Declaring this phase makes the engine buffer the body, up to the policy's
-  ``body_limit`` (larger bodies get 413), once every ``on_request`` hook has passed; the others
+  ``body_limit`` (larger bodies get 413, or with ``oversized_body = "stream"`` skip the body
+  hooks and stream on unchanged), once every ``on_request`` hook has passed; the others
   stream. Same return values as ``on_request``. A hook may replace ``exchange.body``: the
   upstream then receives the new bytes with a matching Content-Length.
 - ``on_response(exchange)``: the upstream's status and headers arrived; edit
@@ -75,9 +76,11 @@ with mypyc, together with the engine; a policy puts a bound method of a hotpath 
   lowercase name/value byte pairs; replace it, or edit it in place), ``response_headers``
   (the same, in the response phase), ``consumer``, ``tenant``, ``state`` (``None`` until a
   policy sets a dict), ``response_lines`` (header lines added to whatever response the request
-  gets: append ``b"name: value\r\n"`` lines with ``+=``)
-  and the method ``vars()`` (that dict, made on first use); the request's ``method``, ``path``,
-  ``raw_path``, ``query``, ``client_ip`` and ``route``, and the ``response_status``, may be read;
+  gets: append ``b"name: value\r\n"`` lines with ``+=``), ``query`` (the query string as
+  sent, without ``?``), ``rewritten_path`` (the upstream path in normal form, replacing what
+  the route would send) and the method ``vars()`` (that dict, made on first use); the
+  request's ``method``, ``path``, ``raw_path``, ``client_ip``, ``rid``, ``params`` and ``route``,
+  and the ``response_status``, may be read;
 - hands anything unusual (a refusal, a miss, a service not running) back to a callable of the
   policy, so the policy's Python module stays the one place that makes answers.
 """
@@ -150,8 +153,13 @@ class Policy(Generic[ConfigT]):
     see ``ROUTE_SHORTHANDS``); ``expand_shorthand`` turns the key's value into the policy's config."""
     shorthand_forms: ClassVar[str] = ""
     """What the shorthand's values look like, for the error when no policy takes a value (``100/min``)."""
-    body_limit: ClassVar[int] = 1 << 20
-    """Largest request body ``on_body`` accepts; the route's ``max_body_size`` may lower it."""
+    body_limit: int = 1 << 20
+    """Largest request body ``on_body`` accepts (a class sets it, or ``prepare()`` for an
+    instance); the route's ``max_body_size`` may lower it."""
+    oversized_body: Literal["refuse", "stream"] = "refuse"
+    """What a body over ``body_limit`` gets: 413 (``refuse``), or (``stream``) it skips the body hooks
+    and goes upstream unchanged, as it arrives; it streams only when every body policy of the
+    route says ``stream``."""
     engine_hooks: Mapping[Phase, Callable[..., Any]] = MappingProxyType({})
     """Set by ``prepare()``: what the engine calls for a phase instead of ``on_<phase>``, doing the same
     work with a frame less (a hotpath.py method, usually)."""

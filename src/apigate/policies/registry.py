@@ -14,6 +14,7 @@ from apigate.policies.services import NO_SERVICES, PolicyServices
 # Modules that define the built-in policies; each registers itself on import.
 BUILTIN = (
     "apigate.policies.headers",
+    "apigate.policies.transform",
     "apigate.policies.key_auth",
     "apigate.policies.hmac_auth",
     "apigate.policies.basic_auth",
@@ -91,8 +92,9 @@ def validate_policy_config(
     try:
         cls.Config.model_validate(raw or {})
     except ValidationError as exc:
+        # A bad mapping key is reported at the key itself (pydantic adds a "[key]" part after it).
         return [
-            ConfigIssue(loc=(*loc, *err["loc"]), message=err["msg"])
+            ConfigIssue(loc=(*loc, *(part for part in err["loc"] if part != "[key]")), message=err["msg"])
             for err in exc.errors(include_input=False, include_url=False)
         ]
     return []

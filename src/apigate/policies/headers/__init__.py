@@ -1,54 +1,22 @@
 """The `headers` policy: add, set, remove and rename request and response headers.
 
-Operations run in the order remove → rename → set → add (as Kong's transformers do), so a
-rename can target a name that `remove` cleared and `add` always appends.
+It is the header part of the `transform` policy under its own name (the same config model, the
+same compiled edits, variables in values included): operations run in the order remove →
+rename → set → add (as Kong's transformers do), so a rename can target a name that `remove`
+cleared and `add` always appends.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pydantic import Field, field_validator
-
-from apigate.config.headernames import check_header_name
 from apigate.policies.base import Policy, PolicyConfig
-from apigate.policies.headers.hotpath import CompiledEdits
 from apigate.policies.registry import register
+from apigate.policies.transform.build import header_edits
+from apigate.policies.transform.config import HeaderEdits
 
 if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
-
-
-def _check_name(name: str) -> str:
-    return check_header_name(name)
-
-
-def _check_value(value: str) -> str:
-    if "\r" in value or "\n" in value or "\0" in value:
-        raise ValueError("header values cannot contain CR, LF or NUL")
-    return value
-
-
-class HeaderEdits(PolicyConfig):
-    remove: list[str] = Field(default_factory=list)
-    rename: dict[str, str] = Field(default_factory=dict)
-    set: dict[str, str] = Field(default_factory=dict, description="replace or add")
-    add: dict[str, str] = Field(default_factory=dict, description="append, keeping existing values")
-
-    @field_validator("remove")
-    @classmethod
-    def _names(cls, names: list[str]) -> list[str]:
-        return [_check_name(n) for n in names]
-
-    @field_validator("rename")
-    @classmethod
-    def _renames(cls, pairs: dict[str, str]) -> dict[str, str]:
-        return {_check_name(a): _check_name(b) for a, b in pairs.items()}
-
-    @field_validator("set", "add")
-    @classmethod
-    def _values(cls, pairs: dict[str, str]) -> dict[str, str]:
-        return {_check_name(k): _check_value(v) for k, v in pairs.items()}
 
 
 class HeadersConfig(PolicyConfig):
@@ -63,8 +31,8 @@ class HeadersPolicy(Policy[HeadersConfig]):
     phases = frozenset({"request", "response"})
 
     def prepare(self) -> None:
-        self.request_edits = _compile(self.config.request)
-        self.response_edits = _compile(self.config.response)
+        self.request_edits = header_edits(self.config.request, self.route)
+        self.response_edits = header_edits(self.config.response, self.route)
         # The engine calls the (compiled) edit methods directly: no Python frame per request.
         self.engine_hooks = {
             "request": self.request_edits.edit_request,
@@ -77,7 +45,3 @@ class HeadersPolicy(Policy[HeadersConfig]):
 
     def on_response(self, exchange: Exchange) -> None:
         self.response_edits.edit_response(exchange)
-
-
-def _compile(edits: HeaderEdits) -> CompiledEdits:
-    return CompiledEdits(list(edits.remove), dict(edits.rename), dict(edits.set), dict(edits.add))
