@@ -36,6 +36,7 @@ COMPILED = [
     "src/apigate/engine/window.py",
     "src/apigate/engine/wire.py",
     "src/apigate/observe/accesslog/hotpath.py",
+    "src/apigate/policies/cors/hotpath.py",
     "src/apigate/policies/headers/hotpath.py",
     "src/apigate/policies/jwt/hotpath.py",
     "src/apigate/policies/key_auth/hotpath.py",

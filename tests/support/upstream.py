@@ -13,6 +13,8 @@ Behaviour is chosen by path, so one server covers most cases:
   /close             closes the connection without answering
   /garbage           answers something that is not HTTP
   /hop               answers with hop-by-hop headers that must not reach the client
+  /with-headers?a=b  answers 200 with the header fields the query names (a: b; repeat a name
+                     for several fields), URL-decoded
 Every request is also recorded in ``requests`` (method, path, query, headers, body length).
 
 With ``keeps_parsing_after_upgrade`` the server behaves like a backend that does not speak any
@@ -28,6 +30,7 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 import httptools
 import orjson
@@ -245,6 +248,8 @@ class _Handler(asyncio.Protocol):
                     ("x-kept", "yes"),
                 ],
             )
+        elif kind == "with-headers":
+            self.send(200, b"{}", parse_qsl(query, keep_blank_values=True), keep_alive=keep_alive)
         elif kind == "ssegate":
             # Like /sse/{n}, but events after the first wait for ``server.proxy_gate`` (a
             # threading.Event the test attaches and sets), which proves the proxy does not buffer.
