@@ -45,6 +45,7 @@ COMPILED = [
     "src/apigate/policies/limits/hotpath.py",
     "src/apigate/policies/limits/hybrid.py",
     "src/apigate/policies/limits/keys.py",
+    "src/apigate/policies/security_headers/hotpath.py",
     "src/apigate/state/calls.py",
 ]
 COMPILED_BY_CYTHON = ["src/apigate/engine/heads.py"]

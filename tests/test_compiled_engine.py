@@ -125,6 +125,7 @@ def test_compiled_policy_hot_paths_pass_the_policy_tests() -> None:
         "tests/test_policy_key_auth.py",
         "tests/test_proxy_headers.py",
         "tests/test_policy_cors.py",
+        "tests/test_policy_security_headers.py",
         "tests/test_limits_algorithms.py",
         "tests/test_limits_hybrid.py",
         "tests/test_policy_rate_limit.py",

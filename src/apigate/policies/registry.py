@@ -15,6 +15,7 @@ from apigate.policies.services import NO_SERVICES, PolicyServices
 BUILTIN = (
     "apigate.policies.headers",
     "apigate.policies.cors",
+    "apigate.policies.security_headers",
     "apigate.policies.key_auth",
     "apigate.policies.hmac_auth",
     "apigate.policies.basic_auth",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator
 
-from apigate.config.headernames import check_header_name
+from apigate.config.headernames import check_header_name, check_header_value
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.headers.hotpath import CompiledEdits
 from apigate.policies.registry import register
@@ -21,12 +21,6 @@ if TYPE_CHECKING:
 
 def _check_name(name: str) -> str:
     return check_header_name(name)
-
-
-def _check_value(value: str) -> str:
-    if "\r" in value or "\n" in value or "\0" in value:
-        raise ValueError("header values cannot contain CR, LF or NUL")
-    return value
 
 
 class HeaderEdits(PolicyConfig):
@@ -48,7 +42,7 @@ class HeaderEdits(PolicyConfig):
     @field_validator("set", "add")
     @classmethod
     def _values(cls, pairs: dict[str, str]) -> dict[str, str]:
-        return {_check_name(k): _check_value(v) for k, v in pairs.items()}
+        return {_check_name(k): check_header_value(v) for k, v in pairs.items()}
 
 
 class HeadersConfig(PolicyConfig):
