@@ -37,6 +37,7 @@ COMPILED = [
     "src/apigate/engine/wire.py",
     "src/apigate/observe/accesslog/hotpath.py",
     "src/apigate/policies/compression/hotpath.py",
+    "src/apigate/policies/cors/hotpath.py",
     "src/apigate/policies/jwt/hotpath.py",
     "src/apigate/policies/key_auth/hotpath.py",
     "src/apigate/policies/limits/algorithms.py",
@@ -44,6 +45,7 @@ COMPILED = [
     "src/apigate/policies/limits/hotpath.py",
     "src/apigate/policies/limits/hybrid.py",
     "src/apigate/policies/limits/keys.py",
+    "src/apigate/policies/security_headers/hotpath.py",
     "src/apigate/policies/transform/hotpath.py",
     "src/apigate/state/calls.py",
 ]

@@ -114,8 +114,8 @@ def test_compiled_head_reader_agrees_with_llhttp() -> None:
 
 
 def test_compiled_policy_hot_paths_pass_the_policy_tests() -> None:
-    """The compiled hot paths of headers and transform, jwt, key-auth, the limits (hybrid counters
-    too), quotas and compression answer as their sources do."""
+    """The compiled hot paths of headers and transform, cors, security-headers, jwt, key-auth, the
+    limits (hybrid counters too), quotas and compression answer as their sources do."""
     env = {**os.environ, "PYTHONPATH": f"{compiled_build()}{os.pathsep}{ROOT}"}
     where = "import apigate.policies.jwt.hotpath as m; print(m.__file__)"
     compiled = subprocess.run([sys.executable, "-c", where], env=env, capture_output=True, text=True)
@@ -125,6 +125,8 @@ def test_compiled_policy_hot_paths_pass_the_policy_tests() -> None:
         "tests/test_policy_key_auth.py",
         "tests/test_proxy_headers.py",
         "tests/test_policy_transform.py",
+        "tests/test_policy_cors.py",
+        "tests/test_policy_security_headers.py",
         "tests/test_limits_algorithms.py",
         "tests/test_limits_hybrid.py",
         "tests/test_policy_rate_limit.py",

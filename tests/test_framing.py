@@ -320,6 +320,11 @@ ERROR_BODY = b'{"error":"no route matches this request","request_id":"rid-1"}'
             b"cache-control: no-store\r\nx-request-id: rid-1\r\n\r\nok\n",
             id="content-type-and-fields",
         ),
+        pytest.param(
+            {"status": 204, "body": b"", "headers": [(b"vary", b"Origin"), (b"x-request-id", b"rid-1")]},
+            b"HTTP/1.1 204 No Content\r\nvary: Origin\r\nx-request-id: rid-1\r\n\r\n",
+            id="no-content-has-no-type-nor-length",
+        ),
     ],
 )
 def test_reply_message(changes: dict[str, Any], message: bytes) -> None:

@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 
+from tests.support.errors_helpers import apigate_cmd, clean_env
+
 
 def apigate_json(cwd: Path, store_url: str, *args: str, stderr: int | None = subprocess.PIPE) -> Any:
     """`python -m apigate ... --store URL --json` as an operator would run it; returns its JSON.
@@ -25,6 +27,18 @@ def apigate_json(cwd: Path, store_url: str, *args: str, stderr: int | None = sub
     )
     assert done.returncode == 0, done.stderr
     return orjson.loads(done.stdout)
+
+
+def check_problems(directory: Path, text: str) -> str:
+    """What `apigate check -c <file>` says of a config file with ``text`` (run in a clean
+    environment), which it must refuse."""
+    path = directory / "apigate.yaml"
+    path.write_text(text)
+    done = subprocess.run(
+        apigate_cmd("check", "-c", str(path)), env=clean_env(), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1, done
+    return done.stderr
 
 
 def seconds_until(condition: Callable[[], bool], limit: float = 10.0) -> float:

@@ -11,7 +11,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,15 @@ def running_gateway(directory: Path, config: dict, **kwargs: Any) -> Iterator[Ga
         yield gateway
     finally:
         gateway.stop()
+
+
+@contextlib.contextmanager
+def gateway_before_upstream(
+    directory: Path, config_for: Callable[[str], dict]
+) -> Iterator[tuple[GatewayProcess, UpstreamServer]]:
+    """An upstream, and a gateway in front of it whose config ``config_for(upstream_url)`` makes."""
+    with running_upstream() as upstream, running_gateway(directory, config_for(upstream.url)) as gateway:
+        yield gateway, upstream
 
 
 def find_request(upstream: UpstreamServer, request_id: str, timeout: float = 5.0):

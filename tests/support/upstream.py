@@ -19,6 +19,8 @@ Behaviour is chosen by path, so one server covers most cases:
                      ``type`` (default text/plain; ``-``: none), framed by Content-Length (default),
                      ``chunked`` or ``eof`` (the close); ``status`` (default 200; 204 and 304
                      without a body, as HEAD); each ``h=name:value`` adds a header
+  /with-headers?a=b  answers 200 with the header fields the query names (a: b; repeat a name
+                     for several fields), URL-decoded
 Every request is also recorded in ``requests`` (method, path, query, headers, body length, and
 the first 64 KiB of the body).
 
@@ -37,7 +39,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, parse_qsl
 
 import httptools
 import orjson
@@ -295,6 +297,8 @@ class _Handler(asyncio.Protocol):
                     ("x-kept", "yes"),
                 ],
             )
+        elif kind == "with-headers":
+            self.send(200, b"{}", parse_qsl(query, keep_blank_values=True), keep_alive=keep_alive)
         elif kind == "ssegate":
             # Like /sse/{n}, but events after the first wait for ``server.proxy_gate`` (a
             # threading.Event the test attaches and sets), which proves the proxy does not buffer.

@@ -1,4 +1,5 @@
-"""Header names in config: what a valid name is, and which names the proxy itself owns."""
+"""Header names and values in config: what a valid name is, which names the proxy itself owns,
+and what a value may not contain."""
 
 from __future__ import annotations
 
@@ -37,3 +38,10 @@ def check_header_name(
     if name.lower() in PROXY_OWNED or name.lower() in also:
         raise ValueError(f"{name!r} is managed by the proxy and cannot {purpose}")
     return name
+
+
+def check_header_value(value: str) -> str:
+    """``value`` if it can be written as one header line (no CR, LF or NUL); else a ValueError."""
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise ValueError("header values cannot contain CR, LF or NUL")
+    return value

@@ -210,10 +210,16 @@ def reply_message(
 ) -> bytes:
     """An answer the gateway makes itself, as written to the client: the head declares the
     body's type and length (a HEAD request gets the head alone, RFC 9110 §9.3.2), and
-    ``connection: close`` when the connection ends after it; ``lines`` as for ``response_head``."""
+    ``connection: close`` when the connection ends after it; ``lines`` as for ``response_head``.
+    A 204 has neither: it has no content, and no Content-Length may say so (RFC 9110 §8.6)."""
+    if status == 204:
+        fields = b""
+        body = b""
+    else:
+        fields = b"content-type: %s\r\ncontent-length: %d\r\n" % (content_type, len(body))
     head = (
         wire.status_line(status)
-        + b"content-type: %s\r\ncontent-length: %d\r\n" % (content_type, len(body))
+        + fields
         + wire.serialize_headers(headers)
         + lines
         + (b"connection: close\r\n\r\n" if closing else b"\r\n")

@@ -14,6 +14,8 @@ from apigate.policies.services import NO_SERVICES, PolicyServices
 # Modules that define the built-in policies; each registers itself on import.
 BUILTIN = (
     "apigate.policies.headers",
+    "apigate.policies.cors",
+    "apigate.policies.security_headers",
     "apigate.policies.transform",
     "apigate.policies.key_auth",
     "apigate.policies.hmac_auth",
