@@ -274,11 +274,26 @@ def test_apigate_yaml_in_cwd_is_used(
 ) -> None:
     port = free_port()
     write_config(tmp_path / "apigate.yaml", port, [route("/from-cwd", upstream.url)])
+    write_config(tmp_path / "routes.yaml", port, [route("/from-routes-yaml", upstream.url)])
     process = launch(["run"], tmp_path, clean_env())
     process.wait_listening(port)
     assert get(port, "/from-cwd").json()["path"] == "/from-cwd"
     assert_error(get(port, "/api/v1/hello"), 404)
+    assert_error(get(port, "/from-routes-yaml"), 404)
     assert "config apigate.yaml" in process.output()
+
+
+def test_routes_yaml_in_cwd_is_used_without_apigate_yaml(
+    tmp_path: Path, launch: Callable[..., Launched], upstream: UpstreamServer
+) -> None:
+    # Where the Pactown gateway reads its routes when ROUTES_CONFIG is unset.
+    port = free_port()
+    write_config(tmp_path / "routes.yaml", port, [route("/from-routes-yaml", upstream.url)])
+    process = launch(["run"], tmp_path, clean_env())
+    process.wait_listening(port)
+    assert get(port, "/from-routes-yaml").json()["path"] == "/from-routes-yaml"
+    assert_error(get(port, "/api/v1/hello"), 404)
+    assert "config routes.yaml" in process.output()
 
 
 def test_routes_config_env_wins_over_cwd_file(

@@ -41,6 +41,7 @@ from apigate.webhooks.verify import (
 from apigate.webhooks.verify.common import MAX_EVENT_ID_CHARS
 from apigate.webhooks.verify.standard import StandardWebhooksConfig
 from tests.support import webhook_vectors as vectors
+from tests.support.pactown import PACTOWN_ENV, pactown_signature
 
 SCHEMES: TypeAdapter[Any] = TypeAdapter(SchemeConfig)
 NOW = 1_700_000_000
@@ -1189,23 +1190,6 @@ def test_configs_are_frozen_and_mask_secrets() -> None:
 
 # --- the Pactown gateway's shorthands -------------------------------------------------------
 
-PACTOWN_ENV = {
-    "ALLEGRO_WEBHOOK_SECRET": "allegro-env-secret",
-    "INPOST_WEBHOOK_SECRET": "inpost-env-secret",
-    "STRIPE_WEBHOOK_SECRET": "whsec_stripe_env_secret",
-}
-
-
-def pactown_signature(provider: str, body: bytes, secret: str, timestamp: int = NOW) -> dict[str, str]:
-    """Signed the way the Pactown gateway's verify_webhook_signature checks each provider."""
-    if provider == "allegro":
-        return {"x-allegro-signature": hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()}
-    if provider == "inpost":
-        return {"x-inpost-signature": "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()}
-    payload = f"{timestamp}.{body.decode()}"
-    expected = hmac.new(secret.encode(), payload.encode(), hashlib.sha256).hexdigest()
-    return {"stripe-signature": f"t={timestamp},v1={expected}"}
-
 
 @pytest.mark.parametrize(
     ("shorthand", "provider", "scheme", "variable"),
@@ -1221,7 +1205,7 @@ def test_pactown_shorthands_read_the_pactown_environment(
     config = shorthand_scheme(shorthand, PACTOWN_ENV)
     assert config is not None and config.scheme == scheme
     body = b'{"id": "evt_1", "type": "ping"}'
-    request = make_request(pactown_signature(provider, body, PACTOWN_ENV[variable]), body)
+    request = make_request(pactown_signature(provider, body, PACTOWN_ENV[variable], NOW), body)
     assert build_verifier(config).verify(request).ok
 
     given = shorthand_scheme(shorthand, PACTOWN_ENV, secrets=["route-secret"])

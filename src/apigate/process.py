@@ -202,6 +202,7 @@ class Runtime:
         self.events = EventFeed()
         self.observers: list[Observer] = [self.access_log, UsageObserver(), self.events, SpanExport()]
         self.observing = False
+        self._reported: GatewayConfig | None = None  # the config whose inactive shorthands were logged
 
     def apply(self, config: GatewayConfig) -> None:
         """Compile ``config`` and serve it; raises (and keeps the running plan) if compiling fails."""
@@ -211,13 +212,11 @@ class Runtime:
         plan = compile_plan(config, gateway.pools, self.services, states, self.discovered, hooks, meters)
         gateway.apply(plan)
         self.config = config
-        for name, inactive in plan.inactive.items():
-            log.warning(
-                "route %s: %s not active (no such policy in this version, or the policy needs settings "
-                "the shorthand cannot give: configure it under policies)",
-                name,
-                ", ".join(inactive),
-            )
+        if config is not self._reported:  # once per config loaded, not again when it is re-applied
+            self._reported = config
+            for name, inactive in plan.inactive.items():
+                for shorthand, why in inactive:
+                    log.warning("route %s: %s not active: %s", name, shorthand, why)
 
     def take_targets(self, upstreams: dict[str, list[tuple[str, int]]]) -> None:
         """Discovered targets changed: serve them from now on (requests running keep their plan)."""

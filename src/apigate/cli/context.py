@@ -21,13 +21,16 @@ StoreAction = Callable[[argparse.Namespace, "ConsumerService"], Awaitable[int]]
 
 
 def config_path(given: str | None) -> Path | None:
-    """-c wins; then $ROUTES_CONFIG; then ./apigate.yaml; else None (the embedded demo)."""
+    """-c wins; then $ROUTES_CONFIG; then ./apigate.yaml; then ./routes.yaml (where the Pactown
+    gateway looks when $ROUTES_CONFIG is unset); else None (the embedded demo)."""
     if given:
         return Path(given)
     if os.environ.get("ROUTES_CONFIG"):
         return Path(os.environ["ROUTES_CONFIG"])
-    local = Path("apigate.yaml")
-    return local if local.exists() else None
+    for local in (Path("apigate.yaml"), Path("routes.yaml")):
+        if local.exists():
+            return local
+    return None
 
 
 class StoreCommands:

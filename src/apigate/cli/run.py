@@ -12,7 +12,12 @@ from apigate.cli.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, error
 
 def add_commands(commands: Any) -> None:
     run = commands.add_parser("run", help="start the gateway")
-    run.add_argument("-c", "--config", help="YAML config (default: ./apigate.yaml, else the embedded demo)")
+    run.add_argument(
+        "-c",
+        "--config",
+        help="YAML config (default: $ROUTES_CONFIG, else ./apigate.yaml, else ./routes.yaml, "
+        "else the embedded demo)",
+    )
     run.add_argument("--workers", type=int, default=None, help="worker processes (default: the config's)")
     run.set_defaults(func=cmd_run)
 

@@ -46,8 +46,9 @@ _LOOPBACK: Final = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network(":
 _SECRET_KEY: Final = re.compile(r"secret|token|password|passwd|api[_-]?key|private|credential", re.IGNORECASE)
 
 
-def _shorthand(key: str, value: str) -> tuple[str | None, dict[str, Any] | None]:
-    """The policy a route's ``key: value`` stands for and its config (None: it cannot be honoured).
+def _shorthand(key: str, value: str) -> tuple[str | None, dict[str, Any] | None, str]:
+    """The policy a route's ``key: value`` stands for, its config (None: it cannot be honoured)
+    and, when there is none, why (for the log).
 
     Each policy declares the key it takes (``Policy.shorthand``); ``auth:`` may also name a
     policy itself (``auth: jwt``). A key no policy takes names none.
@@ -55,11 +56,13 @@ def _shorthand(key: str, value: str) -> tuple[str | None, dict[str, Any] | None]
     for policy in shorthand_policies(key):
         try:
             config = policy.expand_shorthand(value)
-        except ValueError:
-            return (policy.name, None)  # e.g. a preset's secret is unset: not active (fails closed)
+        except ValueError as exc:
+            return (policy.name, None, str(exc))  # e.g. a secret is unset: not active (fails closed)
         if config is not None:
-            return (policy.name, config)
-    return (value.replace("_", "-"), {}) if key == "auth" else (None, None)
+            return (policy.name, config, "")
+    if key == "auth":
+        return (value.replace("_", "-"), {}, "")
+    return (None, None, "no policy takes it in this version")
 
 
 def _compile_rewrite(template: str | None) -> tuple[tuple[bool, str], ...] | None:
@@ -93,29 +96,40 @@ def _make_target(
 
 def _policy_chain(
     global_raw: dict[str, Any], route: RouteConfig, services: PolicyServices | None
-) -> tuple[tuple[Policy[Any], ...], tuple[str, ...]]:
-    """Global policies, overridden by the route's own config for the same name; shorthands resolved."""
+) -> tuple[tuple[Policy[Any], ...], tuple[tuple[str, str], ...]]:
+    """Global policies, overridden by the route's own config for the same name; shorthands
+    resolved. Also the shorthands that are not active, each with why and what the route does
+    meanwhile."""
     raw: dict[str, Any] = dict(global_raw)
     raw.update(route.policies)
-    inactive: list[str] = []
+    inactive: list[tuple[str, str]] = []
     known = registry()
     for key in ROUTE_SHORTHANDS:
         value = getattr(route, key)
         if value is None:
             continue
-        name, cfg = _shorthand(key, value)
+        name, cfg, why = _shorthand(key, value)
         if name in raw:
             continue  # the policy is configured by name: the shorthand adds nothing
-        if name in known and cfg is not None and not validate_policy_config(name, cfg, ()):
-            raw[name] = cfg
+        if name is not None and cfg is not None:
+            if name in known and not validate_policy_config(name, cfg, ()):
+                raw[name] = cfg
+                continue
+            why = (
+                f"the {name} policy needs settings the shorthand cannot give: configure it under policies"
+                if name in known
+                else f"no policy named {name!r}"
+            )
+        if key == "auth":  # a route meant to be authenticated is closed, never served open
+            raw["request-termination"] = {
+                "status": 503,
+                "reason": "auth_not_configured",
+                "message": f"auth: {value} is not configured on this route",
+            }
+            why += "; its requests are refused (503) until then"
         else:
-            inactive.append(f"{key}: {value}")  # no such policy yet, or it needs settings (jwt: keys)
-            if key == "auth":  # a route meant to be authenticated is closed, never served open
-                raw["request-termination"] = {
-                    "status": 503,
-                    "reason": "auth_not_configured",
-                    "message": f"auth: {value} is not configured on this route",
-                }
+            why += "; the route is served without it"
+        inactive.append((f"{key}: {value}", why))
     policies = sorted(
         (build_policy(name, cfg, services, route.display_name) for name, cfg in raw.items()),
         key=lambda p: (p.order, p.name),
@@ -165,7 +179,7 @@ def compile_plan(
     compiled: list[CompiledRoute] = []
     target_groups: list[UpstreamGroup] = []  # the groups of routes that name one target
     entries: list[RouteEntry] = []
-    inactive: dict[str, tuple[str, ...]] = {}
+    inactive: dict[str, tuple[tuple[str, str], ...]] = {}
     for order, route in enumerate([*config.routes, *source_routes(config)]):
         group: UpstreamGroup | None = None
         if route.upstream is not None:
@@ -175,6 +189,7 @@ def compile_plan(
             group = _group(route.display_name, single, config, pools, states)
             target_groups.append(group)
         policies, route_inactive = _policy_chain(config.policies, route, services)
+        shorthands = tuple(shorthand for shorthand, _ in route_inactive)
         body_policies = [p for p in policies if "body" in p.phases]
         max_body = route.max_body_size if route.max_body_size is not None else config.limits.max_body_size
         body_limit = max((p.body_limit for p in body_policies), default=0)
@@ -200,9 +215,9 @@ def compile_plan(
             response_body_hooks=tuple(reversed(_hooks(policies, "response_body"))),
             oversized_body_streams=bool(body_policies)
             and all(p.oversized_body == "stream" for p in body_policies),
-            inactive=route_inactive,
+            inactive=shorthands,
             upgrades=frozenset(p.encode() for p in route.upgrades),
-            description=_describe(route, policies, route_inactive),
+            description=_describe(route, policies, shorthands),
         )
         if route_inactive:
             inactive[item.name] = route_inactive

@@ -219,7 +219,8 @@ class Plan:
     endpoints: Endpoints = field(default_factory=Endpoints)
     max_header_bytes: int = 32 * 1024
     unescape_slashes: bool = False
-    inactive: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Shorthands not active, by route: (shorthand, why and what the route does meanwhile).
+    inactive: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     upstreams: tuple[UpstreamGroup, ...] = ()  # every upstream group, named or a route's target
     # Called for every finished exchange, routed or not (access log, usage, events, spans): the
     # process builds them from the config; the engine knows only that they take the exchange.

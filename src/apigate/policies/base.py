@@ -186,7 +186,8 @@ class Policy(Generic[ConfigT]):
     def expand_shorthand(cls, value: str) -> dict[str, Any] | None:
         """This policy's raw config for the route's ``shorthand: value``; None when ``value`` is not
         for this policy. A ValueError means it is, but cannot be honoured (a secret is unset, say):
-        the shorthand is then reported inactive."""
+        the shorthand is then reported inactive, and the log gives the error's message, which
+        says what to set."""
         return None
 
     def hook(self, phase: Phase) -> Callable[..., Any]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import os
 import re
 import time
 import weakref
@@ -75,6 +76,10 @@ _now = time.time  # tokens carry wall-clock times; time.time() is a single cheap
 # signature, spaces, non-ASCII) is refused before any decoding.
 _COMPACT_JWS = re.compile(rb"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 _KEY_SOURCES = "secret, public_key, public_key_file, jwks_url or issuer_discovery"
+# Where ``auth: jwt`` (routes.yaml files written for the Pactown gateway) finds its HS256 secret:
+# the first variable set and not empty. The Pactown gateway reads JWT_SECRET; services that issue
+# the tokens often name it JWT_SECRET_KEY.
+SHORTHAND_SECRET_VARIABLES: Final = ("JWT_SECRET", "JWT_SECRET_KEY")
 
 # reason -> (status, message). Messages say what is wrong with the token, never which part of
 # a signature check failed or anything about the keys.
@@ -285,6 +290,30 @@ class JwtPolicy(Policy[JwtConfig]):
     order = 1000
     phases = frozenset({"request"})
     needs = frozenset({"consumers"})
+    shorthand = "auth"  # auth: jwt
+
+    @classmethod
+    def expand_shorthand(cls, value: str) -> dict[str, Any] | None:
+        """``auth: jwt``: HS256 bearer tokens signed with the secret of the first of
+        ``SHORTHAND_SECRET_VARIABLES`` that is set. A ValueError (the route is then closed) when
+        none is, or when the secret is shorter than RFC 7518 §3.2 allows: a short HMAC key can
+        be guessed offline from any one token, and then tokens can be forged."""
+        if value != "jwt":
+            return None
+        for variable in SHORTHAND_SECRET_VARIABLES:
+            secret = os.environ.get(variable, "")
+            if secret:
+                break
+        else:
+            wanted = " or ".join(SHORTHAND_SECRET_VARIABLES)
+            raise ValueError(f"set {wanted} to the secret its HS256 tokens are signed with")
+        size, least = len(secret.encode()), HMAC_MIN_BYTES["HS256"]
+        if size < least:
+            raise ValueError(
+                f"{variable} holds {size} bytes and an HS256 secret needs at least {least} "
+                "(RFC 7518 §3.2): set it to a longer random secret"
+            )
+        return {"algorithms": ["HS256"], "secret": secret}
 
     def prepare(self) -> None:
         config = self.config

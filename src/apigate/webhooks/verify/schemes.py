@@ -70,5 +70,5 @@ def shorthand_scheme(name: str, env: Mapping[str, str], secrets: Sequence[str] =
     scheme, variable = _SHORTHANDS[name]
     chosen = list(secrets) or ([env[variable]] if env.get(variable) else [])
     if not chosen:
-        raise ValueError(f"auth: {name} needs a secret: set {variable} or give the route secrets")
+        raise ValueError(f"set {variable} to the provider's signing secret")
     return _SCHEME_CONFIG.validate_python({"scheme": scheme, "secrets": chosen})
