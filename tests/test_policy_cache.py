@@ -17,9 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from apigate.config.loader import ConfigError, load_config
+from apigate.engine.replies import Reply
 from apigate.policies.cache import CachePolicy
 from apigate.policies.cache import freshness as rules
 from apigate.policies.cache.store import CacheStore, Entry, normalised_query, vary_values
+from tests.support.exchanges import request_exchange
 from tests.support.proxy_http import RawConnection, RawResponse, running_gateway
 from tests.support.upstream import made_body
 
@@ -223,6 +225,71 @@ def test_the_shorthand_is_the_policy_with_that_ttl(tmp_path) -> None:
     )
     with pytest.raises(ConfigError, match="max_entries"):
         load_config(path)
+
+
+# -- the policy's hooks in process, on the store's injected clock ---------------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def cached_policy(clock: Clock, **config: object) -> CachePolicy:
+    policy = CachePolicy(CachePolicy.Config.model_validate({"collapse_wait": 0, **config}), route="r")
+    policy.store = CacheStore(1 << 20, 100, clock=clock)
+    return policy
+
+
+def through(policy: CachePolicy, path: str, response_headers: list[tuple[bytes, bytes]]) -> object:
+    """One GET of ``path`` through the policy's hooks: the store's answer, or None after the
+    upstream's 200 with ``response_headers`` and a body went by (and maybe into the store)."""
+    exchange = request_exchange([(b"host", b"api.test")], path=path)
+    answer = policy.on_request(exchange)
+    if answer is not None:
+        return answer
+    exchange.upstream = object()  # type: ignore[assignment]  # the upstream answered
+    exchange.response_status = 200
+    exchange.response_headers = [
+        (b"content-type", b"text/plain"),
+        (b"content-length", b"4"),
+        *response_headers,
+    ]
+    policy.on_response(exchange)
+    capture = policy.on_response_body(exchange)
+    if capture is not None:
+        assert capture.feed(b"body") == b"body" and capture.end() == b""
+    policy.on_log(exchange)
+    return None
+
+
+def test_max_age_beats_the_route_ttl_on_the_injected_clock() -> None:
+    clock = Clock()
+    policy = cached_policy(clock, ttl="60s")
+    assert through(policy, "/short", [(b"cache-control", b"max-age=10")]) is None
+    assert through(policy, "/ttl", []) is None
+    clock.now = T0 + 9
+    hit = through(policy, "/short", [])
+    assert isinstance(hit, Reply) and hit.status == 200 and hit.body == b"body"
+    assert (b"age", b"9") in hit.headers and (b"cache-status", b"apigate; hit; ttl=1") in hit.headers
+    clock.now = T0 + 10
+    assert through(policy, "/short", [(b"cache-control", b"max-age=10")]) is None  # stale: forwarded
+    clock.now = T0 + 59
+    assert isinstance(through(policy, "/ttl", []), Reply)
+    clock.now = T0 + 60
+    assert through(policy, "/ttl", []) is None
+
+
+def test_the_date_the_upstream_sent_ages_the_response_on_the_injected_clock() -> None:
+    clock = Clock()
+    policy = cached_policy(clock, ttl="60s")
+    through(policy, "/dated", [(b"date", rules.format_http_date(T0 - 50))])
+    clock.now = T0 + 5
+    hit = through(policy, "/dated", [])
+    assert isinstance(hit, Reply) and (b"age", b"55") in hit.headers
+    clock.now = T0 + 10
+    assert through(policy, "/dated", []) is None
 
 
 # -- through a real gateway ------------------------------------------------------------------------

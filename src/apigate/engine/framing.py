@@ -213,15 +213,15 @@ def reply_message(
     alone, RFC 9110 §9.3.2), and ``connection: close`` when the connection ends after it; ``lines``
     as for ``response_head``. A 204 or 304 has neither body nor Content-Length (RFC 9110 §8.6)."""
     if status == 204 or status == 304:
-        framing = b""
+        described = b""
         body = b""
     elif content_type:
-        framing = b"content-type: %s\r\ncontent-length: %d\r\n" % (content_type, len(body))
+        described = b"content-type: %s\r\ncontent-length: %d\r\n" % (content_type, len(body))
     else:
-        framing = b"content-length: %d\r\n" % len(body)
+        described = b"content-length: %d\r\n" % len(body)
     head = (
         wire.status_line(status)
-        + framing
+        + described
         + wire.serialize_headers(headers)
         + lines
         + (b"connection: close\r\n\r\n" if closing else b"\r\n")
