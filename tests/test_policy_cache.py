@@ -12,6 +12,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlencode
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,6 +22,7 @@ from apigate.engine.replies import Reply
 from apigate.policies.cache import CachePolicy
 from apigate.policies.cache import freshness as rules
 from apigate.policies.cache.store import CacheStore, Entry, normalised_query, vary_values
+from tests.support.errors_helpers import wait_until
 from tests.support.exchanges import request_exchange
 from tests.support.proxy_http import RawConnection, RawResponse, running_gateway
 from tests.support.upstream import made_body
@@ -509,7 +511,7 @@ def test_one_hundred_concurrent_misses_make_one_upstream_request(gateway, shared
                     return conn.exchange("GET", path)
 
             futures = [pool.submit(one) for _ in range(100)]
-            wait_for(lambda: upstream_calls(shared_upstream, path) >= 1)
+            wait_until(lambda: upstream_calls(shared_upstream, path) >= 1)
             shared_upstream.release()
             responses = [future.result(timeout=30) for future in futures]
     finally:
@@ -563,16 +565,6 @@ def test_no_content_and_not_found_are_stored(gateway, shared_upstream) -> None:
         assert upstream_calls(shared_upstream, path) == 1
 
 
-def wait_for(condition, timeout: float = 10.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
-
-
 HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60)
 
 
@@ -588,3 +580,28 @@ def test_arbitrary_cache_headers_never_break_the_gateway(
     ):
         response = get(gateway, path, {k: v.strip() for k, v in headers.items()})
         assert response.status < 500
+
+
+def test_hits_are_counted_in_stats_and_the_access_log(start_gateway, upstream, tmp_path) -> None:
+    log_path = tmp_path / "access.log"
+    gateway = start_gateway(
+        {
+            "access_log": {"output": str(log_path), "flush_interval": "50ms"},
+            "endpoints": {"token": "stats-token"},
+            "routes": [{"path": "/api/*", "target": upstream.url, "cache": "60s"}],
+        }
+    )
+    outcomes = {}
+    for rid, headers in (("rid-miss", {}), ("rid-hit", {}), ("rid-bypass", {"Cache-Control": "no-store"})):
+        response = get(gateway, "/api/echo", {"X-Request-ID": rid, **headers})
+        outcomes[rid] = response.header("x-cache")
+    assert outcomes == {"rid-miss": "MISS", "rid-hit": "HIT", "rid-bypass": "BYPASS"}
+
+    def logged() -> dict[str, object] | None:
+        text = log_path.read_bytes() if log_path.exists() else b""
+        lines = {line["request_id"]: line["cache"] for line in map(orjson.loads, text.splitlines())}
+        return lines if len(lines) >= 3 else None
+
+    assert wait_until(logged) == {"rid-miss": "miss", "rid-hit": "hit", "rid-bypass": "bypass"}
+    stats = get(gateway, "/stats", {"Authorization": "Bearer stats-token"}).json()
+    assert stats["requests_cached"] == 1 and stats["cache_size"] == 1

@@ -99,12 +99,14 @@ class Lines:
         key_id: Any = None
         user_id: str | None = None
         limited: Any = None
+        cache: Any = None
         if state:
             key_id = state.get("key_id")
             claims = state.get("claims")
             if claims is not None:
                 user_id = self.subject(claims)
             limited = state.get("limited")
+            cache = state.get("cache")
         record: dict[str, Any] = {
             "time": self.clock.format(time.time() - (end - start)),  # when the request came
             "request_id": exchange.request_id,
@@ -123,7 +125,7 @@ class Lines:
             "key_id": key_id,
             "user_id": user_id,
             "limited": limited,
-            "cache": None,  # no response cache yet
+            "cache": cache,  # hit, miss or bypass where the cache policy runs
             "attempts": exchange.attempt,
             "tried": exchange.tried,
             "upstream": f"{target.host}:{target.port}" if target is not None else None,

@@ -61,7 +61,9 @@ from apigate.policies.registry import register
 if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
 
-STATE_KEY: Final = "cache"
+STATE_KEY: Final = "cache.lookup"
+# The request's outcome, for the access log's ``cache`` field: "hit", "miss" or "bypass".
+OUTCOME_KEY: Final = "cache"
 UNSAFE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Fields a stored response does not keep: the framing and the Age are the gateway's to write,
 # as are its own request id and cache fields.
@@ -260,7 +262,10 @@ class CachePolicy(Policy[CacheConfig]):
 
     def answer(self, exchange: Exchange, entry: Entry, age: float, detail: bytes) -> Reply:
         """The stored response as the answer to this request (a 304 when its conditions match)."""
-        exchange.vars()[STATE_KEY] = SERVED
+        state = exchange.vars()
+        state[STATE_KEY] = SERVED
+        state[OUTCOME_KEY] = "hit"
+        self.store.hits += 1
         whole_age = int(age)
         fields: Headers = [
             (b"age", b"%d" % whole_age),
@@ -313,6 +318,7 @@ class CachePolicy(Policy[CacheConfig]):
         if lookup.capture is None:
             self.land(lookup)
         status_value = b"%s; fwd=%s" % (CACHE_STATUS_NAME, lookup.forward)
+        exchange.vars()[OUTCOME_KEY] = "bypass" if lookup.outcome == b"BYPASS" else "miss"
         headers.append((b"x-cache", lookup.outcome))
         headers.append((b"cache-status", status_value + b"; stored" if stored else status_value))
 

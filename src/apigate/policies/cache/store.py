@@ -87,6 +87,8 @@ class CacheStore:
         self.by_uri: dict[Uri, set[EntryId]] = {}
         self.flights: dict[tuple[Uri, str], Flight] = {}
         self.size = 0
+        self.hits = 0
+        """Requests answered from the store (the node's ``requests_cached``)."""
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -228,6 +230,11 @@ class CacheStore:
 
 
 _STORE: CacheStore | None = None
+
+
+def current_store() -> CacheStore | None:
+    """This process's store, None while no route caches."""
+    return _STORE
 
 
 def shared_store() -> CacheStore:
