@@ -7,6 +7,7 @@ stored, consumers kept apart, and arbitrary cache headers."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -283,6 +284,22 @@ def test_max_age_beats_the_route_ttl_on_the_injected_clock() -> None:
     assert through(policy, "/ttl", []) is None
 
 
+def test_request_max_age_and_min_fresh_are_honoured() -> None:
+    clock = Clock()
+    policy = cached_policy(clock, ttl="60s")
+    through(policy, "/p", [])
+    clock.now = T0 + 30
+
+    def asked(value: bytes) -> object:
+        exchange = request_exchange([(b"host", b"api.test"), (b"cache-control", value)], path="/p")
+        return policy.on_request(exchange)
+
+    assert isinstance(asked(b"max-age=40"), Reply)
+    assert asked(b"max-age=20") is None
+    assert isinstance(asked(b"min-fresh=30"), Reply)
+    assert asked(b"min-fresh=31") is None
+
+
 def test_the_date_the_upstream_sent_ages_the_response_on_the_injected_clock() -> None:
     clock = Clock()
     policy = cached_policy(clock, ttl="60s")
@@ -324,6 +341,9 @@ def gateway(shared_upstream, tmp_path_factory):
                 policies={"key-auth": {}, "cache": {"ttl": "60s", "key_by": ["consumer"]}},
             ),
             {"path": "/slow/*", "target": target, "cache": "60s"},
+            route(
+                "compressed", None, policies={"cache": {"ttl": "60s"}, "compression": {"encodings": ["gzip"]}}
+            ),
         ],
     }
     with running_gateway(tmp_path_factory.mktemp("cache"), config) as gw:
@@ -554,6 +574,20 @@ def test_entries_are_kept_per_consumer_when_keyed_by_consumer(gateway, shared_up
     assert get(gateway, path, {"X-API-Key": KEY}).header("x-cache") == "HIT"
     assert get(gateway, path).status == 401  # authentication still runs before the store answers
     assert upstream_calls(shared_upstream, path) == 2
+
+
+def test_hits_are_compressed_per_client_from_the_stored_identity_body(gateway, shared_upstream) -> None:
+    path = made("compressed", size=20_000)
+    first = get(gateway, path, {"Accept-Encoding": "gzip"})
+    assert first.header("x-cache") == "MISS" and first.header("content-encoding") == "gzip"
+    assert gzip.decompress(first.body) == made_body(20_000)
+    hit = get(gateway, path, {"Accept-Encoding": "gzip"})
+    assert hit.header("x-cache") == "HIT" and hit.header("content-encoding") == "gzip"
+    assert gzip.decompress(hit.body) == made_body(20_000)
+    plain = get(gateway, path)
+    assert plain.header("x-cache") == "HIT" and plain.header("content-encoding") is None
+    assert plain.body == made_body(20_000)
+    assert upstream_calls(shared_upstream, path) == 1
 
 
 def test_no_content_and_not_found_are_stored(gateway, shared_upstream) -> None:
