@@ -68,10 +68,8 @@ UNSAFE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Fields a stored response does not keep: the framing and the Age are the gateway's to write,
 # as are its own request id and cache fields.
 NOT_STORED: Final = frozenset({b"content-length", b"age", b"x-request-id", b"x-cache", b"cache-status"})
-# What a 304 carries of the stored response (RFC 9110 §15.4.5).
-NOT_MODIFIED_FIELDS: Final = frozenset(
-    {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary"}
-)
+_NO_DIRECTIVES: Final[dict[bytes, bytes | None]] = {}
+_NO_CACHE: Final[dict[bytes, bytes | None]] = {b"no-cache": None}
 CACHE_STATUS_NAME: Final = b"apigate"
 
 
@@ -204,29 +202,38 @@ class CachePolicy(Policy[CacheConfig]):
             return None
         store = self.store
         headers = exchange.headers
-        directives = cache_control(headers)
-        if not directives and first(headers, b"pragma") == b"no-cache":
-            directives = {b"no-cache": None}  # RFC 9111 §5.4, when Cache-Control is absent
+        # One pass for what decides the lookup; most requests carry none of these.
+        has_directives = pragma = authorized = conditional = False
+        for name, value in headers:
+            if name == b"cache-control":
+                has_directives = True
+            elif name == b"authorization":
+                authorized = True
+            elif name == b"pragma":
+                pragma = pragma or value.strip().lower() == b"no-cache"
+            elif name == b"if-none-match" or name == b"if-modified-since":
+                conditional = True
+        directives = cache_control(headers) if has_directives else _NO_DIRECTIVES
+        if not directives and pragma:
+            directives = _NO_CACHE  # RFC 9111 §5.4, when Cache-Control is absent
         uri = self._uri(exchange)
         partition = self._partition(exchange)
-        lookup = Lookup(
-            uri, partition, store.clock(), directives, first(headers, b"authorization") is not None
-        )
-        exchange.vars()[STATE_KEY] = lookup
+        now = store.clock()
         if b"no-store" in directives:
-            lookup.outcome, lookup.forward = b"BYPASS", b"bypass"
-            return None
+            return self._bypass(exchange, Lookup(uri, partition, now, directives, authorized), b"bypass")
         if b"no-cache" in directives or delta_seconds(directives.get(b"max-age")) == 0:
-            lookup.outcome, lookup.forward = b"BYPASS", b"request"
-            return None
+            return self._bypass(exchange, Lookup(uri, partition, now, directives, authorized), b"request")
         entry = store.find(uri, partition, headers)
         if entry is not None:
-            age = current_age(entry.initial_age, entry.response_time, lookup.request_time)
+            age = current_age(entry.initial_age, entry.response_time, now)
             if self._usable(entry, age, directives):
-                return self.answer(exchange, entry, age, b"")
+                return self.answer(exchange, entry, age, b"", conditional)
+        lookup = Lookup(uri, partition, now, directives, authorized)
+        if entry is not None:
             lookup.forward = b"stale"
         elif store.has_uri(uri, partition):
             lookup.forward = b"vary-miss"
+        exchange.vars()[STATE_KEY] = lookup
         if method == "GET" and self.config.collapse_wait > 0:
             key = (uri, partition)
             flight = store.lead(key)
@@ -234,6 +241,11 @@ class CachePolicy(Policy[CacheConfig]):
                 return store.wait(key, lambda: self._collapsed(exchange, key), self.config.collapse_wait)
             lookup.flight = flight
         return None
+
+    def _bypass(self, exchange: Exchange, lookup: Lookup, forward: bytes) -> None:
+        """The request's own directives send it upstream (``no-store``: nothing is stored)."""
+        lookup.outcome, lookup.forward = b"BYPASS", forward
+        exchange.vars()[STATE_KEY] = lookup
 
     def _usable(self, entry: Entry, age: float, directives: dict[bytes, bytes | None]) -> bool:
         """Fresh, and fresh enough for the request's max-age and min-fresh (RFC 9111 §5.2.1)."""
@@ -258,37 +270,23 @@ class CachePolicy(Policy[CacheConfig]):
         age = current_age(entry.initial_age, entry.response_time, self.store.clock())
         if age >= entry.lifetime:
             return None
-        return self.answer(exchange, entry, age, b"; collapsed")
+        return self.answer(exchange, entry, age, b"; collapsed", True)
 
-    def answer(self, exchange: Exchange, entry: Entry, age: float, detail: bytes) -> Reply:
-        """The stored response as the answer to this request (a 304 when its conditions match)."""
+    def answer(self, exchange: Exchange, entry: Entry, age: float, detail: bytes, conditional: bool) -> Reply:
+        """The stored response as the answer to this request (a 304 when it is ``conditional`` and
+        its conditions match)."""
         state = exchange.vars()
         state[STATE_KEY] = SERVED
         state[OUTCOME_KEY] = "hit"
         self.store.hits += 1
-        whole_age = int(age)
         fields: Headers = [
-            (b"age", b"%d" % whole_age),
+            (b"age", b"%d" % int(age)),
             (b"x-cache", b"HIT"),
             (b"cache-status", b"%s; hit; ttl=%d%s" % (CACHE_STATUS_NAME, int(entry.lifetime - age), detail)),
         ]
-        stored = entry.headers
-        if entry.status == 200 and not_modified(exchange.headers, stored):
-            has_etag = first(stored, b"etag") is not None
-            kept = [
-                pair
-                for pair in stored
-                if pair[0] in NOT_MODIFIED_FIELDS or (pair[0] == b"last-modified" and not has_etag)
-            ]
-            return Reply(304, b"", kept + fields, b"")
-        content_type = b""
-        out: Headers = []
-        for pair in stored:
-            if pair[0] == b"content-type" and not content_type:
-                content_type = pair[1]
-            else:
-                out.append(pair)
-        return Reply(entry.status, entry.body, out + fields, content_type)
+        if conditional and entry.status == 200 and not_modified(exchange.headers, entry.headers):
+            return Reply(304, b"", entry.not_modified_headers + fields, b"")
+        return Reply(entry.status, entry.body, entry.reply_headers + fields, entry.content_type)
 
     # -- response --------------------------------------------------------------------------------
     def on_response(self, exchange: Exchange) -> None:

@@ -21,6 +21,10 @@ from apigate.policies.cache.freshness import Headers, joined
 Uri = tuple[str, str, bytes]  # host, path, query with its parameters sorted
 VaryValues = tuple[bytes | None, ...]
 EntryId = tuple[Uri, str, tuple[bytes, ...], VaryValues]
+# What a 304 carries of the stored response (RFC 9110 §15.4.5).
+NOT_MODIFIED_FIELDS: Final = frozenset(
+    {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary"}
+)
 # What an entry costs besides its body and fields (its objects, its place in the indexes).
 ENTRY_OVERHEAD: Final = 256
 
@@ -62,10 +66,26 @@ class Entry:
     initial_age: float  # its corrected initial age then (RFC 9111 §4.2.3)
     lifetime: float  # its freshness lifetime
     size: int = 0
+    # Made once, read by every hit: the key, the fields of a full answer without its Content-Type
+    # (a Reply's own), and those of a 304 (RFC 9110 §15.4.5: Last-Modified only without an ETag).
+    id: EntryId = ((), "", (), ())  # type: ignore[assignment]
+    content_type: bytes = b""
+    reply_headers: Headers = field(default_factory=list)
+    not_modified_headers: Headers = field(default_factory=list)
 
-    @property
-    def id(self) -> EntryId:
-        return (self.uri, self.partition, self.vary, self.varies)
+    def __post_init__(self) -> None:
+        self.id = (self.uri, self.partition, self.vary, self.varies)
+        has_etag = False
+        for name, value in self.headers:
+            if name == b"content-type" and not self.content_type:
+                self.content_type = value
+                continue
+            self.reply_headers.append((name, value))
+            if name in NOT_MODIFIED_FIELDS:
+                self.not_modified_headers.append((name, value))
+                has_etag = has_etag or name == b"etag"
+        if not has_etag:
+            self.not_modified_headers += [pair for pair in self.headers if pair[0] == b"last-modified"]
 
 
 @dataclass(slots=True)
@@ -109,7 +129,7 @@ class CacheStore:
             if entry_id[1] != partition:
                 continue
             entry = self.entries[entry_id]
-            if entry.varies != vary_values(request_headers, entry.vary):
+            if entry.vary and entry.varies != vary_values(request_headers, entry.vary):
                 continue
             if best is None or entry.response_time > best.response_time:
                 best = entry
