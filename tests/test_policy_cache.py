@@ -245,43 +245,50 @@ def cached_policy(clock: Clock, **config: object) -> CachePolicy:
     return policy
 
 
-def through(policy: CachePolicy, path: str, response_headers: list[tuple[bytes, bytes]]) -> object:
-    """One GET of ``path`` through the policy's hooks: the store's answer, or None after the
-    upstream's 200 with ``response_headers`` and a body went by (and maybe into the store)."""
-    exchange = request_exchange([(b"host", b"api.test")], path=path)
+def through(
+    policy: CachePolicy,
+    path: str,
+    response_headers: list[tuple[bytes, bytes]],
+    status: int = 200,
+    request_headers: list[tuple[bytes, bytes]] | None = None,
+) -> object:
+    """One GET of ``path`` through the policy's hooks: the store's answer, or the response head
+    the client got after the upstream's ``status`` with ``response_headers`` (and a body, but for
+    a 304) went by, and maybe into the store."""
+    exchange = request_exchange([(b"host", b"api.test"), *(request_headers or [])], path=path)
     answer = policy.on_request(exchange)
     if answer is not None:
         return answer
     exchange.upstream = object()  # type: ignore[assignment]  # the upstream answered
-    exchange.response_status = 200
-    exchange.response_headers = [
-        (b"content-type", b"text/plain"),
-        (b"content-length", b"4"),
-        *response_headers,
-    ]
+    exchange.response_status = status
+    exchange.response_headers = [*response_headers]
+    if status != 304:
+        exchange.response_headers += [(b"content-type", b"text/plain"), (b"content-length", b"4")]
     policy.on_response(exchange)
-    capture = policy.on_response_body(exchange)
+    capture = policy.on_response_body(exchange) if status != 304 else None
     if capture is not None:
         assert capture.feed(b"body") == b"body" and capture.end() == b""
     policy.on_log(exchange)
-    return None
+    return exchange.response_headers
 
 
 def test_max_age_beats_the_route_ttl_on_the_injected_clock() -> None:
     clock = Clock()
     policy = cached_policy(clock, ttl="60s")
-    assert through(policy, "/short", [(b"cache-control", b"max-age=10")]) is None
-    assert through(policy, "/ttl", []) is None
+    assert not isinstance(through(policy, "/short", [(b"cache-control", b"max-age=10")]), Reply)
+    assert not isinstance(through(policy, "/ttl", []), Reply)
     clock.now = T0 + 9
     hit = through(policy, "/short", [])
     assert isinstance(hit, Reply) and hit.status == 200 and hit.body == b"body"
     assert (b"age", b"9") in hit.headers and (b"cache-status", b"apigate; hit; ttl=1") in hit.headers
     clock.now = T0 + 10
-    assert through(policy, "/short", [(b"cache-control", b"max-age=10")]) is None  # stale: forwarded
+    assert not isinstance(
+        through(policy, "/short", [(b"cache-control", b"max-age=10")]), Reply
+    )  # stale: forwarded
     clock.now = T0 + 59
     assert isinstance(through(policy, "/ttl", []), Reply)
     clock.now = T0 + 60
-    assert through(policy, "/ttl", []) is None
+    assert not isinstance(through(policy, "/ttl", []), Reply)
 
 
 def test_request_max_age_and_min_fresh_are_honoured() -> None:
@@ -300,6 +307,37 @@ def test_request_max_age_and_min_fresh_are_honoured() -> None:
     assert asked(b"min-fresh=31") is None
 
 
+def test_a_304_from_the_upstream_freshens_the_stale_stored_response() -> None:
+    clock = Clock()
+    policy = cached_policy(clock)
+    through(policy, "/r", [(b"etag", b'"a"'), (b"cache-control", b"max-age=10"), (b"x-version", b"1")])
+    clock.now = T0 + 20
+    asked = [(b"if-none-match", b'"a"')]
+    head = through(policy, "/r", [(b"etag", b'"a"'), (b"cache-control", b"max-age=30")], 304, asked)
+    assert isinstance(head, list)
+    assert (b"x-cache", b"REVALIDATED") in head
+    assert (b"cache-status", b"apigate; fwd=stale; fwd-status=304; stored") in head
+    clock.now = T0 + 25
+    hit = through(policy, "/r", [])
+    assert isinstance(hit, Reply) and hit.status == 200 and hit.body == b"body"
+    assert (b"age", b"5") in hit.headers and (b"cache-control", b"max-age=30") in hit.headers
+    assert (b"x-version", b"1") in hit.headers and (b"content-type", b"text/plain") not in hit.headers
+    assert hit.content_type == b"text/plain"
+    # A 304 for another representation leaves the stored one alone; one that says no-store drops it.
+    clock.now = T0 + 60
+    through(
+        policy,
+        "/r",
+        [(b"etag", b'"b"'), (b"cache-control", b"max-age=30")],
+        304,
+        [(b"if-none-match", b'"b"')],
+    )
+    assert not isinstance(through(policy, "/r", [], 304, asked), Reply)
+    assert len(policy.store) == 1
+    through(policy, "/r", [(b"etag", b'"a"'), (b"cache-control", b"no-store")], 304, asked)
+    assert len(policy.store) == 0
+
+
 def test_the_date_the_upstream_sent_ages_the_response_on_the_injected_clock() -> None:
     clock = Clock()
     policy = cached_policy(clock, ttl="60s")
@@ -308,7 +346,7 @@ def test_the_date_the_upstream_sent_ages_the_response_on_the_injected_clock() ->
     hit = through(policy, "/dated", [])
     assert isinstance(hit, Reply) and (b"age", b"55") in hit.headers
     clock.now = T0 + 10
-    assert through(policy, "/dated", []) is None
+    assert not isinstance(through(policy, "/dated", []), Reply)
 
 
 # -- through a real gateway ------------------------------------------------------------------------

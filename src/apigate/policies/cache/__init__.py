@@ -20,6 +20,9 @@ Concurrent misses for one key make one upstream request; the others wait for its
 (RFC 9111 §4.4). The store (``policies/cache/store.py``) can be purged by URI, route, path prefix
 or whole from Python.
 
+A stale entry is replaced by the next full response, or freshened by a 304 the upstream gives
+a client's own conditional request (RFC 9111 §4.3.4).
+
 The Pactown gateway shorthand ``cache: 60s`` is this policy with that ``ttl``.
 """
 
@@ -62,12 +65,16 @@ if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
 
 STATE_KEY: Final = "cache.lookup"
-# The request's outcome, for the access log's ``cache`` field: "hit", "miss" or "bypass".
+# The request's outcome, for the access log's ``cache`` field: hit, miss, revalidated or bypass.
 OUTCOME_KEY: Final = "cache"
 UNSAFE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Fields a stored response does not keep: the framing and the Age are the gateway's to write,
 # as are its own request id and cache fields.
 NOT_STORED: Final = frozenset({b"content-length", b"age", b"x-request-id", b"x-cache", b"cache-status"})
+# Fields of a 304 that do not replace the stored response's: they describe its own (empty) message.
+FRAMING_FIELDS: Final = frozenset(
+    {b"content-length", b"content-type", b"content-encoding", b"content-range", b"transfer-encoding"}
+)
 _NO_DIRECTIVES: Final[dict[bytes, bytes | None]] = {}
 _NO_CACHE: Final[dict[bytes, bytes | None]] = {b"no-cache": None}
 CACHE_STATUS_NAME: Final = b"apigate"
@@ -107,6 +114,7 @@ class Lookup:
     forward: bytes = b"uri-miss"  # Cache-Status fwd=
     flight: Flight | None = None
     capture: Capture | None = None
+    stale: Entry | None = None  # the stored response a 304 from the upstream may freshen
 
 
 @dataclass(slots=True)
@@ -231,6 +239,7 @@ class CachePolicy(Policy[CacheConfig]):
         lookup = Lookup(uri, partition, now, directives, authorized)
         if entry is not None:
             lookup.forward = b"stale"
+            lookup.stale = entry
         elif store.has_uri(uri, partition):
             lookup.forward = b"vary-miss"
         exchange.vars()[STATE_KEY] = lookup
@@ -303,7 +312,9 @@ class CachePolicy(Policy[CacheConfig]):
         lookup: Lookup = found
         headers = exchange.response_headers
         stored = False
-        if answered:
+        if answered and status == 304 and lookup.stale is not None:
+            stored = self._freshen(exchange, lookup, lookup.stale, headers)
+        elif answered:
             entry = self._entry(exchange, lookup, status, headers)
             if entry is not None:
                 length = first(headers, b"content-length")
@@ -316,9 +327,31 @@ class CachePolicy(Policy[CacheConfig]):
         if lookup.capture is None:
             self.land(lookup)
         status_value = b"%s; fwd=%s" % (CACHE_STATUS_NAME, lookup.forward)
-        exchange.vars()[OUTCOME_KEY] = "bypass" if lookup.outcome == b"BYPASS" else "miss"
+        if lookup.outcome == b"REVALIDATED":
+            status_value += b"; fwd-status=304"
+        exchange.vars()[OUTCOME_KEY] = lookup.outcome.decode().lower()
         headers.append((b"x-cache", lookup.outcome))
         headers.append((b"cache-status", status_value + b"; stored" if stored else status_value))
+
+    def _freshen(self, exchange: Exchange, lookup: Lookup, stale: Entry, headers: Headers) -> bool:
+        """A 304 that validates the stale stored response (the same ETag, or neither has one)
+        freshens it (RFC 9111 §4.3.4): its fields replace the stored ones, but for those of the
+        content's framing and type, and its Date and Age start the response's age anew."""
+        etag = first(headers, b"etag")
+        if etag != first(stale.headers, b"etag"):
+            return False
+        # The stored Date goes in any case: without the 304's own, the time it came is the Date.
+        given = {b"date", *(name for name, _ in headers if name not in FRAMING_FIELDS)}
+        merged = [pair for pair in stale.headers if pair[0] not in given]
+        merged += [pair for pair in headers if pair[0] not in FRAMING_FIELDS]
+        entry = self._entry(exchange, lookup, stale.status, merged)
+        if entry is None:
+            self.store.remove(stale)  # what the upstream says now forbids keeping it
+            return False
+        entry.body = stale.body
+        self.store.put(entry)
+        lookup.outcome = b"REVALIDATED"
+        return True
 
     def _entry(self, exchange: Exchange, lookup: Lookup, status: int, headers: Headers) -> Entry | None:
         """The entry to store for this response; None when it must not be stored or has no

@@ -159,6 +159,9 @@ class CacheStore:
             self._remove(next(iter(self.entries)))
         return True
 
+    def remove(self, entry: Entry) -> bool:
+        return self._remove(entry.id)
+
     def _remove(self, entry_id: EntryId) -> bool:
         entry = self.entries.pop(entry_id, None)
         if entry is None:
