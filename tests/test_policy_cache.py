@@ -259,7 +259,7 @@ def through(
     answer = policy.on_request(exchange)
     if answer is not None:
         return answer
-    exchange.upstream = object()  # type: ignore[assignment]  # the upstream answered
+    exchange.t_first_byte = 1.0  # the upstream answered
     exchange.response_status = status
     exchange.response_headers = [*response_headers]
     if status != 304:

@@ -303,7 +303,9 @@ class CachePolicy(Policy[CacheConfig]):
         found = state.get(STATE_KEY) if state is not None else None
         if found is None or found is SERVED:
             return
-        answered = exchange.upstream is not None  # else the gateway answers (an error)
+        # The upstream's head arrived (else the gateway answers: an error, a policy's refusal). An
+        # error after a retried answer counts too, harmlessly: no gateway error is storable.
+        answered = exchange.t_first_byte > 0.0
         status = exchange.response_status
         if isinstance(found, Unsafe):
             if answered and 200 <= status < 400:
