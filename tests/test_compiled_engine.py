@@ -115,7 +115,7 @@ def test_compiled_head_reader_agrees_with_llhttp() -> None:
 
 def test_compiled_policy_hot_paths_pass_the_policy_tests() -> None:
     """The compiled hot paths of headers and transform, cors, security-headers, jwt, key-auth, the
-    limits (hybrid counters too), quotas and compression answer as their sources do."""
+    limits (hybrid counters too), quotas, compression and the cache answer as their sources do."""
     env = {**os.environ, "PYTHONPATH": f"{compiled_build()}{os.pathsep}{ROOT}"}
     where = "import apigate.policies.jwt.hotpath as m; print(m.__file__)"
     compiled = subprocess.run([sys.executable, "-c", where], env=env, capture_output=True, text=True)
@@ -139,6 +139,9 @@ def test_compiled_policy_hot_paths_pass_the_policy_tests() -> None:
         # The response_body phase and compression's decision, with the engine's filtered path.
         "tests/test_response_body_phase.py",
         "tests/test_policy_compression.py",
+        # The cache: answers made from the store (304 and 204 without a length), its body filter,
+        # and the access log's field.
+        "tests/test_policy_cache.py",
     ]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],

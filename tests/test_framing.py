@@ -325,6 +325,16 @@ ERROR_BODY = b'{"error":"no route matches this request","request_id":"rid-1"}'
             b"HTTP/1.1 204 No Content\r\nvary: Origin\r\nx-request-id: rid-1\r\n\r\n",
             id="no-content-has-no-type-nor-length",
         ),
+        pytest.param(
+            {"status": 304, "headers": [(b"etag", b'"v1"')]},
+            b'HTTP/1.1 304 Not Modified\r\netag: "v1"\r\n\r\n',
+            id="not-modified-has-no-body-nor-length",
+        ),
+        pytest.param(
+            {"status": 200, "content_type": b"", "body": b"ok", "headers": []},
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            id="no-content-type",
+        ),
     ],
 )
 def test_reply_message(changes: dict[str, Any], message: bytes) -> None:

@@ -254,8 +254,9 @@ def test_routes_lists_routes_with_secrets_masked_and_inactive_shorthands(env: En
     secretive = routes["secretive"]
     assert secretive["headers"] == {"x-api-key": "***"}
     assert secretive["policies"]["headers"]["request"]["set"] == {"X-Upstream-Token": "***"}
-    # rate_limit: 100/min is a rate-limit per client IP; jwt needs keys, cache has not shipped.
-    assert routes["unconfigured"]["inactive"] == ["auth: jwt", "cache: 60s"]
+    # rate_limit: 100/min is a rate-limit per client IP, cache: 60s a cache; jwt needs keys.
+    assert routes["unconfigured"]["inactive"] == ["auth: jwt"]
+    assert routes["unconfigured"]["policies"]["cache"]["ttl"] == 60.0
     assert routes["unconfigured"]["policies"]["rate-limit"]["limits"][0]["rate"] == "100/min"
     assert "inactive" not in routes["exact"]
     assert routes["exact"]["policies"]["headers"]["response"]["set"] == {"X-Route": "exact"}
@@ -348,7 +349,5 @@ def test_pactown_routes_yaml_runs_unchanged_on_port_env(tmp_path: Path) -> None:
         "route /webhooks/inpost: auth: hmac_sha256 not active: set INPOST_WEBHOOK_SECRET",
         "route /webhooks/stripe: auth: stripe_signature not active: set STRIPE_WEBHOOK_SECRET",
         "route /api/v1/*: auth: jwt not active: set JWT_SECRET or JWT_SECRET_KEY",
-        "route /api/v1/*: cache: 60s not active: no policy takes it in this version; the route is served "
-        "without it",
     ):
         assert log.count(line) == 1, log  # once, though the config is compiled again at start

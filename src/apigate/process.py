@@ -240,6 +240,7 @@ class Runtime:
         counters: dict[str, int] = {}
         for observer in self.observers:
             counters.update(observer.counts())
+        counters.update(self.services.counters())
         counts: dict[str, Any] = {"counters": counters, "gauges": self.services.gauges()}
         webhooks = self.services.webhook_metrics()
         if webhooks is not None:

@@ -96,9 +96,21 @@ class Services:
         """What the services hold now, for the node's merged metrics: the keys the limits count
         in this process (rate-limit, spike-arrest and quota counters in memory, expired ones not
         yet swept included; those in Redis are Redis's)."""
+        from apigate.policies.cache.store import current_store
         from apigate.policies.limits.local import all_counters
 
-        return {"rate_limit_keys": sum(len(counters.entries) for counters in all_counters().values())}
+        cache = current_store()
+        return {
+            "rate_limit_keys": sum(len(counters.entries) for counters in all_counters().values()),
+            "cache_size": len(cache) if cache is not None else 0,
+        }
+
+    def counters(self) -> dict[str, int]:
+        """What the services counted since the process started: requests answered from the cache."""
+        from apigate.policies.cache.store import current_store
+
+        cache = current_store()
+        return {"requests_cached": cache.hits if cache is not None else 0}
 
     def webhook_metrics(self) -> dict[str, object] | None:
         """Webhooks taken in and delivered by this process, and the store's backlog (None: no

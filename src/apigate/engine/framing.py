@@ -209,17 +209,19 @@ def reply_message(
     lines: bytes = b"",
 ) -> bytes:
     """An answer the gateway makes itself, as written to the client: the head declares the
-    body's type and length (a HEAD request gets the head alone, RFC 9110 §9.3.2), and
-    ``connection: close`` when the connection ends after it; ``lines`` as for ``response_head``.
-    A 204 has neither: it has no content, and no Content-Length may say so (RFC 9110 §8.6)."""
-    if status == 204:
-        fields = b""
+    body's type (none when ``content_type`` is empty) and length (a HEAD request gets the head
+    alone, RFC 9110 §9.3.2), and ``connection: close`` when the connection ends after it; ``lines``
+    as for ``response_head``. A 204 or 304 has neither body nor Content-Length (RFC 9110 §8.6)."""
+    if status == 204 or status == 304:
+        described = b""
         body = b""
+    elif content_type:
+        described = b"content-type: %s\r\ncontent-length: %d\r\n" % (content_type, len(body))
     else:
-        fields = b"content-type: %s\r\ncontent-length: %d\r\n" % (content_type, len(body))
+        described = b"content-length: %d\r\n" % len(body)
     head = (
         wire.status_line(status)
-        + fields
+        + described
         + wire.serialize_headers(headers)
         + lines
         + (b"connection: close\r\n\r\n" if closing else b"\r\n")

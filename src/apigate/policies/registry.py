@@ -32,6 +32,7 @@ BUILTIN = (
     "apigate.policies.webhook_verify",
     "apigate.policies.webhook_ingest",
     "apigate.policies.compression",
+    "apigate.policies.cache",
 )
 
 PolicyClass = TypeVar("PolicyClass", bound=type[Policy[Any]])

@@ -192,10 +192,11 @@ class Lines:
             limited = state.get("limited")
             if limited is not None or keep_nulls:
                 record["limited"] = limited
+            cache = state.get("cache")  # hit, miss, revalidated or bypass where the cache policy runs
+            if cache is not None or keep_nulls:
+                record["cache"] = cache
         elif keep_nulls:
-            record["key_id"] = record["user_id"] = record["limited"] = None
-        if keep_nulls:
-            record["cache"] = None  # no response cache yet
+            record["key_id"] = record["user_id"] = record["limited"] = record["cache"] = None
         tried = exchange.tried
         if tried is not None or keep_nulls:
             record["tried"] = tried
