@@ -192,7 +192,7 @@ class Lines:
             limited = state.get("limited")
             if limited is not None or keep_nulls:
                 record["limited"] = limited
-            cache = state.get("cache")  # hit, miss, revalidated or bypass where the cache policy runs
+            cache = state.get("cache")  # hit, stale, miss, revalidated, bypass, refresh (docs/cache.md)
             if cache is not None or keep_nulls:
                 record["cache"] = cache
         elif keep_nulls:
