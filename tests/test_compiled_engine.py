@@ -138,6 +138,8 @@ def test_compiled_policy_hot_paths_pass_the_policy_tests() -> None:
         "tests/test_policy_quota.py::test_workers_share_a_memory_quota_through_the_store",
         # The response_body phase and compression's decision, with the engine's filtered path.
         "tests/test_response_body_phase.py",
+        # Responses replaced by a response hook, and copies of a request sent for no client.
+        "tests/test_response_replace.py",
         "tests/test_policy_compression.py",
         # The cache: answers made from the store (304 and 204 without a length), its body filter,
         # and the access log's field.

@@ -141,6 +141,38 @@ def test_every_route_serves_with_the_documents_environment(gateway: Pactown, ups
     assert "not active" not in log, log
 
 
+def test_api_v1_answers_are_cached_per_token_subject(gateway: Pactown, upstreams) -> None:
+    """``cache: 60s`` behind ``auth: jwt``: a repeated GET within 60 s is answered from the cache,
+    but only to the subject it was stored for; a request without a valid token never reaches it."""
+    backend = upstreams["/api/v1/*"]
+    path = "/api/v1/orders?page=2"
+
+    def calls() -> int:
+        return sum(1 for seen in list(backend.requests) if seen.query == "page=2")
+
+    alice = hs_sign(claims(sub="alice"), secret=JWT_SECRET)
+    first = gateway.get_api(alice, path)
+    assert first.status == 200 and first.header("x-cache") == "MISS"
+    again = gateway.get_api(alice, path)
+    assert again.status == 200 and again.header("x-cache") == "HIT" and again.body == first.body
+    assert calls() == 1
+    # Another token of the same subject is the same caller.
+    renewed = hs_sign(claims(sub="alice", jti="renewed"), secret=JWT_SECRET)
+    assert gateway.get_api(renewed, path).header("x-cache") == "HIT"
+    assert calls() == 1
+    bob = hs_sign(claims(sub="bob"), secret=JWT_SECRET)
+    theirs = gateway.get_api(bob, path)
+    assert theirs.status == 200 and theirs.header("x-cache") == "MISS"
+    assert bob.encode() in theirs.body and alice.encode() not in theirs.body
+    assert gateway.get_api(bob, path).header("x-cache") == "HIT"
+    assert calls() == 2
+    for token in (None, hs_sign(claims(sub="alice"), secret=OTHER_SECRET)):
+        refused = gateway.get_api(token, path)
+        assert refused.status == 401 and refused.header("x-cache") is None
+        assert alice.encode() not in refused.body and b"orders" not in refused.body
+    assert calls() == 2
+
+
 @pytest.mark.parametrize(
     ("secret", "overrides", "reason"),
     [

@@ -2,7 +2,11 @@
 Vary, purge, collapsed misses), and a real gateway in front of a real upstream that counts what
 reaches it: hits, misses, what is never stored, Vary, 304s, HEAD from GET, invalidation by unsafe
 methods, concurrent misses collapsed into one upstream request, a large body passed and not
-stored, consumers kept apart, and arbitrary cache headers."""
+stored, consumers kept apart, and arbitrary cache headers. Stale responses (RFC 9111 §4.2.4,
+§4.3; RFC 5861) run on a gateway in this process whose store and upstream share the test's
+clock: revalidation by ETag and by Last-Modified, stale-while-revalidate with one refresh in the
+background however many requests come, stale-if-error with an upstream that is down or answers
+503, must-revalidate, max-stale and only-if-cached."""
 
 from __future__ import annotations
 
@@ -22,10 +26,13 @@ from apigate.config.loader import ConfigError, load_config
 from apigate.engine.replies import Reply
 from apigate.policies.cache import CachePolicy
 from apigate.policies.cache import freshness as rules
+from apigate.policies.cache.stale import REFRESHES, max_stale, stale_window, validators
 from apigate.policies.cache.store import CacheStore, Entry, normalised_query, vary_values
 from tests.support.errors_helpers import wait_until
 from tests.support.exchanges import request_exchange
+from tests.support.inprocess import InProcessGateway
 from tests.support.proxy_http import RawConnection, RawResponse, running_gateway
+from tests.support.resource_upstream import Resource, ResourceUpstream
 from tests.support.upstream import made_body
 
 T0 = 1_700_000_000.0  # an instant; every time in the unit tests is relative to it
@@ -216,7 +223,7 @@ def test_collapsed_misses_wait_for_the_leader_or_give_up() -> None:
 
 
 def test_the_shorthand_is_the_policy_with_that_ttl(tmp_path) -> None:
-    assert CachePolicy.expand_shorthand("60s") == {"ttl": 60.0}
+    assert CachePolicy.expand_shorthand("60s") == {"ttl": 60.0, "key_by": ["consumer", "tenant"]}
     assert CachePolicy.expand_shorthand("forever") is None
     path = tmp_path / "routes.yaml"
     path.write_text("routes:\n  - path: /x\n    target: http://127.0.0.1:9\n    cache: forever\n")
@@ -682,3 +689,313 @@ def test_hits_are_counted_in_stats_and_the_access_log(start_gateway, upstream, t
     assert wait_until(logged) == {"rid-miss": "miss", "rid-hit": "hit", "rid-bypass": "bypass"}
     stats = get(gateway, "/stats", {"Authorization": "Bearer stats-token"}).json()
     assert stats["requests_cached"] == 1 and stats["cache_size"] == 1
+
+
+def test_requests_with_authorization_are_stored_per_identified_consumer(gateway, shared_upstream) -> None:
+    # key-auth identifies the caller and the route keys by consumer: the entry is the consumer's
+    # alone, so a response to a request with Authorization may be kept for it (RFC 9111 §3.5
+    # guards responses shared between callers).
+    path = made("per-consumer")
+    bearer = {"Authorization": "Bearer upstream-token"}
+    assert get(gateway, path, {"X-API-Key": KEY, **bearer}).header("x-cache") == "MISS"
+    assert get(gateway, path, {"X-API-Key": KEY, **bearer}).header("x-cache") == "HIT"
+    assert get(gateway, path, {"X-API-Key": OTHER_KEY, **bearer}).header("x-cache") == "MISS"
+    assert upstream_calls(shared_upstream, path) == 2
+
+
+# -- stale responses: the rules ---------------------------------------------------------------------
+def test_what_allows_a_stale_response_to_be_served() -> None:
+    def cc(value: bytes) -> dict[bytes, bytes | None]:
+        return rules.cache_control([(b"cache-control", value)])
+
+    swr, sie = b"stale-while-revalidate", b"stale-if-error"
+    assert stale_window(swr, cc(b"max-age=5, stale-while-revalidate=30"), {}, None) == 30
+    assert stale_window(swr, cc(b"max-age=5"), {}, 10.0) == 10  # the route's default
+    assert stale_window(swr, cc(b"max-age=5"), {}, None) is None
+    assert stale_window(swr, cc(b"max-age=5, stale-while-revalidate=soon"), {}, 10.0) is None
+    # The client's own stale-if-error wins over the response's, both ways.
+    assert stale_window(sie, cc(b"max-age=5, stale-if-error=60"), cc(b"stale-if-error=5"), None) == 5
+    assert stale_window(sie, cc(b"max-age=5"), cc(b"stale-if-error=90"), None) == 90
+    # must-revalidate and proxy-revalidate forbid it; s-maxage lets only the response's own through.
+    for forbidding in (b"must-revalidate", b"proxy-revalidate"):
+        assert (
+            stale_window(sie, cc(b"stale-if-error=60, " + forbidding), cc(b"stale-if-error=9"), 9.0) is None
+        )
+    assert stale_window(sie, cc(b"s-maxage=5, stale-if-error=60"), cc(b"stale-if-error=9"), 9.0) == 60
+    assert stale_window(sie, cc(b"s-maxage=5"), cc(b"stale-if-error=9"), 9.0) is None
+    assert max_stale(cc(b"max-stale"), cc(b"max-age=5")) == float("inf")
+    assert max_stale(cc(b"max-stale=7"), cc(b"max-age=5")) == 7
+    assert max_stale(cc(b"max-stale=7"), cc(b"max-age=5, must-revalidate")) is None
+    assert max_stale(cc(b"max-stale=7"), cc(b"s-maxage=5")) is None
+    assert max_stale({}, cc(b"max-age=5")) is None
+    stored = [(b"etag", b'W/"v1"'), (b"last-modified", rules.format_http_date(T0))]
+    assert validators(stored) == [
+        (b"if-none-match", b'W/"v1"'),
+        (b"if-modified-since", rules.format_http_date(T0)),
+    ]
+    assert validators([(b"content-type", b"text/plain")]) == []
+
+
+def test_a_client_that_accepts_stale_gets_it_from_the_store() -> None:
+    clock = Clock()
+    policy = cached_policy(clock)
+    through(policy, "/m", [(b"cache-control", b"max-age=10")])
+    clock.now = T0 + 25
+
+    def asked(value: bytes) -> object:
+        exchange = request_exchange([(b"host", b"api.test"), (b"cache-control", value)], path="/m")
+        return policy.on_request(exchange)
+
+    stale = asked(b"max-stale=20")
+    assert isinstance(stale, Reply) and stale.status == 200 and stale.body == b"body"
+    assert (b"x-cache", b"STALE") in stale.headers
+    assert (b"cache-status", b"apigate; hit; ttl=-15") in stale.headers
+    assert isinstance(asked(b"max-stale"), Reply)
+    assert asked(b"max-stale=10") is None  # 15 s stale is more than it accepts
+    assert asked(b"max-stale=20, max-age=20") is None  # 25 s old is older than it wants
+    assert asked(b"max-stale=20, min-fresh=1") is None
+    only = asked(b"only-if-cached")  # stale, and not accepted: 504 instead of going upstream
+    assert isinstance(only, Reply) and only.status == 504 and only.reason == "not_cached"
+    assert isinstance(asked(b"only-if-cached, max-stale=20"), Reply)
+    missing = request_exchange([(b"host", b"api.test"), (b"cache-control", b"only-if-cached")], path="/none")
+    nothing = policy.on_request(missing)
+    assert isinstance(nothing, Reply) and nothing.status == 504
+
+
+# -- stale responses through a gateway in this process, on the test's clock ------------------------
+@pytest.fixture
+def origin() -> object:
+    clock = Clock()
+    server = ResourceUpstream(clock=clock).start()
+    server.test_clock = clock  # type: ignore[attr-defined]
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def stale_gateway(origin):
+    """A gateway in this process in front of ``origin``, whose cache routes share one store on
+    the origin's clock: /r (the response's own directives), /swr (stale-while-revalidate 30s by
+    default), /sie (stale-if-error 60s by default)."""
+
+    def route(path: str, **cache: object) -> dict:
+        return {"path": f"/{path}/*", "target": origin.url, "policies": {"cache": cache}}
+
+    config = {
+        "routes": [route("r"), route("swr", stale_while_revalidate="30s"), route("sie", stale_if_error="60s")]
+    }
+    store = CacheStore(1 << 20, 100, clock=origin.test_clock)
+    with InProcessGateway(orjson.dumps(config).decode()) as running:
+        for index in range(3):
+            running.policy(index, "cache").store = store
+        yield running
+    assert not REFRESHES.running  # every refresh ended
+
+
+def fetch(gateway, path: str, headers: dict[str, str] | None = None) -> RawResponse:
+    with RawConnection(gateway.port) as conn:
+        return conn.exchange("GET", path, headers)
+
+
+def test_a_stale_response_is_revalidated_with_its_etag(stale_gateway, origin) -> None:
+    origin.resources["/r/etag"] = Resource(b"version 1", etag='"v1"', cache_control="max-age=10")
+    first = fetch(stale_gateway, "/r/etag")
+    assert first.status == 200 and first.header("x-cache") == "MISS"
+    origin.test_clock.now += 20
+    again = fetch(stale_gateway, "/r/etag")
+    # The client sent no conditions: it gets the stored response, which the 304 freshened.
+    assert again.status == 200 and again.body == b"version 1"
+    assert again.header("x-cache") == "REVALIDATED" and again.header("etag") == '"v1"'
+    assert again.header("cache-status") == "apigate; fwd=stale; fwd-status=304; stored"
+    assert again.header("content-length") == "9" and again.header("age") == "0"
+    calls = origin.calls("/r/etag")
+    assert [call.status for call in calls] == [200, 304]
+    assert calls[1].headers.get("if-none-match") == '"v1"' and "if-none-match" not in calls[0].headers
+    origin.test_clock.now += 5
+    hit = fetch(stale_gateway, "/r/etag")
+    assert hit.header("x-cache") == "HIT" and hit.header("age") == "5" and len(origin.calls("/r/etag")) == 2
+
+
+def test_a_stale_response_is_revalidated_with_its_last_modified(stale_gateway, origin) -> None:
+    modified = T0 - 3600
+    origin.resources["/r/dated"] = Resource(b"dated", last_modified=modified, cache_control="max-age=10")
+    fetch(stale_gateway, "/r/dated")
+    origin.test_clock.now += 11
+    with RawConnection(stale_gateway.port) as conn:
+        again = conn.exchange("GET", "/r/dated")
+        assert again.status == 200 and again.body == b"dated" and again.header("x-cache") == "REVALIDATED"
+        # A client's own condition, on the freshened response: the store answers it.
+        assert (
+            conn.exchange(
+                "GET", "/r/dated", {"If-Modified-Since": rules.format_http_date(modified).decode()}
+            ).status
+            == 304
+        )
+    calls = origin.calls("/r/dated")
+    assert len(calls) == 2 and calls[1].status == 304
+    assert calls[1].headers.get("if-modified-since") == rules.format_http_date(modified).decode()
+    assert "if-none-match" not in calls[1].headers
+
+
+def test_a_changed_resource_replaces_the_stale_entry_and_a_client_condition_goes_as_sent(
+    stale_gateway, origin
+) -> None:
+    resource = origin.resources["/r/changing"] = Resource(b"one", etag='"1"', cache_control="max-age=10")
+    fetch(stale_gateway, "/r/changing")
+    origin.test_clock.now += 20
+    resource.body, resource.etag = b"two", '"2"'
+    changed = fetch(stale_gateway, "/r/changing")
+    assert changed.body == b"two" and changed.header("x-cache") == "MISS"
+    assert changed.header("cache-status") == "apigate; fwd=stale; stored"
+    assert fetch(stale_gateway, "/r/changing").header("x-cache") == "HIT"
+    origin.test_clock.now += 20
+    # The client's own conditions go upstream as they are; its 304 freshens the entry too.
+    mine = fetch(stale_gateway, "/r/changing", {"If-None-Match": '"2"'})
+    assert mine.status == 304 and mine.header("x-cache") == "REVALIDATED"
+    assert origin.calls("/r/changing")[-1].headers["if-none-match"] == '"2"'
+    assert fetch(stale_gateway, "/r/changing").header("x-cache") == "HIT"
+    assert len(origin.calls("/r/changing")) == 3
+
+
+def test_stale_while_revalidate_serves_stale_at_once_and_refreshes_once(stale_gateway, origin) -> None:
+    resource = origin.resources["/r/swr"] = Resource(
+        b"old", etag='"old"', cache_control="max-age=10, stale-while-revalidate=30"
+    )
+    fetch(stale_gateway, "/r/swr")
+    origin.test_clock.now += 15
+    resource.body, resource.etag = b"new", '"new"'
+    origin.mode = "hold"  # the refresh waits upstream while the requests come
+    try:
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            answers = list(pool.map(lambda _: fetch(stale_gateway, "/r/swr"), range(20)))
+        assert all(a.status == 200 and a.body == b"old" and a.header("x-cache") == "STALE" for a in answers)
+        assert answers[0].header("cache-status") == "apigate; hit; ttl=-5; detail=stale-while-revalidate"
+        assert answers[0].header("age") == "15"
+        refresh = wait_until(lambda: origin.calls("/r/swr")[1:] or None)
+    finally:
+        origin.release()
+    assert refresh[0].headers.get("if-none-match") == '"old"'
+    # The refresh's 200 replaced the entry: fresh again, without another upstream call.
+    fresh = wait_until(lambda: (found := fetch(stale_gateway, "/r/swr")).body == b"new" and found)
+    assert fresh.header("x-cache") == "HIT"
+    assert [call.status for call in origin.calls("/r/swr")] == [200, 200]
+    wait_until(lambda: not REFRESHES.running)
+    # Past the window the stale entry is not served: the request revalidates it itself.
+    origin.test_clock.now += 45
+    late = fetch(stale_gateway, "/r/swr")
+    assert late.header("x-cache") == "REVALIDATED" and late.body == b"new"
+    assert len(origin.calls("/r/swr")) == 3
+
+
+def test_a_refresh_answered_304_freshens_the_entry(stale_gateway, origin) -> None:
+    # The route's default window: the response says nothing of stale-while-revalidate.
+    origin.resources["/swr/same"] = Resource(b"same", etag='"s"', cache_control="max-age=10")
+    fetch(stale_gateway, "/swr/same")
+    origin.test_clock.now += 39  # 29 s stale: within the route's 30 s
+    stale = fetch(stale_gateway, "/swr/same")
+    assert stale.header("x-cache") == "STALE" and stale.body == b"same"
+    wait_until(lambda: len(origin.calls("/swr/same")) == 2 and not REFRESHES.running)
+    assert origin.calls("/swr/same")[1].status == 304
+    hit = fetch(stale_gateway, "/swr/same")
+    assert hit.header("x-cache") == "HIT" and hit.header("age") == "0" and hit.body == b"same"
+    origin.resources["/r/plain"] = Resource(b"plain", etag='"p"', cache_control="max-age=10")
+    fetch(stale_gateway, "/r/plain")
+    origin.test_clock.now += 11
+    # Without the route's default or the response's directive, a stale entry is revalidated.
+    assert fetch(stale_gateway, "/r/plain").header("x-cache") == "REVALIDATED"
+
+
+def test_stale_if_error_serves_the_stale_entry_while_the_upstream_is_down(stale_gateway, origin) -> None:
+    origin.resources["/r/down"] = Resource(b"kept", etag='"k"', cache_control="max-age=10, stale-if-error=60")
+    fetch(stale_gateway, "/r/down")
+    origin.test_clock.now += 20
+    origin.stop()  # connections are refused
+    try:
+        served = fetch(stale_gateway, "/r/down")
+        assert served.status == 200 and served.body == b"kept" and served.header("x-cache") == "STALE"
+        assert served.header("cache-status") == "apigate; fwd=stale; ttl=-10; detail=stale-if-error"
+        assert served.header("age") == "20"
+        origin.test_clock.now += 60  # 70 s stale: past the window
+        failed = fetch(stale_gateway, "/r/down")
+        assert failed.status == 502 and failed.json()["reason"] == "connect_failed"
+        assert failed.header("x-cache") == "MISS"
+    finally:
+        origin.start()
+    back = fetch(stale_gateway, "/r/down")
+    assert back.status == 200 and back.header("x-cache") == "REVALIDATED"
+
+
+def test_stale_if_error_serves_the_stale_entry_when_the_upstream_answers_503(stale_gateway, origin) -> None:
+    origin.resources["/sie/busy"] = Resource(b"busy", etag='"b"', cache_control="max-age=10")
+    origin.resources["/r/busy"] = Resource(b"busy", etag='"b"', cache_control="max-age=10")
+    fetch(stale_gateway, "/sie/busy")
+    fetch(stale_gateway, "/r/busy")
+    origin.test_clock.now += 30
+    origin.mode = "status:503"
+    served = fetch(stale_gateway, "/sie/busy")  # the route's default of 60 s
+    assert served.status == 200 and served.body == b"busy" and served.header("x-cache") == "STALE"
+    assert (
+        served.header("cache-status") == "apigate; fwd=stale; fwd-status=503; ttl=-20; detail=stale-if-error"
+    )
+    # Without a default, the client's own stale-if-error (RFC 5861 §4) allows it; else the 503 goes.
+    assert fetch(stale_gateway, "/r/busy").status == 503
+    asked = fetch(stale_gateway, "/r/busy", {"Cache-Control": "stale-if-error=30"})
+    assert asked.status == 200 and asked.header("x-cache") == "STALE"
+    assert fetch(stale_gateway, "/r/busy", {"Cache-Control": "stale-if-error=10"}).status == 503
+    assert [call.status for call in origin.calls("/sie/busy")] == [200, 503]
+
+
+def test_must_revalidate_forbids_stale_answers(stale_gateway, origin) -> None:
+    origin.resources["/sie/strict"] = Resource(
+        b"strict", etag='"s"', cache_control="max-age=10, must-revalidate, stale-if-error=60"
+    )
+    fetch(stale_gateway, "/sie/strict")
+    origin.test_clock.now += 20
+    origin.mode = "status:503"
+    assert fetch(stale_gateway, "/sie/strict").status == 503  # the upstream's own answer
+    origin.stop()
+    try:
+        refused = fetch(stale_gateway, "/sie/strict", {"Cache-Control": "max-stale=60"})
+        assert refused.status == 504 and refused.json()["reason"] == "connect_failed"
+        assert refused.header("cache-status") == "apigate; fwd=stale; detail=must-revalidate"
+        assert b"strict" not in refused.body
+    finally:
+        origin.start()
+    origin.mode = "ok"
+    assert fetch(stale_gateway, "/sie/strict").header("x-cache") == "REVALIDATED"
+
+
+def test_identified_callers_get_entries_of_their_own() -> None:
+    clock = Clock()
+    policy = cached_policy(clock, ttl="60s", key_by=["consumer", "tenant"])
+
+    def asking(consumer: str | None, tenant: str | None = None, authorization: bool = True) -> object:
+        headers = [(b"host", b"api.test")] + ([(b"authorization", b"Bearer t")] if authorization else [])
+        exchange = request_exchange(headers, path="/mine")
+        exchange.consumer, exchange.tenant = consumer, tenant
+        return exchange
+
+    def through_as(exchange) -> object:  # type: ignore[no-untyped-def]
+        answer = policy.on_request(exchange)
+        if answer is not None:
+            return answer
+        exchange.t_first_byte = 1.0
+        exchange.response_status = 200
+        exchange.response_headers = [(b"content-type", b"text/plain"), (b"content-length", b"4")]
+        policy.on_response(exchange)
+        capture = policy.on_response_body(exchange)
+        if capture is not None:
+            capture.feed(b"body")
+            capture.end()
+        policy.on_log(exchange)
+        return exchange.response_headers
+
+    assert not isinstance(through_as(asking("alice")), Reply)
+    assert isinstance(through_as(asking("alice")), Reply)  # stored for alice, with Authorization
+    assert not isinstance(through_as(asking("bob")), Reply)
+    # Ids holding the separator do not reach another consumer's partition in another tenant.
+    assert not isinstance(through_as(asking("a\x00b", "c")), Reply)
+    assert not isinstance(through_as(asking("a", "b\x00c")), Reply)
+    # Nobody identified: Authorization keeps RFC 9111 §3.5's rule, nothing is stored.
+    assert not isinstance(through_as(asking(None)), Reply)
+    assert not isinstance(through_as(asking(None)), Reply)

@@ -93,6 +93,8 @@ def _write(transport: asyncio.Transport, data: bytes) -> None:
 
 
 class FaultyUpstream:
+    handler: type[_Handler] = _Handler  # what answers each connection (a subclass may answer otherwise)
+
     def __init__(self, name: str, port: int = 0, host: str = "127.0.0.1") -> None:
         self.name = name
         self.host = host
@@ -125,7 +127,7 @@ class FaultyUpstream:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind((self.host, self.port))
             self._sock = None
-            self._server = await self.loop.create_server(lambda: _Handler(self), sock=sock, backlog=1024)
+            self._server = await self.loop.create_server(lambda: self.handler(self), sock=sock, backlog=1024)
 
         self._call(serve())
         return self

@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from apigate.config.compile import compile_plan
 from apigate.config.loader import load_config
 from apigate.engine.plan import Plan
 from apigate.engine.server import Gateway
+
+T = TypeVar("T")
 
 
 class InProcessGateway:
@@ -27,12 +30,13 @@ class InProcessGateway:
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.plan: Plan | None = None
+        self.gateway: Gateway | None = None
         self.failure: BaseException | None = None
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         try:
-            gateway = Gateway(loop=self.loop)
+            gateway = self.gateway = Gateway(loop=self.loop)
             self.plan = compile_plan(self.config, gateway.pools)
             gateway.apply(self.plan)
             self.loop.run_until_complete(gateway.serve(self.sock))
@@ -53,6 +57,16 @@ class InProcessGateway:
         """The policy ``name`` of the ``route``-th route, as the engine runs it."""
         assert self.plan is not None
         return next(p for p in self.plan.routes[route].policies if p.name == name)
+
+    def call(self, function: Callable[[Gateway], T]) -> T:
+        """``function(gateway)`` run on the gateway's own loop (what it returns)."""
+        gateway = self.gateway
+        assert gateway is not None
+
+        async def run() -> T:
+            return function(gateway)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)

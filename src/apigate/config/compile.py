@@ -217,6 +217,7 @@ def compile_plan(
             and all(p.oversized_body == "stream" for p in body_policies),
             inactive=shorthands,
             upgrades=frozenset(p.encode() for p in route.upgrades),
+            response_replaces=any(p.replaces_responses and "response" in p.phases for p in policies),
             description=_describe(route, policies, shorthands),
         )
         if route_inactive:

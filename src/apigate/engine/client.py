@@ -461,6 +461,37 @@ class ClientConnection(wire.HeadReader):
         return not self.queue and self.tunnel is None
 
 
+class DetachedTransport:
+    """The transport of a request no client sent (``Gateway.send_detached``): what the exchange
+    writes goes nowhere, and closing it ends its connection as a peer's close would."""
+
+    def __init__(self, protocol: ClientConnection, peer: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.protocol = protocol
+        self.peer = peer
+        self.loop = loop
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return (self.peer, 0) if name == "peername" else default
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.loop.call_soon(self.protocol.connection_lost, None)
+
+
 def single_spaced_request_line(data: bytes) -> bool:
     """False if the request line at the start of ``data`` has more than one space between its
     parts, which llhttp lets through but RFC 9112 §3 does not; True too when the line is not

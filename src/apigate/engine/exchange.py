@@ -98,6 +98,10 @@ class Exchange:
     # them; None, the class default, while the body goes to the client as it arrives.
     body_filters: list[Any] | None = None
     response_body_in = 0  # response body bytes read from the upstream while filters ran
+    # What a response hook answered instead of an upstream response without a body (a 304, a
+    # HEAD's): sent once that response has ended and its connection is back in the pool.
+    replacement: Reply | None = None
+    response_replaced = False  # a response hook replaced this exchange's response (once at most)
     upstream_keep_alive = False
     close_after = False
     finished = False
@@ -271,6 +275,14 @@ class Exchange:
             if key == name:
                 return value
         return None
+
+    def detached_copy(self, headers: list[tuple[bytes, bytes]], state: dict[str, Any]) -> Exchange | None:
+        """Send a copy of this request (a GET or HEAD without a body) to its route's upstream for
+        no client, with ``headers`` (lowercase names) and ``state`` as its own: a policy's refresh
+        in the background. Its response meets the route's response, response_body and log hooks
+        and the plan's finish hooks, then goes nowhere. None when the gateway is draining or the
+        request cannot be sent again (a body, no upstream)."""
+        return self.client.gateway.send_detached(self, headers, state)
 
     def vars(self) -> dict[str, Any]:
         """Per-request scratch space shared by policies (allocated on first use)."""
@@ -790,8 +802,14 @@ class Exchange:
         kept, length_known, chunked = framing.response_fields(headers, self.rid)
         self.response_headers = kept
         if route is not None and route.response_hooks:
-            for hook in route.response_hooks:
-                hook(self)
+            if route.response_replaces:
+                found = self._run_response_hooks(route.response_hooks)
+                if found is not None and status != 101:
+                    self._replace_response(found, status)
+                    return
+            else:
+                for hook in route.response_hooks:
+                    hook(self)
             kept = self.response_headers
         if status == 101:
             if not self.upgrade:  # a switch nobody asked for: nothing may flow unread
@@ -841,6 +859,30 @@ class Exchange:
         if close:
             self.close_after = True
         client.write(head)
+
+    def _run_response_hooks(self, hooks: tuple[Any, ...]) -> Reply | None:
+        """The response hooks of a route where one may replace the response: the first Reply one
+        returns stops the chain (the replacement meets every hook in turn), once per exchange."""
+        for hook in hooks:
+            found: Reply | None = hook(self)
+            if found is not None and not self.response_replaced:
+                self.response_replaced = True
+                return found
+        return None
+
+    def _replace_response(self, reply: Reply, status: int) -> None:
+        """A response hook answered instead of the upstream. A response without a body ends in this
+        same read: its connection goes back to the pool, then ``reply`` goes (on_response_end). The
+        rest of a body is not read: that connection goes, and ``reply`` at once."""
+        if not self._response_has_body(status):
+            self.replacement = reply
+            return
+        conn = self.upstream
+        self.upstream = None
+        if conn is not None:
+            conn.exchange = None
+            conn.close()
+        self.reply(reply)
 
     def _judge_response(self, group: UpstreamGroup, status: int, now: float) -> bool:
         """Note the response against its target; True when a retryable status is retried instead."""
@@ -979,6 +1021,11 @@ class Exchange:
             else:
                 conn.exchange = None
                 conn.close()
+        replacement = self.replacement
+        if replacement is not None:
+            self.replacement = None
+            self.reply(replacement)
+            return
         self.finish()
 
     def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
@@ -1108,8 +1155,14 @@ class Exchange:
         if route is not None:
             if route.meter is not None and (status == 429 or status == 401 or status == 403):
                 route.meter.refused(status, reply.reason)
-            for hook in route.response_hooks:
-                hook(self)
+            if route.response_replaces and not self.response_replaced:
+                found = self._run_response_hooks(route.response_hooks)
+                if found is not None:
+                    self.reply(found)  # the hooks see the replacement in turn
+                    return
+            else:
+                for hook in route.response_hooks:
+                    hook(self)
             if route.response_body_hooks and body and self._response_has_body(status):
                 content_type, body = self._filter_reply(route.response_body_hooks, content_type, body)
         if not self.request_done and (

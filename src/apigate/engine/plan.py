@@ -31,7 +31,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # What a policy hands the engine for each phase (policies/base.py describes the phases).
 RequestHook = Callable[[Exchange], Reply | Awaitable[Reply | None] | None]
 BodyHook = Callable[[Exchange, bytes], Reply | Awaitable[Reply | None] | None]
-ResponseHook = Callable[[Exchange], None]
+# Returns None, or (on a route whose ``response_replaces`` is set) a Reply that replaces the response.
+ResponseHook = Callable[[Exchange], Reply | None]
 # Returns the response body's filter (an object with feed(bytes) -> bytes and end() -> bytes), or None.
 ResponseBodyHook = Callable[[Exchange], Any]
 LogHook = Callable[[Exchange], None]
@@ -167,6 +168,9 @@ class CompiledRoute:
     oversized_body_streams: bool = False
     inactive: tuple[str, ...] = ()
     upgrades: frozenset[bytes] = frozenset()  # Upgrade protocols this route tunnels (lowercase)
+    # A response hook may hand back a Reply that replaces the response it sees (the upstream's, or
+    # the gateway's own error): the engine looks at what the hooks return only on such routes.
+    response_replaces: bool = False
     meter: RouteMeter | None = None  # None: metrics are off
     description: dict[str, Any] = field(default_factory=dict)  # what /routes shows, secrets masked
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from apigate.engine import builtin, wire
 from apigate.engine.breakers import TargetStates
-from apigate.engine.client import ClientConnection
+from apigate.engine.client import ClientConnection, DetachedTransport
 from apigate.engine.exchange import Exchange
 from apigate.engine.metrics import Meters
 from apigate.engine.plan import Plan
@@ -100,6 +100,41 @@ class Gateway:
         task = self.loop.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def send_detached(
+        self, exchange: Exchange, headers: list[tuple[bytes, bytes]], state: dict[str, Any]
+    ) -> Exchange | None:
+        """A copy of ``exchange`` sent upstream for no client (``Exchange.detached_copy``): a
+        connection of its own whose writes go nowhere, in ``connections`` so that the sweep times
+        it and a drain waits for it, closed when its exchange finishes. The copy gets a request id
+        of its own and starts at the upstream: the request hooks that let the original through
+        do not run again."""
+        route = exchange.route
+        if (
+            self.draining
+            or route is None
+            or route.upstream is None
+            or exchange.method not in ("GET", "HEAD")
+            or exchange.content_length
+            or exchange.request_chunked
+        ):
+            return None
+        client = ClientConnection(self)
+        client.connection_made(DetachedTransport(client, exchange.client.peer_ip, self.loop))
+        own = [pair for pair in headers if pair[0] != b"x-request-id"]  # the copy gets its own
+        method, path = exchange.method, exchange.path
+        copy = Exchange(client, method, path, exchange.raw_path, exchange.query, own, "1.1", False, False)
+        copy.plan = exchange.plan
+        copy.route = route
+        copy.params = exchange.params
+        copy.remainder = exchange.remainder
+        copy.prefix = exchange.prefix
+        copy.rewritten_path = exchange.rewritten_path
+        copy.state = state
+        copy.request_done = True
+        client.queue.append(copy)
+        copy.go_upstream()
+        return copy
 
     def log_exception(
         self, message: str, exchange: Exchange | None = None, error: BaseException | None = None

@@ -31,7 +31,18 @@ Phases, in the order a request meets them:
   stream. Same return values as ``on_request``. A hook may replace ``exchange.body``: the
   upstream then receives the new bytes with a matching Content-Length.
 - ``on_response(exchange)``: the upstream's status and headers arrived; edit
-  ``exchange.response_headers`` before they are sent. Runs in reverse order.
+  ``exchange.response_headers`` before they are sent. Runs in reverse order. A gateway-made
+  answer (an early answer, an error such as a 502 when the upstream cannot be reached) meets
+  the same hooks. A class that sets ``replaces_responses`` may return a ``Reply`` instead of
+  None: it replaces the response the hook sees, the upstream's (whose body is never sent: a
+  response without one, a 304 or a HEAD's, ends and its connection is reused; the rest of a
+  body is not read and that connection closes) or the gateway's own error. The hooks not yet
+  run skip the replaced response and every hook then sees the replacement, as any gateway-made
+  answer; an exchange's response is replaced once at most (a Reply returned later is ignored).
+  ``exchange.failure`` is set when the gateway answers for an upstream it could not use
+  (``connect_failed``, ``first_byte_timeout``...), and ``exchange.detached_copy(headers, state)``
+  sends a copy of a GET to the upstream for no client (a refresh in the background): its
+  response meets the hooks with ``state`` as its own.
 - ``on_response_body(exchange)``: the response has a body and its head is final (every
   ``on_response`` hook ran); return a ``ResponseBodyFilter`` to see that body, or ``None`` to
   leave it alone: the choice is made per response (its content type, its size, the client's
@@ -146,6 +157,9 @@ class Policy(Generic[ConfigT]):
     shared services, and the policy reaches them with ``self.services.state_at(url)``."""
     challenge: bytes | None = None
     """An authentication policy's WWW-Authenticate value for a missing credential (others: None)."""
+    replaces_responses: ClassVar[bool] = False
+    """``on_response`` may return a Reply that replaces the response it sees (see the phases above);
+    only routes with such a policy pay for the engine looking at what response hooks return."""
     terminal: ClassVar[bool] = False
     """The policy always answers itself (a token endpoint, a webhook intake): its route needs no upstream."""
     shorthand: ClassVar[str | None] = None
@@ -203,7 +217,7 @@ class Policy(Generic[ConfigT]):
     def on_body(self, exchange: Exchange, body: bytes) -> Reply | Awaitable[Reply | None] | None:
         return None
 
-    def on_response(self, exchange: Exchange) -> None:
+    def on_response(self, exchange: Exchange) -> Reply | None:
         return None
 
     def on_response_body(self, exchange: Exchange) -> ResponseBodyFilter | None:

@@ -119,7 +119,7 @@ class Records:
             if claims is not None:
                 user_id = self.subject(claims)
             limited = state.get("limited")
-            cache = state.get("cache")  # hit, miss, revalidated or bypass where the cache policy runs
+            cache = state.get("cache")  # hit, stale, miss, revalidated, bypass, refresh (docs/cache.md)
         headers = self.headers
         return (
             start,

@@ -20,14 +20,29 @@ Concurrent misses for one key make one upstream request; the others wait for its
 (RFC 9111 §4.4). The store (``policies/cache/store.py``) can be purged by URI, route, path prefix
 or whole from Python.
 
-A stale entry is replaced by the next full response, or freshened by a 304 the upstream gives
-a client's own conditional request (RFC 9111 §4.3.4).
+A stale entry is revalidated: a GET without conditions of its own goes upstream with the
+stored ETag and Last-Modified (If-None-Match, If-Modified-Since); a 304 freshens the entry (RFC
+9111 §4.3.4) and the client gets the stored response (the response hook replaces the upstream's
+304 with it), a full response replaces it. A client's own conditional request goes as it is, and
+a 304 that validates the stored response freshens it too. A stale entry may be served as it is
+where RFC 5861 or the request allows (``stale.py``): within ``stale-while-revalidate`` at once,
+while one request refreshes it in the background (a copy of the request sent for no client);
+within ``stale-if-error`` when the upstream cannot be reached or answers 500, 502, 503 or 504;
+within the request's ``max-stale``. ``must-revalidate`` and ``proxy-revalidate`` forbid all of
+it: an upstream that cannot be reached then gives 504 (RFC 9111 §5.2.2.2).
 
-The Pactown gateway shorthand ``cache: 60s`` is this policy with that ``ttl``.
+Requests with Authorization: a response to one is stored only when it says ``public``,
+``s-maxage`` or ``must-revalidate`` (RFC 9111 §3.5), or when the route keys entries by consumer
+and an authentication policy identified the caller: the entry is then that identity's, and is
+never served to another.
+
+The Pactown gateway shorthand ``cache: 60s`` is this policy with that ``ttl``, keyed by consumer
+and tenant (on a route with ``auth:``, each caller's answers are kept apart).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
 from urllib.parse import urlsplit
@@ -35,7 +50,7 @@ from urllib.parse import urlsplit
 from pydantic import Field
 
 from apigate.config.units import ByteSize, Duration, parse_duration
-from apigate.engine.replies import Reply
+from apigate.engine.replies import Reply, error_body
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.cache.freshness import (
     Headers,
@@ -50,9 +65,21 @@ from apigate.policies.cache.freshness import (
     refusal,
     vary_names,
 )
+from apigate.policies.cache.stale import (
+    CLIENT_CONDITIONS,
+    ERROR_STATUSES,
+    IF_ERROR,
+    REFRESHES,
+    WHILE_REVALIDATE,
+    max_stale,
+    must_revalidate,
+    stale_window,
+    validators,
+)
 from apigate.policies.cache.store import (
     CacheStore,
     Entry,
+    EntryId,
     Flight,
     Uri,
     normalised_query,
@@ -65,7 +92,8 @@ if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
 
 STATE_KEY: Final = "cache.lookup"
-# The request's outcome, for the access log's ``cache`` field: hit, miss, revalidated or bypass.
+# The request's outcome, for the access log's ``cache`` field: hit, stale, miss, revalidated,
+# bypass, or refresh (the gateway's own request refreshing a stale entry in the background).
 OUTCOME_KEY: Final = "cache"
 UNSAFE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Fields a stored response does not keep: the framing and the Age are the gateway's to write,
@@ -99,6 +127,18 @@ class CacheConfig(PolicyConfig):
     collapse_wait: Duration = Field(
         default=5.0, ge=0, description="how long concurrent misses wait for one upstream answer (0: never)"
     )
+    stale_while_revalidate: Duration | None = Field(
+        default=None,
+        ge=0,
+        description="serve a stale response this long past its freshness while one request refreshes it, "
+        "for responses without a stale-while-revalidate of their own (RFC 5861)",
+    )
+    stale_if_error: Duration | None = Field(
+        default=None,
+        ge=0,
+        description="serve a stale response this long past its freshness when the upstream fails, "
+        "for responses and requests without a stale-if-error of their own (RFC 5861)",
+    )
 
 
 @dataclass(slots=True)
@@ -115,6 +155,8 @@ class Lookup:
     flight: Flight | None = None
     capture: Capture | None = None
     stale: Entry | None = None  # the stored response a 304 from the upstream may freshen
+    validating: bool = False  # the request carries the gateway's validators of ``stale``
+    refresh: EntryId | None = None  # a refresh in the background (no client waits) of this entry
 
 
 @dataclass(slots=True)
@@ -172,6 +214,9 @@ class CachePolicy(Policy[CacheConfig]):
     # edit an answer from the store again), and its body before any compression.
     order = 8000
     phases = frozenset({"request", "response", "response_body", "log"})
+    # The upstream's 304 to the gateway's own revalidation becomes the stored response, and an
+    # upstream failure a stale one (stale-if-error) or a 504 (must-revalidate).
+    replaces_responses = True
     shorthand: ClassVar[str | None] = "cache"
     shorthand_forms: ClassVar[str] = "a duration such as 60s or 5m"
 
@@ -181,7 +226,10 @@ class CachePolicy(Policy[CacheConfig]):
             seconds = parse_duration(value)
         except ValueError:
             return None
-        return {"ttl": seconds} if seconds > 0 else None
+        # Keyed by caller: on a route with authentication each identity gets its own entries (and
+        # answers to requests with Authorization may then be stored); elsewhere nobody is
+        # identified and entries are shared.
+        return {"ttl": seconds, "key_by": ["consumer", "tenant"]} if seconds > 0 else None
 
     def prepare(self) -> None:
         config = self.config
@@ -200,7 +248,9 @@ class CachePolicy(Policy[CacheConfig]):
             return ""
         consumer = (exchange.consumer_id() or "") if self.by_consumer else ""
         tenant = (exchange.tenant or "") if self.by_tenant else ""
-        return f"{consumer}\x00{tenant}"
+        # Its length first: a consumer id holding the separator cannot pass for another
+        # consumer in another tenant (ids come from tokens and may hold any character).
+        return f"{len(consumer)}:{consumer}\x00{tenant}"
 
     def on_request(self, exchange: Exchange) -> Any:
         method = exchange.method
@@ -226,20 +276,39 @@ class CachePolicy(Policy[CacheConfig]):
             directives = _NO_CACHE  # RFC 9111 §5.4, when Cache-Control is absent
         uri = self._uri(exchange)
         partition = self._partition(exchange)
+        if authorized and self.by_consumer and exchange.consumer_id():
+            # The entry is this identity's alone (the authentication policy verified it): a
+            # response to its Authorization is stored for it, as a private cache would.
+            authorized = False
         now = store.clock()
+        # RFC 9111 §5.2.1.7: a stored response that suits the request, else 504, never upstream.
+        only_cached = b"only-if-cached" in directives
         if b"no-store" in directives:
+            if only_cached:
+                return self._not_cached(exchange)
             return self._bypass(exchange, Lookup(uri, partition, now, directives, authorized), b"bypass")
         if b"no-cache" in directives or delta_seconds(directives.get(b"max-age")) == 0:
+            if only_cached:
+                return self._not_cached(exchange)
             return self._bypass(exchange, Lookup(uri, partition, now, directives, authorized), b"request")
         entry = store.find(uri, partition, headers)
         if entry is not None:
             age = current_age(entry.initial_age, entry.response_time, now)
             if self._usable(entry, age, directives):
                 return self.answer(exchange, entry, age, b"", conditional)
+            if age >= entry.lifetime:
+                served = self._stale_answer(exchange, entry, age, directives, conditional)
+                if served is not None:
+                    return served
+        if only_cached:
+            return self._not_cached(exchange)
         lookup = Lookup(uri, partition, now, directives, authorized)
         if entry is not None:
-            lookup.forward = b"stale"
+            # Stale, or fresh but older than the request's max-age or min-fresh allow.
+            lookup.forward = b"stale" if age >= entry.lifetime else b"request"
             lookup.stale = entry
+            if method == "GET" and not conditional:
+                self._validate(exchange, lookup, entry)
         elif store.has_uri(uri, partition):
             lookup.forward = b"vary-miss"
         exchange.vars()[STATE_KEY] = lookup
@@ -247,7 +316,9 @@ class CachePolicy(Policy[CacheConfig]):
             key = (uri, partition)
             flight = store.lead(key)
             if flight is None:
-                return store.wait(key, lambda: self._collapsed(exchange, key), self.config.collapse_wait)
+                return store.wait(
+                    key, lambda: self._collapsed(exchange, key, conditional), self.config.collapse_wait
+                )
             lookup.flight = flight
         return None
 
@@ -267,7 +338,83 @@ class CachePolicy(Policy[CacheConfig]):
         min_fresh = delta_seconds(directives.get(b"min-fresh"))
         return min_fresh is None or entry.lifetime - age >= min_fresh
 
-    def _collapsed(self, exchange: Exchange, key: tuple[Uri, str]) -> Reply | None:
+    def _stale_answer(
+        self,
+        exchange: Exchange,
+        entry: Entry,
+        age: float,
+        directives: dict[bytes, bytes | None],
+        conditional: bool,
+    ) -> Reply | None:
+        """The stale ``entry`` served as it is, when the request's max-stale or the response's (or
+        the route's) stale-while-revalidate allows it; None: it goes upstream. A client that asks
+        for fresher (min-fresh) or younger (max-age without max-stale) gets no stale answer."""
+        if b"min-fresh" in directives:
+            return None
+        stale_for = age - entry.lifetime
+        response = cache_control(entry.headers)  # only stale entries pay for reading them again
+        accepted = max_stale(directives, response)
+        max_age = delta_seconds(directives.get(b"max-age"))
+        if max_age is not None and age > max_age:
+            return None
+        if accepted is not None and stale_for <= accepted:
+            self.store.hits += 1
+            return self._serve(
+                exchange, entry, age, b"STALE", self._ttl_status(b"hit", entry, age), conditional
+            )
+        if b"max-age" in directives or exchange.method != "GET":
+            return None
+        window = stale_window(WHILE_REVALIDATE, response, _NO_DIRECTIVES, self.config.stale_while_revalidate)
+        if window is None or stale_for >= window:
+            return None
+        self._refresh(exchange, entry)
+        self.store.hits += 1
+        status_value = self._ttl_status(b"hit", entry, age) + b"; detail=stale-while-revalidate"
+        return self._serve(exchange, entry, age, b"STALE", status_value, conditional)
+
+    def _refresh(self, exchange: Exchange, entry: Entry) -> None:
+        """Refresh ``entry`` in the background, once however many requests find it stale: a copy
+        of this request, with the stored validators instead of the client's conditions, sent
+        upstream for no client; its response hooks freshen or replace the entry."""
+        if not REFRESHES.start(entry.id):
+            return
+        authorized = any(name == b"authorization" for name, _ in exchange.headers)
+        if authorized and self.by_consumer and exchange.consumer_id():
+            authorized = False  # as in on_request: the entry is this identity's
+        lookup = Lookup(
+            entry.uri, entry.partition, self.store.clock(), _NO_DIRECTIVES, authorized, b"REFRESH", b"stale"
+        )
+        lookup.stale = entry
+        lookup.refresh = entry.id
+        headers = [pair for pair in exchange.headers if pair[0] not in CLIENT_CONDITIONS]
+        found = validators(entry.headers)
+        headers += found
+        lookup.validating = bool(found)
+        copy = None
+        try:
+            copy = exchange.detached_copy(headers, {STATE_KEY: lookup, OUTCOME_KEY: "refresh"})
+        finally:
+            if copy is None:
+                REFRESHES.end(entry.id)  # not sent (the gateway drains): the next request tries
+
+    def _validate(self, exchange: Exchange, lookup: Lookup, entry: Entry) -> None:
+        """Send the stored response's validators with this GET (RFC 9111 §4.3.1), so that a 304
+        freshens it; the client, which sent no conditions, then gets the stored response."""
+        found = validators(entry.headers)
+        if found:
+            exchange.headers = [*exchange.headers, *found]
+            lookup.validating = True
+
+    def _not_cached(self, exchange: Exchange) -> Reply:
+        """``only-if-cached`` and nothing stored suits the request: 504 (RFC 9111 §5.2.1.7)."""
+        state = exchange.vars()
+        state[STATE_KEY] = SERVED
+        state[OUTCOME_KEY] = "miss"
+        message = "nothing stored suits the request, which said only-if-cached"
+        fields = [(b"x-cache", b"MISS"), (b"cache-status", b"%s; detail=only-if-cached" % CACHE_STATUS_NAME)]
+        return Reply(504, error_body(message, exchange.request_id, "not_cached"), fields, reason="not_cached")
+
+    def _collapsed(self, exchange: Exchange, key: tuple[Uri, str], conditional: bool) -> Reply | None:
         """A waiting miss, once the request it waited for is answered: from the store when that
         answer was stored (and suits this request's Vary fields), else None (it goes upstream)."""
         entry = self.store.find(key[0], key[1], exchange.headers)
@@ -279,30 +426,45 @@ class CachePolicy(Policy[CacheConfig]):
         age = current_age(entry.initial_age, entry.response_time, self.store.clock())
         if age >= entry.lifetime:
             return None
-        return self.answer(exchange, entry, age, b"; collapsed", True)
+        return self.answer(exchange, entry, age, b"; collapsed", conditional)
 
     def answer(self, exchange: Exchange, entry: Entry, age: float, detail: bytes, conditional: bool) -> Reply:
-        """The stored response as the answer to this request (a 304 when it is ``conditional`` and
-        its conditions match)."""
+        """The fresh stored response as the answer to this request (a 304 when it is
+        ``conditional`` and its conditions match)."""
+        self.store.hits += 1
+        return self._serve(
+            exchange, entry, age, b"HIT", self._ttl_status(b"hit", entry, age) + detail, conditional
+        )
+
+    def _ttl_status(self, kind: bytes, entry: Entry, age: float) -> bytes:
+        """A Cache-Status value with the entry's remaining freshness (RFC 9211 §2.4: negative once stale)."""
+        return b"%s; %s; ttl=%d" % (CACHE_STATUS_NAME, kind, math.floor(entry.lifetime - age))
+
+    def _serve(
+        self,
+        exchange: Exchange,
+        entry: Entry,
+        age: float,
+        outcome: bytes,
+        status_value: bytes,
+        conditional: bool,
+    ) -> Reply:
+        """``entry`` as the answer (a 304 when the request is ``conditional`` and its conditions
+        match), with its Age, ``X-Cache: outcome`` and ``Cache-Status: status_value``."""
         state = exchange.vars()
         state[STATE_KEY] = SERVED
-        state[OUTCOME_KEY] = "hit"
-        self.store.hits += 1
-        fields: Headers = [
-            (b"age", b"%d" % int(age)),
-            (b"x-cache", b"HIT"),
-            (b"cache-status", b"%s; hit; ttl=%d%s" % (CACHE_STATUS_NAME, int(entry.lifetime - age), detail)),
-        ]
+        state[OUTCOME_KEY] = outcome.decode().lower()
+        fields: Headers = [(b"age", b"%d" % int(age)), (b"x-cache", outcome), (b"cache-status", status_value)]
         if conditional and entry.status == 200 and not_modified(exchange.headers, entry.headers):
             return Reply(304, b"", entry.not_modified_headers + fields, b"")
         return Reply(entry.status, entry.body, entry.reply_headers + fields, entry.content_type)
 
     # -- response --------------------------------------------------------------------------------
-    def on_response(self, exchange: Exchange) -> None:
+    def on_response(self, exchange: Exchange) -> Reply | None:
         state = exchange.state
         found = state.get(STATE_KEY) if state is not None else None
         if found is None or found is SERVED:
-            return
+            return None
         # The upstream's head arrived (else the gateway answers: an error, a policy's refusal). An
         # error after a retried answer counts too, harmlessly: no gateway error is storable.
         answered = exchange.t_first_byte > 0.0
@@ -310,12 +472,18 @@ class CachePolicy(Policy[CacheConfig]):
         if isinstance(found, Unsafe):
             if answered and 200 <= status < 400:
                 self._invalidate(exchange, found.uri)
-            return
+            return None
         lookup: Lookup = found
         headers = exchange.response_headers
         stored = False
+        if lookup.stale is not None and lookup.refresh is None:
+            replacement = self._instead(exchange, lookup, lookup.stale, answered, status, headers)
+            if replacement is not None:
+                self.land(lookup)
+                return replacement
         if answered and status == 304 and lookup.stale is not None:
-            stored = self._freshen(exchange, lookup, lookup.stale, headers)
+            self._freshen(exchange, lookup, lookup.stale, headers)
+            stored = lookup.outcome == b"REVALIDATED"
         elif answered:
             entry = self._entry(exchange, lookup, status, headers)
             if entry is not None:
@@ -331,17 +499,87 @@ class CachePolicy(Policy[CacheConfig]):
         status_value = b"%s; fwd=%s" % (CACHE_STATUS_NAME, lookup.forward)
         if lookup.outcome == b"REVALIDATED":
             status_value += b"; fwd-status=304"
-        exchange.vars()[OUTCOME_KEY] = lookup.outcome.decode().lower()
+        if lookup.refresh is None:  # a refresh keeps its own outcome for the log
+            exchange.vars()[OUTCOME_KEY] = lookup.outcome.decode().lower()
         headers.append((b"x-cache", lookup.outcome))
         headers.append((b"cache-status", status_value + b"; stored" if stored else status_value))
+        return None
 
-    def _freshen(self, exchange: Exchange, lookup: Lookup, stale: Entry, headers: Headers) -> bool:
-        """A 304 that validates the stale stored response (the same ETag, or neither has one)
-        freshens it (RFC 9111 §4.3.4): its fields replace the stored ones, but for those of the
-        content's framing and type, and its Date and Age start the response's age anew."""
+    def _instead(
+        self, exchange: Exchange, lookup: Lookup, stale: Entry, answered: bool, status: int, headers: Headers
+    ) -> Reply | None:
+        """What the client gets instead of this response to a request that found ``stale``: the
+        stored response freshened by the upstream's 304 to the gateway's validators; the stale
+        response when the upstream failed within stale-if-error; a 504 when it failed and the
+        stale response must be revalidated. None: the response goes as it is."""
+        if answered and status == 304 and lookup.validating:
+            return self._revalidated(exchange, lookup, stale, headers)
+        # The gateway's own error for an upstream it could not use (it names the failure), or
+        # the upstream's own error status.
+        unreachable = exchange.failure is not None and status in ERROR_STATUSES
+        if not unreachable and not (answered and status in ERROR_STATUSES):
+            return None
+        age = current_age(stale.initial_age, stale.response_time, self.store.clock())
+        response = cache_control(stale.headers)
+        window = stale_window(IF_ERROR, response, lookup.request_directives, self.config.stale_if_error)
+        if window is not None and age - stale.lifetime <= window:
+            # RFC 9211: forwarded because stale; the upstream's status when it answered at all.
+            kind = b"fwd=stale" if unreachable else b"fwd=stale; fwd-status=%d" % status
+            status_value = self._ttl_status(kind, stale, age) + b"; detail=stale-if-error"
+            self.store.hits += 1
+            # The client's own conditions decide a 304 (the gateway's validators are not theirs).
+            return self._serve(exchange, stale, age, b"STALE", status_value, not lookup.validating)
+        if unreachable and age >= stale.lifetime and must_revalidate(response):
+            return self._must_revalidate(exchange)
+        return None
+
+    def _revalidated(self, exchange: Exchange, lookup: Lookup, stale: Entry, headers: Headers) -> Reply:
+        """The upstream's 304 to the gateway's validators: the freshened stored response (the
+        304 replaced by it), or 502 when the 304 names another representation."""
+        entry = self._freshen(exchange, lookup, stale, headers)
+        if entry is None:
+            self.store.remove(stale)  # contradicted: the next request fetches it whole
+            state = exchange.vars()
+            state[STATE_KEY] = SERVED
+            state[OUTCOME_KEY] = "miss"
+            message = (
+                "the upstream answered the revalidation of the stored response with another representation"
+            )
+            body = error_body(message, exchange.request_id, "invalid_revalidation")
+            return Reply(502, body, [(b"x-cache", b"MISS")], reason="invalid_revalidation")
+        age = current_age(entry.initial_age, entry.response_time, self.store.clock())
+        status_value = b"%s; fwd=stale; fwd-status=304" % CACHE_STATUS_NAME
+        if lookup.outcome == b"REVALIDATED":
+            status_value += b"; stored"
+        return self._serve(exchange, entry, age, b"REVALIDATED", status_value, False)
+
+    def _must_revalidate(self, exchange: Exchange) -> Reply:
+        """RFC 9111 §5.2.2.2: a stale response that must be revalidated is not served when the
+        upstream cannot be reached; the gateway answers 504."""
+        state = exchange.vars()
+        state[STATE_KEY] = SERVED
+        state[OUTCOME_KEY] = "miss"
+        message = "the upstream could not be reached and the stored response must be revalidated"
+        body = error_body(message, exchange.request_id, exchange.failure)
+        fields = [
+            (b"x-cache", b"MISS"),
+            (b"cache-status", b"%s; fwd=stale; detail=must-revalidate" % CACHE_STATUS_NAME),
+        ]
+        return Reply(504, body, fields, reason=exchange.failure)
+
+    def _freshen(self, exchange: Exchange, lookup: Lookup, stale: Entry, headers: Headers) -> Entry | None:
+        """A 304 that validates the stale stored response freshens it (RFC 9111 §4.3.4): its
+        fields replace the stored ones, but for those of the content's framing and type, and its
+        Date and Age start the response's age anew. It validates it with the same ETag (or when
+        neither has one), or, answering the gateway's own validators, which named that response
+        alone, without an ETag. Returns the response as freshened (stored, unless the 304 now
+        forbids it: the entry is then removed); None when the 304 validates another."""
         etag = first(headers, b"etag")
-        if etag != first(stale.headers, b"etag"):
-            return False
+        stored_etag = first(stale.headers, b"etag")
+        if etag != stored_etag and not (lookup.validating and etag is None):
+            return None
+        if exchange.method != "GET":
+            return None  # a HEAD's 304 is passed on; the stored response stays as it was
         # The stored Date goes in any case: without the 304's own, the time it came is the Date.
         given = {b"date", *(name for name, _ in headers if name not in FRAMING_FIELDS)}
         merged = [pair for pair in stale.headers if pair[0] not in given]
@@ -349,11 +587,11 @@ class CachePolicy(Policy[CacheConfig]):
         entry = self._entry(exchange, lookup, stale.status, merged)
         if entry is None:
             self.store.remove(stale)  # what the upstream says now forbids keeping it
-            return False
+            return stale
         entry.body = stale.body
         self.store.put(entry)
         lookup.outcome = b"REVALIDATED"
-        return True
+        return entry
 
     def _entry(self, exchange: Exchange, lookup: Lookup, status: int, headers: Headers) -> Entry | None:
         """The entry to store for this response; None when it must not be stored or has no
@@ -406,6 +644,8 @@ class CachePolicy(Policy[CacheConfig]):
         found = state.get(STATE_KEY) if state is not None else None
         if isinstance(found, Lookup):
             self.land(found)  # the response was cut, or never stored
+            if found.refresh is not None:
+                REFRESHES.end(found.refresh)  # the next request to find it stale may refresh it
 
     def keep(self, lookup: Lookup, entry: Entry) -> None:
         self.store.put(entry)
