@@ -39,6 +39,7 @@ from apigate.policies.cache.redis_store import RedisLayer, decode_entry, encode_
 from apigate.policies.cache.store import Entry
 from apigate.state import StateUnavailable, open_state
 from apigate.state.redis import RedisState
+from tests.support.errors_helpers import apigate_cmd, clean_env
 from tests.support.gateway import GatewayProcess, free_port
 from tests.support.proxy_http import RawConnection, RawResponse
 from tests.support.redis import RedisServer
@@ -460,6 +461,34 @@ def test_store_redis_needs_a_redis_in_state_url(tmp_path: Path, monkeypatch: pyt
     assert [(i.line, i.path()) for i in caught.value.issues] == [(5, "routes[0].policies.cache.store")]
     path.write_text("state: {url: 'redis://127.0.0.1:9/0'}\n" + route)
     assert load_config(path).routes[0].policies["cache"] == {"store": "redis"}
+
+
+def test_the_purge_command_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    config = tmp_path / "apigate.yaml"
+    config.write_text(
+        "admin: null\nroutes:\n  - {name: r, path: /x, target: 'http://127.0.0.1:9', cache: 60s}\n"
+    )
+
+    def purge_command(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            apigate_cmd("cache", "purge", *args, "-c", str(config)),
+            env=clean_env(APIGATE_STATE_URL="memory://"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    for args, code, said in (
+        (("--prefix", "relative"), 2, "a path prefix starts with /"),
+        (("--url", "ftp://h/p"), 2, "expected a URL such as"),
+        (("--route", "r", "--host", "h"), 2, "--host goes with --prefix"),
+        (("--route", "nope"), 1, "no route named 'nope'"),
+        (("--all",), 1, "the config has none (admin: null)"),
+        (("--all", "--admin", "file:///etc/passwd"), 1, "--admin takes the admin listener's http://"),
+        (("--all", "--route", "r"), 2, "not allowed with argument"),
+    ):
+        done = purge_command(*args)
+        assert (done.returncode, said in done.stderr) == (code, True), (args, done.stderr)
 
 
 # -- real gateways -------------------------------------------------------------------------------------

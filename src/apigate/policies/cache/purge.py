@@ -232,6 +232,15 @@ async def _purge_route(
     removed = 0
     tags: list[str] = []
     members: list[Any] = []
+
+    async def remove_batch() -> int:
+        count = await _remove_uris(state, tags)
+        if members:
+            await client.zrem(index_key, *members)
+        tags.clear()
+        members.clear()
+        return count
+
     async for member, _score in client.zscan_iter(index_key, count=BATCH):
         found = parse_index_member(member)
         if found is None:
@@ -244,15 +253,11 @@ async def _purge_route(
             members.append(member)
         tags.append(tag)
         if len(tags) >= BATCH:
-            removed += await _remove_uris(state, tags)
-            tags = []
-    removed += await _remove_uris(state, tags)
+            removed += await remove_batch()
+    removed += await remove_batch()
     if under is None:
         await client.delete(index_key)
         await client.zrem(routes_key, route)
-    else:
-        for start in range(0, len(members), BATCH):
-            await client.zrem(index_key, *members[start : start + BATCH])
     return removed
 
 

@@ -528,7 +528,11 @@ class RedisLayer(CacheStore):
         tag = uri_tag(entry.uri)
         names_key = names_name(entry.partition)
         prefix = state.tagged_keys(tag, ["ce:" + partition_part(entry.partition) + ":"])[0]
-        args = [names_record(entry.vary), encode_entry(entry), ttl_ms, prefix]
+        try:
+            blob = encode_entry(entry)
+        except (TypeError, ValueError):  # a name JSON cannot carry (a lone surrogate): not stored
+            return False
+        args = [names_record(entry.vary), blob, ttl_ms, prefix]
         keys = [names_key, entry_name(entry.partition, entry.varies), INDEX_NAME]
         self._watch(state.decide(STORE, tag, keys, args, _raise_unanswered))
         now_ms = int(now * 1000)
