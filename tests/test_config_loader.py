@@ -36,7 +36,7 @@ def problems(tmp_path: Path, text: str, **environ: str) -> list[tuple[int | None
 @pytest.fixture(autouse=True)
 def _no_env_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     # models.py reads these from os.environ for its defaults; the host's values must not leak in.
-    for name in ("PORT", "DEFAULT_TIMEOUT", "MAX_RETRIES"):
+    for name in ("PORT", "DEFAULT_TIMEOUT", "MAX_RETRIES", "APIGATE_STATE_URL"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -345,6 +345,33 @@ ROUTE = "routes:\n  - path: /a\n"  # line 2 is the route; add its keys from line
         ),
         pytest.param(
             "workers: !secret x\n", [(1, "workers", "unsupported YAML tag !secret")], id="unknown-tag"
+        ),
+        pytest.param(
+            ROUTE + "    target: http://a:1\n    policies:\n      cache:\n        store: disk\n",
+            [(6, "routes[0].policies.cache.store", "Input should be 'memory' or 'redis'")],
+            id="cache-unknown-store",
+        ),
+        pytest.param(
+            ROUTE + "    target: http://a:1\n    policies:\n      cache:\n        store: redis\n",
+            [(6, "routes[0].policies.cache.store", "needs a Redis in state.url")],
+            id="cache-redis-without-redis",
+        ),
+        pytest.param(
+            "state: {url: 'redis://r:6379/0'}\n"
+            + ROUTE.replace("/a", "/b")
+            + "    target: http://a:1\n    policies:\n      cache:\n        store: redis\n"
+            "        local_ttl: 2m\n        local_max_bytes: 0\n        max_entry_size: 64MiB\n",
+            [
+                (8, "routes[0].policies.cache.local_ttl", "less than or equal to 60"),
+                (9, "routes[0].policies.cache.local_max_bytes", "greater than or equal to 1"),
+                (10, "routes[0].policies.cache.max_entry_size", "at most 32MiB with store: redis"),
+            ],
+            id="cache-redis-bounds",
+        ),
+        pytest.param(
+            "policies:\n  cache: {store: redis, local_ttl: soon}\n",
+            [(2, "policies.cache.local_ttl", "expected a duration such as 30s")],
+            id="cache-global-bad-local-ttl",
         ),
         pytest.param(
             "workers: 0\n", [(1, "workers", "Input should be greater than or equal to 1")], id="out-of-range"

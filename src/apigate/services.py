@@ -96,21 +96,26 @@ class Services:
         """What the services hold now, for the node's merged metrics: the keys the limits count
         in this process (rate-limit, spike-arrest and quota counters in memory, expired ones not
         yet swept included; those in Redis are Redis's)."""
-        from apigate.policies.cache.store import current_store
+        from apigate.policies.cache.store import all_stores
         from apigate.policies.limits.local import all_counters
 
-        cache = current_store()
         return {
             "rate_limit_keys": sum(len(counters.entries) for counters in all_counters().values()),
-            "cache_size": len(cache) if cache is not None else 0,
+            "cache_size": sum(len(store) for store in all_stores()),  # hot copies of Redis included
         }
 
     def counters(self) -> dict[str, int]:
-        """What the services counted since the process started: requests answered from the cache."""
-        from apigate.policies.cache.store import current_store
+        """What the services counted since the process started: requests answered from the cache,
+        and (store: redis) those that bypassed it while Redis could not be used."""
+        from apigate.policies.cache.redis_store import current_layer
+        from apigate.policies.cache.store import all_stores
 
-        cache = current_store()
-        return {"requests_cached": cache.hits if cache is not None else 0}
+        counts = {"requests_cached": sum(store.hits for store in all_stores())}
+        layer = current_layer()
+        if layer is not None:
+            counts["cache_bypassed"] = layer.bypassed
+            counts["cache_redis_errors"] = layer.errors
+        return counts
 
     def webhook_metrics(self) -> dict[str, object] | None:
         """Webhooks taken in and delivered by this process, and the store's backlog (None: no

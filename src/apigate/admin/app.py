@@ -50,6 +50,8 @@ class Node(Protocol):
 
     async def reset(self, upstream: str, target: str | None) -> dict[str, Any]: ...
 
+    async def cache_purge(self, notice: dict[str, Any]) -> dict[str, Any]: ...
+
     def upstream_names(self) -> set[str]: ...
 
     def health_summary(self) -> dict[str, Any]: ...
@@ -149,6 +151,24 @@ def create_app(node: Node, token: bytes | None) -> FastAPI:
         if target is not None and not result["reset"]:
             raise HTTPException(404, f"upstream {upstream!r} has no target {target!r}")
         return result
+
+    @app.post("/api/cache/purge", dependencies=guarded)
+    async def cache_purge(request: Request) -> dict[str, Any]:
+        """Drop cached responses on every worker of this node: ``{"all": true}``, ``{"route": NAME}``,
+        ``{"prefix": "/path", "host": null}`` or ``{"url": "http://host/path?q"}``. Entries in Redis
+        are the CLI's to delete (`apigate cache purge`), which reaches every node."""
+        from apigate.policies.cache.purge import MAX_NOTICE_BYTES, PurgeError, parse_notice
+
+        body = await request.body()
+        if len(body) > MAX_NOTICE_BYTES:
+            raise HTTPException(413, f"a purge is at most {MAX_NOTICE_BYTES} bytes")
+        try:
+            purge = parse_notice(orjson.loads(body))
+        except orjson.JSONDecodeError:
+            raise HTTPException(400, "the body must be a JSON object") from None
+        except PurgeError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return {"purge": purge.describe(), **await node.cache_purge(purge.notice())}
 
     @app.get("/api/health", dependencies=guarded)
     async def health() -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The `apigate` command: run a gateway, check a config, manage consumers, API keys, revoked
-tokens, rate-limit counters and webhook events, and read usage analytics. Each command group has
-its module here; `output` and `context` are what they share."""
+tokens, rate-limit counters, cached responses and webhook events, and read usage analytics. Each
+command group has its module here; `output` and `context` are what they share."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import sys
 
 from apigate import __version__
-from apigate.cli import consumers, hash_password, keys, limits, run, tokens, usage, webhooks
+from apigate.cli import cache, consumers, hash_password, keys, limits, run, tokens, usage, webhooks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"apigate {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("APIGATE_LOG_LEVEL", "INFO"))
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in (run, hash_password, consumers, keys, tokens, limits, webhooks, usage):
+    for group in (run, hash_password, consumers, keys, tokens, limits, cache, webhooks, usage):
         group.add_commands(commands)
     return parser
 

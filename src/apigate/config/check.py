@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from apigate.config.issues import ConfigIssue
-from apigate.config.models import ROUTE_SHORTHANDS, RouteConfig
+from apigate.config.models import ROUTE_SHORTHANDS, RouteConfig, StateConfig
 from apigate.policies.registry import registry, shorthand_policies, validate_policy_config
 
 
@@ -48,6 +48,39 @@ def semantic_issues(data: dict[str, Any]) -> list[ConfigIssue]:
         issues.extend(_policy_issues(route.get("policies"), (*loc, "policies")))
         issues.extend(_shorthand_issues(route, loc))
     issues.extend(_policy_issues(data.get("policies"), ("policies",)))
+    if not _shared_state(data.get("state")):
+        for index, route in enumerate(routes if isinstance(routes, list) else []):
+            if isinstance(route, dict):
+                issues.extend(_unshared_state_issues(route.get("policies"), ("routes", index, "policies")))
+        issues.extend(_unshared_state_issues(data.get("policies"), ("policies",)))
+    return issues
+
+
+def _shared_state(state: Any) -> bool:
+    """Whether ``state.url`` names a Redis (a malformed section is reported by field validation)."""
+    try:
+        return StateConfig.model_validate(state if isinstance(state, dict) else {}).url != "memory://"
+    except ValidationError:
+        return True
+
+
+def _unshared_state_issues(policies: Any, loc: tuple[str | int, ...]) -> list[ConfigIssue]:
+    """Policy settings that need Redis (``cache: {store: redis}``) while ``state.url`` is memory://."""
+    if not isinstance(policies, dict):
+        return []
+    issues: list[ConfigIssue] = []
+    known = registry()
+    for name, raw in policies.items():
+        cls = known.get(str(name))
+        if cls is None or not (raw is None or isinstance(raw, dict)):
+            continue
+        try:
+            field = cls.Config.model_validate(raw or {}).requires_shared_state()
+        except ValidationError:
+            continue  # reported by _policy_issues
+        if field is not None:
+            message = "needs a Redis in state.url (it is memory://, which no other process shares)"
+            issues.append(ConfigIssue(loc=(*loc, name, field), message=message))
     return issues
 
 

@@ -463,6 +463,13 @@ class NodeAgent:
         answers = await self.ask_all({"op": "reset", "upstream": upstream, "target": target})
         return {"workers": len(answers), "reset": sum(int(a.get("reset", 0)) for a in answers)}
 
+    async def cache_purge(self, notice: dict[str, Any]) -> dict[str, Any]:
+        """Every worker drops the cache entries ``notice`` names (policies/cache/purge.py) from its
+        memory store and its hot copies of Redis."""
+        answers = await self.ask_all({"op": "cache-purge", "purge": notice})
+        purged = sum(int(a.get("purged", 0)) for a in answers if "error" not in a)
+        return {"workers": sum(1 for a in answers if "error" not in a), "purged": purged}
+
     async def usage_store(self) -> UsageStore:
         return await self.usage.store()
 

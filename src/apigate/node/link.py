@@ -1,6 +1,6 @@
 """A worker's side of the node: it applies what the node pushes (target health from the active
 checks, discovered targets) and answers what the node asks (its view of upstreams and circuits, a
-circuit reset), so that the admin listener answers for every worker.
+circuit reset, a cache purge), so that the admin listener answers for every worker.
 
 The link reconnects when the node restarts; until it is up again the worker serves with the
 health it last heard.
@@ -165,6 +165,10 @@ class WorkerLink:
             return {}
         if op == "reset":
             return {"reset": reset_circuits(self.gateway, message["upstream"], message.get("target"))}
+        if op == "cache-purge":
+            from apigate.policies.cache.purge import apply_purge, parse_notice
+
+            return {"purged": apply_purge(parse_notice(message["purge"]))}
         return {"error": f"unknown op {op!r}"}
 
     def metrics(self) -> dict[str, Any]:

@@ -136,6 +136,11 @@ class PolicyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def requires_shared_state(self) -> str | None:
+        """The field whose value needs a shared state backend (Redis in ``state.url``), or None;
+        ``apigate check`` refuses the config at that field when ``state.url`` is memory://."""
+        return None
+
 
 ConfigT = TypeVar("ConfigT", bound=PolicyConfig)
 

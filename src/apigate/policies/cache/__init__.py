@@ -51,7 +51,8 @@ from pydantic import Field
 
 from apigate.config.units import ByteSize, Duration, parse_duration
 from apigate.engine.replies import Reply, error_body
-from apigate.policies.base import Policy, PolicyConfig
+from apigate.policies.base import Policy
+from apigate.policies.cache.config import StorageConfig
 from apigate.policies.cache.freshness import (
     Headers,
     cache_control,
@@ -65,6 +66,8 @@ from apigate.policies.cache.freshness import (
     refusal,
     vary_names,
 )
+from apigate.policies.cache.purge import PURGES
+from apigate.policies.cache.redis_store import hot_layer
 from apigate.policies.cache.stale import (
     CLIENT_CONDITIONS,
     ERROR_STATUSES,
@@ -105,10 +108,11 @@ FRAMING_FIELDS: Final = frozenset(
 )
 _NO_DIRECTIVES: Final[dict[bytes, bytes | None]] = {}
 _NO_CACHE: Final[dict[bytes, bytes | None]] = {b"no-cache": None}
+_NO_STORE: Final[dict[bytes, bytes | None]] = {b"no-store": None}
 CACHE_STATUS_NAME: Final = b"apigate"
 
 
-class CacheConfig(PolicyConfig):
+class CacheConfig(StorageConfig):
     ttl: Duration | None = Field(
         default=None, gt=0, description="freshness of responses that state none (no max-age, Expires)"
     )
@@ -217,6 +221,8 @@ class CachePolicy(Policy[CacheConfig]):
     # The upstream's 304 to the gateway's own revalidation becomes the stored response, and an
     # upstream failure a stale one (stale-if-error) or a 504 (must-revalidate).
     replaces_responses = True
+    # The state backend carries purge notices to every worker (and holds entries: store: redis).
+    needs = frozenset({"state"})
     shorthand: ClassVar[str | None] = "cache"
     shorthand_forms: ClassVar[str] = "a duration such as 60s or 5m"
 
@@ -233,8 +239,14 @@ class CachePolicy(Policy[CacheConfig]):
 
     def prepare(self) -> None:
         config = self.config
-        self.store: CacheStore = shared_store()
-        self.store.allow(config.max_bytes, config.max_entries)
+        if config.store == "redis":
+            self.store: CacheStore = hot_layer(
+                self.services, self.route, config.local_ttl, config.local_max_bytes
+            )
+        else:
+            self.store = shared_store()
+            self.store.allow(config.max_bytes, config.max_entries)
+        PURGES.listen(self.services.state)
         self.ttl = config.ttl
         self.by_consumer = "consumer" in config.key_by
         self.by_tenant = "tenant" in config.key_by
@@ -291,7 +303,14 @@ class CachePolicy(Policy[CacheConfig]):
             if only_cached:
                 return self._not_cached(exchange)
             return self._bypass(exchange, Lookup(uri, partition, now, directives, authorized), b"request")
+        remote = store.remote
+        if remote is not None and remote.bypass():  # Redis is down: upstream, nothing stored
+            return self._bypass(exchange, Lookup(uri, partition, now, _NO_STORE, authorized), b"bypass")
         entry = store.find(uri, partition, headers)
+        if entry is None and remote is not None:
+            fetched = remote.fetch(exchange, uri, partition, self.route, lambda: self.on_request(exchange))
+            if fetched is not None:
+                return fetched
         if entry is not None:
             age = current_age(entry.initial_age, entry.response_time, now)
             if self._usable(entry, age, directives):

@@ -5,6 +5,9 @@ An entry is found by its URI (host, path, sorted query), its partition (the cons
 when the route keys by them, else empty) and the values of the request fields its response's
 Vary names. The store also keeps the requests in flight for a URI and partition, so that
 concurrent misses wait for one upstream answer (``Flight``).
+
+A store may sit in front of a ``RemoteLayer`` (``store: redis``, ``redis_store.py``): it is then
+that layer's hot copy in the worker, and a request it cannot answer asks the layer first.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from apigate.policies.cache.freshness import Headers, joined
 
@@ -95,8 +98,25 @@ class Flight:
     waiters: list[tuple[asyncio.Future[Any], Callable[[], Any]]] = field(default_factory=list)
 
 
+class RemoteLayer(Protocol):
+    """Where entries live beyond the worker (Redis), as the policy's request hook meets it."""
+
+    def bypass(self) -> bool:
+        """True while the layer cannot be used (Redis down): the request goes upstream, nothing is
+        stored (counted, and logged once per outage)."""
+
+    def fetch(self, exchange: Any, uri: Uri, partition: str, route: str, again: Callable[[], Any]) -> Any:
+        """None when the worker's store already knows all there is (the request goes on at
+        once); else an awaitable that reads the layer, hands what it found to the worker's store
+        (kept there as long as ``route`` says) and resolves to ``again()``: the request hook run
+        once more, which now finds it."""
+
+
 class CacheStore:
     """Stored responses, least recently used evicted first past ``max_bytes`` or ``max_entries``."""
+
+    remote: RemoteLayer | None = None
+    """The layer this store is the hot copy of (None: the store is all there is)."""
 
     def __init__(self, max_bytes: int, max_entries: int, clock: Callable[[], float] = time.time) -> None:
         self.max_bytes = max_bytes
@@ -253,6 +273,18 @@ class CacheStore:
 
 
 _STORE: CacheStore | None = None
+_OTHERS: list[CacheStore] = []  # hot layers of a remote store (redis_store.py), for the counts
+
+
+def add_store(store: CacheStore) -> None:
+    """Count ``store`` (a hot layer) in ``all_stores``."""
+    if store not in _OTHERS:
+        _OTHERS.append(store)
+
+
+def all_stores() -> list[CacheStore]:
+    """Every store of this process: the memory store (if a route caches there) and hot layers."""
+    return ([_STORE] if _STORE is not None else []) + _OTHERS
 
 
 def current_store() -> CacheStore | None:
