@@ -112,6 +112,13 @@ class Services:
         cache = current_store()
         return {"requests_cached": cache.hits if cache is not None else 0}
 
+    def transform_bodies(self) -> list[list[object]]:
+        """What the transform policy did with each body since the process started, as
+        [route, direction, outcome, n] rows (policies/transform/counts.py)."""
+        from apigate.policies.transform.counts import rows
+
+        return rows()
+
     def webhook_metrics(self) -> dict[str, object] | None:
         """Webhooks taken in and delivered by this process, and the store's backlog (None: no
         webhook source is configured)."""
