@@ -79,6 +79,12 @@ def gateway(shared_upstream: UpstreamServer, tmp_path_factory: pytest.TempPathFa
             route("map", url, {"response": {"body": RESPONSE_MAP}}),
             route("gz", url, {"response": {"body": RESPONSE_MAP}}, compression={"min_size": 10}),
             route(
+                "cached",
+                url,
+                {"response": {"body": {"set": {"via": "gw"}}}, "xml": {}},
+                cache={"ttl": "60s"},
+            ),
+            route(
                 "xml",
                 url,
                 {
@@ -320,6 +326,22 @@ def test_an_xml_body_over_the_limit_is_413(gateway, shared_upstream, chunked: bo
     assert "1000 bytes" in response.json()["error"]
     with pytest.raises(AssertionError):
         find_request(shared_upstream, response.header("x-request-id"), timeout=0.2)
+
+
+def test_a_cached_answer_is_mapped_and_negotiated_for_each_client(gateway) -> None:
+    """The cache keeps the upstream's JSON; each hit is mapped, and written as XML or not, anew."""
+    with RawConnection(gateway.port) as conn:
+        first = conn.exchange("GET", "/cached/status/200", {"Accept": "application/xml"})
+        as_json = conn.exchange("GET", "/cached/status/200")
+        again = conn.exchange("GET", "/cached/status/200", {"Accept": "text/xml"})
+    assert first.header("x-cache") == "MISS"
+    assert first.body.endswith(b"<root><status>200</status><via>gw</via></root>")
+    assert as_json.header("x-cache") == "HIT"
+    assert as_json.header("content-type") == "application/json"
+    assert _json(as_json.body) == {"status": 200, "via": "gw"}
+    assert as_json.header("content-length") == str(len(as_json.body))
+    assert again.header("x-cache") == "HIT" and again.header("content-type") == "text/xml; charset=utf-8"
+    assert again.body == first.body
 
 
 # -- counting --------------------------------------------------------------------------------------------
