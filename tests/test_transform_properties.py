@@ -43,7 +43,7 @@ _XML_PIECES = st.sampled_from(
     [
         "<doc>", "</doc>", "<a>", "</a>", "<b/>", "x", "\u017c", "&amp;", "&#x1F600;", "&lol;", " id='1'",
         '<!DOCTYPE doc [<!ENTITY lol "lol">]>', '<?xml version="1.0" encoding="UTF-8"?>', "<![CDATA[<]]>",
-        "<!-- c -->", "<", "\x00",
+        "<!-- c -->", "<", "\x00", "<_xD800_>", "</_xD800_>",
     ]
 )  # fmt: skip
 

@@ -115,6 +115,11 @@ def test_keys_become_names_every_parser_reads(key: str, name: str) -> None:
     assert document_of(written) == {key if key else "_": "v"}  # and the name decodes back
 
 
+def test_escapes_of_characters_json_cannot_carry_read_as_the_replacement_character() -> None:
+    assert document_of(b"<r><_xD800_>1</_xD800_><_x00110000_/></r>") == {"\ufffd": ["1", None]}
+    assert orjson.loads(BodyMapper(None).xml_body(b"<r><_xD800_>1</_xD800_></r>")) == {"\ufffd": "1"}
+
+
 def test_text_xml_cannot_carry_becomes_the_replacement_character() -> None:
     written = xml_of({"a": "x\x00y\x1f\ufffez\t"}, "r")
     assert document_of(written) == {"a": "x\ufffdy\ufffd\ufffdz\t"}
@@ -389,6 +394,7 @@ _XML_PIECES = st.sampled_from(
         "<a>", "</a>", "<b>", "</b>", "<a/>", "text", "&amp;", "&lt;", "&#65;", "&#0;", "&x;", "<!-- c -->",
         '<!DOCTYPE a [<!ENTITY x "y">]>', '<?xml version="1.0"?>', "<![CDATA[<c>]]>", ' id="1"',
         "\u017c", "\x00", "<", ">", "]]>", "<?pi?>", "xmlns:p='urn:p'", "<p:a>", "</p:a>", "_x0041_",
+        "<_xD800_>", "</_xD800_>", "<_x110000_/>",
     ]
 )  # fmt: skip
 

@@ -36,6 +36,7 @@ from apigate.policies.transform.bodies import (
 from apigate.policies.transform.build import body_mapping, header_edits, path_rewrite, query_edits
 from apigate.policies.transform.config import TransformConfig
 from apigate.policies.transform.hotpath import CompiledRequest
+from apigate.policies.transform.jsonmap import NotMapped
 from apigate.policies.transform.xmlmap import XmlRefused, is_xml, prefers_xml
 
 if TYPE_CHECKING:
@@ -155,6 +156,9 @@ class TransformPolicy(Policy[TransformConfig]):
         except XmlRefused as refused:
             self.request_counts[counts.XML_REFUSED] += 1
             return self._refuse_xml(exchange, 400, refused.message, refused.reason)
+        except NotMapped:  # not expected (XML nests too little to be too deep): refused all the same
+            self.request_counts[counts.XML_REFUSED] += 1
+            return self._refuse_xml(exchange, 400, "the XML cannot be written as JSON", "xml_malformed")
         exchange.body = converted
         exchange.headers = [pair for pair in exchange.headers if pair[0] != b"content-type"]
         exchange.headers.append(_JSON_TYPE)

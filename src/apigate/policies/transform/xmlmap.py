@@ -247,8 +247,9 @@ def _decoded(name: str) -> str:
 
 
 def _char(digits: str) -> str:
+    """An escaped name character; one JSON cannot carry (a lone surrogate, past U+10FFFF) is U+FFFD."""
     code = int(digits, 16)
-    return chr(code) if code <= 0x10FFFF else "\ufffd"
+    return chr(code) if code <= 0x10FFFF and not 0xD800 <= code <= 0xDFFF else "\ufffd"
 
 
 def _shown(name: str) -> str:
