@@ -508,6 +508,8 @@ routes:
             "too_large": 1,
             "malformed": 1,
             "too_deep": 0,
+            "xml": 0,
+            "xml_refused": 0,
         }
 
 
@@ -537,7 +539,7 @@ routes:
             move: {"items[*].id": ids}
             set: {big: 123456789012345678901234567890, who: "${consumer.id}"}
         response:
-          body: {remove: [user]}
+          body: {remove: ["user["]}
   - path: /b/*
     target: http://127.0.0.1:9
     policies:
@@ -562,7 +564,7 @@ routes:
     assert "new name" in found[f"{where}.body.rename.user.name"][1]
     assert "not [*]" in found[f"{where}.body.move.items[*].id"][1]
     assert "not a JSON value" in found[f"{where}.body.set"][1]
-    assert "not supported yet" in found["routes[0].policies.transform.response.body"][1]
+    assert "an index is written" in found["routes[0].policies.transform.response.body.remove[0]"][1]
     assert "path characters only" in found["routes[1].policies.transform.request.path.replace"][1]
 
 

@@ -42,6 +42,8 @@ def gateway(shared_upstream, tmp_path_factory):
             _route("fail-feed", url, {"test_response_failing": {"where": "feed", "after": 100_000}}),
             _route("fail-end", url, {"test_response_failing": {"where": "end"}}),
             _route("plain", url, {}),
+            _route("held", url, {"test_response_wrap": {"limit": 1000, "hold": True}}),
+            _route("held-fail", url, {"test_response_failing": {"where": "end", "hold": True}}),
             {"path": "/answered-upper", "policies": {**terminated, "test_response_upper": None}},
             {"path": "/answered-wrap", "policies": {**terminated, "test_response_wrap": {"limit": 1000}}},
             {
@@ -188,3 +190,31 @@ def test_finish_filters_feeds_each_rest_through_the_filters_after_it() -> None:
     # The upper filter ends with nothing of its own; the wrap then ends with what it held.
     assert finish_filters([UpperFilter(), wrap], b"cd") == b"<4>abCD</>"
     assert finish_filters([UpperFilter()], b"") == b""
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "eof"])
+def test_a_held_head_goes_with_the_whole_filtered_body_and_its_length(gateway, framing: str) -> None:
+    with RawConnection(gateway.port) as conn:
+        response = conn.exchange("GET", f"/held/x?size=500&framing={framing}")
+        assert response.status == 200 and not response.chunked
+        assert response.body == b"<500>" + made_body(500) + b"</>"
+        assert response.header("content-length") == str(len(response.body))
+        assert conn.exchange("GET", "/plain/x?size=7").body == made_body(7)  # the connection goes on
+
+
+def test_a_held_head_goes_as_it_was_when_the_filter_gives_up(gateway) -> None:
+    with RawConnection(gateway.port) as conn:
+        response = conn.exchange("GET", "/held/x?size=300000")
+        assert response.status == 200 and not response.chunked
+        assert response.header("content-length") == "300000"  # the upstream's: the bytes are its own
+        assert response.body == made_body(300_000)
+        chunked = conn.exchange("GET", "/held/x?size=300000&framing=chunked")
+        assert chunked.chunked and chunked.body == made_body(300_000)
+
+
+def test_a_filter_failing_while_it_holds_the_head_is_a_502(gateway) -> None:
+    with RawConnection(gateway.port) as conn:
+        response = conn.exchange("GET", "/held-fail/x?size=1000")
+        assert response.status == 502
+        assert response.json()["reason"] == "response_filter_failed"
+        assert conn.exchange("GET", "/plain/x?size=5").status == 200

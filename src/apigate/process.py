@@ -242,6 +242,9 @@ class Runtime:
             counters.update(observer.counts())
         counters.update(self.services.counters())
         counts: dict[str, Any] = {"counters": counters, "gauges": self.services.gauges()}
+        bodies = self.services.transform_bodies()
+        if bodies:
+            counts["transform_bodies"] = bodies
         webhooks = self.services.webhook_metrics()
         if webhooks is not None:
             counts["webhooks"] = webhooks

@@ -117,6 +117,13 @@ class Services:
             counts["cache_redis_errors"] = layer.errors
         return counts
 
+    def transform_bodies(self) -> list[list[object]]:
+        """What the transform policy did with each body since the process started, as
+        [route, direction, outcome, n] rows (policies/transform/counts.py)."""
+        from apigate.policies.transform.counts import rows
+
+        return rows()
+
     def webhook_metrics(self) -> dict[str, object] | None:
         """Webhooks taken in and delivered by this process, and the store's backlog (None: no
         webhook source is configured)."""

@@ -44,6 +44,7 @@ class ResponseUpper(Policy[NoConfig]):
 
 class WrapConfig(PolicyConfig):
     limit: int = 1000
+    hold: bool = False  # hold the head (Exchange.hold_head) instead of dropping Content-Length
 
 
 class WrapFilter:
@@ -80,26 +81,31 @@ class ResponseWrap(Policy[WrapConfig]):
     phases = frozenset({"response_body"})
 
     def on_response_body(self, exchange: Exchange) -> WrapFilter:
-        drop_length(exchange)
+        if self.config.hold:
+            exchange.hold_head = True  # the engine frames what the filter ends up writing
+        else:
+            drop_length(exchange)
         return WrapFilter(self.config.limit)
 
 
 class FailConfig(PolicyConfig):
     where: Literal["hook", "feed", "end"]
     after: int = 0  # bytes fed before ``feed`` fails
+    hold: bool = False  # hold the head, and the body with it (Exchange.hold_head)
 
 
 class FailingFilter:
-    def __init__(self, where: str, after: int) -> None:
+    def __init__(self, where: str, after: int, hold: bool) -> None:
         self.where = where
         self.after = after
+        self.hold = hold
 
     def feed(self, chunk: bytes) -> bytes:
         if self.where == "feed":
             self.after -= len(chunk)
             if self.after < 0:
                 raise RuntimeError("the filter broke while feeding")
-        return chunk
+        return b"" if self.hold else chunk
 
     def end(self) -> bytes:
         if self.where == "end":
@@ -116,5 +122,8 @@ class ResponseFailing(Policy[FailConfig]):
     def on_response_body(self, exchange: Exchange) -> FailingFilter:
         if self.config.where == "hook":
             raise RuntimeError("the hook broke")
-        drop_length(exchange)
-        return FailingFilter(self.config.where, self.config.after)
+        if self.config.hold:
+            exchange.hold_head = True
+        else:
+            drop_length(exchange)
+        return FailingFilter(self.config.where, self.config.after, self.config.hold)

@@ -15,7 +15,8 @@ Behaviour is chosen by path, so one server covers most cases:
   /hop               answers with hop-by-hop headers that must not reach the client
   /made?size=&body=&type=&framing=&status=&h=
                      a body made to order: ``size`` bytes (default 4096) of ``body``
-                     (``made_pieces``: lines, letters or noise), as
+                     (``made_pieces``: lines, letters or noise; ``request``: the request's
+                     own body, whatever ``size`` says), as
                      ``type`` (default text/plain; ``-``: none), framed by Content-Length (default),
                      ``chunked`` or ``eof`` (the close); ``status`` (default 200; 204 and 304
                      without a body, as HEAD); each ``h=name:value`` adds a header
@@ -68,6 +69,10 @@ def made_pieces(size: int, kind: str = "lines", piece: int = MADE_BLOCK) -> Iter
         chunk = source[start : start + min(piece, size - sent)]
         sent += len(chunk)
         yield chunk
+
+
+def _split(body: bytes, piece: int) -> list[bytes]:
+    return [body[start : start + piece] for start in range(0, len(body), piece)]
 
 
 def made_body(size: int, kind: str = "lines") -> bytes:
@@ -344,6 +349,8 @@ class _Handler(asyncio.Protocol):
         head = [f"HTTP/1.1 {status} X"] + ([f"content-type: {content_type}"] if content_type != "-" else [])
         head += [h.replace(":", ": ", 1) for h in args.get("h", [])]
         bodiless = seen.method == "HEAD" or status in (204, 304)
+        if kind == "request":  # the request's own body (its first KEPT_BODY bytes) comes back
+            size = len(seen.body)
         if framing == "length" and status != 204:
             head.append(f"content-length: {size}")
         elif framing == "chunked" and not bodiless:
@@ -353,7 +360,12 @@ class _Handler(asyncio.Protocol):
         t = self.transport
         t.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
         if not bodiless:
-            for piece in made_pieces(size, kind, 4096 if framing == "chunked" else MADE_BLOCK):
+            pieces = (
+                _split(seen.body, 4096 if framing == "chunked" else MADE_BLOCK)
+                if kind == "request"
+                else made_pieces(size, kind, 4096 if framing == "chunked" else MADE_BLOCK)
+            )
+            for piece in pieces:
                 await self.can_write.wait()
                 t.write(b"%x\r\n%s\r\n" % (len(piece), piece) if framing == "chunked" else piece)
             if framing == "chunked":

@@ -80,6 +80,9 @@ class Exchange:
     body_replay: list[bytes] | None = None
     replayable = True
     body: bytes | None = None  # the whole request body, once a body hook made the engine buffer it
+    # Set by a request hook whose body hook must read this body whole (an XML body to convert):
+    # over the route's body limit it gets 413, even where oversized bodies stream on unread.
+    body_must_fit = False
     buffering = False
     bytes_in = 0
     bytes_out = 0
@@ -102,6 +105,11 @@ class Exchange:
     # HEAD's): sent once that response has ended and its connection is back in the pool.
     replacement: Reply | None = None
     response_replaced = False  # a response hook replaced this exchange's response (once at most)
+    # Set by a response_body hook whose filter reads the whole body before it writes (a JSON
+    # mapping): the head then waits for the filters' first output (``head_held``), and goes with
+    # the body's exact Content-Length when they held it all to the end.
+    hold_head = False
+    head_held = False
     upstream_keep_alive = False
     close_after = False
     finished = False
@@ -445,7 +453,7 @@ class Exchange:
     def _start_buffering(self, route: CompiledRoute) -> None:
         limit = route.body_limit
         if (self.content_length or 0) > limit or self.bytes_in > limit:
-            if route.oversized_body_streams:
+            if route.oversized_body_streams and not self.body_must_fit:
                 self.go_upstream()  # the body hooks are skipped: the body goes on as it comes
                 return
             self.close_after = True
@@ -754,7 +762,7 @@ class Exchange:
             assert route is not None
             if self.bytes_in <= route.body_limit:
                 return
-            if route.oversized_body_streams:
+            if route.oversized_body_streams and not self.body_must_fit:
                 # Too large for the body hooks, which let it pass: what arrived goes upstream
                 # first, then the rest as it comes, with backpressure as on any streamed body.
                 self.buffering = False
@@ -840,9 +848,25 @@ class Exchange:
                 length_known = framing.has_length(kept)
                 chunked = not length_known
         self.response_started = True
+        if self.upgrade:  # the upstream declined the upgrade: answer, then close (close_after)
+            self.upstream_keep_alive = False  # the upstream may wait for the other protocol
+        if filtered and self.hold_head:
+            # Nothing goes yet: the filters may still edit the head (``_release_head``).
+            self.head_held = True
+            self.response_until_eof = upstream_eof
+            return
+        until_eof = self._write_head(status, kept, length_known, chunked)
+        self.response_until_eof = upstream_eof if filtered else until_eof
+
+    def _write_head(
+        self, status: int, headers: list[tuple[bytes, bytes]], length_known: bool, chunked: bool
+    ) -> bool:
+        """Write the response head; the body then follows its framing. Whether the upstream's body
+        ends with its close (read until EOF)."""
+        client = self.client
         head, rechunk, until_eof, close = framing.response_head(
             status=status,
-            headers=kept,
+            headers=headers,
             length_known=length_known,
             chunked=chunked,
             method=self.method,
@@ -852,13 +876,11 @@ class Exchange:
             closing=self.close_after or client.draining,
             lines=self.response_lines,
         )
-        if self.upgrade:  # the upstream declined the upgrade: answer, then close (close_after)
-            self.upstream_keep_alive = False  # the upstream may wait for the other protocol
         self.response_chunked = rechunk
-        self.response_until_eof = upstream_eof if filtered else until_eof
         if close:
             self.close_after = True
         client.write(head)
+        return until_eof
 
     def _run_response_hooks(self, hooks: tuple[Any, ...]) -> Reply | None:
         """The response hooks of a route where one may replace the response: the first Reply one
@@ -949,6 +971,8 @@ class Exchange:
         self._send_body(data)
 
     def _send_body(self, data: bytes) -> None:
+        if self.head_held:
+            self._release_head(None)
         self.bytes_out += len(data)
         self.client.write(wire.chunk(data) if self.response_chunked else data)
 
@@ -961,15 +985,37 @@ class Exchange:
         except Exception:
             self._filter_failed()
             return False
+        if self.head_held:
+            self._release_head(rest)
         if rest:
             self._send_body(rest)
         return True
 
     def _filter_failed(self) -> None:
-        """A filter raised while the body streamed: its head went, so the response is cut."""
+        """A filter raised while the body streamed: its head went, so the response is cut (a
+        held head had not: the client gets a 502 instead)."""
         self.body_filters = None
         self.client.gateway.log_exception("a response body filter failed", self)
+        if self.head_held:
+            self.head_held = False
+            self.response_started = False
+            self.fail(502, "the upstream's response could not be filtered", None, "response_filter_failed")
+            return
         self.abort()
+
+    def _release_head(self, whole: bytes | None) -> None:
+        """Write the head the filters held: with ``whole``, the entire filtered body (they held it
+        to the end), it goes with that body's exact Content-Length; with None (their output began
+        while the body still streamed), its framing follows the head they left, as when the head
+        is not held."""
+        self.head_held = False
+        headers = self.response_headers
+        if whole is not None:
+            headers = [pair for pair in headers if pair[0] != b"content-length"]
+            headers.append((b"content-length", b"%d" % len(whole)))
+            self.response_headers = headers
+        length_known = framing.has_length(headers)
+        self._write_head(self.response_status, headers, length_known, not length_known)
 
     def _filter_reply(self, hooks: tuple[Any, ...], content_type: bytes, body: bytes) -> tuple[bytes, bytes]:
         """A gateway-made body through the response_body hooks, whole: they see its Content-Type and

@@ -27,7 +27,8 @@ Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWrite
 # Discovered targets, by upstream, as (url, weight): the worker compiles its plan again with them.
 OnTargets = Callable[[dict[str, list[tuple[str, int]]]], None]
 # What the process counts outside the engine: {"counters": {name: n}, "gauges": {name: n},
-# "webhooks": ...} (observe/metrics.py merges them).
+# "webhooks": ..., "transform_bodies": [[route, direction, outcome, n]...]} (observe/metrics.py
+# merges them).
 Counts = Callable[[], dict[str, Any]]
 # The node says whether it wants request events (someone listens, or a Redis stream takes them).
 OnEventsWanted = Callable[[bool], None]

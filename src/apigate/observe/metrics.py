@@ -180,6 +180,8 @@ class Merged:
     upstreams: list[dict[str, Any]] = field(default_factory=list)  # merged states (node/agent.py)
     counters: dict[str, int] = field(default_factory=dict)  # observers' counts (lines dropped, ...)
     gauges: dict[str, int] = field(default_factory=dict)  # what services hold now (limit keys, ...)
+    # What the transform policy did with bodies: (route, direction, outcome) -> bodies.
+    transform_bodies: dict[tuple[str, str, str], int] = field(default_factory=dict)
     webhooks: MergedWebhooks = field(default_factory=MergedWebhooks)
     taken_at: float = field(default_factory=time.time)
 
@@ -210,6 +212,9 @@ def merge(answers: list[dict[str, Any]], now: float | None = None) -> Merged:
         _add_counts(merged.consumers, meters["consumers"])
         _add_counts(merged.counters, answer.get("counters", {}))
         _add_counts(merged.gauges, answer.get("gauges", {}))
+        for route, direction, outcome, count in answer.get("transform_bodies", ()):
+            key = (route, direction, outcome)
+            merged.transform_bodies[key] = merged.transform_bodies.get(key, 0) + count
         if "webhooks" in answer:
             merged.webhooks.add(answer["webhooks"])
         for name, route in meters["routes"].items():
@@ -269,7 +274,16 @@ def json_view(merged: Merged, top_clients: int = 10) -> dict[str, Any]:
         "webhooks": merged.webhooks.view(),
         "counters": dict(sorted(merged.counters.items())),
         "gauges": dict(sorted(merged.gauges.items())),
+        "transform_bodies": _transform_bodies(merged.transform_bodies),
     }
+
+
+def _transform_bodies(counts: dict[tuple[str, str, str], int]) -> dict[str, dict[str, dict[str, int]]]:
+    """{route: {direction: {outcome: bodies}}}, sorted."""
+    view: dict[str, dict[str, dict[str, int]]] = {}
+    for (route, direction, outcome), count in sorted(counts.items()):
+        view.setdefault(route, {}).setdefault(direction, {})[outcome] = count
+    return view
 
 
 def pactown_stats(merged: Merged) -> dict[str, Any]:
@@ -355,6 +369,12 @@ class MergedCollector(Collector):
         yield errors
         yield from self._states()
         yield from self._webhooks()
+        yield _labelled_counter(
+            f"{p}transform_bodies",
+            "Bodies the transform policy mapped, converted or let through, by outcome",
+            ["route", "direction", "outcome"],
+            merged.transform_bodies,
+        )
         yield GaugeMetricFamily(
             f"{p}connections_open", "Client connections open", value=merged.connections_open
         )
@@ -381,13 +401,12 @@ class MergedCollector(Collector):
         )
         for (source, outcome), count in sorted(webhooks.received.items()):
             received.add_metric([source, outcome], count)
-        deliveries = CounterMetricFamily(
+        deliveries = _labelled_counter(
             f"{p}webhook_deliveries_total",
             "Webhook delivery attempts",
-            labels=["source", "destination", "outcome"],
+            ["source", "destination", "outcome"],
+            webhooks.deliveries,
         )
-        for key, count in sorted(webhooks.deliveries.items()):
-            deliveries.add_metric(list(key), count)
         labels = ["source", "destination"]
         backlog = GaugeMetricFamily(f"{p}webhook_backlog", "Webhook deliveries waiting", labels=labels)
         dead = GaugeMetricFamily(f"{p}webhook_dead_letters", "Webhook deliveries given up", labels=labels)
@@ -418,6 +437,16 @@ class MergedCollector(Collector):
                 healthy.add_metric([name, target["address"]], 1 if usable else 0)
         yield circuits
         yield healthy
+
+
+def _labelled_counter(
+    name: str, documentation: str, labels: list[str], counts: dict[Any, int]
+) -> CounterMetricFamily:
+    """A counter family with one sample per key of ``counts`` (a tuple of label values), sorted."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, count in sorted(counts.items()):
+        family.add_metric(list(key), count)
+    return family
 
 
 def prometheus_text(merged: Merged, namespace: str) -> bytes:

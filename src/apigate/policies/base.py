@@ -27,7 +27,8 @@ Phases, in the order a request meets them:
 - ``on_body(exchange, body)``: the whole request body, exactly as the client sent it (chunked
   framing removed). Declaring this phase makes the engine buffer the body, up to the policy's
   ``body_limit`` (larger bodies get 413, or with ``oversized_body = "stream"`` skip the body
-  hooks and stream on unchanged), once every ``on_request`` hook has passed; the others
+  hooks and stream on unchanged, unless a request hook set ``exchange.body_must_fit``: that
+  body is then refused with 413), once every ``on_request`` hook has passed; the others
   stream. Same return values as ``on_request``. A hook may replace ``exchange.body``: the
   upstream then receives the new bytes with a matching Content-Length.
 - ``on_response(exchange)``: the upstream's status and headers arrived; edit
@@ -54,7 +55,11 @@ Phases, in the order a request meets them:
   the policy with the lowest ``order`` sees the body last (compression, after any transform).
   Gateway-made answers (``Reply``: an early answer, an error) get the same hooks, their body
   fed whole, with their Content-Type and Content-Length among the headers. A route without
-  this phase pays nothing for it: its body goes to the client as it arrives.
+  this phase pays nothing for it: its body goes to the client as it arrives. A hook whose filter
+  holds the whole body before it writes (a JSON mapping) may set ``exchange.hold_head = True``:
+  the head is then written with the filters' first output, or, when they held everything to the
+  end, with the whole body and its exact Content-Length, so ``end()`` may still edit the head
+  (its type, its ETag), and a filter that fails before anything went is a 502.
 
   A filter has ``feed(chunk) -> bytes`` (each piece of the body as it arrives, never empty;
   return what goes on now, ``b""`` to hold it) and ``end() -> bytes`` (the body is complete:

@@ -19,6 +19,7 @@ CHOICES_KEPT: Final = 1024
 # Never compressed: each event must reach the client as it is sent, and a compressor holds bytes back.
 _EVENT_STREAM: Final = b"text/event-stream"
 _VARY_VALUE: Final = b"Accept-Encoding"
+_CODING_ALIASES: Final[dict[bytes, bytes]] = {b"x-gzip": b"gzip"}
 
 
 class Encoder:
@@ -98,24 +99,31 @@ def parse_qvalue(params: bytes) -> int:
     return 1000
 
 
+def weighted_items(value: bytes, aliases: dict[bytes, bytes]) -> dict[bytes, int]:
+    """The items of a weighted list (Accept, Accept-Encoding: RFC 9110 §12.4.2), lowercase, with
+    their weights in thousandths; an item named twice keeps its first weight (after ``aliases``
+    renamed it), and one with a malformed weight counts as not named."""
+    weights: dict[bytes, int] = {}
+    for item in value.split(b","):
+        name, _, params = item.partition(b";")
+        name = name.strip().lower()
+        if not name:
+            continue
+        weight = parse_qvalue(params) if params else 1000
+        if weight < 0:
+            continue
+        name = aliases.get(name, name)
+        if name not in weights:  # the first mention counts
+            weights[name] = weight
+    return weights
+
+
 def choose_coding(accept_encoding: bytes, codings: tuple[bytes, ...]) -> bytes | None:
     """The coding (one of ``codings``, in the gateway's order of preference) that a client sending
     this Accept-Encoding accepts with the highest weight; None when it accepts none of them, or
     names ``identity`` with a higher weight (RFC 9110 §12.5.3). ``*`` stands for every coding it
     does not name, ``x-gzip`` for gzip; a coding with a malformed weight counts as not named."""
-    weights: dict[bytes, int] = {}
-    for item in accept_encoding.split(b","):
-        coding, _, params = item.partition(b";")
-        coding = coding.strip().lower()
-        if not coding:
-            continue
-        weight = parse_qvalue(params) if params else 1000
-        if weight < 0:
-            continue
-        if coding == b"x-gzip":
-            coding = b"gzip"
-        if coding not in weights:  # the first mention counts
-            weights[coding] = weight
+    weights = weighted_items(accept_encoding, _CODING_ALIASES)
     anything = weights.get(b"*", 0)
     best: bytes | None = None
     best_weight = 0
@@ -171,7 +179,7 @@ class Compression:
         # From here the answer depends on the client's Accept-Encoding: caches must know (Vary).
         coding = self._coding_for(exchange.headers)
         if coding is None:
-            exchange.response_headers = _with_vary(headers)
+            exchange.response_headers = with_vary(headers, _VARY_VALUE)
             return None
         exchange.response_headers = _encoded_head(headers, coding)
         return self.encoders[coding]()
@@ -207,12 +215,13 @@ def _encoded_head(headers: list[tuple[bytes, bytes]], coding: bytes) -> list[tup
             continue
         out.append(pair)
     out.append((b"content-encoding", coding))
-    return _with_vary(out)
+    return with_vary(out, _VARY_VALUE)
 
 
-def _with_vary(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """``headers`` with Accept-Encoding in Vary: added to the first Vary field, or a new one; left
-    as they are when Vary already names it or is ``*``."""
+def with_vary(headers: list[tuple[bytes, bytes]], field: bytes) -> list[tuple[bytes, bytes]]:
+    """``headers`` (edited in place) with ``field`` (a request field's name) in Vary: added to the
+    first Vary field, or a new one; left as they are when Vary already names it or is ``*``."""
+    wanted = field.lower()
     first = -1
     for index in range(len(headers)):
         name, value = headers[index]
@@ -220,12 +229,12 @@ def _with_vary(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
             continue
         for token in value.split(b","):
             token = token.strip()
-            if token == b"*" or token.lower() == b"accept-encoding":
+            if token == b"*" or token.lower() == wanted:
                 return headers
         if first < 0:
             first = index
     if first < 0:
-        headers.append((b"vary", _VARY_VALUE))
+        headers.append((b"vary", field))
     else:
-        headers[first] = (b"vary", headers[first][1] + b", " + _VARY_VALUE)
+        headers[first] = (b"vary", headers[first][1] + b", " + field)
     return headers

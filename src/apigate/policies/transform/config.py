@@ -24,6 +24,8 @@ from apigate.policies.transform.jsonmap import parse_path
 # What a path replacement may hold besides {group}: RFC 3986 path characters and %XX escapes.
 _PATH_TEXT = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/%]*")
 _UNSAFE_IN_HEADER = ("\r", "\n", "\0")
+# The root element's name: ASCII, so that every XML parser reads it.
+_XML_ROOT = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 
 
 def template_value(text: str) -> str:
@@ -209,22 +211,45 @@ class RequestTransform(PolicyConfig):
 
 class ResponseTransform(PolicyConfig):
     headers: HeaderEdits = HeaderEdits()
-    body: Any = Field(default=None, description="not supported yet")
+    body: BodyEdits | None = None
 
-    @field_validator("body")
-    @classmethod
-    def _no_body(cls, body: Any) -> None:
-        if body is not None:
-            raise ValueError(
-                "response body mapping is not supported yet (it needs a response body phase); "
-                "request.body maps request bodies"
-            )
-        return None
+
+def _root_name(name: str) -> str:
+    if not _XML_ROOT.fullmatch(name):
+        raise ValueError(
+            f"{name!r} is not an element name to write: a letter or _ first, then letters, digits, "
+            "_, - or . (no :)"
+        )
+    if name[:3].lower() == "xml":
+        raise ValueError(f"{name!r}: names starting with 'xml' are reserved by XML 1.0")
+    return name
+
+
+class XmlNegotiation(PolicyConfig):
+    """JSON and XML, as the client asks (policies/transform/xmlmap.py has the mapping): JSON
+    responses become XML for clients whose Accept weighs XML above JSON, and XML request bodies
+    become JSON for the upstream."""
+
+    respond_as_requested: bool = Field(
+        default=True, description="JSON responses as XML when the client's Accept prefers XML"
+    )
+    convert_requests: bool = Field(
+        default=True, description="XML request bodies (application/xml, text/xml) sent upstream as JSON"
+    )
+    root: Annotated[str, AfterValidator(_root_name)] = Field(
+        default="root", description="the root element of the XML the gateway writes"
+    )
+    max_size: ByteSize = Field(
+        default=1 << 20,
+        ge=1,
+        description="larger XML requests get 413; larger JSON responses go as JSON, unconverted",
+    )
 
 
 class TransformConfig(PolicyConfig):
     request: RequestTransform = RequestTransform()
     response: ResponseTransform = ResponseTransform()
+    xml: XmlNegotiation | None = None
 
 
 __all__ = [
@@ -235,5 +260,6 @@ __all__ = [
     "RequestTransform",
     "ResponseTransform",
     "TransformConfig",
+    "XmlNegotiation",
     "template_value",
 ]

@@ -35,7 +35,7 @@ from typing import Any, Final
 
 import orjson
 
-__all__ = ["JsonMapping", "NotMapped", "Path", "Step", "parse_path"]
+__all__ = ["JsonMapping", "NotMapped", "Path", "Step", "dump_json", "load_json", "parse_path"]
 
 Step = str | int | None
 """One step of a path: an object's field (str), an array index (int, negative from the end), or
@@ -129,11 +129,23 @@ class JsonMapping:
     def map_body(self, body: bytes) -> bytes | None:
         """The mapped body, or None when nothing changed; ``NotMapped`` when it cannot be read or
         written back as JSON."""
-        exact = _LONG_INTEGER.search(body) is not None
-        document = _load_exact(body) if exact else _load(body)
+        document, exact = load_json(body)
         if not self.apply(document):
             return None
-        return _dump_exact(document) if exact else _dump(document)
+        return dump_json(document, exact)
+
+
+def load_json(body: bytes) -> tuple[Any, bool]:
+    """The document ``body`` holds, and whether it must be written back exactly (it holds an
+    integer beyond 64 bits); ``NotMapped`` when it is not JSON that can be read."""
+    exact = _LONG_INTEGER.search(body) is not None
+    return (_load_exact(body) if exact else _load(body)), exact
+
+
+def dump_json(document: Any, exact: bool = False) -> bytes:
+    """``document`` as compact UTF-8 JSON; ``NotMapped("too_deep")`` when it nests deeper than can
+    be written. ``exact`` (``load_json`` said so) writes it with the standard library."""
+    return _dump_exact(document) if exact else _dump(document)
 
 
 def _load(body: bytes) -> Any:
