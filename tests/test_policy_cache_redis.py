@@ -509,8 +509,9 @@ def upstream_rid(response: RawResponse) -> str:
     return response.json()["headers"]["x-request-id"]
 
 
-def redis_config(redis_url: str, target: str, **cache: Any) -> dict[str, Any]:
+def redis_config(redis_url: str, target: str, directory: Path, **cache: Any) -> dict[str, Any]:
     return {
+        "store": {"url": f"sqlite:///{directory / 'apigate.db'}"},  # the consumers' store
         "state": {"url": redis_url},
         "consumers": [
             {"id": "partner", "keys": [{"key": KEY}]},
@@ -586,7 +587,7 @@ def apigate(*args: str, cwd: Path) -> dict[str, Any]:
 def test_two_gateways_share_redis_and_a_purge_reaches_every_worker_within_a_second(
     redis_url: str, upstream: UpstreamServer, start_gateway: Callable[..., GatewayProcess], tmp_path: Path
 ) -> None:
-    config = redis_config(redis_url, upstream.url)
+    config = redis_config(redis_url, upstream.url, tmp_path)
     a, b = start_gateway(config, workers=2), start_gateway(config)
     first = get(a.port, "/echo/x?b=2&a=1")
     assert first.header("x-cache") == "MISS"
@@ -637,9 +638,9 @@ def test_two_gateways_share_redis_and_a_purge_reaches_every_worker_within_a_seco
 
 
 def test_vary_key_by_and_size_cap_through_gateways_on_redis(
-    redis_url: str, upstream: UpstreamServer, start_gateway: Callable[..., GatewayProcess]
+    redis_url: str, upstream: UpstreamServer, start_gateway: Callable[..., GatewayProcess], tmp_path: Path
 ) -> None:
-    config = redis_config(redis_url, upstream.url)
+    config = redis_config(redis_url, upstream.url, tmp_path)
     a, b = start_gateway(config), start_gateway(config)
     # Vary: each language its own entry, served by the other gateway from Redis.
     vary = "/made/v?h=vary:Accept-Language&size=100&body=letters"
@@ -673,7 +674,7 @@ def test_requests_are_served_from_upstream_while_redis_is_stopped(
 ) -> None:
     server = RedisServer(tmp_path / "redis").start()
     try:
-        gateway = start_gateway(redis_config(server.url, upstream.url, local_ttl="0s"), workers=2)
+        gateway = start_gateway(redis_config(server.url, upstream.url, tmp_path, local_ttl="0s"), workers=2)
         assert get(gateway.port, "/echo/r").header("x-cache") == "MISS"
         hit_soon(gateway.port, "/echo/r")  # written to Redis a round trip after the response went
         server.stop()
