@@ -16,15 +16,16 @@ work is in ``hotpath.py``; what is built from the config, in ``build.py``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from apigate.engine.replies import Reply, json_reply
 from apigate.policies.base import Phase, Policy
 from apigate.policies.registry import register
+from apigate.policies.transform.bodymap import RequestBody
 from apigate.policies.transform.build import body_mapping, header_edits, path_rewrite, query_edits
 from apigate.policies.transform.config import TransformConfig
 from apigate.policies.transform.hotpath import CompiledRequest
-from apigate.policies.transform.jsonmap import NotMapped
 
 if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
@@ -51,6 +52,12 @@ class TransformPolicy(Policy[TransformConfig]):
         self.mapping = None if body is None else body_mapping(body)
         self.body_limit = 0 if body is None else body.max_size
         self.body_counts: dict[str, int] = dict.fromkeys(BODY_OUTCOMES, 0)
+        # The body hook, compiled (bodymap.py): it counts each outcome in body_counts.
+        self.body_hook = (
+            None
+            if self.mapping is None
+            else RequestBody(self.mapping.operations, self.body_limit, self.body_counts)
+        )
         phases: set[Phase] = set()
         if path is not None or query is not None or not headers.empty:
             phases.add("request")
@@ -62,38 +69,20 @@ class TransformPolicy(Policy[TransformConfig]):
         # Compiled hooks, called by the engine with no Python frame in between; header edits
         # alone need no request wrapper.
         only_headers = path is None and query is None
-        self.engine_hooks = {
+        hooks: dict[Phase, Callable[..., Any]] = {
             "request": headers.edit_request if only_headers else self.request_edits.edit,
             "response": self.response_edits.edit_response,
         }
+        if self.body_hook is not None:
+            hooks["body"] = self.body_hook.on_body
+        self.engine_hooks = hooks
 
     def on_request(self, exchange: Exchange) -> Any:
         return self.request_edits.edit(exchange)
 
     def on_body(self, exchange: Exchange, body: bytes) -> None:
-        outcome = self._map(exchange, body)
-        if outcome is not None:
-            self.body_counts[outcome] += 1
-
-    def _map(self, exchange: Exchange, body: bytes) -> str | None:
-        mapping = self.mapping
-        if not body or mapping is None:
-            return None  # nothing sent: nothing to count
-        if len(body) > self.body_limit:  # buffered for another policy with a larger limit
-            return "too_large"
-        if not is_json(exchange.header(b"content-type")):
-            return "not_json"
-        encoding = exchange.header(b"content-encoding")
-        if encoding is not None and encoding.strip().lower() != b"identity":
-            return "encoded"
-        try:
-            mapped = mapping.map_body(body)
-        except NotMapped as exc:
-            return exc.reason
-        if mapped is None:
-            return "unchanged"
-        exchange.body = mapped
-        return "mapped"
+        if self.body_hook is not None:
+            self.body_hook.on_body(exchange, body)
 
     def on_response(self, exchange: Exchange) -> None:
         self.response_edits.edit_response(exchange)
@@ -115,11 +104,3 @@ class TransformPolicy(Policy[TransformConfig]):
 
     def describe(self) -> dict[str, Any]:
         return self.config.model_dump(mode="json", by_alias=True)  # `copy`, not its field name
-
-
-def is_json(content_type: bytes | None) -> bool:
-    """``application/json`` or ``application/<anything>+json``, whatever its parameters."""
-    if content_type is None:
-        return False
-    media = content_type.partition(b";")[0].strip().lower()
-    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
