@@ -46,6 +46,7 @@ COMPILED = [
     "src/apigate/policies/limits/hybrid.py",
     "src/apigate/policies/limits/keys.py",
     "src/apigate/policies/security_headers/hotpath.py",
+    "src/apigate/policies/transform/bodymap.py",
     "src/apigate/policies/transform/hotpath.py",
     "src/apigate/state/calls.py",
 ]

@@ -13,14 +13,13 @@ from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
+from mypy_extensions import i64
+
 from apigate.engine.exchange import Exchange
 from apigate.engine.paths import PathRefused, normalize_path
 
 Getter = Callable[[Exchange], bytes | None]
 
-# Control characters but HTAB: never in a field value (RFC 9110 §5.5). A variable's value holding
-# one (CR or LF would start a header of its own) is dropped, never sent.
-_UNSAFE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DOT_SEGMENT: Final = re.compile(r"(?:^|/)\.\.?(?:/|$)")
 
 
@@ -80,14 +79,40 @@ class Template:
         if static is not None:
             return static
         literals = self.literals
+        getters = self.getters
+        if len(getters) == 1:  # the usual template: one variable, maybe with text around it
+            value = getters[0](exchange)
+            if not value or not field_safe(value):
+                return None
+            before = literals[0]
+            after = literals[1]
+            if before:
+                value = before + value
+            return value + after if after else value
         out = [literals[0]]
-        for index, get in enumerate(self.getters, 1):
+        index = 1
+        for get in getters:
             value = get(exchange)
-            if not value or _UNSAFE.search(value) is not None:
+            if not value or not field_safe(value):
                 return None
             out.append(value)
             out.append(literals[index])
+            index += 1
         return b"".join(out)
+
+
+def field_safe(value: bytes) -> bool:
+    """Whether ``value`` may stand in a field value: no control character but HTAB (RFC 9110
+    §5.5). A variable's value holding one (CR or LF would start a header of its own) is dropped,
+    never sent. A byte loop: compiled, it costs a tenth of a regular expression's search."""
+    size: i64 = len(value)
+    index: i64 = 0
+    while index < size:
+        byte: i64 = value[index]
+        if (byte < 32 and byte != 9) or byte == 127:
+            return False
+        index += 1
+    return True
 
 
 # -- headers ---------------------------------------------------------------------------------------------
@@ -116,22 +141,34 @@ class CompiledEdits:
         self.empty: bool = not (self.rename or self.values or self.drop)
 
     def apply(self, headers: list[tuple[bytes, bytes]], exchange: Exchange) -> list[tuple[bytes, bytes]]:
+        """``headers`` edited: in place (and returned) when none of them is removed or renamed,
+        the usual case, else a new list."""
         drop = self.drop
-        if self.rename:
-            rename = self.rename
-            out = [(rename.get(name, name), value) for name, value in headers if name not in drop]
-        else:
-            out = [pair for pair in headers if pair[0] not in drop]
+        rename = self.rename
+        if drop or rename:
+            # One look at each name; the list is rebuilt only when one of them goes or changes.
+            for pair in headers:
+                name = pair[0]
+                if name in drop or name in rename:
+                    headers = self._rebuilt(headers)
+                    break
         appended = self.appended
         if appended is not None:
             if appended:
-                out += appended
+                headers += appended
         else:
             for name, template in self.values:
                 value = template.render(exchange)
                 if value is not None:
-                    out.append((name, value))
-        return out
+                    headers.append((name, value))
+        return headers
+
+    def _rebuilt(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        drop = self.drop
+        if self.rename:
+            rename = self.rename
+            return [(rename.get(name, name), value) for name, value in headers if name not in drop]
+        return [pair for pair in headers if pair[0] not in drop]
 
     # The hooks themselves: the policies hand these bound methods to the engine.
     def edit_request(self, exchange: Exchange) -> None:
