@@ -1,8 +1,8 @@
 """An exchange as one JSON line: the fields, the sampling of successes, and what is never written.
 
-The settings and the redaction rules live here; the per-request work (reading the exchange into
-a record of raw values for the writing process, which makes the JSON line) is hotpath.py's,
-compiled.
+The settings and the redaction rules live here; the per-request work (reading the exchange,
+filling the line's dict, ``orjson.dumps``, handing the line to the writer's buffer) is
+hotpath.py's, compiled.
 Credentials never reach a line: no header is written unless listed, and a listed header named
 like a secret is redacted; the query is dropped unless kept, and then the values of parameters
 named like a secret (or shaped like a JWT) are redacted; so is a JWT in the path.
@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import random
 import re
-import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote_to_bytes
 
+import orjson
+
 from apigate.config.accesslog import CREDENTIAL_HEADERS, FIELDS, SECRET_NAME_PARTS, AccessLogConfig
-from apigate.observe.accesslog.hotpath import Record, Records
-from apigate.observe.accesslog.writer import Formatter, Layout
+from apigate.observe.accesslog.hotpath import Lines
 
 if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
@@ -34,13 +34,12 @@ _LONGEST_HEADER: Final = 1024  # a logged header value longer than this is cut
 
 
 class LineMaker:
-    """Makes the record of a finished exchange and hands it to ``put``; successes are sampled.
-    ``layout`` says what its line holds."""
+    """Makes the line of a finished exchange and hands it to ``put``; successes are sampled."""
 
     def __init__(
         self,
         config: AccessLogConfig,
-        put: Callable[[Record], None],
+        put: Callable[[bytes], None],
         secret_params: Iterable[str] = (),
         secret_headers: Iterable[str] = (),
         chance: Callable[[], float] = random.random,
@@ -62,31 +61,27 @@ class LineMaker:
             for name in config.headers
             if name in exact_headers or any(part in name for part in self.name_parts)
         )
-        self.layout = layout_of(config)
         # The per-request work, compiled (hotpath.py); the engine calls it directly.
-        self.records = Records(
+        self.lines = Lines(
             put,
             self.sample,
             chance,
+            None if config.fields == FIELDS else config.fields,
             self.keep_query,
             self.redact_query,
             _redact_path,
             _subject,
             self.request_headers if self.headers else None,
+            not config.omit_empty,
         )
-        self.formatter = Formatter()
 
     def __call__(self, exchange: Exchange) -> None:
-        self.records(exchange)
+        self.lines(exchange)
 
-    def line(self, record: Record) -> bytes:
-        """The JSON line the writing process makes of ``record``."""
-        return self.formatter.line(self.layout, record, time.time() - time.monotonic())
-
-    def fields(self, exchange: Exchange) -> dict[str, Any]:
-        """The exchange's line as a dict, fields in their order."""
-        record = self.records.record(exchange)
-        return self.formatter.fields(self.layout, record, time.time() - time.monotonic())
+    def record(self, exchange: Exchange) -> dict[str, Any]:
+        """The line's fields, in their order."""
+        record: dict[str, Any] = orjson.loads(self.lines.line(exchange))
+        return record
 
     def request_headers(self, headers: list[tuple[bytes, bytes]]) -> dict[str, str | None]:
         """The listed request headers (first value each), credentials redacted."""
@@ -114,12 +109,6 @@ class LineMaker:
     def secret_param(self, raw_name: bytes) -> bool:
         name = unquote_to_bytes(raw_name.replace(b"+", b" ")).decode("latin-1").lower()
         return name in self.exact_params or any(part in name for part in self.name_parts)
-
-
-def layout_of(config: AccessLogConfig) -> Layout:
-    """What the config's lines hold."""
-    selected = None if config.fields == FIELDS else tuple(FIELDS.index(name) for name in config.fields)
-    return Layout(FIELDS, selected, not config.omit_empty)
 
 
 def _redact_path(path: str) -> str:

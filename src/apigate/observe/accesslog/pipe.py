@@ -1,9 +1,8 @@
-"""The access log's end on the event loop: records gather in a compiled ``RecordBuffer`` and go,
-in batches (frames) with one non-blocking ``write`` each, to a pipe read by the writing process
-(writer.py), which makes their lines.
+"""The access log's end on the event loop: lines gather in a compiled ``LineBuffer`` and go, in
+batches with one non-blocking ``write`` each, to a pipe read by the writing process (writer.py).
 
-When the output cannot keep up (a full disk, a pipe nobody reads), the pipe fills, the frames
-that do not fit wait in a bounded backlog, and the lines after that are dropped and counted;
+When the output cannot keep up (a full disk, a pipe nobody reads), the pipe fills, the lines
+that do not fit wait in a bounded backlog, and the ones after that are dropped and counted;
 nothing queues without bound and the loop never waits for the output.
 """
 
@@ -19,16 +18,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 from apigate.observe.accesslog import writer
-from apigate.observe.accesslog.hotpath import Record, RecordBuffer
-from apigate.observe.accesslog.writer import Destination, Layout, frame
+from apigate.observe.accesslog.hotpath import LineBuffer
+from apigate.observe.accesslog.writer import Destination
 
 log = logging.getLogger("apigate.access_log")
 
-BATCH: Final = 256  # records per write into the pipe, at most
-PIPE_SIZE: Final = 1 << 20  # what the pipe holds: about 4,000 records of 250 bytes
+BATCH: Final = 256  # lines per write into the pipe, at most
+PIPE_SIZE: Final = 1 << 20  # what the pipe holds: about 2,500 lines of 400 bytes
 F_SETPIPE_SZ: Final = 1031  # (fcntl.F_SETPIPE_SZ, Linux; named in fcntl only from Python 3.10)
 WAIT_RESPAWN: Final = 1.0  # seconds between starts of a writing process that keeps ending
 _SCRIPT: Final = os.path.abspath(writer.__file__)
@@ -36,19 +35,16 @@ _SCRIPT: Final = os.path.abspath(writer.__file__)
 
 class LogPipe:
     """The loop's end: the buffer the finish hook fills, the pipe to the writing process, and the
-    counts (``written`` and ``lost`` as that process last reported them). ``layout`` says what
-    the lines of the records sent hold."""
+    counts (``written`` and ``lost`` as that process last reported them)."""
 
-    def __init__(self, destination: Destination, buffer: int, flush_interval: float, layout: Layout) -> None:
-        self.records = RecordBuffer(1, self._send)
-        self.layout = layout
+    def __init__(self, destination: Destination, buffer: int, flush_interval: float) -> None:
+        self.lines = LineBuffer(1, self._send)
         self.configure(destination, buffer, flush_interval)
         self.process: _WritingProcess | None = None
         self.retired: list[_WritingProcess] = []  # earlier outputs' processes, finishing
-        self.backlog: list[tuple[bytes, int]] = []  # frames the pipe had no room for, and their lines
+        self.backlog: list[bytes] = []  # whole batches the pipe had no room for
         self.backlog_lines = 0
-        self.partial = b""  # the rest of a frame the pipe took in part
-        self.partial_lines = 0  # (the frame's, counted as sent when its end goes)
+        self.partial = b""  # the rest of a batch the pipe took in part
         self.overflowed = 0  # lines refused on the loop: the pipe and the buffer were full
         self.started = False
         self.waiting = False  # the loop watches the pipe for room
@@ -61,7 +57,7 @@ class LogPipe:
         what it was sent and ends."""
         self.destination = destination
         self.limit = buffer
-        self.records.batch = max(1, min(BATCH, buffer // 4))
+        self.lines.batch = max(1, min(BATCH, buffer // 4))
         self.flush_interval = flush_interval
         process = getattr(self, "process", None)
         if process is not None and process.destination != destination:
@@ -69,9 +65,9 @@ class LogPipe:
             self.last_spawn = -WAIT_RESPAWN  # (the new output's process starts with the next batch)
 
     @property
-    def put(self) -> Callable[[Record], None]:
-        """What the finish hook calls with each record: the compiled buffer's ``put``."""
-        return self.records.put
+    def put(self) -> Callable[[bytes], None]:
+        """What the finish hook calls with each line: the compiled buffer's ``put``."""
+        return self.lines.put
 
     @property
     def written(self) -> int:
@@ -95,7 +91,7 @@ class LogPipe:
     @property
     def unwritten(self) -> int:
         """Lines handed over and not yet written or lost."""
-        waiting = len(self.records.records) + self.backlog_lines + self.partial_lines
+        waiting = len(self.lines.lines) + self.backlog_lines + self.partial.count(b"\n")
         return waiting + sum(process.in_flight for process in self._processes())
 
     def start(self) -> None:
@@ -112,9 +108,9 @@ class LogPipe:
             self.ended_written += process.written
             self.ended_lost += process.lost + process.in_flight
             self.retired.remove(process)
-        records = self.records.take()
-        if records or self.backlog or self.partial:
-            self._send(records)
+        lines = self.lines.take()
+        if lines or self.backlog or self.partial:
+            self._send(lines)
 
     async def stop(self, timeout: float) -> int:
         """Send what is left and wait up to ``timeout`` for the writing processes to write it and
@@ -125,8 +121,8 @@ class LogPipe:
             await asyncio.sleep(0.01)  # (the pipe is full: the process is writing)
             self._drain()
         self._unwatch()
-        waiting = self.backlog_lines + self.partial_lines  # (what the pipe had no room for)
-        self.backlog_lines, self.backlog, self.partial, self.partial_lines = 0, [], b"", 0
+        waiting = self.backlog_lines + self.partial.count(b"\n")  # (what the pipe had no room for)
+        self.backlog_lines, self.backlog, self.partial = 0, [], b""
         self.overflowed += waiting
         self._retire()
         for process in self.retired:
@@ -141,44 +137,39 @@ class LogPipe:
         return self.process is not None and self.process.running()
 
     # -- the pipe ---------------------------------------------------------------------------------
-    def _send(self, records: list[Record]) -> None:
-        """Write ``records`` after what is waiting; what the pipe has no room for waits (up to
+    def _send(self, lines: list[bytes]) -> None:
+        """Write ``lines`` after what is waiting; what the pipe has no room for waits (up to
         ``limit`` lines), the rest is dropped and counted."""
         if not self.started:
-            self._keep(records)
+            self._keep(lines)
             return
         if not self._running():
             self._spawn()
             if self.process is None:
-                self.overflowed += len(records)
+                self.overflowed += len(lines)
                 return
         if (self.partial or self.backlog) and not self._drain():
-            self._keep(records)
+            self._keep(lines)
             return
-        if records:
-            self._write(self._frame(records), len(records))
+        if lines:
+            self._write(b"".join(lines), len(lines))
 
-    def _frame(self, records: list[Record]) -> bytes:
-        try:
-            return frame(self.layout, records)
-        except ValueError:  # a plugin's value of a type marshal cannot write: written as text
-            return frame(self.layout, [tuple(_plain(value) for value in record) for record in records])
-
-    def _keep(self, records: list[Record]) -> None:
-        if self.backlog_lines + len(records) > self.limit:
-            self.overflowed += len(records)
-        elif records:
-            self.backlog.append((self._frame(records), len(records)))
-            self.backlog_lines += len(records)
+    def _keep(self, lines: list[bytes]) -> None:
+        if self.backlog_lines + len(lines) > self.limit:
+            self.overflowed += len(lines)
+        elif lines:
+            self.backlog.append(b"".join(lines))
+            self.backlog_lines += len(lines)
         if self.started:
             self._watch()
 
     def _drain(self) -> bool:
         """Write what waits; True when nothing does any more."""
-        if self.partial and not self._write(self.partial, self.partial_lines):
+        if self.partial and not self._write(self.partial, 0):
             return False
         while self.backlog:
-            data, lines = self.backlog.pop(0)
+            data = self.backlog.pop(0)
+            lines = data.count(b"\n")
             self.backlog_lines -= lines
             if not self._write(data, lines):
                 return False
@@ -186,13 +177,11 @@ class LogPipe:
         return True
 
     def _write(self, data: bytes, lines: int) -> bool:
-        """One write of (the rest of) a frame of ``lines`` records to the pipe; the part that did
-        not fit becomes ``partial``. True when all went."""
+        """One write to the pipe; the part that did not fit becomes ``partial``. True when all went."""
         process = self.process
         assert process is not None
-        self.partial, self.partial_lines = b"", 0
         if not process.pipe_open:  # it ended: the next batch starts another
-            self.overflowed += lines
+            self.overflowed += lines or data.count(b"\n")
             return True
         try:
             done = os.write(process.pipe, data)
@@ -200,12 +189,17 @@ class LogPipe:
             done = 0
         except OSError:  # the process ended (killed?): what it was sent is lost
             self._unwatch()
-            process.gone(lines)
+            process.gone(lines or data.count(b"\n"))
+            self.partial = b""
             return True
+        process.sent += lines or data.count(b"\n")
         if done == len(data):
-            process.sent += lines
+            self.partial = b""
             return True
-        self.partial, self.partial_lines = data[done:], lines
+        # (lines sent counts whole lines: the cut one is counted when its end goes)
+        rest = data[done:]
+        process.sent -= rest.count(b"\n")
+        self.partial = rest
         self._watch()
         return False
 
@@ -232,9 +226,7 @@ class LogPipe:
         if self.process is not None:
             self._retire()
         self._unwatch()
-        # (the start of a frame went to the process that ended: its lines are lost)
-        self.overflowed += self.partial_lines
-        self.partial, self.partial_lines = b"", 0
+        self.partial = b""  # (the start of its line went to the process that ended)
         try:
             self.process = _WritingProcess(self.destination)
         except OSError as exc:
@@ -343,18 +335,6 @@ class _WritingProcess:
             self.read_status()
             os.close(self.status)
             self.status = -1
-
-
-def _plain(value: Any) -> Any:
-    """``value`` with what marshal cannot write (another type, a subclass) turned into text."""
-    kind = type(value)
-    if value is None or kind in (str, bytes, int, float, bool):
-        return value
-    if kind in (list, tuple):
-        return [_plain(item) for item in value]
-    if kind is dict:
-        return {str(key): _plain(item) for key, item in value.items()}
-    return str(value)
 
 
 def _describe(destination: Destination) -> str:

@@ -1,13 +1,8 @@
 """The access log's writing process: run as a script by the gateway (pipe.py starts one per worker),
-it reads batches of records from stdin, makes their JSON lines and writes them to stdout or to a
-file it rotates, so that no thread of the gateway's holds its GIL or stalls in the kernel for the
-file system (a thread writing the file cost the loop about a tenth of its requests per second in
-bench/run), and the loop does not spend its time on JSON. It imports nothing but the standard
-library, and orjson when it is installed (json otherwise).
-
-A batch is a frame: its length (4 bytes, little-endian), then ``marshal`` of
-``(names, selected, keep_nulls, records)`` (``Layout`` and hotpath.py's records). marshal is
-the fastest standard serialiser of tuples of plain values, and both ends are the same Python.
+it reads lines from stdin and writes them to stdout or to a file it rotates, so that no thread of
+the gateway's holds its GIL or stalls in the kernel for the file system (a thread writing the
+file cost the loop about a tenth of its requests per second in bench/run). It imports nothing
+but the standard library.
 
 A file is opened in append mode. Several workers' writers may append to one file: each batch is
 written in pieces that end at a line's end (at most ``PIPE_BUF`` bytes to a pipe, whose writes
@@ -21,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import marshal
 import os
 import re
 import select
@@ -30,19 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Final
-
-try:  # (the writing process's one import beyond the standard library, when installed)
-    import orjson
-
-    def _json_line(record: dict[str, Any]) -> bytes:
-        return orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE)
-
-except ImportError:  # pragma: no cover - orjson is a dependency of apigate
-
-    def _json_line(record: dict[str, Any]) -> bytes:
-        return json.dumps(record, default=str, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-
+from typing import Final
 
 STDOUT: Final = None
 READ_SIZE: Final = 1 << 20
@@ -50,9 +32,6 @@ READ_SIZE: Final = 1 << 20
 FILE_PIECE: Final = 1 << 20
 PIPE_PIECE: Final = select.PIPE_BUF
 WAIT_WRITABLE: Final = 1.0  # a non-blocking output that is full is polled this often
-FRAME_HEADER: Final = 4  # bytes of a frame's length
-# Positions in a record of the values written otherwise than they are sent (hotpath.py's Record).
-_TIME, _REQUEST_ID, _TRACE_ID, _DURATION, _UPSTREAM_DURATION, _HEADERS = 0, 1, 2, 7, 13, 22
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,92 +49,8 @@ class Destination:
         return self.path is not None and (self.max_bytes is not None or self.every is not None)
 
 
-@dataclass(frozen=True, slots=True)
-class Layout:
-    """What a line holds: ``names`` are the fields of a record, in its order; ``selected`` the
-    positions of those written, in the order written (None: all); ``keep_nulls`` writes fields
-    without a value as null (else they are left out)."""
-
-    names: tuple[str, ...]
-    selected: tuple[int, ...] | None = None
-    keep_nulls: bool = False
-
-
-class Clock:
-    """RFC 3339 UTC times with milliseconds: the seconds are formatted once per second, the whole
-    text once per millisecond (lines of the same millisecond share it)."""
-
-    def __init__(self) -> None:
-        self.second = -1
-        self.prefix = ""
-        self.milli = -1
-        self.text = ""
-
-    def format(self, wall: float) -> str:
-        milli = int(wall * 1000.0)
-        if milli != self.milli:
-            second = milli // 1000
-            if second != self.second:
-                self.second = second
-                self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self.milli = milli
-            self.text = f"{self.prefix}.{milli % 1000:03d}Z"
-        return self.text
-
-
-class Formatter:
-    """Records to JSON lines."""
-
-    def __init__(self) -> None:
-        self.clock = Clock()
-
-    def line(self, layout: Layout, record: tuple[Any, ...], wall_offset: float) -> bytes:
-        """``record``'s line; ``wall_offset``: the wall clock minus the monotonic one."""
-        return _json_line(self.fields(layout, record, wall_offset))
-
-    def fields(self, layout: Layout, record: tuple[Any, ...], wall_offset: float) -> dict[str, Any]:
-        values = list(record)
-        request_id = values[_REQUEST_ID].decode("latin-1")
-        values[_TIME] = self.clock.format(values[_TIME] + wall_offset)  # when the request came
-        values[_REQUEST_ID] = request_id
-        trace_id = values[_TRACE_ID]
-        values[_TRACE_ID] = request_id if trace_id is None else trace_id.decode("latin-1")
-        values[_DURATION] = int(values[_DURATION] * 1_000_000.0) / 1000  # (cheaper than round)
-        upstream = values[_UPSTREAM_DURATION]
-        if upstream is not None:
-            values[_UPSTREAM_DURATION] = int(upstream * 1_000_000.0) / 1000
-        names = layout.names
-        selected = layout.selected
-        # (a record has the listed headers after the fields: zip stops before them)
-        pairs = (
-            zip(names, values, strict=False)
-            if selected is None
-            else ((names[at], values[at]) for at in selected)
-        )
-        fields = (
-            dict(pairs) if layout.keep_nulls else {name: value for name, value in pairs if value is not None}
-        )
-        headers = values[_HEADERS]
-        if headers is not None:
-            fields["headers"] = headers
-        return fields
-
-    def frame_lines(self, payload: bytes) -> tuple[int, bytes]:
-        """A frame's payload (after its length) as its number of records and their lines."""
-        names, selected, keep_nulls, records = marshal.loads(payload)
-        layout = Layout(tuple(names), None if selected is None else tuple(selected), bool(keep_nulls))
-        wall_offset = time.time() - time.monotonic()
-        return len(records), b"".join([self.line(layout, record, wall_offset) for record in records])
-
-
-def frame(layout: Layout, records: list[tuple[Any, ...]]) -> bytes:
-    """The frame of a batch of records (raises ValueError for a value marshal cannot write)."""
-    payload = marshal.dumps((layout.names, layout.selected, layout.keep_nulls, records), 4)
-    return len(payload).to_bytes(FRAME_HEADER, "little") + payload
-
-
 class Sink:
-    """The writing process's end of a destination: opens it on first use, follows its path when
+    """The writer thread's end of a destination: opens it on first use, follows its path when
     the file is renamed, rotates it. Used by one thread only."""
 
     def __init__(self, destination: Destination, clock: Callable[[], float] = time.time) -> None:
@@ -314,40 +209,32 @@ def _free_name(name: str) -> str:
 
 # -- the writing process ------------------------------------------------------------------------------
 def main(status_fd: int, described: str) -> None:
-    """Read frames from stdin until it closes, write their lines to the destination, and report
+    """Read lines from stdin until it closes, write them to the destination, and report
     "<written> <lost> <error>" after each write on ``status_fd`` (non-blocking: a report the
     gateway has not read yet is replaced by the next one)."""
     path, max_bytes, every, keep = json.loads(described)
     sink = Sink(Destination(path, max_bytes, every, keep))
-    formatter = Formatter()
     os.set_blocking(status_fd, False)
     written = lost = 0
-    pending = bytearray()
+    rest = b""
     while True:
         chunk = os.read(0, READ_SIZE)
-        pending += chunk
-        chunks: list[bytes] = []
-        count = 0
-        start = 0
-        while len(pending) - start >= FRAME_HEADER:  # (a read may end inside a frame)
-            size = int.from_bytes(pending[start : start + FRAME_HEADER], "little")
-            end = start + FRAME_HEADER + size
-            if end > len(pending):
-                break
-            records, lines = formatter.frame_lines(bytes(pending[start + FRAME_HEADER : end]))
-            chunks.append(lines)
-            count += records
-            start = end
-        del pending[:start]
-        if count:
+        data = rest + chunk if rest else chunk
+        if chunk and not data.endswith(b"\n"):  # (a read may end inside a line)
+            cut = data.rfind(b"\n") + 1
+            data, rest = data[:cut], data[cut:]
+        else:
+            rest = b""
+        if data:
+            lines = data.count(b"\n")
             error = ""
             try:
-                sink.write(chunks)
+                sink.write([data])
             except OSError as exc:
                 sink.close()  # opened again for the next batch
                 error = str(exc)
             written += sink.written_lines
-            lost += count - sink.written_lines
+            lost += lines - sink.written_lines
             with contextlib.suppress(OSError):
                 os.write(status_fd, f"{written} {lost} {error}\n".encode())
         if not chunk:
