@@ -57,6 +57,8 @@ def suite_config(directory: Path, url: str) -> dict[str, Any]:
             cors_route("/regex/*", url, {"origins": ["~https://[a-z]+\\.example\\.org"]}),
             cors_route("/continue/*", url, {"origins": [APP], "preflight_continue": True}),
             proxied_route("/auth/*", url, {"key-auth": {}, "cors": {"origins": [APP], "credentials": True}}),
+            # A route that lists its methods, without OPTIONS: browsers still ask first.
+            proxied_route("/listed/*", url, {"cors": {"origins": [APP]}}, methods=["GET", "POST"]),
         ],
     }
 
@@ -420,3 +422,27 @@ def test_apigate_check_names_the_field_and_line(tmp_path: Path) -> None:
     )
     assert "line 6: routes[0].policies.cors.origins[1]: " in problems, problems
     assert "line 8: routes[0].policies.cors.max_age: " in problems, problems
+
+
+# -- a route that lists its methods without OPTIONS -------------------------------------------------
+def test_a_route_listing_methods_without_options_still_answers_preflights(servers: Servers) -> None:
+    before = len(servers.upstream.requests)
+    response = preflight(servers, "/listed/echo", APP, method="POST", asked="Content-Type")
+    assert response.status == 204
+    assert cors_fields(response)["access-control-allow-origin"] == [APP]
+    assert cors_fields(response)["access-control-allow-headers"] == ["content-type"]
+    assert send(servers, "POST", "/listed/echo", {"Origin": APP}).status == 200
+    assert upstream_methods_since(servers, before) == ["POST"]  # the preflight never went upstream
+
+
+def test_on_such_a_route_other_options_requests_are_405_at_the_gateway(servers: Servers) -> None:
+    before = len(servers.upstream.requests)
+    for headers in ({}, {"Origin": APP}, {"Access-Control-Request-Method": "POST"}):
+        response = send(servers, "OPTIONS", "/listed/echo", headers)
+        assert response.status == 405, headers
+        assert response.header("allow") == "GET, POST"
+        assert response.json()["error"] == "method not allowed"
+        assert cors_fields(response).keys() <= {"access-control-allow-origin"}
+    deleted = send(servers, "DELETE", "/listed/echo", {"Origin": APP})
+    assert deleted.status == 405  # the router's: methods the route does not list stay refused
+    assert upstream_methods_since(servers, before) == []

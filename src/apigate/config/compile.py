@@ -151,6 +151,21 @@ def _hooks(policies: Sequence[Policy[Any]], phase: Phase) -> tuple[Callable[...,
     return tuple(p.hook(phase) for p in policies if phase in p.phases)
 
 
+def _route_methods(listed: Sequence[str] | None, policies: Sequence[Policy[Any]]) -> frozenset[str] | None:
+    """The methods the router matches for a route: those listed, and OPTIONS where a policy
+    answers CORS preflights (a browser asks before a request it may not send unasked, whatever
+    methods the route lists); that policy answers other OPTIONS requests 405 itself."""
+    if not listed:
+        return None
+    methods = frozenset(listed)
+    answering = [p for p in policies if p.answers_preflights and "request" in p.phases]
+    if "OPTIONS" in methods or not answering:
+        return methods
+    for policy in answering:
+        policy.only_preflights(", ".join(sorted(methods)).encode())  # (as the router's 405 says)
+    return methods | {"OPTIONS"}
+
+
 def compile_plan(
     config: GatewayConfig,
     pools: PoolManager,
@@ -228,7 +243,7 @@ def compile_plan(
                 path=route.path,
                 payload=item,
                 hosts=tuple(route.host or ()),
-                methods=frozenset(route.methods) if route.methods else None,
+                methods=_route_methods(route.methods, policies),
                 headers=tuple(
                     (name.encode(), None if value == "*" else value.encode())
                     for name, value in (route.headers or {}).items()

@@ -170,6 +170,11 @@ class Policy(Generic[ConfigT]):
     replaces_responses: ClassVar[bool] = False
     """``on_response`` may return a Reply that replaces the response it sees (see the phases above);
     only routes with such a policy pay for the engine looking at what response hooks return."""
+    answers_preflights: ClassVar[bool] = False
+    """Its request hook answers CORS preflights (``OPTIONS`` with ``Origin`` and
+    ``Access-Control-Request-Method``). On a route that lists ``methods`` without ``OPTIONS``, the
+    route then matches ``OPTIONS`` too, and ``only_preflights(allowed)`` is called before the route
+    serves: the policy answers any other ``OPTIONS`` with 405 and ``Allow: <allowed>`` itself."""
     terminal: ClassVar[bool] = False
     """The policy always answers itself (a token endpoint, a webhook intake): its route needs no upstream."""
     shorthand: ClassVar[str | None] = None
@@ -205,6 +210,11 @@ class Policy(Generic[ConfigT]):
 
     def prepare(self) -> None:
         """Build from ``self.config`` what the hooks read per request (runs once, when compiled)."""
+
+    def only_preflights(self, allowed: bytes) -> None:
+        """Answer ``OPTIONS`` requests other than preflights with 405 and ``Allow: allowed`` (a
+        policy that sets ``answers_preflights``; see there)."""
+        raise NotImplementedError(f"{self.name} answers preflights: it must refuse other OPTIONS")
 
     @classmethod
     def expand_shorthand(cls, value: str) -> dict[str, Any] | None:

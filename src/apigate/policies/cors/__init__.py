@@ -23,7 +23,7 @@ from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
 from apigate.config.headernames import HEADER_NAME
 from apigate.config.units import Duration
-from apigate.engine.replies import Reply
+from apigate.engine.replies import Reply, error_body
 from apigate.engine.wire import METHODS
 from apigate.policies.base import Policy, PolicyConfig
 from apigate.policies.cors.hotpath import ALLOW_ORIGIN, CorsCheck, OriginMatcher
@@ -198,6 +198,7 @@ class CorsPolicy(Policy[CorsConfig]):
     name = "cors"
     order = 500  # before authentication (~1000): a preflight carries no credentials
     phases = frozenset({"request", "response"})
+    answers_preflights = True
 
     def prepare(self) -> None:
         config = self.config
@@ -229,6 +230,13 @@ class CorsPolicy(Policy[CorsConfig]):
             self.engine_hooks = {"response": self.check.on_response}
         else:
             self.engine_hooks = {"request": self.check.on_request, "response": self.check.on_response}
+
+    def only_preflights(self, allowed: bytes) -> None:
+        def refuse(exchange: Exchange) -> Reply:
+            body = error_body("method not allowed", exchange.request_id)
+            return Reply(405, body, [(b"allow", allowed)], reason="method_not_allowed")
+
+        self.check.plain_options = refuse
 
     def preflight(self, exchange: Exchange, origin: bytes) -> Reply:
         """The answer to a preflight from ``origin``: 204, with the allow fields when granted."""

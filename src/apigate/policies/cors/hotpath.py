@@ -95,13 +95,18 @@ class CorsCheck:
         self.any_origin = any_origin
         self.fields = fields
         self.preflight = preflight
+        # Set where the route lists methods without OPTIONS (the router admits OPTIONS for the
+        # preflights): the answer to any other OPTIONS request, a 405.
+        self.plain_options: Callable[[Exchange], Any] | None = None
 
     def on_request(self, exchange: Exchange) -> Any:
         if exchange.method != "OPTIONS":
             return None
         origin, preflight = read_request(exchange)
         if origin is None or not preflight:
-            return None  # a plain OPTIONS request: the upstream answers it
+            plain_options = self.plain_options
+            # A plain OPTIONS request: the upstream answers it, where the route lists OPTIONS.
+            return None if plain_options is None else plain_options(exchange)
         return self.preflight(exchange, origin)
 
     def on_response(self, exchange: Exchange) -> None:
