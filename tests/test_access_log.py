@@ -25,6 +25,7 @@ from apigate.config.accesslog import FIELDS
 from apigate.config.loader import ConfigError, load_config
 from apigate.consumers.passwords import hash_password
 from apigate.observe.accesslog import AccessLog
+from apigate.observe.accesslog.hotpath import LineBuffer
 from apigate.observe.accesslog.lines import REDACTED, LineMaker
 from apigate.observe.accesslog.pipe import WAIT_RESPAWN, LogPipe
 from apigate.observe.accesslog.writer import Destination, Sink
@@ -306,7 +307,9 @@ def test_a_blocked_output_costs_the_proxy_nothing_and_drops_are_reported(
             began = time.monotonic()
             assert get(gateway, "/api/echo", f"blocked-{i}").status == 200
             slowest = max(slowest, time.monotonic() - began)
-        assert slowest < 1.0
+        # A loop that waited on the output would never answer again; the bound leaves room for
+        # a loaded machine (1.1 s seen with four test processes on two cores).
+        assert slowest < 5.0, slowest
         wait_until(lambda: "access log:" in gateway.output() and "lines dropped" in gateway.output())
         counters = orjson.loads(get(gateway, "/metrics", "metrics").body)["counters"]
         assert counters["access_log_dropped"] > 0
@@ -332,7 +335,7 @@ def test_the_backlog_stays_bounded_and_drops_are_counted_while_the_output_blocks
         pipe.start()
         began = time.monotonic()
         for _ in range(5000):
-            pipe.put(line)
+            pipe.lines.put(line)
             pipe.flush()
             assert pipe.backlog_lines <= 100
         assert time.monotonic() - began < 2.0  # put and flush never wait for the output
@@ -357,7 +360,7 @@ def test_a_failing_output_loses_lines_counted_and_keeps_its_error(run: Any) -> N
         pipe = LogPipe(Destination("/dev/full"), buffer=1000, flush_interval=0.01)
         pipe.start()
         for _ in range(10):
-            pipe.put(b'{"a":1}\n')
+            pipe.lines.put(b'{"a":1}\n')
         pipe.flush()
         await async_wait_until(lambda: (pipe.flush(), pipe.lost)[1] == 10)
         assert pipe.error is not None and os.strerror(errno.ENOSPC) in pipe.error
@@ -375,7 +378,7 @@ def test_stop_writes_what_is_buffered(tmp_path: Path, run: Any) -> None:
         pipe = LogPipe(Destination(str(path)), buffer=10_000, flush_interval=60.0)
         pipe.start()
         for i in range(500):
-            pipe.put(b'{"n":%d}\n' % i)
+            pipe.lines.put(b'{"n":%d}\n' % i)
         assert await pipe.stop(5.0) == 0
         return pipe
 
@@ -390,7 +393,7 @@ def test_a_killed_writing_process_is_replaced_and_its_lines_counted(tmp_path: Pa
     async def scenario() -> LogPipe:
         pipe = LogPipe(Destination(str(path)), buffer=10_000, flush_interval=60.0)
         pipe.start()
-        pipe.put(b'{"n":1}\n')
+        pipe.lines.put(b'{"n":1}\n')
         pipe.flush()
         await async_wait_until(lambda: (pipe.flush(), pipe.written)[1] == 1)
         first = pipe.process
@@ -398,7 +401,7 @@ def test_a_killed_writing_process_is_replaced_and_its_lines_counted(tmp_path: Pa
         first.child.kill()
         await asyncio.to_thread(first.child.wait)
         await asyncio.sleep(WAIT_RESPAWN)  # (a process that ended is replaced at most once a second)
-        pipe.put(b'{"n":2}\n')
+        pipe.lines.put(b'{"n":2}\n')
         pipe.flush()
         await async_wait_until(lambda: (pipe.flush(), pipe.written)[1] == 2)
         assert pipe.process is not first
@@ -534,6 +537,11 @@ def config_of(**access_log: Any) -> Any:
     return load_config(text=orjson.dumps({"access_log": access_log}).decode())
 
 
+def into(lines: list[bytes]) -> LineBuffer:
+    """A buffer that hands each line to ``lines`` at once."""
+    return LineBuffer(1, lines.extend)
+
+
 def finished(
     status: int, path: str = "/a", query: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None
 ) -> Any:
@@ -545,7 +553,7 @@ def finished(
 
 def test_sampling_writes_every_error_and_a_ratio_of_successes() -> None:
     lines: list[bytes] = []
-    maker = LineMaker(config_of(sample=0.25).access_log, lines.append, chance=random.Random(7).random)
+    maker = LineMaker(config_of(sample=0.25).access_log, into(lines), chance=random.Random(7).random)
     for _ in range(10_000):
         maker(finished(200))
     successes = len(lines)
@@ -584,10 +592,10 @@ def test_sample_zero_writes_only_errors_from_a_gateway(
 
 def test_with_omit_empty_off_every_field_is_written_in_order_with_nulls() -> None:
     exchange = finished(200, "/p")
-    line = LineMaker(config_of(omit_empty=False).access_log, [].append).record(exchange)
+    line = LineMaker(config_of(omit_empty=False).access_log, into([])).record(exchange)
     assert tuple(line) == FIELDS
     assert (line["consumer"], line["cache"], line["error"], line["route"]) == (None,) * 4
-    lean = LineMaker(config_of().access_log, [].append).record(exchange)
+    lean = LineMaker(config_of().access_log, into([])).record(exchange)
     del line["time"], lean["time"]  # (the milliseconds may turn between the two)
     assert lean == {name: value for name, value in line.items() if value is not None}
 
@@ -598,12 +606,12 @@ def test_query_is_dropped_by_default_and_redacted_when_kept() -> None:
         b"&eyJhbGciOi.eyJzdWIi.c2ln&flag&my_session_id=s5"
     )
     dropped: list[bytes] = []
-    LineMaker(config_of().access_log, dropped.append)(finished(200, "/p", query))
+    LineMaker(config_of().access_log, into(dropped))(finished(200, "/p", query))
     assert orjson.loads(dropped[0])["path"] == "/p"
 
     kept: list[bytes] = []
     config = config_of(query="keep", redact_params=["Cursor"]).access_log
-    maker = LineMaker(config, kept.append, secret_params=["k"])
+    maker = LineMaker(config, into(kept), secret_params=["k"])
     maker(finished(200, "/p", query + b"&cursor=c1"))
     assert orjson.loads(kept[0])["path"] == (
         "/p?page=2&api_key=[redacted]&X-Signature=[redacted]&%61ccess_token=[redacted]&k=[redacted]"
@@ -614,7 +622,7 @@ def test_query_is_dropped_by_default_and_redacted_when_kept() -> None:
 def test_a_token_in_the_path_is_redacted() -> None:
     lines: list[bytes] = []
     token = hs_sign(claims(sub="user-42"))
-    LineMaker(config_of().access_log, lines.append)(finished(200, f"/login/{token}/done"))
+    LineMaker(config_of().access_log, into(lines))(finished(200, f"/login/{token}/done"))
     assert orjson.loads(lines[0])["path"] == f"/login/{REDACTED}/done"
 
 
@@ -630,7 +638,7 @@ def test_fields_can_be_chosen_and_listed_headers_named_like_secrets_are_redacted
         (b"x-device", b"d-9"),
         (b"x-device", b"d-10"),
     ]
-    LineMaker(config, lines.append, secret_headers=["X-Device"])(finished(204, headers=sent))
+    LineMaker(config, into(lines), secret_headers=["X-Device"])(finished(204, headers=sent))
     line = orjson.loads(lines[0])
     assert list(line) == ["status", "method", "request_id", "headers"]
     assert line["headers"] == {

@@ -182,7 +182,9 @@ def test_client_request_id_is_propagated_both_ways(gateway):
     assert len(response.header_all("x-request-id")) == 1
 
 
-@pytest.mark.parametrize("bad", ["has space", "x" * 201], ids=["space", "too-long"])
+@pytest.mark.parametrize(
+    "bad", ["has space", "x" * 201, 'a"b', "a\\b"], ids=["space", "too-long", "quote", "backslash"]
+)
 def test_unsafe_client_request_id_is_replaced(gateway, bad):
     response, seen = echo(gateway.port, headers={"X-Request-ID": bad})
     request_id = response.header("x-request-id")

@@ -1314,5 +1314,6 @@ def finish_filters(filters: list[Any], data: bytes) -> bytes:
 
 
 def _sane_id(value: bytes) -> bool:
-    """Propagate a client's request id only if it is short printable ASCII (it ends up in logs)."""
-    return 0 < len(value) <= 200 and all(33 <= b < 127 for b in value)
+    """Propagate a client's request id only if it is short printable ASCII without a quote or a
+    backslash: it ends up in logs, and the access log writes request ids into JSON unescaped."""
+    return 0 < len(value) <= 200 and all(33 <= b < 127 and b != 34 and b != 92 for b in value)

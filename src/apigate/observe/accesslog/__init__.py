@@ -68,7 +68,7 @@ class AccessLog:
         else:
             self.writer.configure(destination, settings.buffer, settings.flush_interval)
         params, headers = _credential_names(config)
-        return LineMaker(settings, self.writer.put, params, headers).lines
+        return LineMaker(settings, self.writer.lines, params, headers).lines
 
     async def start(self, config: GatewayConfig, services: Services) -> None:
         self.started = True

@@ -1,9 +1,7 @@
 """The access log's per-request work, compiled with the engine (setup.py lists it): the engine
 calls ``Lines`` for every finished exchange, which reads the exchange's native attributes into
-the line's dict and puts ``orjson.dumps`` of it in a ``LineBuffer`` that hands batches to the
-writer. Fields without a value are left out by default: each field costs a dict insertion and
-orjson's work, and a typical line has eight such (orjson writes JSON faster than any string
-building here could).
+the line's JSON text and puts it in a ``LineBuffer`` that hands batches to the writer. Fields
+without a value are left out by default (a typical line has eight such).
 
 Like the policies' hot paths, it takes plain values and callables from ``lines.py`` (the Python
 side: settings, redaction rules) and imports only the engine's Exchange and the standard library.
@@ -11,6 +9,7 @@ side: settings, redaction rules) and imports only the engine's Exchange and the 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -21,7 +20,7 @@ from apigate.engine.exchange import Exchange
 from apigate.engine.plan import Target
 
 _LINE: Final = orjson.OPT_APPEND_NEWLINE
-_MOST_ADDRESSES: Final = 1024
+_MOST_PIECES: Final = 4096
 
 
 class Clock:
@@ -40,10 +39,29 @@ class Clock:
             second = milli // 1000
             if second != self.second:
                 self.second = second
-                self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+                self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
             self.milli = milli
-            self.text = f"{self.prefix}.{milli % 1000:03d}Z"
+            self.text = f"{self.prefix}{_THOUSANDTHS[milli % 1000]}Z"
         return self.text
+
+
+class Piece:
+    """``,"name":value`` for the values of a field that recur (a route, a method, a client's
+    address, a consumer), made once each: a dict lookup of a string, whose hash the string keeps,
+    costs less than escaping it again."""
+
+    def __init__(self, name: str, keep_nulls: bool) -> None:
+        self.prefix = ',"' + name + '":'
+        self.null = self.prefix + "null" if keep_nulls else ""  # the piece of no value
+        self.made: dict[str, str] = {}
+
+    def of(self, value: str) -> str:
+        found = self.made.get(value)
+        if found is None:
+            if len(self.made) >= _MOST_PIECES:  # bounded, whatever the clients send
+                self.made.clear()
+            found = self.made[value] = self.prefix + _json(value)
+        return found
 
 
 class LineBuffer:
@@ -73,7 +91,7 @@ class Lines:
 
     def __init__(
         self,
-        put: Callable[[bytes], None],
+        buffer: LineBuffer,
         sample: float,
         chance: Callable[[], float],
         fields: tuple[str, ...] | None,
@@ -87,7 +105,7 @@ class Lines:
         """``fields``: the chosen fields in order (None: all); ``headers``: the listed request
         headers of an exchange, redacted (None: none listed); ``keep_nulls``: fields without a
         value are written as null (else left out)."""
-        self.put = put
+        self.buffer = buffer
         self.sample = sample
         self.chance = chance
         self.fields = fields
@@ -98,15 +116,26 @@ class Lines:
         self.headers = headers
         self.keep_nulls = keep_nulls
         self.clock = Clock()
-        self.addresses: dict[str, str] = {}  # "host:port" by target id
+        self.addresses: dict[str, str] = {}  # the upstream's piece by target id
+        self.upstream_null = ',"upstream":null' if keep_nulls else ""
+        self.upstream_ms_null = ',"upstream_ms":null' if keep_nulls else ""
+        self.client_ip = Piece("client_ip", keep_nulls)
+        self.method = Piece("method", keep_nulls)
+        self.route = Piece("route", keep_nulls)
+        self.consumer = Piece("consumer", keep_nulls)
+        self.tenant = Piece("tenant", keep_nulls)
+        self.key_id = Piece("key_id", keep_nulls)
+        self.user_id = Piece("user_id", keep_nulls)
+        self.limited = Piece("limited", keep_nulls)
+        self.cache = Piece("cache", keep_nulls)
 
     def address(self, target: Target) -> str:
-        """The target's "host:port", formatted once."""
+        """``,"upstream":"host:port"`` for the target, made once."""
         found = self.addresses.get(target.id)
         if found is None:
-            if len(self.addresses) >= _MOST_ADDRESSES:  # (targets come and go with discovery)
+            if len(self.addresses) >= _MOST_PIECES:  # (targets come and go with discovery)
                 self.addresses.clear()
-            found = self.addresses[target.id] = f"{target.host}:{target.port}"
+            found = self.addresses[target.id] = ',"upstream":' + _json(f"{target.host}:{target.port}")
         return found
 
     def __call__(self, exchange: Exchange) -> None:
@@ -114,23 +143,34 @@ class Lines:
             status = exchange.response_status
             if 0 < status < 400 and exchange.failure is None and self.chance() >= self.sample:
                 return
-        self.put(self.line(exchange))
+        self.buffer.put(self.line(exchange))  # (a native call: the buffer is compiled too)
 
     def line(self, exchange: Exchange) -> bytes:
         """The exchange's line: a JSON object of the chosen fields, in their order, and a newline."""
-        record = self.fill(exchange)
-        fields = self.fields
-        if fields is not None:
-            record = {name: record[name] for name in fields if name in record}
         headers = self.headers
+        if headers is None:
+            text = self.text(exchange, "}\n")
+        else:
+            text = self.text(exchange, f',"headers":{_json(headers(exchange.headers))}}}\n')
+        fields = self.fields
+        if fields is None:
+            return text.encode()
+        # Chosen fields: the whole line is read back and the chosen ones written in their order
+        # (a choice of fields is rarer than the default and may cost more; one way of making lines).
+        record = orjson.loads(text)
+        chosen = {name: record[name] for name in fields if name in record}
         if headers is not None:
-            record["headers"] = headers(exchange.headers)
-        # (``default=str``: a plugin's value of another type is written as text, not an error.)
-        return orjson.dumps(record, default=str, option=_LINE)
+            chosen["headers"] = record["headers"]
+        return orjson.dumps(chosen, option=_LINE)
 
-    def fill(self, exchange: Exchange) -> dict[str, Any]:
-        """The exchange's fields in the order of FIELDS (config/accesslog.py); those without a
-        value are left out unless ``keep_nulls``."""
+    def text(self, exchange: Exchange, tail: str) -> str:
+        """The line's fields in the order of FIELDS (config/accesslog.py) as JSON text, then
+        ``tail``; fields without a value are left out unless ``keep_nulls``.
+
+        Made as text in one f-string (one allocation), not as a dict for orjson: the dict of ~15
+        fields and its serialisation cost ~7,000 instructions a request (bench/cost). Every string
+        that does not come from the gateway itself is escaped by orjson (``_json``), directly or
+        through a ``Piece``."""
         start = exchange.t_start
         end = exchange.t_end or start
         first_byte = exchange.t_first_byte
@@ -146,61 +186,91 @@ class Lines:
         if query and self.keep_query:
             path = path + "?" + self.redact_query(query)
         duration = end - start
+        micros = int(duration * 1_000_000.0) if duration > 0.0 else 0
+        # Ids are hex or a client's printable ASCII without quote or backslash (engine/exchange.py):
+        # written between quotes as they are.
         rid = exchange.rid
         request_id = rid.decode("latin-1")
         trace_id = exchange.trace_id
-        record: dict[str, Any] = {
-            "time": self.clock.format(time.time() - duration),  # when the request came
-            "request_id": request_id,
-            # (the same id unless the client sent its own request id or trace)
-            "trace_id": request_id if trace_id is rid else trace_id.decode(),
-            "client_ip": exchange.client_ip,
-            "method": exchange.method,
-            "path": path,
-            "status": exchange.response_status,
-            "duration_ms": int(duration * 1_000_000.0) / 1000,  # (cheaper than round)
-            "bytes_in": exchange.bytes_in,
-            "bytes_out": exchange.bytes_out,
-            "attempts": exchange.attempt,
-        }
-        if route is not None:
-            record["route"] = route.name
-        elif keep_nulls:
-            record["route"] = None
-        if target is not None:
-            record["upstream"] = self.address(target)
-        elif keep_nulls:
-            record["upstream"] = None
+        # (the same id unless the client sent its own request id or trace)
+        trace = request_id if trace_id is rid else trace_id.decode("latin-1")
+        route_piece = self.route.of(route.name) if route is not None else self.route.null
+        upstream = self.address(target) if target is not None else self.upstream_null
         if first_byte and attempt_began and first_byte >= attempt_began:
-            record["upstream_ms"] = int((first_byte - attempt_began) * 1_000_000.0) / 1000
-        elif keep_nulls:
-            record["upstream_ms"] = None
-        consumer = exchange.consumer_id()
-        if consumer is not None or keep_nulls:
-            record["consumer"] = consumer
-        tenant = exchange.tenant
-        if tenant is not None or keep_nulls:
-            record["tenant"] = tenant
+            waited = int((first_byte - attempt_began) * 1_000_000.0)
+            upstream_ms = ',"upstream_ms":'
+            waited_whole = _number(waited // 1000)
+            waited_dot = "."
+            waited_part = _THOUSANDTHS[waited % 1000]
+        else:
+            upstream_ms = self.upstream_ms_null
+            waited_whole = waited_dot = waited_part = ""
+        identity = self.optional(self.consumer, exchange.consumer_id()) + self.optional(
+            self.tenant, exchange.tenant
+        )
         if state:
-            key_id = state.get("key_id")
-            if key_id is not None or keep_nulls:
-                record["key_id"] = key_id
             claims = state.get("claims")
-            user_id = self.subject(claims) if claims is not None else None
-            if user_id is not None or keep_nulls:
-                record["user_id"] = user_id
-            limited = state.get("limited")
-            if limited is not None or keep_nulls:
-                record["limited"] = limited
-            cache = state.get("cache")  # hit, stale, miss, revalidated, bypass, refresh (docs/cache.md)
-            if cache is not None or keep_nulls:
-                record["cache"] = cache
+            identity += (
+                self.optional(self.key_id, state.get("key_id"))
+                + self.optional(self.user_id, self.subject(claims) if claims is not None else None)
+                + self.optional(self.limited, state.get("limited"))
+                # hit, stale, miss, revalidated, bypass, refresh (docs/cache.md)
+                + self.optional(self.cache, state.get("cache"))
+            )
         elif keep_nulls:
-            record["key_id"] = record["user_id"] = record["limited"] = record["cache"] = None
+            identity += ',"key_id":null,"user_id":null,"limited":null,"cache":null'
         tried = exchange.tried
-        if tried is not None or keep_nulls:
-            record["tried"] = tried
         failure = exchange.failure
-        if failure is not None or keep_nulls:
-            record["error"] = failure
-        return record
+        if tried is not None or failure is not None or keep_nulls:
+            identity += self.rare("tried", tried) + self.rare("error", failure)
+        return (
+            f'{{"time":"{self.clock.format(time.time() - duration)}"'  # when the request came
+            f',"request_id":"{request_id}","trace_id":"{trace}"'
+            f"{self.client_ip.of(exchange.client_ip)}{self.method.of(exchange.method)}"
+            f',"path":"{_inside_quotes(path)}","status":{_number(exchange.response_status)}'
+            f',"duration_ms":{_number(micros // 1000)}.{_THOUSANDTHS[micros % 1000]}'
+            f',"bytes_in":{_number(exchange.bytes_in)},"bytes_out":{_number(exchange.bytes_out)}'
+            f',"attempts":{_number(exchange.attempt)}{route_piece}{upstream}'
+            f"{upstream_ms}{waited_whole}{waited_dot}{waited_part}{identity}{tail}"
+        )
+
+    def optional(self, piece: Piece, value: object) -> str:
+        """The field's piece, or nothing (``null`` with ``keep_nulls``) when it has no value."""
+        if value is None:
+            return piece.null
+        if isinstance(value, str):
+            return piece.of(value)
+        return piece.prefix + _json(value)  # a plugin's value of another type
+
+    def rare(self, name: str, value: object) -> str:
+        """A field seldom written (the attempts of a retried request, an error), escaped each time."""
+        if value is None:
+            return f',"{name}":null' if self.keep_nulls else ""
+        return f',"{name}":{_json(value)}'
+
+
+# "000" to "999": the milliseconds' decimals; and the numbers below 1000 (statuses, attempts,
+# most durations): looked up instead of formatted.
+_THOUSANDTHS: Final = tuple(f"{n:03d}" for n in range(1000))
+_SMALL_NUMBERS: Final = tuple(str(n) for n in range(1000))
+
+
+def _number(n: int) -> str:
+    return _SMALL_NUMBERS[n] if 0 <= n < 1000 else str(n)
+
+
+def _inside_quotes(text: str) -> str:
+    """A string as it goes between the quotes of a JSON string. Checked in C and kept as it is
+    when it holds no quote, backslash or control character (a request's path, an id), which costs
+    a fifth of escaping it; anything else is escaped by orjson."""
+    if '"' in text or "\\" in text or not text.isprintable():
+        return _json(text)[1:-1]
+    return text
+
+
+def _json(value: object) -> str:
+    """Any value as JSON text (a plugin's value of another type as its text, not an error)."""
+    try:
+        return orjson.dumps(value, default=str).decode()
+    except orjson.JSONEncodeError:  # a lone surrogate (from a JWT claim): escaped, not refused
+        return json.dumps(value, default=str)

@@ -19,7 +19,7 @@ from urllib.parse import unquote_to_bytes
 import orjson
 
 from apigate.config.accesslog import CREDENTIAL_HEADERS, FIELDS, SECRET_NAME_PARTS, AccessLogConfig
-from apigate.observe.accesslog.hotpath import Lines
+from apigate.observe.accesslog.hotpath import LineBuffer, Lines
 
 if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
@@ -34,19 +34,18 @@ _LONGEST_HEADER: Final = 1024  # a logged header value longer than this is cut
 
 
 class LineMaker:
-    """Makes the line of a finished exchange and hands it to ``put``; successes are sampled."""
+    """Makes the line of a finished exchange and puts it in ``buffer``; successes are sampled."""
 
     def __init__(
         self,
         config: AccessLogConfig,
-        put: Callable[[bytes], None],
+        buffer: LineBuffer,
         secret_params: Iterable[str] = (),
         secret_headers: Iterable[str] = (),
         chance: Callable[[], float] = random.random,
     ) -> None:
         """``secret_params`` and ``secret_headers``: more names to redact (those the config's
         policies read credentials from)."""
-        self.put = put
         self.chance = chance
         self.sample = config.sample
         self.keep_query = config.query == "keep"
@@ -63,7 +62,7 @@ class LineMaker:
         )
         # The per-request work, compiled (hotpath.py); the engine calls it directly.
         self.lines = Lines(
-            put,
+            buffer,
             self.sample,
             chance,
             None if config.fields == FIELDS else config.fields,

@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from typing import Final
 
 from apigate.observe.accesslog import writer
@@ -63,11 +62,6 @@ class LogPipe:
         if process is not None and process.destination != destination:
             self._retire()
             self.last_spawn = -WAIT_RESPAWN  # (the new output's process starts with the next batch)
-
-    @property
-    def put(self) -> Callable[[bytes], None]:
-        """What the finish hook calls with each line: the compiled buffer's ``put``."""
-        return self.lines.put
 
     @property
     def written(self) -> int:
