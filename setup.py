@@ -36,6 +36,7 @@ COMPILED = [
     "src/apigate/engine/window.py",
     "src/apigate/engine/wire.py",
     "src/apigate/observe/accesslog/hotpath.py",
+    "src/apigate/policies/cache/hotpath.py",
     "src/apigate/policies/compression/hotpath.py",
     "src/apigate/policies/cors/hotpath.py",
     "src/apigate/policies/jwt/hotpath.py",

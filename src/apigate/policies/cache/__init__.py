@@ -38,11 +38,13 @@ never served to another.
 
 The Pactown gateway shorthand ``cache: 60s`` is this policy with that ``ttl``, keyed by consumer
 and tenant (on a route with ``auth:``, each caller's answers are kept apart).
+
+The engine calls the compiled hooks of ``hotpath.py``: a fresh hit for a request without
+directives or conditions of its own is answered there; every other request comes to ``_lookup``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
 from urllib.parse import urlsplit
@@ -62,9 +64,19 @@ from apigate.policies.cache.freshness import (
     format_http_date,
     freshness_lifetime,
     initial_age,
-    not_modified,
     refusal,
     vary_names,
+)
+from apigate.policies.cache.hotpath import (
+    CACHE_STATUS_NAME,
+    OUTCOME_KEY,
+    SERVED,
+    STATE_KEY,
+    CacheHooks,
+    partition_of,
+    serve,
+    ttl_status,
+    uri_of,
 )
 from apigate.policies.cache.purge import PURGES
 from apigate.policies.cache.redis_store import hot_layer
@@ -94,10 +106,6 @@ from apigate.policies.registry import register
 if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
 
-STATE_KEY: Final = "cache.lookup"
-# The request's outcome, for the access log's ``cache`` field: hit, stale, miss, revalidated,
-# bypass, or refresh (the gateway's own request refreshing a stale entry in the background).
-OUTCOME_KEY: Final = "cache"
 UNSAFE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Fields a stored response does not keep: the framing and the Age are the gateway's to write,
 # as are its own request id and cache fields.
@@ -109,7 +117,6 @@ FRAMING_FIELDS: Final = frozenset(
 _NO_DIRECTIVES: Final[dict[bytes, bytes | None]] = {}
 _NO_CACHE: Final[dict[bytes, bytes | None]] = {b"no-cache": None}
 _NO_STORE: Final[dict[bytes, bytes | None]] = {b"no-store": None}
-CACHE_STATUS_NAME: Final = b"apigate"
 
 
 class CacheConfig(StorageConfig):
@@ -168,13 +175,6 @@ class Unsafe:
     """A POST, PUT, PATCH or DELETE: its URI is invalidated when it succeeds."""
 
     uri: Uri
-
-
-class Served:
-    """The request was answered from the store: the response hooks leave it alone."""
-
-
-SERVED: Final = Served()
 
 
 @dataclass(slots=True)
@@ -240,35 +240,42 @@ class CachePolicy(Policy[CacheConfig]):
     def prepare(self) -> None:
         config = self.config
         if config.store == "redis":
-            self.store: CacheStore = hot_layer(
-                self.services, self.route, config.local_ttl, config.local_max_bytes
-            )
+            store: CacheStore = hot_layer(self.services, self.route, config.local_ttl, config.local_max_bytes)
         else:
-            self.store = shared_store()
-            self.store.allow(config.max_bytes, config.max_entries)
+            store = shared_store()
+            store.allow(config.max_bytes, config.max_entries)
         PURGES.listen(self.services.state)
         self.ttl = config.ttl
         self.by_consumer = "consumer" in config.key_by
         self.by_tenant = "tenant" in config.key_by
+        self.hooks = CacheHooks(
+            store, self.by_consumer, self.by_tenant, self._lookup, self._respond, self._capture, self._landed
+        )
+        self.engine_hooks = {
+            "request": self.hooks.on_request,
+            "response": self.hooks.on_response,
+            "response_body": self.hooks.on_response_body,
+            "log": self.hooks.on_log,
+        }
+
+    @property
+    def store(self) -> CacheStore:
+        return self.hooks.store
+
+    @store.setter
+    def store(self, store: CacheStore) -> None:
+        self.hooks.store = store
 
     # -- request ---------------------------------------------------------------------------------
-    def _uri(self, exchange: Exchange) -> Uri:
-        return ((exchange.host or "").lower(), exchange.path, normalised_query(exchange.query))
-
-    def _partition(self, exchange: Exchange) -> str:
-        if not self.by_consumer and not self.by_tenant:
-            return ""
-        consumer = (exchange.consumer_id() or "") if self.by_consumer else ""
-        tenant = (exchange.tenant or "") if self.by_tenant else ""
-        # Its length first: a consumer id holding the separator cannot pass for another
-        # consumer in another tenant (ids come from tokens and may hold any character).
-        return f"{len(consumer)}:{consumer}\x00{tenant}"
-
     def on_request(self, exchange: Exchange) -> Any:
+        return self.hooks.on_request(exchange)
+
+    def _lookup(self, exchange: Exchange) -> Any:
+        """The request phase in full (``CacheHooks.on_request`` answers fresh hits itself)."""
         method = exchange.method
         if method != "GET" and method != "HEAD":
             if method in UNSAFE_METHODS:
-                exchange.vars()[STATE_KEY] = Unsafe(self._uri(exchange))
+                exchange.vars()[STATE_KEY] = Unsafe(uri_of(exchange))
             return None
         store = self.store
         headers = exchange.headers
@@ -286,8 +293,8 @@ class CachePolicy(Policy[CacheConfig]):
         directives = cache_control(headers) if has_directives else _NO_DIRECTIVES
         if not directives and pragma:
             directives = _NO_CACHE  # RFC 9111 §5.4, when Cache-Control is absent
-        uri = self._uri(exchange)
-        partition = self._partition(exchange)
+        uri = uri_of(exchange)
+        partition = partition_of(exchange, self.by_consumer, self.by_tenant)
         if authorized and self.by_consumer and exchange.consumer_id():
             # The entry is this identity's alone (the authentication policy verified it): a
             # response to its Authorization is stored for it, as a private cache would.
@@ -308,13 +315,15 @@ class CachePolicy(Policy[CacheConfig]):
             return self._bypass(exchange, Lookup(uri, partition, now, _NO_STORE, authorized), b"bypass")
         entry = store.find(uri, partition, headers)
         if entry is None and remote is not None:
-            fetched = remote.fetch(exchange, uri, partition, self.route, lambda: self.on_request(exchange))
+            fetched = remote.fetch(
+                exchange, uri, partition, self.route, lambda: self.hooks.on_request(exchange)
+            )
             if fetched is not None:
                 return fetched
         if entry is not None:
             age = current_age(entry.initial_age, entry.response_time, now)
             if self._usable(entry, age, directives):
-                return self.answer(exchange, entry, age, b"", conditional)
+                return self.hooks.answer(exchange, entry, age, b"", conditional)
             if age >= entry.lifetime:
                 served = self._stale_answer(exchange, entry, age, directives, conditional)
                 if served is not None:
@@ -378,9 +387,7 @@ class CachePolicy(Policy[CacheConfig]):
             return None
         if accepted is not None and stale_for <= accepted:
             self.store.hits += 1
-            return self._serve(
-                exchange, entry, age, b"STALE", self._ttl_status(b"hit", entry, age), conditional
-            )
+            return serve(exchange, entry, age, b"STALE", ttl_status(b"hit", entry, age), conditional)
         if b"max-age" in directives or exchange.method != "GET":
             return None
         window = stale_window(WHILE_REVALIDATE, response, _NO_DIRECTIVES, self.config.stale_while_revalidate)
@@ -388,8 +395,8 @@ class CachePolicy(Policy[CacheConfig]):
             return None
         self._refresh(exchange, entry)
         self.store.hits += 1
-        status_value = self._ttl_status(b"hit", entry, age) + b"; detail=stale-while-revalidate"
-        return self._serve(exchange, entry, age, b"STALE", status_value, conditional)
+        status_value = ttl_status(b"hit", entry, age) + b"; detail=stale-while-revalidate"
+        return serve(exchange, entry, age, b"STALE", status_value, conditional)
 
     def _refresh(self, exchange: Exchange, entry: Entry) -> None:
         """Refresh ``entry`` in the background, once however many requests find it stale: a copy
@@ -445,45 +452,14 @@ class CachePolicy(Policy[CacheConfig]):
         age = current_age(entry.initial_age, entry.response_time, self.store.clock())
         if age >= entry.lifetime:
             return None
-        return self.answer(exchange, entry, age, b"; collapsed", conditional)
-
-    def answer(self, exchange: Exchange, entry: Entry, age: float, detail: bytes, conditional: bool) -> Reply:
-        """The fresh stored response as the answer to this request (a 304 when it is
-        ``conditional`` and its conditions match)."""
-        self.store.hits += 1
-        return self._serve(
-            exchange, entry, age, b"HIT", self._ttl_status(b"hit", entry, age) + detail, conditional
-        )
-
-    def _ttl_status(self, kind: bytes, entry: Entry, age: float) -> bytes:
-        """A Cache-Status value with the entry's remaining freshness (RFC 9211 §2.4: negative once stale)."""
-        return b"%s; %s; ttl=%d" % (CACHE_STATUS_NAME, kind, math.floor(entry.lifetime - age))
-
-    def _serve(
-        self,
-        exchange: Exchange,
-        entry: Entry,
-        age: float,
-        outcome: bytes,
-        status_value: bytes,
-        conditional: bool,
-    ) -> Reply:
-        """``entry`` as the answer (a 304 when the request is ``conditional`` and its conditions
-        match), with its Age, ``X-Cache: outcome`` and ``Cache-Status: status_value``."""
-        state = exchange.vars()
-        state[STATE_KEY] = SERVED
-        state[OUTCOME_KEY] = outcome.decode().lower()
-        fields: Headers = [(b"age", b"%d" % int(age)), (b"x-cache", outcome), (b"cache-status", status_value)]
-        if conditional and entry.status == 200 and not_modified(exchange.headers, entry.headers):
-            return Reply(304, b"", entry.not_modified_headers + fields, b"")
-        return Reply(entry.status, entry.body, entry.reply_headers + fields, entry.content_type)
+        return self.hooks.answer(exchange, entry, age, b"; collapsed", conditional)
 
     # -- response --------------------------------------------------------------------------------
     def on_response(self, exchange: Exchange) -> Reply | None:
-        state = exchange.state
-        found = state.get(STATE_KEY) if state is not None else None
-        if found is None or found is SERVED:
-            return None
+        return self.hooks.on_response(exchange)
+
+    def _respond(self, exchange: Exchange, found: Lookup | Unsafe) -> Reply | None:
+        """The response hook of a request the store did not answer."""
         # The upstream's head arrived (else the gateway answers: an error, a policy's refusal). An
         # error after a retried answer counts too, harmlessly: no gateway error is storable.
         answered = exchange.t_first_byte > 0.0
@@ -544,10 +520,10 @@ class CachePolicy(Policy[CacheConfig]):
         if window is not None and age - stale.lifetime <= window:
             # RFC 9211: forwarded because stale; the upstream's status when it answered at all.
             kind = b"fwd=stale" if unreachable else b"fwd=stale; fwd-status=%d" % status
-            status_value = self._ttl_status(kind, stale, age) + b"; detail=stale-if-error"
+            status_value = ttl_status(kind, stale, age) + b"; detail=stale-if-error"
             self.store.hits += 1
             # The client's own conditions decide a 304 (the gateway's validators are not theirs).
-            return self._serve(exchange, stale, age, b"STALE", status_value, not lookup.validating)
+            return serve(exchange, stale, age, b"STALE", status_value, not lookup.validating)
         if unreachable and age >= stale.lifetime and must_revalidate(response):
             return self._must_revalidate(exchange)
         return None
@@ -570,7 +546,7 @@ class CachePolicy(Policy[CacheConfig]):
         status_value = b"%s; fwd=stale; fwd-status=304" % CACHE_STATUS_NAME
         if lookup.outcome == b"REVALIDATED":
             status_value += b"; stored"
-        return self._serve(exchange, entry, age, b"REVALIDATED", status_value, False)
+        return serve(exchange, entry, age, b"REVALIDATED", status_value, False)
 
     def _must_revalidate(self, exchange: Exchange) -> Reply:
         """RFC 9111 §5.2.2.2: a stale response that must be revalidated is not served when the
@@ -650,8 +626,11 @@ class CachePolicy(Policy[CacheConfig]):
         )
 
     def on_response_body(self, exchange: Exchange) -> Capture | None:
-        state = exchange.state
-        found = state.get(STATE_KEY) if state is not None else None
+        found: Capture | None = self.hooks.on_response_body(exchange)
+        return found
+
+    def _capture(self, found: Lookup | Unsafe) -> Capture | None:
+        """The body filter of a response being stored (handed over once)."""
         if isinstance(found, Lookup) and found.capture is not None:
             capture = found.capture
             found.capture = None
@@ -659,8 +638,10 @@ class CachePolicy(Policy[CacheConfig]):
         return None
 
     def on_log(self, exchange: Exchange) -> None:
-        state = exchange.state
-        found = state.get(STATE_KEY) if state is not None else None
+        self.hooks.on_log(exchange)
+
+    def _landed(self, found: Lookup | Unsafe) -> None:
+        """The exchange of a request the store did not answer is finished."""
         if isinstance(found, Lookup):
             self.land(found)  # the response was cut, or never stored
             if found.refresh is not None:

@@ -372,16 +372,16 @@ class RedisLayer(CacheStore):
         return state if state is not None and state.shared else None
 
     # -- RemoteLayer ------------------------------------------------------------------------------
+    def usable(self) -> bool:
+        return not (self.down and self.monotonic() < self.down_until) and self.state() is not None
+
     def bypass(self) -> bool:
-        if self.down and self.monotonic() < self.down_until:
-            self.bypassed += 1
-            return True
-        if self.state() is None:
-            if not self.down:
-                self._failed(StateUnavailable("the state backend (state.url) is not a running Redis"))
-            self.bypassed += 1
-            return True
-        return False
+        if self.usable():
+            return False
+        if not self.down:  # no Redis behind state.url (one that failed is down already)
+            self._failed(StateUnavailable("the state backend (state.url) is not a running Redis"))
+        self.bypassed += 1
+        return True
 
     def fetch(
         self, exchange: Exchange, uri: Uri, partition: str, route: str, again: Callable[[], Any]

@@ -101,6 +101,9 @@ class Flight:
 class RemoteLayer(Protocol):
     """Where entries live beyond the worker (Redis), as the policy's request hook meets it."""
 
+    def usable(self) -> bool:
+        """False while the layer cannot be used (Redis down); nothing counted."""
+
     def bypass(self) -> bool:
         """True while the layer cannot be used (Redis down): the request goes upstream, nothing is
         stored (counted, and logged once per outage)."""
