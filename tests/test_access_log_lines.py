@@ -5,6 +5,8 @@ those values: checked here with Hypothesis against the values the exchange was g
 from __future__ import annotations
 
 import json
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -125,7 +127,8 @@ def test_every_value_comes_out_as_it_went_in(values: dict[str, Any]) -> None:
     exchange, expected = made(values)
     line = one_line(exchange)
     assert next(iter(line)) == "time"
-    del line["time"]
+    logged = datetime.strptime(line.pop("time"), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    assert abs(logged.timestamp() - time.time()) < 5.0  # the exchange began just now
     assert line == {name: value for name, value in expected.items() if value is not None}
     assert list(line) == [name for name in FIELDS if name in line]
 

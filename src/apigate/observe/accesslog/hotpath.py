@@ -32,6 +32,16 @@ class Clock:
         self.prefix = ""
         self.milli = -1
         self.text = ""
+        self.offset = 0.0  # wall-clock time minus monotonic time
+        self.offset_until = -1.0
+
+    def at(self, monotonic: float) -> str:
+        """The wall-clock time of a monotonic time of this process. The offset between the two
+        clocks is read once a second, not per line (two clock calls cost ~450 instructions)."""
+        if monotonic >= self.offset_until or monotonic < self.offset_until - 2.0:
+            self.offset = time.time() - time.monotonic()
+            self.offset_until = monotonic + 1.0
+        return self.format(monotonic + self.offset)
 
     def format(self, wall: float) -> str:
         milli = int(wall * 1000.0)
@@ -199,12 +209,11 @@ class Lines:
         if first_byte and attempt_began and first_byte >= attempt_began:
             waited = int((first_byte - attempt_began) * 1_000_000.0)
             upstream_ms = ',"upstream_ms":'
-            waited_whole = _number(waited // 1000)
-            waited_dot = "."
+            waited_whole = _whole_millis(waited // 1000)
             waited_part = _THOUSANDTHS[waited % 1000]
         else:
             upstream_ms = self.upstream_ms_null
-            waited_whole = waited_dot = waited_part = ""
+            waited_whole = waited_part = ""
         identity = self.optional(self.consumer, exchange.consumer_id()) + self.optional(
             self.tenant, exchange.tenant
         )
@@ -224,14 +233,14 @@ class Lines:
         if tried is not None or failure is not None or keep_nulls:
             identity += self.rare("tried", tried) + self.rare("error", failure)
         return (
-            f'{{"time":"{self.clock.format(time.time() - duration)}"'  # when the request came
+            f'{{"time":"{self.clock.at(start)}"'  # when the request came
             f',"request_id":"{request_id}","trace_id":"{trace}"'
             f"{self.client_ip.of(exchange.client_ip)}{self.method.of(exchange.method)}"
-            f',"path":"{_inside_quotes(path)}","status":{_number(exchange.response_status)}'
-            f',"duration_ms":{_number(micros // 1000)}.{_THOUSANDTHS[micros % 1000]}'
+            f',"path":"{_inside_quotes(path)}{_status_piece(exchange.response_status)}'
+            f"{_whole_millis(micros // 1000)}{_THOUSANDTHS[micros % 1000]}"
             f',"bytes_in":{_number(exchange.bytes_in)},"bytes_out":{_number(exchange.bytes_out)}'
             f',"attempts":{_number(exchange.attempt)}{route_piece}{upstream}'
-            f"{upstream_ms}{waited_whole}{waited_dot}{waited_part}{identity}{tail}"
+            f"{upstream_ms}{waited_whole}{waited_part}{identity}{tail}"
         )
 
     def optional(self, piece: Piece, value: object) -> str:
@@ -257,6 +266,22 @@ _SMALL_NUMBERS: Final = tuple(str(n) for n in range(1000))
 
 def _number(n: int) -> str:
     return _SMALL_NUMBERS[n] if 0 <= n < 1000 else str(n)
+
+
+# What follows the path up to the duration, by status; and whole milliseconds with their dot.
+# Each string put together once saves the line's build a part or two (~80 instructions each).
+_STATUS_PIECES: Final = tuple(f'","status":{n},"duration_ms":' for n in range(1000))
+_WHOLE_MILLIS: Final = tuple(f"{n}." for n in range(1000))
+
+
+def _status_piece(status: int) -> str:
+    if 0 <= status < 1000:
+        return _STATUS_PIECES[status]
+    return f'","status":{status},"duration_ms":'
+
+
+def _whole_millis(millis: int) -> str:
+    return _WHOLE_MILLIS[millis] if 0 <= millis < 1000 else f"{millis}."
 
 
 def _inside_quotes(text: str) -> str:
