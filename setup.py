@@ -49,6 +49,7 @@ COMPILED = [
     "src/apigate/policies/security_headers/hotpath.py",
     "src/apigate/policies/transform/bodymap.py",
     "src/apigate/policies/transform/hotpath.py",
+    "src/apigate/policies/transform/jsonsplice.py",
     "src/apigate/state/calls.py",
 ]
 COMPILED_BY_CYTHON = ["src/apigate/engine/heads.py"]

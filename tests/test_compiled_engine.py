@@ -125,8 +125,12 @@ def test_compiled_policy_hot_paths_pass_the_policy_tests() -> None:
         "tests/test_policy_key_auth.py",
         "tests/test_proxy_headers.py",
         "tests/test_policy_transform.py",
-        # The JSON body mapping and the byte loops of transform, compiled (bodymap.py, hotpath.py).
+        # The JSON body mapping and the byte loops of transform, compiled (bodymap.py, jsonsplice.py,
+        # hotpath.py).
         "tests/test_transform_jsonmap.py",
+        "tests/test_transform_splice.py::test_spliced_bodies_are_the_parsed_bodies_byte_for_byte",
+        "tests/test_transform_splice.py::test_a_compact_body_is_mapped_without_parsing",
+        "tests/test_transform_splice.py::test_mappings_whose_order_matters_take_the_parsing_way",
         "tests/test_transform_hotpath.py::test_a_long_integer_is_found_as_the_regular_expression_finds_it",
         "tests/test_transform_hotpath.py::test_a_long_integer_is_found_wherever_it_lies",
         "tests/test_transform_hotpath.py::test_a_field_value_is_safe_as_the_regular_expression_said",

@@ -49,13 +49,16 @@ class BodyMapper:
         """The outcome's slot and the bytes to send instead (None: the body goes as it came).
         With ``xml_root`` the mapped document is written as XML in that root element."""
         try:
-            document, exact = load_json(body)
-            changed = self.mapping.apply(document) if self.mapping is not None else False
             if xml_root is not None:
+                document, _ = load_json(body)
+                if self.mapping is not None:
+                    self.mapping.apply(document)
                 return XML, xml_of(document, xml_root)
-            if not changed:
+            if self.mapping is None:
+                load_json(body)  # read all the same: a malformed body is counted as one
                 return UNCHANGED, None
-            return MAPPED, dump_json(document, exact)
+            mapped = self.mapping.map_body(body)
+            return (UNCHANGED, None) if mapped is None else (MAPPED, mapped)
         except NotMapped as exc:
             return SLOTS[exc.reason], None
 
