@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import jwt
 import pytest
 import redis as redis_client
 
@@ -152,6 +154,55 @@ def test_keys_fall_back_when_a_part_is_missing_and_tiers_pick_the_plan(
     assert statuses("192.0.2.3", [("X-Team", "b")], 3) == [200, 200, 429]
     assert statuses("192.0.2.4", [], 3) == [200, 200, 429]
     assert statuses("192.0.2.5", [], 1) == [200]
+
+
+def test_a_limit_per_consumer_counts_a_key_from_any_address_and_a_token_by_its_subject(
+    start_gateway: Callable[..., GatewayProcess], upstream: UpstreamServer, tmp_path: Path
+) -> None:
+    secret = "rate-limit-test-secret-0123456789abcdef"
+    per_consumer = {"limits": [{"rate": "2/min"}], "key": "consumer"}
+    gateway = start_gateway(
+        frozen(
+            {
+                "trusted_proxies": ["127.0.0.1/32"],
+                "store": {"url": f"sqlite:///{tmp_path / 'gateway.db'}"},
+                "consumers": [
+                    {"id": "alice", "keys": [{"key": "ak_alice0123456789abcdefghijklmnopq"}]},
+                    {"id": "bob", "keys": [{"key": "ak_bob0123456789abcdefghijklmnopqrs"}]},
+                ],
+                "routes": [
+                    {
+                        "path": "/keyed/*",
+                        "target": upstream.url,
+                        "policies": {"key-auth": {}, "rate-limit": per_consumer},
+                    },
+                    {
+                        "path": "/token/*",
+                        "target": upstream.url,
+                        "policies": {
+                            "jwt": {"algorithms": ["HS256"], "secret": secret},
+                            "rate-limit": per_consumer,
+                        },
+                    },
+                ],
+            }
+        ),
+        env=frozen_env(),
+    )
+
+    def status(path: str, ip: str, headers: list[tuple[str, str]]) -> int:
+        return get_as(gateway.port, path, ip, headers).status
+
+    alice = [("X-API-Key", "ak_alice0123456789abcdefghijklmnopq")]
+    bob = [("X-API-Key", "ak_bob0123456789abcdefghijklmnopqrs")]
+    addresses = ("192.0.2.1", "192.0.2.2", "192.0.2.3")
+    assert [status("/keyed/x", ip, alice) for ip in addresses] == [200, 200, 429]
+    assert [status("/keyed/x", "192.0.2.1", bob) for _ in range(3)] == [200, 200, 429]
+    # A JWT names its consumer by its subject (a name, not a record): counted by that name.
+    token = jwt.encode({"sub": "carol", "exp": int(time.time()) + 3600}, secret, algorithm="HS256")
+    carol = [("Authorization", f"Bearer {token}")]
+    others = ("192.0.2.4", "192.0.2.5", "192.0.2.6")
+    assert [status("/token/x", ip, carol) for ip in others] == [200, 200, 429]
 
 
 def test_the_first_limit_that_refuses_answers(

@@ -288,8 +288,9 @@ def test_stats_count_requests(env: Env) -> None:
     after = get(env.port, "/stats").json()
     assert after["routes"]["counted"] - before["routes"].get("counted", 0) == 5
     assert after["requests_total"] - before["requests_total"] >= 6
-    assert after["responses"]["2xx"] - before["responses"]["2xx"] >= 5
-    assert after["responses"]["4xx"] - before["responses"]["4xx"] == 1
+    # (run first in its gateway, the test finds no response class counted yet)
+    assert after["responses"]["2xx"] - before["responses"].get("2xx", 0) >= 5
+    assert after["responses"]["4xx"] - before["responses"].get("4xx", 0) == 1
     assert after["errors"] - before["errors"] == 1
     assert after["uptime_seconds"] >= 0
 

@@ -1,16 +1,18 @@
 """The usable API keys as key-auth reads them on every request, compiled with mypyc (setup.py).
 
 ``KeyIndex`` maps a key's HMAC digest to its ``KeyMatch``, and remembers presented keys it has
-matched so that a repeated key costs one dict probe and no HMAC. The consumer registry builds
-the matches and swaps a new map in on every reload; the remembered keys go with it, so a
-revoked, expired or changed key is never found once rebuilt.
+matched so that a repeated key costs one dict probe and no HMAC; the key matched last costs one
+comparison and no hashing (a client sends its key again and again, on a kept-alive connection
+or from an SDK's pool). The consumer registry builds the matches and swaps a new map in on every
+reload; the remembered keys go with it, so a revoked, expired or changed key is never found once
+rebuilt.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from apigate.consumers.windows import Schedule
 from apigate.httpspec import address_in
@@ -43,6 +45,7 @@ class KeyMatch:
     def __init__(self, key: ApiKey, consumer: Consumer, declared: bool = False) -> None:
         self.key = key
         self.consumer = consumer
+        self.consumer_id: str = consumer.id
         self.tenant: str | None = consumer.tenant
         self.declared = declared
         self.scopes: frozenset[str] = frozenset(key.scopes)
@@ -59,6 +62,8 @@ class KeyMatch:
         self.tenant_value = header_value(consumer.tenant)
         self.key_id_value = header_value(key.id)
         self.groups_value = header_value(",".join(consumer.groups))
+        # What an accepted key gives the request's shared variables (copied: a request may add to them).
+        self.variables: dict[str, Any] = {"scopes": self.scopes, "key_id": key.id}
         # The header pairs each key-auth configuration forwards for this key, made on first use.
         self.forwards: dict[bytes, list[tuple[bytes, bytes]]] = {}
 
@@ -84,23 +89,31 @@ class KeyIndex:
         self.digest: Callable[[bytes], bytes] = _no_digest  # the keyed hash, set once loaded
         self.by_digest: dict[bytes, KeyMatch] = {}
         self.recent: dict[bytes, KeyMatch] = {}
+        self.last_key = b""  # the key matched last, and its match (None: no key matched yet)
+        self.last_match: KeyMatch | None = None
         self.live = True
 
     def replace(self, by_digest: dict[bytes, KeyMatch]) -> None:
         """A rebuild: new matches, nothing remembered."""
         self.by_digest = by_digest
         self.recent = {}
+        self.last_key = b""
+        self.last_match = None
 
     def lookup(self, presented_key: bytes) -> KeyMatch | None:
         """The key's match if it is known (the caller checks deadline, CIDRs, windows, scopes)."""
+        if presented_key == self.last_key and self.last_match is not None:
+            return self.last_match
         match = self.recent.get(presented_key)
-        if match is not None:
-            return match
-        if len(presented_key) > MAX_KEY_BYTES:
-            return None
-        match = self.by_digest.get(self.digest(presented_key))
-        if match is not None:
+        if match is None:
+            if len(presented_key) > MAX_KEY_BYTES:
+                return None
+            match = self.by_digest.get(self.digest(presented_key))
+            if match is None:
+                return None
             if len(self.recent) >= RECENT_KEYS:
                 self.recent = {}  # many distinct keys: start over rather than track use
             self.recent[presented_key] = match
+        self.last_key = presented_key
+        self.last_match = match
         return match

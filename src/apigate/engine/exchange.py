@@ -61,6 +61,10 @@ class Exchange:
     state: dict[str, Any] | None = None
     consumer: Any = None
     tenant: str | None = None
+    # consumer_id()'s answer and the consumer it is for: rate limits, metrics and the access log
+    # each ask, and the id is read from the consumer once.
+    named_consumer: Any = None
+    consumer_name: str | None = None
     route: CompiledRoute | None = None
     params: dict[str, str]
     remainder: str | None = None
@@ -272,10 +276,19 @@ class Exchange:
     def consumer_id(self) -> str | None:
         """The consumer's id: identity policies set a consumer record (with ``id``) or a name."""
         consumer = self.consumer
+        if consumer is self.named_consumer:
+            return self.consumer_name
         if consumer is None or isinstance(consumer, str):
             return consumer
         found = getattr(consumer, "id", None)
-        return found if isinstance(found, str) else None
+        self.identify(consumer, found if isinstance(found, str) else None)
+        return self.consumer_name
+
+    def identify(self, consumer: Any, consumer_id: str | None) -> None:
+        """Set the consumer with its id (what ``consumer_id()`` answers while it stays the consumer)."""
+        self.consumer = consumer
+        self.named_consumer = consumer
+        self.consumer_name = consumer_id
 
     def header(self, name: bytes) -> bytes | None:
         """First value of a request header; ``name`` in lowercase."""

@@ -3,8 +3,10 @@ formatted per request. The node merges every worker's ``export()`` (observe/metr
 renders the merged view as Prometheus text and JSON, so whichever process answers shows the
 same numbers.
 
-Per request, ``RouteMeter.observe`` adds to a few integer slots, two fixed-bucket histograms and
-two latency sketches; ``TargetMeter.observe`` does the same for an upstream response's latency.
+Per request, ``RouteMeter.observe`` adds one to a status count, three fixed-bucket histograms and
+a latency sketch; ``TargetMeter.observe`` does the same for an upstream response's latency. Every
+count that grows per request is a ``Tally``: a native 64-bit integer that grows in place, where
+an element of a list of ints would be a new int object on every step past 256.
 
 Percentiles come from a sketch with relative buckets (as DDSketch, Masson et al., VLDB 2019): a
 value v falls in bucket ceil(log_gamma(v)) with gamma = (1 + a) / (1 - a), and each bucket's
@@ -19,6 +21,8 @@ from __future__ import annotations
 import math
 import time
 from typing import Any, Final
+
+from mypy_extensions import i64
 
 RELATIVE_ERROR: Final = 0.01
 GAMMA: Final = (1.0 + RELATIVE_ERROR) / (1.0 - RELATIVE_ERROR)
@@ -61,6 +65,45 @@ def sketch_value(index: int) -> float:
     return 2.0 * GAMMA**index / (GAMMA + 1.0)
 
 
+class Tally:
+    """A count that grows in place (``tally.n += 1`` allocates nothing)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n: i64 = 0
+
+
+def _counted(tallies: list[Tally | None]) -> list[int]:
+    """The counts of a list of tallies, 0 where none was made."""
+    return [tally.n if tally is not None else 0 for tally in tallies]
+
+
+class Period:
+    """The slot of ``width`` seconds that the time last given falls in (slot n: [n * width,
+    (n + 1) * width)); while the time stays in it, two comparisons tell, and no division."""
+
+    __slots__ = ("end", "epoch", "start", "width")
+
+    def __init__(self, width: float) -> None:
+        self.width = width
+        self.epoch = -1
+        self.start = 0.0
+        self.end = 0.0
+
+    def moved(self, now: float) -> bool:
+        """Whether ``now`` falls in another slot than the last time (``epoch`` is then its number)."""
+        if self.start <= now < self.end:
+            return False
+        epoch = int(now / self.width)
+        if epoch == self.epoch:  # ``now`` rounds into the slot it seemed to be just outside of
+            return False
+        self.epoch = epoch
+        self.start = epoch * self.width
+        self.end = (epoch + 1) * self.width
+        return True
+
+
 def _bucket(bounds: tuple[float, ...], value: float) -> int:
     # A scan beats a bisect here: most values fall in the first buckets.
     index = 0
@@ -78,15 +121,15 @@ class Histogram:
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
+        self.counts = [Tally() for _ in range(len(bounds) + 1)]
         self.total = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[_bucket(self.bounds, value)] += 1
+        self.counts[_bucket(self.bounds, value)].n += 1
         self.total += value
 
     def export(self) -> dict[str, Any]:
-        return {"counts": self.counts, "sum": self.total}
+        return {"counts": [tally.n for tally in self.counts], "sum": self.total}
 
 
 class Sketch:
@@ -94,28 +137,31 @@ class Sketch:
     the window are added to ``retired``, so "since start" is ``retired`` plus the window.
 
     Buckets are lists indexed from ``SKETCH_OFFSET`` (one list lookup per value, no key to box):
-    about 10 µs to an hour at 1 %, anything outside counted in the first or last bucket. A request
-    touches the current slot only; the slot changes once per 10 s."""
+    about 10 µs to an hour at 1 %, anything outside counted in the first or last bucket. A slot's
+    tally for a bucket is made when the bucket first counts in it. A request touches the current
+    slot only; the slot changes once per 10 s."""
 
-    __slots__ = ("current", "epoch", "epochs", "retired", "ring")
+    __slots__ = ("current", "epochs", "period", "retired", "ring")
 
     def __init__(self) -> None:
-        self.epoch = -1
-        self.current: list[int] = []
-        self.ring: list[list[int]] = [[] for _ in range(WINDOW_SLOTS)]
+        self.period = Period(WINDOW_SLOT)
+        self.current: list[Tally | None] = []
+        self.ring: list[list[Tally | None]] = [[] for _ in range(WINDOW_SLOTS)]
         self.epochs = [-1] * WINDOW_SLOTS
         self.retired: list[int] = []
 
     def observe(self, value: float, now: float) -> None:
-        epoch = int(now / WINDOW_SLOT)
-        if epoch != self.epoch:
-            self._turn(epoch)
+        if self.period.moved(now):
+            self._turn(self.period.epoch)
         index = sketch_index(value) + SKETCH_OFFSET
         if index < 0:
             index = 0
         elif index >= SKETCH_BUCKETS:
             index = SKETCH_BUCKETS - 1
-        self.current[index] += 1
+        tally = self.current[index]
+        if tally is None:
+            tally = self.current[index] = Tally()
+        tally.n += 1
 
     def _turn(self, epoch: int) -> None:
         slot = epoch % WINDOW_SLOTS
@@ -124,25 +170,25 @@ class Sketch:
             retired = self.retired
             if not retired:
                 retired = self.retired = [0] * SKETCH_BUCKETS
-            for index in range(SKETCH_BUCKETS):
-                retired[index] += leaving[index]
-        fresh = [0] * SKETCH_BUCKETS
+            for index, tally in enumerate(leaving):
+                if tally is not None:
+                    retired[index] += tally.n
+        fresh: list[Tally | None] = [None] * SKETCH_BUCKETS
         self.ring[slot] = fresh
         self.epochs[slot] = epoch
         self.current = fresh
-        self.epoch = epoch
 
     def export(self) -> dict[str, Any]:
         total: dict[int, int] = {}
-        for counts in (self.retired, *self.ring):
+        for counts in (self.retired, *[_counted(tallies) for tallies in self.ring]):
             for index, count in enumerate(counts):
                 if count:
                     total[index - SKETCH_OFFSET] = total.get(index - SKETCH_OFFSET, 0) + count
         return {
             "total": [[index, count] for index, count in total.items()],
             "slots": [
-                [epoch, _pairs(counts)]
-                for epoch, counts in zip(self.epochs, self.ring, strict=True)
+                [epoch, _pairs(_counted(tallies))]
+                for epoch, tallies in zip(self.epochs, self.ring, strict=True)
                 if epoch >= 0
             ],
         }
@@ -159,32 +205,41 @@ class TopCounts:
     its count is low by at most that share; a full summary costs one pass per TOP_CAPACITY new
     keys at most (amortised O(1) per request)."""
 
-    __slots__ = ("current", "epoch", "epochs", "slots")
+    __slots__ = ("current", "epochs", "period", "slots")
 
     def __init__(self) -> None:
-        self.epoch = -1
-        self.current: dict[str, int] = {}
-        self.slots: list[dict[str, int]] = [{} for _ in range(TOP_SLOTS)]
+        self.period = Period(TOP_SLOT)
+        self.current: dict[str, Tally] = {}
+        self.slots: list[dict[str, Tally]] = [{} for _ in range(TOP_SLOTS)]
         self.epochs = [-1] * TOP_SLOTS
 
     def add(self, key: str, now: float) -> None:
-        epoch = int(now / TOP_SLOT)
-        if epoch != self.epoch:
+        if self.period.moved(now):
+            epoch = self.period.epoch
             slot = epoch % TOP_SLOTS
             self.current = self.slots[slot] = {}
             self.epochs[slot] = epoch
-            self.epoch = epoch
         counts = self.current
-        seen = counts.get(key)
-        if seen is not None:
-            counts[key] = seen + 1
+        tally = counts.get(key)
+        if tally is not None:
+            tally.n += 1
         elif len(counts) < TOP_CAPACITY:
-            counts[key] = 1
+            tally = counts[key] = Tally()
+            tally.n = 1
         else:  # full: every counter gives one back, and the new key is not kept
-            self.current = self.slots[self.epoch % TOP_SLOTS] = {k: n - 1 for k, n in counts.items() if n > 1}
+            kept: dict[str, Tally] = {}
+            for name, seen in counts.items():
+                if seen.n > 1:
+                    seen.n -= 1
+                    kept[name] = seen
+            self.current = self.slots[self.period.epoch % TOP_SLOTS] = kept
 
     def export(self) -> list[list[Any]]:
-        return [[epoch, counts] for epoch, counts in zip(self.epochs, self.slots, strict=True) if epoch >= 0]
+        return [
+            [epoch, {key: tally.n for key, tally in counts.items()}]
+            for epoch, counts in zip(self.epochs, self.slots, strict=True)
+            if epoch >= 0
+        ]
 
 
 class RouteMeter:
@@ -203,8 +258,9 @@ class RouteMeter:
     )
 
     def __init__(self) -> None:
-        # By method code, the counts by status (a list of STATUSES, made when the method is first seen).
-        self.counts: list[list[int]] = [[] for _ in METHODS]
+        # By method code, the tallies by status (a list of STATUSES, made when the method is first
+        # seen; a status's tally when it is first counted).
+        self.counts: list[list[Tally | None]] = [[] for _ in METHODS]
         self.duration = Histogram(LATENCY_BOUNDS)
         self.request_size = Histogram(SIZE_BOUNDS)
         self.response_size = Histogram(SIZE_BOUNDS)
@@ -218,8 +274,12 @@ class RouteMeter:
     ) -> None:
         counts = self.counts[_METHOD_CODES.get(method, _OTHER)]
         if not counts:
-            counts.extend([0] * STATUSES)
-        counts[status if 0 <= status < STATUSES else 0] += 1
+            counts.extend([None] * STATUSES)
+        index = status if 0 <= status < STATUSES else 0
+        tally = counts[index]
+        if tally is None:
+            tally = counts[index] = Tally()
+        tally.n += 1
         self.duration.observe(seconds)
         self.request_size.observe(float(size_in))
         self.response_size.observe(float(size_out))
@@ -236,10 +296,10 @@ class RouteMeter:
     def export(self) -> dict[str, Any]:
         return {
             "counts": [
-                [status, METHODS[code], n]
-                for code, counts in enumerate(self.counts)
-                for status, n in enumerate(counts)
-                if n
+                [status, METHODS[code], tally.n]
+                for code, tallies in enumerate(self.counts)
+                for status, tally in enumerate(tallies)
+                if tally is not None and tally.n
             ],
             "duration": self.duration.export(),
             "request_size": self.request_size.export(),

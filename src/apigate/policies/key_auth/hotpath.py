@@ -9,10 +9,23 @@ built yet) goes to the policy's full check, which decides alone: nothing is chan
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
+
+from mypy_extensions import i64
 
 from apigate.consumers.keyindex import KeyIndex, KeyMatch
 from apigate.engine.exchange import Exchange
+
+LONG_NAME: Final = 62  # the bit of a name length mask that stands for this length and longer (i64)
+
+
+def name_lengths(names: frozenset[bytes]) -> i64:
+    """A mask with bit n set when one of ``names`` is n bytes long: a header whose name has
+    another length is none of them, which one shift tells without hashing the name."""
+    mask: i64 = 0
+    for name in names:
+        mask |= 1 << min(len(name), LONG_NAME)
+    return mask
 
 
 class KeyCheck:
@@ -30,8 +43,10 @@ class KeyCheck:
         self.index: KeyIndex | None = None  # the running registry's, found on first use
         self.key_header = key_header
         self.watched = watched  # the key's header and the forwarded ones
+        self.watched_lengths = name_lengths(watched)
         self.hide = hide
         self.required = required
+        self.scoped = bool(required)
         self.forward_token = forward_token
         self.full = full
 
@@ -44,22 +59,22 @@ class KeyCheck:
         headers = exchange.headers
         key_header = self.key_header
         watched = self.watched
+        lengths = self.watched_lengths
         found = -1
         for position in range(len(headers)):
             name = headers[position][0]
-            if name in watched:
+            size: i64 = len(name)
+            if (lengths >> (size if size < LONG_NAME else LONG_NAME)) & 1 and name in watched:
                 if found >= 0 or name != key_header:
                     return self.full(exchange)  # the key twice, or a forwarded header sent
                 found = position
         if found < 0:
             return self.full(exchange)
         key = headers[found][1]
-        match = index.recent.get(key)
-        if match is None:
-            if not key:
-                return self.full(exchange)
-            match = index.lookup(key)
-        if match is None or not match.unconditional or (self.required and not self.required <= match.scopes):
+        if not key:
+            return self.full(exchange)
+        match = index.lookup(key)
+        if match is None or not match.unconditional or (self.scoped and not self.required <= match.scopes):
             return self.full(exchange)
         forwards = match.forwards.get(self.forward_token)
         if forwards is None:
@@ -77,11 +92,14 @@ class KeyCheck:
 def admit(
     exchange: Exchange, headers: list[tuple[bytes, bytes]], match: KeyMatch, forwards: list[Any]
 ) -> None:
-    """An accepted key: its consumer's headers go upstream; consumer, scopes and key id to the exchange."""
+    """An accepted key: its consumer's headers go upstream; consumer, scopes and key id to the
+    exchange (the key id: rate limits and quotas may count per key)."""
     if forwards:
-        headers += forwards
-    exchange.consumer = match.consumer
+        headers.extend(forwards)
+    exchange.identify(match.consumer, match.consumer_id)
     exchange.tenant = match.tenant
-    variables = exchange.vars()
-    variables["scopes"] = match.scopes
-    variables["key_id"] = match.key.id  # rate limits and quotas may count per key
+    variables = exchange.state
+    if variables is None:
+        exchange.state = match.variables.copy()  # a copy of a small dict: no insert per item
+    else:
+        variables.update(match.variables)

@@ -52,6 +52,9 @@ class Rule:
         self.limit_lines_after = b"\r\n" + self.limit_lines  # after the IETF fields
         self.window_line = b"x-ratelimit-window: %d\r\n" % window_s
         self.ietf_head = b""  # set by its RuleSet: RateLimit-Policy names every limit of the set
+        # The seconds until reset last written, as digits: they change about once a second.
+        self.reset_seconds: i64 = -1
+        self.reset_digits = b""
 
 
 class RuleSet:
@@ -215,14 +218,20 @@ class Limiter:
     def add_lines(self, exchange: Exchange, rule: Rule, remaining: i64, reset_ms: i64) -> None:
         """Add the rate-limit fields for ``remaining`` of ``rule`` to the response, as header lines.
 
-        Built as one bytes; the engine adds it to the head as one piece.
+        Built as one bytes with the lines already there; the engine adds it to the head as one piece.
         """
         # One format, which mypyc compiles to a single sized copy of the pieces (a join of a tuple
         # costs the buffer protocol per piece, a chain of ``+`` a copy per step).
         left = b"%d" % int(remaining)
-        reset = b"%d" % int(-(-reset_ms // 1000))
+        seconds: i64 = -(-reset_ms // 1000)
+        if seconds != rule.reset_seconds:
+            rule.reset_seconds = seconds
+            rule.reset_digits = b"%d" % int(seconds)
+        reset = rule.reset_digits
+        added = exchange.response_lines
         if self.ietf and self.x_ratelimit:  # the default
-            lines = b"%s%s;t=%s%s%s\r\nx-ratelimit-reset: %s\r\n" % (
+            lines = b"%s%s%s;t=%s%s%s\r\nx-ratelimit-reset: %s\r\n" % (
+                added,
                 rule.ietf_head,
                 left,
                 reset,
@@ -231,17 +240,16 @@ class Limiter:
                 reset,
             )
         elif self.ietf:
-            lines = b"%s%s;t=%s\r\n" % (rule.ietf_head, left, reset)
+            lines = b"%s%s%s;t=%s\r\n" % (added, rule.ietf_head, left, reset)
         elif self.x_ratelimit:
-            lines = b"%s%s\r\nx-ratelimit-reset: %s\r\n" % (rule.limit_lines, left, reset)
+            lines = b"%s%s%s\r\nx-ratelimit-reset: %s\r\n" % (added, rule.limit_lines, left, reset)
         else:
-            lines = b""
+            lines = added
         if self.window:
             lines += rule.window_line
         if self.token_bucket:
             lines += b"x-tokenbucket-remaining: %s\r\n" % left
-        added = exchange.response_lines
-        exchange.response_lines = added + lines if added else lines
+        exchange.response_lines = lines
 
 
 class Settle:

@@ -65,8 +65,7 @@ class KeyBuilder:
         if kind == IP:
             return exchange.client_ip
         if kind == CONSUMER:
-            consumer: Any = exchange.consumer
-            return str(consumer.id) if consumer is not None else None
+            return exchange.consumer_id()  # a consumer record's id, or the name an identity policy set
         if kind == TENANT:
             return exchange.tenant
         if kind == METHOD:
