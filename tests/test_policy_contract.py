@@ -12,7 +12,7 @@ import pytest
 
 from apigate.config.compile import compile_plan, needs_of
 from apigate.config.loader import ConfigError, load_config
-from apigate.engine.exchange import Exchange
+from apigate.engine.exchange import CompiledRequestHook, Exchange
 from apigate.engine.plan import Plan
 from apigate.engine.upstream import PoolManager
 from apigate.policies.base import Policy, PolicyConfig
@@ -111,8 +111,10 @@ def test_the_engine_calls_the_compiled_hooks_directly(pools: PoolManager) -> Non
         pools,
     )
     keys, edits = plan.routes
-    # Bound methods of the compiled hotpath classes: no Python frame of the policy in between.
-    assert [type(hook.__self__) for hook in keys.request_hooks] == [KeyCheck]
+    # Compiled hotpath classes, or their bound methods: no Python frame of the policy in between.
+    # A CompiledRequestHook is called natively by the engine (its ``run``).
+    assert [type(hook) for hook in keys.request_hooks] == [KeyCheck]
+    assert isinstance(keys.request_hooks[0], CompiledRequestHook)
     assert [type(hook.__self__) for hook in edits.request_hooks] == [CompiledEdits]
     assert [type(hook.__self__) for hook in edits.response_hooks] == [CompiledEdits]
     assert keys.response_hooks == () and keys.body_hooks == () and edits.log_hooks == ()

@@ -21,6 +21,7 @@ from apigate.engine.paths import PathRefused, normalize_path
 from apigate.engine.replies import error_body
 
 if TYPE_CHECKING:
+    from apigate.engine.metrics import Meters
     from apigate.engine.server import Gateway
 
 
@@ -58,6 +59,7 @@ class ClientConnection(wire.HeadReader):
         "headers",
         "held",
         "in_head",
+        "meters",
         "out",
         "parser",
         "parsing",
@@ -79,6 +81,7 @@ class ClientConnection(wire.HeadReader):
         super().__init__()
         self.gateway = gateway
         self.request_ids = gateway.request_ids  # kept here: a compiled attribute is cheaper to reach
+        self.meters: Meters = gateway.meters  # the same: every finished exchange counts in it
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable
-from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, Any, Final
 
 from apigate.engine import framing, wire
@@ -41,6 +40,8 @@ if TYPE_CHECKING:
     from apigate.engine.plan import CompiledRoute, Plan, Target, UpstreamGroup
 
 log = logging.getLogger("apigate")
+# A Final is a C static when compiled: each clock read skips a lookup in the module's globals.
+_monotonic: Final = time.monotonic
 
 # What a client's Connection header cannot take away: the engine reads these for Host and
 # framing (RFC 9112 §6), and the Upgrade handshake needs its Upgrade field.
@@ -53,6 +54,18 @@ REPLAY_LIMIT = 64 * 1024
 DISCARD_LIMIT = 64 * 1024
 # Pending request body above this pauses reading from the client until the upstream takes it.
 BODY_HIGH_WATER = 256 * 1024
+
+
+class CompiledRequestHook:
+    """A request hook compiled with the engine (a policy's hotpath class): the engine calls its
+    ``run`` as a native method, where calling a Python callable costs ~100 instructions more. It
+    stays callable, as any request hook."""
+
+    def run(self, exchange: Exchange) -> Any:
+        raise NotImplementedError
+
+    def __call__(self, exchange: Exchange) -> Any:
+        return self.run(exchange)
 
 
 class Exchange:
@@ -169,7 +182,7 @@ class Exchange:
         self.version = version
         self.keep_alive = keep_alive
         self.upgrade = upgrade
-        self.t_start = time.monotonic()
+        self.t_start = _monotonic()
         self.plan: Plan = client.gateway.plan
         self.params = _NO_PARAMS  # shared and never mutated in place: routing replaces it
         self.response_headers = _NO_HEADERS
@@ -394,7 +407,13 @@ class Exchange:
         """
         try:
             while index < len(hooks):
-                result = hooks[index](self, self.body) if body_phase else hooks[index](self)
+                hook = hooks[index]
+                if body_phase:
+                    result = hook(self, self.body)
+                elif isinstance(hook, CompiledRequestHook):
+                    result = hook.run(self)
+                else:
+                    result = hook(self)
                 index += 1
                 if result is None:
                     continue
@@ -1288,9 +1307,8 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        self.t_end = now = time.monotonic()
-        gateway = self.client.gateway
-        meters = gateway.meters
+        self.t_end = now = _monotonic()
+        meters = self.client.meters
         meters.requests_total += 1
         route = self.route
         meter = route.meter if route is not None else self.plan.unrouted
@@ -1307,12 +1325,12 @@ class Exchange:
                 try:
                     hook(self)
                 except Exception:
-                    gateway.log_exception("log hook failed", self)
+                    self.client.gateway.log_exception("log hook failed", self)
         for hook in self.plan.finish_hooks:
             try:
                 hook(self)
             except Exception:
-                gateway.log_exception("finish hook failed", self)
+                self.client.gateway.log_exception("finish hook failed", self)
         self.client.exchange_finished(self)
 
 

@@ -205,13 +205,17 @@ class TopCounts:
     its count is low by at most that share; a full summary costs one pass per TOP_CAPACITY new
     keys at most (amortised O(1) per request)."""
 
-    __slots__ = ("current", "epochs", "period", "slots")
+    __slots__ = ("current", "epochs", "last_key", "last_tally", "period", "slots")
 
     def __init__(self) -> None:
         self.period = Period(TOP_SLOT)
         self.current: dict[str, Tally] = {}
         self.slots: list[dict[str, Tally]] = [{} for _ in range(TOP_SLOTS)]
         self.epochs = [-1] * TOP_SLOTS
+        # The key counted last and its tally in ``current`` (None: none since ``current`` changed):
+        # a connection's requests come from one address, so a repeated key costs no dict probe.
+        self.last_key = ""
+        self.last_tally: Tally | None = None
 
     def add(self, key: str, now: float) -> None:
         if self.period.moved(now):
@@ -219,6 +223,11 @@ class TopCounts:
             slot = epoch % TOP_SLOTS
             self.current = self.slots[slot] = {}
             self.epochs[slot] = epoch
+            self.last_tally = None
+        tally = self.last_tally
+        if tally is not None and key == self.last_key:
+            tally.n += 1
+            return
         counts = self.current
         tally = counts.get(key)
         if tally is not None:
@@ -233,6 +242,10 @@ class TopCounts:
                     seen.n -= 1
                     kept[name] = seen
             self.current = self.slots[self.period.epoch % TOP_SLOTS] = kept
+            self.last_tally = None
+            return
+        self.last_key = key
+        self.last_tally = tally
 
     def export(self) -> list[list[Any]]:
         return [
@@ -250,6 +263,8 @@ class RouteMeter:
         "auth_failures",
         "counts",
         "duration",
+        "last_counts",
+        "last_method",
         "latency",
         "rate_limited",
         "request_size",
@@ -261,6 +276,10 @@ class RouteMeter:
         # By method code, the tallies by status (a list of STATUSES, made when the method is first
         # seen; a status's tally when it is first counted).
         self.counts: list[list[Tally | None]] = [[] for _ in METHODS]
+        # The method counted last and its tallies: a route mostly sees one method, and the engine
+        # passes the same str each time, which compares by identity (no dict probe, no int boxed).
+        self.last_method = ""
+        self.last_counts: list[Tally | None] = []
         self.duration = Histogram(LATENCY_BOUNDS)
         self.request_size = Histogram(SIZE_BOUNDS)
         self.response_size = Histogram(SIZE_BOUNDS)
@@ -272,9 +291,14 @@ class RouteMeter:
     def observe(
         self, method: str, status: int, seconds: float, size_in: int, size_out: int, now: float
     ) -> None:
-        counts = self.counts[_METHOD_CODES.get(method, _OTHER)]
-        if not counts:
-            counts.extend([None] * STATUSES)
+        if method == self.last_method and self.last_counts:
+            counts = self.last_counts
+        else:
+            counts = self.counts[_METHOD_CODES.get(method, _OTHER)]
+            if not counts:
+                counts.extend([None] * STATUSES)
+            self.last_method = method
+            self.last_counts = counts
         index = status if 0 <= status < STATUSES else 0
         tally = counts[index]
         if tally is None:

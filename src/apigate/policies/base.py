@@ -79,12 +79,14 @@ The engine calls what ``hook(phase)`` returns: the bound ``on_<phase>`` method, 
 
 Compiled per-request paths (``policies/*/hotpath.py``). setup.py compiles the modules it lists
 with mypyc, together with the engine; a policy puts a bound method of a hotpath class in
-``engine_hooks``, so the engine calls C with no Python frame in between. Such a module:
+``engine_hooks``, so the engine calls C with no Python frame in between. A request hook may be
+the instance itself, of a subclass of the engine's ``CompiledRequestHook`` whose ``run`` is the
+hook: the engine then calls ``run`` as a native method, without a Python-level call. Such a module:
 
-- imports only the engine's ``Exchange`` (``apigate.engine.exchange``), modules compiled with it
-  (``apigate.consumers.keyindex``) and the standard library: no pydantic, no config model,
-  nothing of ``policies`` outside its own package. It gets plain values (bytes, frozensets,
-  dicts, callables) built by ``prepare()``;
+- imports only the engine's ``Exchange`` and ``CompiledRequestHook`` (``apigate.engine.exchange``),
+  modules compiled with it (``apigate.consumers.keyindex``) and the standard library: no
+  pydantic, no config model, nothing of ``policies`` outside its own package. It gets plain
+  values (bytes, frozensets, dicts, callables) built by ``prepare()``;
 - is fully annotated, and truly: mypyc checks annotations at run time, so a wrong one breaks
   only the compiled build (tests/test_compiled_engine.py runs one);
 - uses of ``Exchange`` only what the engine keeps as native attributes of its compiled class (a

@@ -126,7 +126,7 @@ class KeyAuthPolicy(Policy[KeyAuthConfig]):
                 self.forward_token,
                 self.check,
             )
-            self.engine_hooks = {"request": fast.check}  # no Python frame per request
+            self.engine_hooks = {"request": fast}  # called natively by the engine
         else:
             self.engine_hooks = {"request": self.check}
 

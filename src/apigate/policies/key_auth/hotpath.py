@@ -14,7 +14,7 @@ from typing import Any, Final
 from mypy_extensions import i64
 
 from apigate.consumers.keyindex import KeyIndex, KeyMatch
-from apigate.engine.exchange import Exchange
+from apigate.engine.exchange import CompiledRequestHook, Exchange
 
 LONG_NAME: Final = 62  # the bit of a name length mask that stands for this length and longer (i64)
 
@@ -28,7 +28,7 @@ def name_lengths(names: frozenset[bytes]) -> i64:
     return mask
 
 
-class KeyCheck:
+class KeyCheck(CompiledRequestHook):
     def __init__(
         self,
         services: Any,
@@ -49,8 +49,11 @@ class KeyCheck:
         self.scoped = bool(required)
         self.forward_token = forward_token
         self.full = full
+        # The match admitted last and its forwards here (a match's forwards, once made, stay).
+        self.last_match: KeyMatch | None = None
+        self.last_forwards: list[tuple[bytes, bytes]] = []
 
-    def check(self, exchange: Exchange) -> Any:
+    def run(self, exchange: Exchange) -> Any:
         index = self.index
         if index is None or not index.live:
             index = self.index = self._running_index()
@@ -60,14 +63,20 @@ class KeyCheck:
         key_header = self.key_header
         watched = self.watched
         lengths = self.watched_lengths
-        found = -1
+        found: i64 = -1
         for position in range(len(headers)):
             name = headers[position][0]
+            # Every operand an i64: a plain int in the shift would box the length on each header.
             size: i64 = len(name)
-            if (lengths >> (size if size < LONG_NAME else LONG_NAME)) & 1 and name in watched:
-                if found >= 0 or name != key_header:
-                    return self.full(exchange)  # the key twice, or a forwarded header sent
-                found = position
+            if size > LONG_NAME:
+                size = LONG_NAME
+            if (lengths >> size) & 1:
+                if name == key_header:  # compared before the set: no hash of the name
+                    if found >= 0:
+                        return self.full(exchange)  # the key twice
+                    found = position
+                elif name in watched:
+                    return self.full(exchange)  # a forwarded header sent by the client
         if found < 0:
             return self.full(exchange)
         key = headers[found][1]
@@ -76,9 +85,14 @@ class KeyCheck:
         match = index.lookup(key)
         if match is None or not match.unconditional or (self.scoped and not self.required <= match.scopes):
             return self.full(exchange)
-        forwards = match.forwards.get(self.forward_token)
-        if forwards is None:
-            return self.full(exchange)
+        if match is self.last_match:  # this configuration's forwards for the key it admitted last
+            forwards = self.last_forwards
+        else:
+            found_forwards = match.forwards.get(self.forward_token)
+            if found_forwards is None:
+                return self.full(exchange)
+            forwards = self.last_forwards = found_forwards
+            self.last_match = match
         if self.hide:
             headers.pop(found)
         admit(exchange, headers, match, forwards)

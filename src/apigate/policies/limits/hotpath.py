@@ -14,7 +14,7 @@ from typing import Any, Final
 
 from mypy_extensions import i64
 
-from apigate.engine.exchange import Exchange
+from apigate.engine.exchange import CompiledRequestHook, Exchange
 from apigate.policies.limits.algorithms import Algorithm, MemoryCounters
 from apigate.policies.limits.keys import KeyBuilder
 
@@ -24,6 +24,10 @@ TIER_TENANT: Final = 2
 TIER_PART: Final = 3  # a claim or a header, read as a key part
 # A counter's keys under its hash tag (the tag is the rule's tag prefix plus the request's key).
 COUNTER_KEYS: Final = ("rl", "rl-seq")
+# The digits of 0-999, alone and as the last three digits of a larger number: a remaining count
+# is written from these (and its thousands, kept per rule) instead of being formatted per request.
+DIGITS: Final[tuple[bytes, ...]] = tuple(b"%d" % n for n in range(1000))
+LAST_DIGITS: Final[tuple[bytes, ...]] = tuple(b"%03d" % n for n in range(1000))
 
 
 class Rule:
@@ -52,9 +56,25 @@ class Rule:
         self.limit_lines_after = b"\r\n" + self.limit_lines  # after the IETF fields
         self.window_line = b"x-ratelimit-window: %d\r\n" % window_s
         self.ietf_head = b""  # set by its RuleSet: RateLimit-Policy names every limit of the set
-        # The seconds until reset last written, as digits: they change about once a second.
+        # The seconds until reset last written (they change about once a second), in the pieces
+        # that follow the remaining count: ";t=" and the lines after it when both families are
+        # sent, ";t=" alone (IETF only), the x-ratelimit-reset line (x-ratelimit only, and last).
         self.reset_seconds: i64 = -1
-        self.reset_digits = b""
+        self.reset_both = b""
+        self.reset_ietf = b""
+        self.reset_x = b""
+        # The thousands of the remaining count last written above 999, as digits.
+        self.thousands: i64 = -1
+        self.thousands_digits = b""
+
+    def reset_in(self, seconds: i64) -> None:
+        """Make the reset pieces say ``seconds``, if they say another number."""
+        if seconds != self.reset_seconds:
+            self.reset_seconds = seconds
+            digits = b"%d" % int(seconds)
+            self.reset_both = b";t=" + digits + self.limit_lines_after
+            self.reset_ietf = b";t=" + digits + b"\r\n"
+            self.reset_x = b"\r\nx-ratelimit-reset: " + digits + b"\r\n"
 
 
 class RuleSet:
@@ -67,7 +87,7 @@ class RuleSet:
             rule.ietf_head = b"ratelimit-policy: " + policy + b"\r\nratelimit: " + rule.quoted + b";r="
 
 
-class Limiter:
+class Limiter(CompiledRequestHook):
     def __init__(
         self,
         keys: KeyBuilder,
@@ -127,7 +147,7 @@ class Limiter:
             rule.fixed_args = [b"%d" % int(number) for number in numbers]
 
     # -- the request phase -----------------------------------------------------------------------
-    def check(self, exchange: Exchange) -> Any:
+    def run(self, exchange: Exchange) -> Any:
         rules = self.rules if self.tier_kind == NO_TIERS else self.plan_of(exchange)
         if not rules.rules:
             return None
@@ -221,34 +241,45 @@ class Limiter:
         Built as one bytes with the lines already there; the engine adds it to the head as one piece.
         """
         # One format, which mypyc compiles to a single sized copy of the pieces (a join of a tuple
-        # costs the buffer protocol per piece, a chain of ``+`` a copy per step).
-        left = b"%d" % int(remaining)
-        seconds: i64 = -(-reset_ms // 1000)
-        if seconds != rule.reset_seconds:
-            rule.reset_seconds = seconds
-            rule.reset_digits = b"%d" % int(seconds)
-        reset = rule.reset_digits
+        # costs the buffer protocol per piece, a chain of ``+`` a copy per step), each piece a few
+        # instructions: the remaining count goes in as its thousands and its last three digits,
+        # what follows it as the rule's pieces for the reset seconds.
+        if 0 <= remaining < 1000:
+            high = b""
+            low = DIGITS[remaining]
+        elif remaining > 0:
+            thousands = remaining // 1000
+            if thousands != rule.thousands:
+                rule.thousands = thousands
+                rule.thousands_digits = b"%d" % int(thousands)
+            high = rule.thousands_digits
+            low = LAST_DIGITS[remaining % 1000]
+        else:  # not from the algorithms (their counts are never negative): written as given
+            high = b"%d" % int(remaining)
+            low = b""
+        rule.reset_in(-(-reset_ms // 1000))
         added = exchange.response_lines
         if self.ietf and self.x_ratelimit:  # the default
-            lines = b"%s%s%s;t=%s%s%s\r\nx-ratelimit-reset: %s\r\n" % (
+            lines = b"%s%s%s%s%s%s%s%s" % (
                 added,
                 rule.ietf_head,
-                left,
-                reset,
-                rule.limit_lines_after,
-                left,
-                reset,
+                high,
+                low,
+                rule.reset_both,
+                high,
+                low,
+                rule.reset_x,
             )
         elif self.ietf:
-            lines = b"%s%s%s;t=%s\r\n" % (added, rule.ietf_head, left, reset)
+            lines = b"%s%s%s%s%s" % (added, rule.ietf_head, high, low, rule.reset_ietf)
         elif self.x_ratelimit:
-            lines = b"%s%s%s\r\nx-ratelimit-reset: %s\r\n" % (added, rule.limit_lines, left, reset)
+            lines = b"%s%s%s%s%s" % (added, rule.limit_lines, high, low, rule.reset_x)
         else:
             lines = added
         if self.window:
             lines += rule.window_line
         if self.token_bucket:
-            lines += b"x-tokenbucket-remaining: %s\r\n" % left
+            lines += b"x-tokenbucket-remaining: %s%s\r\n" % (high, low)
         exchange.response_lines = lines
 
 

@@ -93,7 +93,7 @@ class CountingPolicy(Policy[CountingConfig]):
                 plans,
                 plans[tiers.default] if tiers.default is not None else None,
             )
-        self.engine_hooks = {"request": self.limiter.check}
+        self.engine_hooks = {"request": self.limiter}  # called natively by the engine
 
     def _rule_set(self, limits: Sequence[Any]) -> RuleSet:
         return RuleSet([self.rule(limit) for limit in limits])
@@ -151,7 +151,7 @@ class CountingPolicy(Policy[CountingConfig]):
 
     # What the compiled hooks do, for callers other than the engine.
     def on_request(self, exchange: Exchange) -> Reply | Awaitable[Reply | None] | None:
-        result: Reply | Awaitable[Reply | None] | None = self.limiter.check(exchange)
+        result: Reply | Awaitable[Reply | None] | None = self.limiter.run(exchange)
         return result
 
     # -- what the compiled path hands back ---------------------------------------------------------
