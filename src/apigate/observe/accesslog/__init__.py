@@ -1,9 +1,8 @@
 """The access log: one JSON line per finished exchange (``access_log:`` in the config).
 
 ``AccessLog`` is the Observer: ``apply`` gives the engine a ``LineMaker`` (lines.py) for the
-config, whose compiled hook (hotpath.py) puts each exchange's row in the ``LogPipe``'s buffer
-(pipe.py); batches go through a pipe to a writing process (writer.py) that makes the rows lines
-and writes them. The pipe outlives
+config, whose compiled hook (hotpath.py) puts each line in the ``LogPipe``'s buffer (pipe.py);
+batches go through a pipe to a writing process (writer.py) that writes them. The pipe outlives
 reloads; a reload to another output starts another writing process. ``dropped`` and
 ``written`` count lines since the worker started; while lines are being dropped, a warning says
 how many, at most every ``WARN_EVERY`` seconds.
@@ -18,7 +17,7 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
-from apigate.observe.accesslog.lines import LineMaker, layout_of
+from apigate.observe.accesslog.lines import LineMaker
 from apigate.observe.accesslog.pipe import LogPipe
 from apigate.observe.accesslog.writer import STDOUT, Destination
 
@@ -62,13 +61,12 @@ class AccessLog:
         if not settings.enabled:
             return None
         destination = _destination(settings)
-        layout = layout_of(settings)
         if self.writer is None:
-            self.writer = LogPipe(destination, layout, settings.buffer, settings.flush_interval)
+            self.writer = LogPipe(destination, settings.buffer, settings.flush_interval)
             if self.started:
                 self.writer.start()
         else:
-            self.writer.configure(destination, layout, settings.buffer, settings.flush_interval)
+            self.writer.configure(destination, settings.buffer, settings.flush_interval)
         params, headers = _credential_names(config)
         return LineMaker(settings, self.writer.lines, params, headers).lines
 

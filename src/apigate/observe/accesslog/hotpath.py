@@ -1,17 +1,16 @@
 """The access log's per-request work, compiled with the engine (setup.py lists it): the engine
-calls ``Lines`` for every finished exchange, which reads the exchange's native attributes into a
-row (a tuple of its values) and puts it in a ``RowBuffer`` that hands batches to the pipe, which
-sends each as one JSON array (``rows_text``: one orjson call a batch). The writing process
-(writer.py) names the fields and formats the time and durations, off the event loop.
+calls ``Lines`` for every finished exchange, which reads the exchange's native attributes into
+the line's JSON text and puts it in a ``LineBuffer`` that hands batches to the writer. Fields
+without a value are left out by default (a typical line has eight such).
 
 Like the policies' hot paths, it takes plain values and callables from ``lines.py`` (the Python
-side: settings, redaction rules) and imports only the engine's Exchange, orjson and the
-standard library.
+side: settings, redaction rules) and imports only the engine's Exchange and the standard library.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -20,47 +19,81 @@ import orjson
 from apigate.engine.exchange import Exchange
 from apigate.engine.plan import Target
 
-_MOST_ADDRESSES: Final = 4096
-# Module statics in compiled code (a global or builtin name is a dict lookup each time it is read);
-# a plugin's value of another type is written as its text, not refused.
-_DUMPS: Final = orjson.dumps
-_AS_TEXT: Final = str
+_LINE: Final = orjson.OPT_APPEND_NEWLINE
+_MOST_PIECES: Final = 4096
 
 
-Row = tuple[object, ...]  # an exchange's values, in the order writer.Formatter reads them
+class Clock:
+    """RFC 3339 UTC times with milliseconds: the seconds are formatted once per second, the whole
+    text once per millisecond (lines of the same millisecond share it)."""
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+        self.milli = -1
+        self.text = ""
+        self.offset = 0.0  # wall-clock time minus monotonic time
+        self.offset_until = -1.0
+
+    def at(self, monotonic: float) -> str:
+        """The wall-clock time of a monotonic time of this process. The offset between the two
+        clocks is read once a second, not per line (two clock calls cost ~450 instructions)."""
+        if monotonic >= self.offset_until or monotonic < self.offset_until - 2.0:
+            self.offset = time.time() - time.monotonic()
+            self.offset_until = monotonic + 1.0
+        return self.format(monotonic + self.offset)
+
+    def format(self, wall: float) -> str:
+        milli = int(wall * 1000.0)
+        if milli != self.milli:
+            second = milli // 1000
+            if second != self.second:
+                self.second = second
+                self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+            self.milli = milli
+            self.text = f"{self.prefix}{_THOUSANDTHS[milli % 1000]}Z"
+        return self.text
 
 
-class RowBuffer:
-    """Rows waiting for the writer: ``put`` appends, and every ``batch`` rows the list goes to
+class Piece:
+    """``,"name":value`` for the values of a field that recur (a route, a method, a client's
+    address, a consumer), made once each: a dict lookup of a string, whose hash the string keeps,
+    costs less than escaping it again."""
+
+    def __init__(self, name: str, keep_nulls: bool) -> None:
+        self.prefix = ',"' + name + '":'
+        self.null = self.prefix + "null" if keep_nulls else ""  # the piece of no value
+        self.made: dict[str, str] = {}
+
+    def of(self, value: str) -> str:
+        found = self.made.get(value)
+        if found is None:
+            if len(self.made) >= _MOST_PIECES:  # bounded, whatever the clients send
+                self.made.clear()
+            found = self.made[value] = self.prefix + _json(value)
+        return found
+
+
+class LineBuffer:
+    """Lines waiting for the writer: ``put`` appends, and every ``batch`` lines the list goes to
     ``send`` (the writer, on the loop) in one call. The writer takes what is left on its timer."""
 
-    def __init__(self, batch: int, send: Callable[[list[Row]], None]) -> None:
+    def __init__(self, batch: int, send: Callable[[list[bytes]], None]) -> None:
         self.batch = batch
         self.send = send
-        self.rows: list[Row] = []
+        self.lines: list[bytes] = []
 
-    def put(self, row: Row) -> None:
-        rows = self.rows
-        rows.append(row)
-        if len(rows) >= self.batch:
-            self.rows = []
-            self.send(rows)
+    def put(self, line: bytes) -> None:
+        lines = self.lines
+        lines.append(line)
+        if len(lines) >= self.batch:
+            self.lines = []
+            self.send(lines)
 
-    def take(self) -> list[Row]:
-        rows = self.rows
-        self.rows = []
-        return rows
-
-
-def rows_text(rows: list[Row]) -> bytes:
-    """A batch of rows as one line for the writing process: the number of rows, a space, and the
-    rows as a JSON array of arrays. One orjson call and one allocation for the batch: a row
-    written alone costs ~700 instructions more, and cutting the array into a line per row as much."""
-    try:
-        text = _DUMPS(rows, default=_AS_TEXT)
-    except orjson.JSONEncodeError:  # a lone surrogate (from a JWT claim): escaped, not refused
-        text = json.dumps(rows, default=str, separators=(",", ":")).encode()
-    return b"".join([str(len(rows)).encode(), b" ", text, b"\n"])
+    def take(self) -> list[bytes]:
+        lines = self.lines
+        self.lines = []
+        return lines
 
 
 class Lines:
@@ -68,33 +101,51 @@ class Lines:
 
     def __init__(
         self,
-        buffer: RowBuffer,
+        buffer: LineBuffer,
         sample: float,
         chance: Callable[[], float],
+        fields: tuple[str, ...] | None,
         keep_query: bool,
         redact_query: Callable[[bytes], str],
         redact_path: Callable[[str], str],
         subject: Callable[[Any], str | None],
         headers: Callable[[list[tuple[bytes, bytes]]], dict[str, str | None]] | None,
+        keep_nulls: bool,
     ) -> None:
-        """``headers``: the listed request headers of an exchange, redacted (None: none listed)."""
+        """``fields``: the chosen fields in order (None: all); ``headers``: the listed request
+        headers of an exchange, redacted (None: none listed); ``keep_nulls``: fields without a
+        value are written as null (else left out)."""
         self.buffer = buffer
         self.sample = sample
         self.chance = chance
+        self.fields = fields
         self.keep_query = keep_query
         self.redact_query = redact_query
         self.redact_path = redact_path
         self.subject = subject
         self.headers = headers
-        self.addresses: dict[str, str] = {}  # "host:port" by target id
+        self.keep_nulls = keep_nulls
+        self.clock = Clock()
+        self.addresses: dict[str, str] = {}  # the upstream's piece by target id
+        self.upstream_null = ',"upstream":null' if keep_nulls else ""
+        self.upstream_ms_null = ',"upstream_ms":null' if keep_nulls else ""
+        self.client_ip = Piece("client_ip", keep_nulls)
+        self.method = Piece("method", keep_nulls)
+        self.route = Piece("route", keep_nulls)
+        self.consumer = Piece("consumer", keep_nulls)
+        self.tenant = Piece("tenant", keep_nulls)
+        self.key_id = Piece("key_id", keep_nulls)
+        self.user_id = Piece("user_id", keep_nulls)
+        self.limited = Piece("limited", keep_nulls)
+        self.cache = Piece("cache", keep_nulls)
 
     def address(self, target: Target) -> str:
-        """The target's ``host:port``, made once."""
+        """``,"upstream":"host:port"`` for the target, made once."""
         found = self.addresses.get(target.id)
         if found is None:
-            if len(self.addresses) >= _MOST_ADDRESSES:  # (targets come and go with discovery)
+            if len(self.addresses) >= _MOST_PIECES:  # (targets come and go with discovery)
                 self.addresses.clear()
-            found = self.addresses[target.id] = f"{target.host}:{target.port}"
+            found = self.addresses[target.id] = ',"upstream":' + _json(f"{target.host}:{target.port}")
         return found
 
     def __call__(self, exchange: Exchange) -> None:
@@ -102,61 +153,149 @@ class Lines:
             status = exchange.response_status
             if 0 < status < 400 and exchange.failure is None and self.chance() >= self.sample:
                 return
-        self.buffer.put(self.row(exchange))  # (a native call: the buffer is compiled too)
+        self.buffer.put(self.line(exchange))  # (a native call: the buffer is compiled too)
 
-    def row(self, exchange: Exchange) -> Row:
-        """The exchange's row, in the order writer.Formatter reads it. Credentials are redacted
-        here: nothing secret leaves the worker."""
+    def line(self, exchange: Exchange) -> bytes:
+        """The exchange's line: a JSON object of the chosen fields, in their order, and a newline."""
+        headers = self.headers
+        if headers is None:
+            text = self.text(exchange, "}\n")
+        else:
+            text = self.text(exchange, f',"headers":{_json(headers(exchange.headers))}}}\n')
+        fields = self.fields
+        if fields is None:
+            return text.encode()
+        # Chosen fields: the whole line is read back and the chosen ones written in their order
+        # (a choice of fields is rarer than the default and may cost more; one way of making lines).
+        record = orjson.loads(text)
+        chosen = {name: record[name] for name in fields if name in record}
+        if headers is not None:
+            chosen["headers"] = record["headers"]
+        return orjson.dumps(chosen, option=_LINE)
+
+    def text(self, exchange: Exchange, tail: str) -> str:
+        """The line's fields in the order of FIELDS (config/accesslog.py) as JSON text, then
+        ``tail``; fields without a value are left out unless ``keep_nulls``.
+
+        Made as text in one f-string (one allocation), not as a dict for orjson: the dict of ~15
+        fields and its serialisation cost ~7,000 instructions a request (bench/cost). Every string
+        that does not come from the gateway itself is escaped by orjson (``_json``), directly or
+        through a ``Piece``."""
+        start = exchange.t_start
+        end = exchange.t_end or start
+        first_byte = exchange.t_first_byte
+        attempt_began = exchange.t_attempt
+        state = exchange.state
+        target = exchange.target
+        route = exchange.route
+        keep_nulls = self.keep_nulls
         path = exchange.path
         if "eyJ" in path:  # a token in the path (a magic link): one substring test per request
             path = self.redact_path(path)
         query = exchange.query
         if query and self.keep_query:
             path = path + "?" + self.redact_query(query)
-        start = exchange.t_start
-        duration = (exchange.t_end or start) - start
-        first_byte = exchange.t_first_byte
-        attempt_began = exchange.t_attempt
-        waited = None
+        duration = end - start
+        micros = int(duration * 1_000_000.0) if duration > 0.0 else 0
+        # Ids are hex or a client's printable ASCII without quote or backslash (engine/exchange.py):
+        # written between quotes as they are.
+        rid = exchange.rid
+        request_id = rid.decode("latin-1")
+        trace_id = exchange.trace_id
+        # (the same id unless the client sent its own request id or trace)
+        trace = request_id if trace_id is rid else trace_id.decode("latin-1")
+        route_piece = self.route.of(route.name) if route is not None else self.route.null
+        upstream = self.address(target) if target is not None else self.upstream_null
         if first_byte and attempt_began and first_byte >= attempt_began:
             waited = int((first_byte - attempt_began) * 1_000_000.0)
-        rid = exchange.rid
-        trace_id = exchange.trace_id
-        route = exchange.route
-        target = exchange.target
-        key_id = user_id = limited = cache = None
-        state = exchange.state
-        if state:
-            key_id = state.get("key_id")
-            claims = state.get("claims")
-            if claims is not None:
-                user_id = self.subject(claims)
-            limited = state.get("limited")
-            cache = state.get("cache")  # hit, stale, miss, revalidated, bypass, refresh (docs/cache.md)
-        headers = self.headers
-        return (
-            start,
-            rid.decode("latin-1"),
-            # (the same id unless the client sent its own request id or trace)
-            None if trace_id is rid else trace_id.decode("latin-1"),
-            exchange.client_ip,
-            exchange.method,
-            path,
-            exchange.response_status,
-            int(duration * 1_000_000.0) if duration > 0.0 else 0,
-            exchange.bytes_in,
-            exchange.bytes_out,
-            exchange.attempt,
-            route.name if route is not None else None,
-            self.address(target) if target is not None else None,
-            waited,
-            exchange.consumer_id(),
-            exchange.tenant,
-            key_id,
-            user_id,
-            limited,
-            cache,
-            exchange.tried,
-            exchange.failure,
-            headers(exchange.headers) if headers is not None else None,
+            upstream_ms = ',"upstream_ms":'
+            waited_whole = _whole_millis(waited // 1000)
+            waited_part = _THOUSANDTHS[waited % 1000]
+        else:
+            upstream_ms = self.upstream_ms_null
+            waited_whole = waited_part = ""
+        identity = self.optional(self.consumer, exchange.consumer_id()) + self.optional(
+            self.tenant, exchange.tenant
         )
+        if state:
+            claims = state.get("claims")
+            identity += (
+                self.optional(self.key_id, state.get("key_id"))
+                + self.optional(self.user_id, self.subject(claims) if claims is not None else None)
+                + self.optional(self.limited, state.get("limited"))
+                # hit, stale, miss, revalidated, bypass, refresh (docs/cache.md)
+                + self.optional(self.cache, state.get("cache"))
+            )
+        elif keep_nulls:
+            identity += ',"key_id":null,"user_id":null,"limited":null,"cache":null'
+        tried = exchange.tried
+        failure = exchange.failure
+        if tried is not None or failure is not None or keep_nulls:
+            identity += self.rare("tried", tried) + self.rare("error", failure)
+        return (
+            f'{{"time":"{self.clock.at(start)}"'  # when the request came
+            f',"request_id":"{request_id}","trace_id":"{trace}"'
+            f"{self.client_ip.of(exchange.client_ip)}{self.method.of(exchange.method)}"
+            f',"path":"{_inside_quotes(path)}{_status_piece(exchange.response_status)}'
+            f"{_whole_millis(micros // 1000)}{_THOUSANDTHS[micros % 1000]}"
+            f',"bytes_in":{_number(exchange.bytes_in)},"bytes_out":{_number(exchange.bytes_out)}'
+            f',"attempts":{_number(exchange.attempt)}{route_piece}{upstream}'
+            f"{upstream_ms}{waited_whole}{waited_part}{identity}{tail}"
+        )
+
+    def optional(self, piece: Piece, value: object) -> str:
+        """The field's piece, or nothing (``null`` with ``keep_nulls``) when it has no value."""
+        if value is None:
+            return piece.null
+        if isinstance(value, str):
+            return piece.of(value)
+        return piece.prefix + _json(value)  # a plugin's value of another type
+
+    def rare(self, name: str, value: object) -> str:
+        """A field seldom written (the attempts of a retried request, an error), escaped each time."""
+        if value is None:
+            return f',"{name}":null' if self.keep_nulls else ""
+        return f',"{name}":{_json(value)}'
+
+
+# "000" to "999": the milliseconds' decimals; and the numbers below 1000 (statuses, attempts,
+# most durations): looked up instead of formatted.
+_THOUSANDTHS: Final = tuple(f"{n:03d}" for n in range(1000))
+_SMALL_NUMBERS: Final = tuple(str(n) for n in range(1000))
+
+
+def _number(n: int) -> str:
+    return _SMALL_NUMBERS[n] if 0 <= n < 1000 else str(n)
+
+
+# What follows the path up to the duration, by status; and whole milliseconds with their dot.
+# Each string put together once saves the line's build a part or two (~80 instructions each).
+_STATUS_PIECES: Final = tuple(f'","status":{n},"duration_ms":' for n in range(1000))
+_WHOLE_MILLIS: Final = tuple(f"{n}." for n in range(1000))
+
+
+def _status_piece(status: int) -> str:
+    if 0 <= status < 1000:
+        return _STATUS_PIECES[status]
+    return f'","status":{status},"duration_ms":'
+
+
+def _whole_millis(millis: int) -> str:
+    return _WHOLE_MILLIS[millis] if 0 <= millis < 1000 else f"{millis}."
+
+
+def _inside_quotes(text: str) -> str:
+    """A string as it goes between the quotes of a JSON string. Checked in C and kept as it is
+    when it holds no quote, backslash or control character (a request's path, an id), which costs
+    a fifth of escaping it; anything else is escaped by orjson."""
+    if '"' in text or "\\" in text or not text.isprintable():
+        return _json(text)[1:-1]
+    return text
+
+
+def _json(value: object) -> str:
+    """Any value as JSON text (a plugin's value of another type as its text, not an error)."""
+    try:
+        return orjson.dumps(value, default=str).decode()
+    except orjson.JSONEncodeError:  # a lone surrogate (from a JWT claim): escaped, not refused
+        return json.dumps(value, default=str)

@@ -1,8 +1,8 @@
 """An exchange as one JSON line: the fields, the sampling of successes, and what is never written.
 
-The settings and the redaction rules live here; the per-request work (reading the exchange into
-a row, handing it to the writer's buffer) is hotpath.py's, compiled; the writing process makes
-the row a line (writer.py's ``Formatter``).
+The settings and the redaction rules live here; the per-request work (reading the exchange,
+filling the line's dict, ``orjson.dumps``, handing the line to the writer's buffer) is
+hotpath.py's, compiled.
 Credentials never reach a line: no header is written unless listed, and a listed header named
 like a secret is redacted; the query is dropped unless kept, and then the values of parameters
 named like a secret (or shaped like a JWT) are redacted; so is a JWT in the path.
@@ -19,8 +19,7 @@ from urllib.parse import unquote_to_bytes
 import orjson
 
 from apigate.config.accesslog import CREDENTIAL_HEADERS, FIELDS, SECRET_NAME_PARTS, AccessLogConfig
-from apigate.observe.accesslog.hotpath import Lines, RowBuffer, rows_text
-from apigate.observe.accesslog.writer import Formatter, Layout
+from apigate.observe.accesslog.hotpath import LineBuffer, Lines
 
 if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
@@ -35,13 +34,12 @@ _LONGEST_HEADER: Final = 1024  # a logged header value longer than this is cut
 
 
 class LineMaker:
-    """Makes the row of a finished exchange and puts it in ``buffer``; successes are sampled.
-    ``layout`` says what the writing process makes of the rows."""
+    """Makes the line of a finished exchange and puts it in ``buffer``; successes are sampled."""
 
     def __init__(
         self,
         config: AccessLogConfig,
-        buffer: RowBuffer,
+        buffer: LineBuffer,
         secret_params: Iterable[str] = (),
         secret_headers: Iterable[str] = (),
         chance: Callable[[], float] = random.random,
@@ -49,7 +47,6 @@ class LineMaker:
         """``secret_params`` and ``secret_headers``: more names to redact (those the config's
         policies read credentials from)."""
         self.chance = chance
-        self.layout = layout_of(config)
         self.sample = config.sample
         self.keep_query = config.query == "keep"
         self.headers = config.headers
@@ -68,20 +65,21 @@ class LineMaker:
             buffer,
             self.sample,
             chance,
+            None if config.fields == FIELDS else config.fields,
             self.keep_query,
             self.redact_query,
             _redact_path,
             _subject,
             self.request_headers if self.headers else None,
+            not config.omit_empty,
         )
 
     def __call__(self, exchange: Exchange) -> None:
         self.lines(exchange)
 
     def record(self, exchange: Exchange) -> dict[str, Any]:
-        """The line's fields, in their order, as the writing process writes them."""
-        line, _ = Formatter(self.layout).batch(rows_text([self.lines.row(exchange)]))
-        record: dict[str, Any] = orjson.loads(line)
+        """The line's fields, in their order."""
+        record: dict[str, Any] = orjson.loads(self.lines.line(exchange))
         return record
 
     def request_headers(self, headers: list[tuple[bytes, bytes]]) -> dict[str, str | None]:
@@ -110,10 +108,6 @@ class LineMaker:
     def secret_param(self, raw_name: bytes) -> bool:
         name = unquote_to_bytes(raw_name.replace(b"+", b" ")).decode("latin-1").lower()
         return name in self.exact_params or any(part in name for part in self.name_parts)
-
-
-def layout_of(config: AccessLogConfig) -> Layout:
-    return Layout(FIELDS, None if config.fields == FIELDS else config.fields, not config.omit_empty)
 
 
 def _redact_path(path: str) -> str:

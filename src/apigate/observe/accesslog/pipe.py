@@ -1,8 +1,5 @@
-"""The access log's end on the event loop: rows (an exchange's values) gather in a
-compiled ``RowBuffer`` and go, in batches with one non-blocking ``write`` each, to a pipe read by
-the writing process (writer.py), which makes each row a line of the ``Layout`` it was started
-with. A batch goes as one line of the pipe (``rows_text``); the counts below count rows, each
-of which becomes one line of the log.
+"""The access log's end on the event loop: lines gather in a compiled ``LineBuffer`` and go, in
+batches with one non-blocking ``write`` each, to a pipe read by the writing process (writer.py).
 
 When the output cannot keep up (a full disk, a pipe nobody reads), the pipe fills, the lines
 that do not fit wait in a bounded backlog, and the ones after that are dropped and counted;
@@ -23,8 +20,8 @@ import time
 from typing import Final
 
 from apigate.observe.accesslog import writer
-from apigate.observe.accesslog.hotpath import Row, RowBuffer, rows_text
-from apigate.observe.accesslog.writer import Destination, Layout
+from apigate.observe.accesslog.hotpath import LineBuffer
+from apigate.observe.accesslog.writer import Destination
 
 log = logging.getLogger("apigate.access_log")
 
@@ -39,15 +36,14 @@ class LogPipe:
     """The loop's end: the buffer the finish hook fills, the pipe to the writing process, and the
     counts (``written`` and ``lost`` as that process last reported them)."""
 
-    def __init__(self, destination: Destination, layout: Layout, buffer: int, flush_interval: float) -> None:
-        self.lines = RowBuffer(1, self._send)
-        self.configure(destination, layout, buffer, flush_interval)
+    def __init__(self, destination: Destination, buffer: int, flush_interval: float) -> None:
+        self.lines = LineBuffer(1, self._send)
+        self.configure(destination, buffer, flush_interval)
         self.process: _WritingProcess | None = None
         self.retired: list[_WritingProcess] = []  # earlier outputs' processes, finishing
-        self.backlog: list[tuple[bytes, int]] = []  # batches the pipe had no room for, and their rows
+        self.backlog: list[bytes] = []  # whole batches the pipe had no room for
         self.backlog_lines = 0
         self.partial = b""  # the rest of a batch the pipe took in part
-        self.partial_lines = 0  # its rows (counted sent when its end goes)
         self.overflowed = 0  # lines refused on the loop: the pipe and the buffer were full
         self.started = False
         self.waiting = False  # the loop watches the pipe for room
@@ -55,16 +51,15 @@ class LogPipe:
         self.ended_written = 0  # counts of the processes that ended and were let go
         self.ended_lost = 0
 
-    def configure(self, destination: Destination, layout: Layout, buffer: int, flush_interval: float) -> None:
-        """New settings (a reload): a new output or layout gets a new writing process; the old one
-        writes what it was sent and ends."""
+    def configure(self, destination: Destination, buffer: int, flush_interval: float) -> None:
+        """New settings (a reload): a new output gets a new writing process; the old one writes
+        what it was sent and ends."""
         self.destination = destination
-        self.layout = layout
         self.limit = buffer
         self.lines.batch = max(1, min(BATCH, buffer // 4))
         self.flush_interval = flush_interval
         process = getattr(self, "process", None)
-        if process is not None and (process.destination, process.layout) != (destination, layout):
+        if process is not None and process.destination != destination:
             self._retire()
             self.last_spawn = -WAIT_RESPAWN  # (the new output's process starts with the next batch)
 
@@ -90,7 +85,7 @@ class LogPipe:
     @property
     def unwritten(self) -> int:
         """Lines handed over and not yet written or lost."""
-        waiting = len(self.lines.rows) + self.backlog_lines + self.partial_lines
+        waiting = len(self.lines.lines) + self.backlog_lines + self.partial.count(b"\n")
         return waiting + sum(process.in_flight for process in self._processes())
 
     def start(self) -> None:
@@ -107,9 +102,9 @@ class LogPipe:
             self.ended_written += process.written
             self.ended_lost += process.lost + process.in_flight
             self.retired.remove(process)
-        rows = self.lines.take()
-        if rows or self.backlog or self.partial:
-            self._send(rows)
+        lines = self.lines.take()
+        if lines or self.backlog or self.partial:
+            self._send(lines)
 
     async def stop(self, timeout: float) -> int:
         """Send what is left and wait up to ``timeout`` for the writing processes to write it and
@@ -120,9 +115,8 @@ class LogPipe:
             await asyncio.sleep(0.01)  # (the pipe is full: the process is writing)
             self._drain()
         self._unwatch()
-        waiting = self.backlog_lines + self.partial_lines  # (what the pipe had no room for)
-        self.backlog_lines, self.backlog = 0, []
-        self._cut()
+        waiting = self.backlog_lines + self.partial.count(b"\n")  # (what the pipe had no room for)
+        self.backlog_lines, self.backlog, self.partial = 0, [], b""
         self.overflowed += waiting
         self._retire()
         for process in self.retired:
@@ -137,38 +131,39 @@ class LogPipe:
         return self.process is not None and self.process.running()
 
     # -- the pipe ---------------------------------------------------------------------------------
-    def _send(self, rows: list[Row]) -> None:
-        """Write ``rows`` after what is waiting; what the pipe has no room for waits (up to
+    def _send(self, lines: list[bytes]) -> None:
+        """Write ``lines`` after what is waiting; what the pipe has no room for waits (up to
         ``limit`` lines), the rest is dropped and counted."""
         if not self.started:
-            self._keep(rows)
+            self._keep(lines)
             return
         if not self._running():
             self._spawn()
             if self.process is None:
-                self.overflowed += len(rows)
+                self.overflowed += len(lines)
                 return
         if (self.partial or self.backlog) and not self._drain():
-            self._keep(rows)
+            self._keep(lines)
             return
-        if rows:
-            self._write(rows_text(rows), len(rows))
+        if lines:
+            self._write(b"".join(lines), len(lines))
 
-    def _keep(self, rows: list[Row]) -> None:
-        if self.backlog_lines + len(rows) > self.limit:
-            self.overflowed += len(rows)
-        elif rows:
-            self.backlog.append((rows_text(rows), len(rows)))
-            self.backlog_lines += len(rows)
+    def _keep(self, lines: list[bytes]) -> None:
+        if self.backlog_lines + len(lines) > self.limit:
+            self.overflowed += len(lines)
+        elif lines:
+            self.backlog.append(b"".join(lines))
+            self.backlog_lines += len(lines)
         if self.started:
             self._watch()
 
     def _drain(self) -> bool:
         """Write what waits; True when nothing does any more."""
-        if self.partial and not self._write(self.partial, self.partial_lines):
+        if self.partial and not self._write(self.partial, 0):
             return False
         while self.backlog:
-            data, lines = self.backlog.pop(0)
+            data = self.backlog.pop(0)
+            lines = data.count(b"\n")
             self.backlog_lines -= lines
             if not self._write(data, lines):
                 return False
@@ -176,12 +171,11 @@ class LogPipe:
         return True
 
     def _write(self, data: bytes, lines: int) -> bool:
-        """One write of a batch (or the rest of one) and its ``lines`` (rows) to the pipe; the
-        part that did not fit becomes ``partial``. True when all went."""
+        """One write to the pipe; the part that did not fit becomes ``partial``. True when all went."""
         process = self.process
         assert process is not None
         if not process.pipe_open:  # it ended: the next batch starts another
-            self.overflowed += lines
+            self.overflowed += lines or data.count(b"\n")
             return True
         try:
             done = os.write(process.pipe, data)
@@ -189,19 +183,19 @@ class LogPipe:
             done = 0
         except OSError:  # the process ended (killed?): what it was sent is lost
             self._unwatch()
-            process.gone(lines)
-            self._cut()
+            process.gone(lines or data.count(b"\n"))
+            self.partial = b""
             return True
+        process.sent += lines or data.count(b"\n")
         if done == len(data):
-            process.sent += lines
-            self._cut()
+            self.partial = b""
             return True
-        self.partial, self.partial_lines = data[done:], lines
+        # (lines sent counts whole lines: the cut one is counted when its end goes)
+        rest = data[done:]
+        process.sent -= rest.count(b"\n")
+        self.partial = rest
         self._watch()
         return False
-
-    def _cut(self) -> None:
-        self.partial, self.partial_lines = b"", 0
 
     def _watch(self) -> None:
         if not self.waiting and self._running():
@@ -226,10 +220,9 @@ class LogPipe:
         if self.process is not None:
             self._retire()
         self._unwatch()
-        self.overflowed += self.partial_lines  # (the start of its batch went to the process that ended)
-        self._cut()
+        self.partial = b""  # (the start of its line went to the process that ended)
         try:
-            self.process = _WritingProcess(self.destination, self.layout)
+            self.process = _WritingProcess(self.destination)
         except OSError as exc:
             log.warning("access log: cannot start the writing process: %s", exc)
 
@@ -248,9 +241,8 @@ class LogPipe:
 class _WritingProcess:
     """A running ``python writer.py``: its pipe, and the counts it reports on its status pipe."""
 
-    def __init__(self, destination: Destination, layout: Layout) -> None:
+    def __init__(self, destination: Destination) -> None:
         self.destination = destination
-        self.layout = layout
         read_end, self.pipe = os.pipe2(os.O_CLOEXEC)
         status_read, status_write = os.pipe2(os.O_CLOEXEC)
         try:
@@ -258,7 +250,7 @@ class _WritingProcess:
                 fcntl.fcntl(self.pipe, F_SETPIPE_SZ, PIPE_SIZE)
             self.child = subprocess.Popen(
                 # -I: the process imports nothing but the standard library (no site, no path).
-                [sys.executable, "-I", _SCRIPT, str(status_write), _describe(destination, layout)],
+                [sys.executable, "-I", _SCRIPT, str(status_write), _describe(destination)],
                 stdin=read_end,
                 pass_fds=(status_write,),
                 close_fds=True,
@@ -339,6 +331,5 @@ class _WritingProcess:
             self.status = -1
 
 
-def _describe(destination: Destination, layout: Layout) -> str:
-    where = [destination.path, destination.max_bytes, destination.every, destination.keep]
-    return json.dumps([*where, layout.names, layout.chosen, layout.keep_nulls])
+def _describe(destination: Destination) -> str:
+    return json.dumps([destination.path, destination.max_bytes, destination.every, destination.keep])

@@ -1,11 +1,8 @@
 """The access log's writing process: run as a script by the gateway (pipe.py starts one per worker),
-it reads rows from stdin (an exchange's values as a JSON array, one a line: hotpath.py makes
-them), makes each the access log's line (a JSON object of the configured fields) and writes the
-lines to stdout or to a file it rotates. So no thread of the gateway's holds its GIL or stalls in
-the kernel for the file system (a thread writing the file cost the loop about a tenth of its
-requests per second in bench/run), and naming the fields, formatting the time and durations and
-writing the object cost the event loop nothing. It imports nothing but the standard library and
-orjson.
+it reads lines from stdin and writes them to stdout or to a file it rotates, so that no thread of
+the gateway's holds its GIL or stalls in the kernel for the file system (a thread writing the
+file cost the loop about a tenth of its requests per second in bench/run). It imports nothing
+but the standard library.
 
 A file is opened in append mode. Several workers' writers may append to one file: each batch is
 written in pieces that end at a line's end (at most ``PIPE_BUF`` bytes to a pipe, whose writes
@@ -27,9 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Final
-
-import orjson
+from typing import Final
 
 STDOUT: Final = None
 READ_SIZE: Final = 1 << 20
@@ -37,108 +32,6 @@ READ_SIZE: Final = 1 << 20
 FILE_PIECE: Final = 1 << 20
 PIPE_PIECE: Final = select.PIPE_BUF
 WAIT_WRITABLE: Final = 1.0  # a non-blocking output that is full is polled this often
-_LINE: Final = orjson.OPT_APPEND_NEWLINE
-
-
-@dataclass(frozen=True, slots=True)
-class Layout:
-    """What a line holds: ``names`` names a row's values in their order (FIELDS in
-    config/accesslog.py), ``chosen`` the fields a line has in its order (None: all of them), and
-    ``keep_nulls`` writes fields without a value as null (else they are left out)."""
-
-    names: tuple[str, ...]
-    chosen: tuple[str, ...] | None = None
-    keep_nulls: bool = False
-
-
-class Clock:
-    """RFC 3339 UTC times with milliseconds: the seconds are formatted once per second, the whole
-    text once per millisecond (lines of the same millisecond share it)."""
-
-    def __init__(self) -> None:
-        self.second = -1
-        self.prefix = ""
-        self.milli = -1
-        self.text = ""
-
-    def format(self, wall: float) -> str:
-        milli = int(wall * 1000.0)
-        if milli != self.milli:
-            second = milli // 1000
-            if second != self.second:
-                self.second = second
-                self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
-            self.milli = milli
-            self.text = f"{self.prefix}{milli % 1000:03d}Z"
-        return self.text
-
-
-class Formatter:
-    """Rows to lines. A row holds the line's values in the order of ``Layout.names``, but for
-    these: the time is the exchange's start (monotonic seconds: this machine's monotonic clock is
-    the gateway's), a null trace id is the request id, the durations are in microseconds, and one
-    more value ends the row: the listed headers (null: none listed)."""
-
-    def __init__(self, layout: Layout) -> None:
-        self.layout = layout
-        self.clock = Clock()
-
-    def batch(self, batch: bytes) -> tuple[bytes, int]:
-        """The lines of a batch (``<rows> <JSON array of rows>``, as hotpath.rows_text makes it)
-        and the number of rows it holds; a row that is not one of this layout makes no line."""
-        count, _, text = batch.partition(b" ")
-        try:
-            rows = int(count)
-            parsed: list[Any] = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            parsed = _parsed(text)  # (the standard library reads a lone surrogate's escape)
-        except ValueError:  # not a batch (a count that is no number): nothing to count
-            return b"", 0
-        offset = time.time() - time.monotonic()  # wall-clock time minus monotonic time
-        lines: list[bytes] = []
-        for row in parsed if isinstance(parsed, list) else ():
-            try:
-                lines.append(self.line(row, offset))
-            except (TypeError, ValueError, AttributeError):  # not a row
-                continue
-        return b"".join(lines), rows
-
-    def line(self, row: list[Any], offset: float) -> bytes:
-        """One row's line, the time taken as the row's start plus ``offset``."""
-        layout = self.layout
-        if len(row) != len(layout.names) + 1:
-            raise ValueError("not a row of this layout")
-        headers = row.pop()
-        row[_TIME] = self.clock.format(row[_TIME] + offset)
-        if row[_TRACE_ID] is None:
-            row[_TRACE_ID] = row[_REQUEST_ID]
-        row[_DURATION] /= 1000
-        if row[_UPSTREAM_WAIT] is not None:
-            row[_UPSTREAM_WAIT] /= 1000
-        if layout.keep_nulls:
-            record = dict(zip(layout.names, row, strict=True))
-        else:
-            record = {name: value for name, value in zip(layout.names, row, strict=True) if value is not None}
-        if layout.chosen is not None:
-            record = {name: record[name] for name in layout.chosen if name in record}
-        if headers is not None:
-            record["headers"] = headers
-        try:
-            return orjson.dumps(record, option=_LINE)
-        except orjson.JSONEncodeError:  # a lone surrogate (from a JWT claim): escaped, not refused
-            return (json.dumps(record, separators=(",", ":")) + "\n").encode()
-
-
-# The positions of the values a Formatter converts (the first fields of FIELDS, which every
-# line has; tests/test_access_log.py checks them against FIELDS).
-_TIME, _REQUEST_ID, _TRACE_ID, _DURATION, _UPSTREAM_WAIT = 0, 1, 2, 7, 13
-
-
-def _parsed(text: bytes) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,12 +209,11 @@ def _free_name(name: str) -> str:
 
 # -- the writing process ------------------------------------------------------------------------------
 def main(status_fd: int, described: str) -> None:
-    """Read rows from stdin until it closes, write their lines to the destination, and report
+    """Read lines from stdin until it closes, write them to the destination, and report
     "<written> <lost> <error>" after each write on ``status_fd`` (non-blocking: a report the
     gateway has not read yet is replaced by the next one)."""
-    path, max_bytes, every, keep, names, chosen, keep_nulls = json.loads(described)
+    path, max_bytes, every, keep = json.loads(described)
     sink = Sink(Destination(path, max_bytes, every, keep))
-    formatter = Formatter(Layout(tuple(names), None if chosen is None else tuple(chosen), keep_nulls))
     os.set_blocking(status_fd, False)
     written = lost = 0
     rest = b""
@@ -334,11 +226,10 @@ def main(status_fd: int, described: str) -> None:
         else:
             rest = b""
         if data:
-            made = [formatter.batch(batch) for batch in data.splitlines()]
-            lines = sum(rows for _, rows in made)  # (a row that made no line is counted lost below)
+            lines = data.count(b"\n")
             error = ""
             try:
-                sink.write([text for text, _ in made])
+                sink.write([data])
             except OSError as exc:
                 sink.close()  # opened again for the next batch
                 error = str(exc)
