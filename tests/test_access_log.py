@@ -328,7 +328,7 @@ def test_the_backlog_stays_bounded_and_drops_are_counted_while_the_output_blocks
     fifo = tmp_path / "blocked.fifo"
     os.mkfifo(fifo)
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    line = b"x" * 1023 + b"\n"
+    line = "x" * 1023 + "\n"
 
     async def scenario() -> LogPipe:
         pipe = LogPipe(Destination(str(fifo)), buffer=100, flush_interval=0.01)
@@ -362,7 +362,7 @@ def test_a_failing_output_loses_lines_counted_and_keeps_its_error(run: Any) -> N
         pipe = LogPipe(Destination("/dev/full"), buffer=1000, flush_interval=0.01)
         pipe.start()
         for _ in range(10):
-            pipe.lines.put(b'{"a":1}\n')
+            pipe.lines.put('{"a":1}\n')
         pipe.flush()
         await async_wait_until(lambda: (pipe.flush(), pipe.lost)[1] == 10)
         assert pipe.error is not None and os.strerror(errno.ENOSPC) in pipe.error
@@ -380,7 +380,7 @@ def test_stop_writes_what_is_buffered(tmp_path: Path, run: Any) -> None:
         pipe = LogPipe(Destination(str(path)), buffer=10_000, flush_interval=60.0)
         pipe.start()
         for i in range(500):
-            pipe.lines.put(b'{"n":%d}\n' % i)
+            pipe.lines.put(f'{{"n":{i}}}\n')
         assert await pipe.stop(5.0) == 0
         return pipe
 
@@ -395,7 +395,7 @@ def test_a_killed_writing_process_is_replaced_and_its_lines_counted(tmp_path: Pa
     async def scenario() -> LogPipe:
         pipe = LogPipe(Destination(str(path)), buffer=10_000, flush_interval=60.0)
         pipe.start()
-        pipe.lines.put(b'{"n":1}\n')
+        pipe.lines.put('{"n":1}\n')
         pipe.flush()
         await async_wait_until(lambda: (pipe.flush(), pipe.written)[1] == 1)
         first = pipe.process
@@ -403,7 +403,7 @@ def test_a_killed_writing_process_is_replaced_and_its_lines_counted(tmp_path: Pa
         first.child.kill()
         await asyncio.to_thread(first.child.wait)
         await asyncio.sleep(WAIT_RESPAWN)  # (a process that ended is replaced at most once a second)
-        pipe.lines.put(b'{"n":2}\n')
+        pipe.lines.put('{"n":2}\n')
         pipe.flush()
         await async_wait_until(lambda: (pipe.flush(), pipe.written)[1] == 2)
         assert pipe.process is not first
@@ -539,7 +539,7 @@ def config_of(**access_log: Any) -> Any:
     return load_config(text=orjson.dumps({"access_log": access_log}).decode())
 
 
-def into(lines: list[bytes]) -> LineBuffer:
+def into(lines: list[str]) -> LineBuffer:
     """A buffer that hands each line to ``lines`` at once."""
     return LineBuffer(1, lines.extend)
 
@@ -554,7 +554,7 @@ def finished(
 
 
 def test_sampling_writes_every_error_and_a_ratio_of_successes() -> None:
-    lines: list[bytes] = []
+    lines: list[str] = []
     maker = LineMaker(config_of(sample=0.25).access_log, into(lines), chance=random.Random(7).random)
     for _ in range(10_000):
         maker(finished(200))
@@ -607,11 +607,11 @@ def test_query_is_dropped_by_default_and_redacted_when_kept() -> None:
         b"page=2&api_key=s1&X-Signature=s2&%61ccess_token=s3&k=s4&refresh=eyJhbGciOi.eyJzdWIi.c2ln"
         b"&eyJhbGciOi.eyJzdWIi.c2ln&flag&my_session_id=s5"
     )
-    dropped: list[bytes] = []
+    dropped: list[str] = []
     LineMaker(config_of().access_log, into(dropped))(finished(200, "/p", query))
     assert orjson.loads(dropped[0])["path"] == "/p"
 
-    kept: list[bytes] = []
+    kept: list[str] = []
     config = config_of(query="keep", redact_params=["Cursor"]).access_log
     maker = LineMaker(config, into(kept), secret_params=["k"])
     maker(finished(200, "/p", query + b"&cursor=c1"))
@@ -622,14 +622,14 @@ def test_query_is_dropped_by_default_and_redacted_when_kept() -> None:
 
 
 def test_a_token_in_the_path_is_redacted() -> None:
-    lines: list[bytes] = []
+    lines: list[str] = []
     token = hs_sign(claims(sub="user-42"))
     LineMaker(config_of().access_log, into(lines))(finished(200, f"/login/{token}/done"))
     assert orjson.loads(lines[0])["path"] == f"/login/{REDACTED}/done"
 
 
 def test_fields_can_be_chosen_and_listed_headers_named_like_secrets_are_redacted() -> None:
-    lines: list[bytes] = []
+    lines: list[str] = []
     listed = ["User-Agent", "X-Hub-Signature-256", "X-Shopify-Hmac-Sha256", "Api-Key", "X-Device", "Accept"]
     config = config_of(fields=["status", "method", "request_id"], headers=listed).access_log
     sent = [

@@ -111,13 +111,14 @@ def millis(seconds: float) -> float:
 def one_line(exchange: Any, **access_log: Any) -> dict[str, Any]:
     """The line a LineMaker with ``access_log`` settings writes for ``exchange``, parsed."""
     config = load_config(text=orjson.dumps({"access_log": access_log}).decode()).access_log
-    lines: list[bytes] = []
+    lines: list[str] = []
     LineMaker(config, LineBuffer(1, lines.extend))(exchange)
     assert len(lines) == 1
     line = lines[0]
     # One line: a newline inside a value would let a request forge lines of its own.
-    assert line.endswith(b"\n") and line.count(b"\n") == 1 and b"\r" not in line
-    parsed: dict[str, Any] = json.loads(line.decode("utf-8"))  # strict UTF-8, valid JSON
+    assert line.endswith("\n") and line.count("\n") == 1 and "\r" not in line
+    sent = line.encode("utf-8")  # strict, as the pipe sends a batch: no lone surrogate is left
+    parsed: dict[str, Any] = json.loads(sent.decode("utf-8"))  # valid JSON
     return parsed
 
 
@@ -150,3 +151,12 @@ def test_chosen_fields_come_in_their_order(values: dict[str, Any], chosen: list[
     line = one_line(exchange, fields=chosen)
     assert line == {name: expected[name] for name in chosen if expected.get(name) is not None}
     assert list(line) == [name for name in chosen if name in line]
+
+
+def test_a_lone_surrogate_in_a_path_or_a_claim_is_escaped() -> None:
+    exchange = request_exchange([(b"host", b"gateway.test")], path="/ab")
+    exchange.path = "/a\ud800b"  # (as a path decoded with surrogateescape would hold it)
+    exchange.response_status = 200
+    exchange.vars()["claims"] = {"sub": "u\udc00"}
+    line = one_line(exchange)
+    assert (line["path"], line["user_id"]) == ("/a\ud800b", "u\udc00")

@@ -131,7 +131,7 @@ class LogPipe:
         return self.process is not None and self.process.running()
 
     # -- the pipe ---------------------------------------------------------------------------------
-    def _send(self, lines: list[bytes]) -> None:
+    def _send(self, lines: list[str]) -> None:
         """Write ``lines`` after what is waiting; what the pipe has no room for waits (up to
         ``limit`` lines), the rest is dropped and counted."""
         if not self.started:
@@ -146,13 +146,13 @@ class LogPipe:
             self._keep(lines)
             return
         if lines:
-            self._write(b"".join(lines), len(lines))
+            self._write("".join(lines).encode(), len(lines))
 
-    def _keep(self, lines: list[bytes]) -> None:
+    def _keep(self, lines: list[str]) -> None:
         if self.backlog_lines + len(lines) > self.limit:
             self.overflowed += len(lines)
         elif lines:
-            self.backlog.append(b"".join(lines))
+            self.backlog.append("".join(lines).encode())
             self.backlog_lines += len(lines)
         if self.started:
             self._watch()
