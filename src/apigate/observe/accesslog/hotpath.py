@@ -230,12 +230,13 @@ class Lines:
         )
         if state:
             claims = state.get("claims")
-            identity += (
-                self.optional(self.key_id, state.get("key_id"))
-                + self.optional(self.user_id, self.subject(claims) if claims is not None else None)
-                + self.optional(self.limited, state.get("limited"))
+            # (one string build: each + would make a string of its own)
+            identity = (
+                f"{identity}{self.optional(self.key_id, state.get('key_id'))}"
+                f"{self.optional(self.user_id, self.subject(claims) if claims is not None else None)}"
+                f"{self.optional(self.limited, state.get('limited'))}"
                 # hit, stale, miss, revalidated, bypass, refresh (docs/cache.md)
-                + self.optional(self.cache, state.get("cache"))
+                f"{self.optional(self.cache, state.get('cache'))}"
             )
         elif keep_nulls:
             identity += ',"key_id":null,"user_id":null,"limited":null,"cache":null'
