@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import errno
+import json
 import os
 import random
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +27,7 @@ import pytest
 from apigate.config.accesslog import FIELDS
 from apigate.config.loader import ConfigError, load_config
 from apigate.consumers.passwords import hash_password
-from apigate.observe.accesslog import AccessLog
+from apigate.observe.accesslog import AccessLog, writer
 from apigate.observe.accesslog.hotpath import LineBuffer
 from apigate.observe.accesslog.lines import REDACTED, LineMaker
 from apigate.observe.accesslog.pipe import WAIT_RESPAWN, LogPipe
@@ -435,6 +438,11 @@ def numbered(start: int, count: int, width: int = 100) -> list[bytes]:
     return [(b'{"n":%d,"pad":"' % i).ljust(width - 3, b"x") + b'"}\n' for i in range(start, start + count)]
 
 
+def batch(start: int, count: int) -> tuple[bytes, int]:
+    """What the writing process gives its Sink: the lines of a batch and their number."""
+    return b"".join(numbered(start, count)), count
+
+
 def rotated_files(path: Path) -> list[Path]:
     return sorted(p for p in path.parent.iterdir() if p.name.startswith(path.name + ".2"))
 
@@ -449,7 +457,7 @@ def test_rotation_by_size_keeps_each_file_under_the_limit_and_every_line(tmp_pat
     sink = Sink(Destination(str(path), max_bytes=1000, keep=100), clock)
     written = 0
     for size in (7, 3, 12, 1, 25, 2):
-        sink.write(numbered(written, size))
+        sink.write(*batch(written, size))
         written += size
         clock.now += 0.5
     sink.close()
@@ -467,7 +475,7 @@ def test_rotation_keeps_only_the_newest_files(tmp_path: Path) -> None:
     clock = FakeClock(datetime(2026, 12, 5, 10, 0, tzinfo=UTC).timestamp())
     sink = Sink(Destination(str(path), max_bytes=1024, keep=2), clock)
     for i in range(20):
-        sink.write(numbered(i * 10, 10))  # a file's worth each time: one rotation per write
+        sink.write(*batch(i * 10, 10))  # a file's worth each time: one rotation per write
     sink.close()
     files = rotated_files(path)
     assert len(files) == 2
@@ -478,18 +486,18 @@ def test_rotation_by_time_at_each_boundary_of_the_period(tmp_path: Path) -> None
     path = tmp_path / "access.log"
     clock = FakeClock(datetime(2026, 12, 5, 10, 59, 58, tzinfo=UTC).timestamp())
     sink = Sink(Destination(str(path), every=3600.0, keep=10), clock)
-    sink.write(numbered(0, 3))
+    sink.write(*batch(0, 3))
     clock.now += 1.5  # 10:59:59.5: the same hour
-    sink.write(numbered(3, 3))
+    sink.write(*batch(3, 3))
     assert rotated_files(path) == []
     clock.now += 1.0  # 11:00:00.5
-    sink.write(numbered(6, 2))
+    sink.write(*batch(6, 2))
     (first,) = rotated_files(path)
     assert first.name == "access.log.20261205T110000.500Z"
     assert numbers_in(first) == list(range(6))
     assert numbers_in(path) == [6, 7]
     clock.now += 7200  # 13:00:00.5: two boundaries passed, one rotation
-    sink.write(numbered(8, 1))
+    sink.write(*batch(8, 1))
     sink.close()
     assert len(rotated_files(path)) == 2
     assert numbers_in(path) == [8]
@@ -502,7 +510,7 @@ def test_a_file_left_from_an_earlier_period_is_rotated_on_the_first_write(tmp_pa
     os.utime(path, (yesterday, yesterday))
     clock = FakeClock(datetime(2026, 12, 5, 8, 0, tzinfo=UTC).timestamp())
     sink = Sink(Destination(str(path), every=86400.0), clock)
-    sink.write(numbered(2, 1))
+    sink.write(*batch(2, 1))
     sink.close()
     (old,) = rotated_files(path)
     assert (numbers_in(old), numbers_in(path)) == ([0, 1], [2])
@@ -514,7 +522,7 @@ def test_workers_sharing_a_rotated_file_lose_no_line(tmp_path: Path) -> None:
     destination = Destination(str(path), max_bytes=1000, keep=100)
     first, second = Sink(destination, clock), Sink(destination, clock)
     for i in range(30):  # each rotates in turn; the other follows the path to the new file
-        (first if i % 2 else second).write(numbered(i * 4, 4))
+        (first if i % 2 else second).write(*batch(i * 4, 4))
         clock.now += 0.25
     first.close()
     second.close()
@@ -526,12 +534,86 @@ def test_workers_sharing_a_rotated_file_lose_no_line(tmp_path: Path) -> None:
 def test_a_file_renamed_from_outside_is_opened_again(tmp_path: Path) -> None:
     path = tmp_path / "access.log"
     sink = Sink(Destination(str(path)))
-    sink.write(numbered(0, 2))
+    sink.write(*batch(0, 2))
     path.rename(tmp_path / "access.log.1")  # as logrotate does
-    sink.write(numbered(2, 2))
+    sink.write(*batch(2, 2))
     sink.close()
     assert numbers_in(tmp_path / "access.log.1") == [0, 1]
     assert numbers_in(path) == [2, 3]
+
+
+def read_all_in_a_thread(fifo: Path, executor: ThreadPoolExecutor, stop_after: int | None = None) -> Any:
+    """A reader of ``fifo``; its future gives what it read, until the writer closed it or
+    ``stop_after`` bytes (then it closes its end)."""
+
+    def read() -> bytes:
+        reader = os.open(fifo, os.O_RDONLY)  # (waits for the writer: no end of input before it)
+        chunks: list[bytes] = []
+        got = 0
+        try:
+            while stop_after is None or got < stop_after:
+                chunk = os.read(reader, 65536 if stop_after is None else min(65536, stop_after - got))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+        finally:
+            os.close(reader)
+        return b"".join(chunks)
+
+    return executor.submit(read)
+
+
+def test_a_batch_to_a_pipe_goes_in_pieces_of_whole_lines(tmp_path: Path) -> None:
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    long_line = b'{"n":100,"pad":"' + b"y" * 10_000 + b'"}\n'  # longer than PIPE_BUF: written alone
+    data, count = batch(0, 100)
+    data += long_line + b"".join(numbered(101, 5))
+    with ThreadPoolExecutor(1) as executor:
+        received = read_all_in_a_thread(fifo, executor)
+        sink = Sink(Destination(str(fifo)))
+        sink.write(data, count + 6)
+        assert sink.written_lines == 106
+        sink.close()
+        assert received.result(timeout=10) == data
+
+
+def test_a_pipe_closed_inside_a_batch_counts_the_lines_of_the_pieces_that_went(tmp_path: Path) -> None:
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    lines = [b"%04d" % i + b"x" * 995 + b"\n" for i in range(1000)]  # 1,000 bytes: 4 to a piece
+    with ThreadPoolExecutor(1) as executor:
+        received = read_all_in_a_thread(fifo, executor, stop_after=10_000)
+        sink = Sink(Destination(str(fifo)))
+        with pytest.raises(BrokenPipeError):
+            sink.write(b"".join(lines), len(lines))
+        sink.close()
+        assert len(received.result(timeout=10)) == 10_000
+    # The pipe took what it holds before the reader left; what failed was counted unwritten.
+    assert 10 <= sink.written_lines < 1000
+    assert sink.written_lines % 4 == 0
+
+
+def test_a_batch_cut_short_by_the_end_of_the_input_keeps_its_whole_lines(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    lines = numbered(0, 3)
+    sent = lines[0] + lines[1][:40]  # the gateway ended inside the second line
+    status_read, status_write = os.pipe()
+    child = subprocess.Popen(
+        [sys.executable, "-I", writer.__file__, str(status_write), json.dumps([str(path), None, None, 7])],
+        stdin=subprocess.PIPE,
+        pass_fds=(status_write,),
+    )
+    os.close(status_write)
+    assert child.stdin is not None
+    child.stdin.write(writer.BATCH_HEADER.pack(len(b"".join(lines)), 3) + sent)
+    child.stdin.close()
+    assert child.wait(timeout=10) == 0
+    with os.fdopen(status_read, "rb") as status:
+        reports = status.read().splitlines()
+    assert reports[-1] == b"1 2 "  # one line written, two lost
+    assert numbers_in(path) == [0]
 
 
 # -- lines made in process: sampling, query, reloads ----------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Final
 
 from apigate.observe.accesslog import writer
 from apigate.observe.accesslog.hotpath import LineBuffer
-from apigate.observe.accesslog.writer import Destination
+from apigate.observe.accesslog.writer import BATCH_HEADER, Destination
 
 log = logging.getLogger("apigate.access_log")
 
@@ -41,9 +41,9 @@ class LogPipe:
         self.configure(destination, buffer, flush_interval)
         self.process: _WritingProcess | None = None
         self.retired: list[_WritingProcess] = []  # earlier outputs' processes, finishing
-        self.backlog: list[bytes] = []  # whole batches the pipe had no room for
+        self.backlog: list[tuple[bytes, int]] = []  # batches' lines (and how many) waiting for the pipe
         self.backlog_lines = 0
-        self.partial = b""  # the rest of a batch the pipe took in part
+        self.partial = b""  # the rest of a batch the pipe took in part (its lines counted sent)
         self.overflowed = 0  # lines refused on the loop: the pipe and the buffer were full
         self.started = False
         self.waiting = False  # the loop watches the pipe for room
@@ -85,7 +85,7 @@ class LogPipe:
     @property
     def unwritten(self) -> int:
         """Lines handed over and not yet written or lost."""
-        waiting = len(self.lines.lines) + self.backlog_lines + self.partial.count(b"\n")
+        waiting = len(self.lines.lines) + self.backlog_lines
         return waiting + sum(process.in_flight for process in self._processes())
 
     def start(self) -> None:
@@ -115,7 +115,7 @@ class LogPipe:
             await asyncio.sleep(0.01)  # (the pipe is full: the process is writing)
             self._drain()
         self._unwatch()
-        waiting = self.backlog_lines + self.partial.count(b"\n")  # (what the pipe had no room for)
+        waiting = self.backlog_lines  # (what the pipe had no room for)
         self.backlog_lines, self.backlog, self.partial = 0, [], b""
         self.overflowed += waiting
         self._retire()
@@ -132,70 +132,54 @@ class LogPipe:
 
     # -- the pipe ---------------------------------------------------------------------------------
     def _send(self, lines: list[str]) -> None:
-        """Write ``lines`` after what is waiting; what the pipe has no room for waits (up to
-        ``limit`` lines), the rest is dropped and counted."""
-        if not self.started:
-            self._keep(lines)
-            return
-        if not self._running():
-            self._spawn()
-            if self.process is None:
-                self.overflowed += len(lines)
-                return
-        if (self.partial or self.backlog) and not self._drain():
-            self._keep(lines)
-            return
-        if lines:
-            self._write("".join(lines).encode(), len(lines))
-
-    def _keep(self, lines: list[str]) -> None:
+        """Queue ``lines`` as one batch after what is waiting (up to ``limit`` lines wait; the rest
+        are dropped and counted) and write what the pipe has room for."""
         if self.backlog_lines + len(lines) > self.limit:
             self.overflowed += len(lines)
         elif lines:
-            self.backlog.append("".join(lines).encode())
+            self.backlog.append(("".join(lines).encode(), len(lines)))
             self.backlog_lines += len(lines)
-        if self.started:
-            self._watch()
+        if not self.started:
+            return
+        if not self._running():
+            self._spawn()
+        if self._running():
+            self._drain()
 
     def _drain(self) -> bool:
-        """Write what waits; True when nothing does any more."""
-        if self.partial and not self._write(self.partial, 0):
-            return False
-        while self.backlog:
-            data = self.backlog.pop(0)
-            lines = data.count(b"\n")
-            self.backlog_lines -= lines
-            if not self._write(data, lines):
+        """Write what waits, oldest first; True when nothing does any more. When the pipe is full
+        the loop watches it and comes back."""
+        process = self.process
+        while process is not None and (self.partial or self.backlog):
+            begun = bool(self.partial)
+            if begun:
+                data, lines, header = self.partial, 0, b""
+            else:  # (the header goes with the lines in one writev: no copy of the batch to join them)
+                data, lines = self.backlog[0]
+                header = BATCH_HEADER.pack(len(data), lines)
+            try:
+                done = os.writev(process.pipe, (header, data)) if process.pipe_open else -1
+            except BlockingIOError:
+                done = 0
+            except OSError:
+                done = -1
+            if done < 0:  # it ended: what it was sent is lost; the waiting batches go to the next
+                self._unwatch()
+                process.gone()
+                self.partial = b""
                 return False
+            if done and not begun:
+                self.backlog.pop(0)
+                self.backlog_lines -= lines
+                process.sent += lines
+            if done < len(header) + len(data):
+                if done:
+                    self.partial = (header + data)[done:]
+                self._watch()
+                return False
+            self.partial = b""
         self._unwatch()
         return True
-
-    def _write(self, data: bytes, lines: int) -> bool:
-        """One write to the pipe; the part that did not fit becomes ``partial``. True when all went."""
-        process = self.process
-        assert process is not None
-        if not process.pipe_open:  # it ended: the next batch starts another
-            self.overflowed += lines or data.count(b"\n")
-            return True
-        try:
-            done = os.write(process.pipe, data)
-        except BlockingIOError:
-            done = 0
-        except OSError:  # the process ended (killed?): what it was sent is lost
-            self._unwatch()
-            process.gone(lines or data.count(b"\n"))
-            self.partial = b""
-            return True
-        process.sent += lines or data.count(b"\n")
-        if done == len(data):
-            self.partial = b""
-            return True
-        # (lines sent counts whole lines: the cut one is counted when its end goes)
-        rest = data[done:]
-        process.sent -= rest.count(b"\n")
-        self.partial = rest
-        self._watch()
-        return False
 
     def _watch(self) -> None:
         if not self.waiting and self._running():
@@ -220,7 +204,7 @@ class LogPipe:
         if self.process is not None:
             self._retire()
         self._unwatch()
-        self.partial = b""  # (the start of its line went to the process that ended)
+        self.partial = b""  # (the batch's start went to the process that ended: it counts it lost)
         try:
             self.process = _WritingProcess(self.destination)
         except OSError as exc:
@@ -264,7 +248,7 @@ class _WritingProcess:
         os.set_blocking(self.pipe, False)
         os.set_blocking(status_read, False)
         self.status = status_read
-        self.sent = 0  # lines written into the pipe
+        self.sent = 0  # lines of the batches written into the pipe, in whole or in part
         self.written = 0
         self.lost = 0
         self.error: str | None = None
@@ -278,10 +262,10 @@ class _WritingProcess:
     def running(self) -> bool:
         return self.pipe_open and self.child.poll() is None
 
-    def gone(self, lines: int) -> None:
-        """The pipe broke: the process ended; ``lines`` and what it had not written are lost."""
+    def gone(self) -> None:
+        """The pipe broke: the process ended; what it had not written is lost."""
         self.read_status()
-        self.lost += lines + self.in_flight
+        self.lost += self.in_flight
         self.sent = self.written + self.lost
         self.close_pipe()
 
