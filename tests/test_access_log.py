@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import random
+import select
 import socket
 import struct
 import subprocess
@@ -564,19 +565,70 @@ def read_all_in_a_thread(fifo: Path, executor: ThreadPoolExecutor, stop_after: i
     return executor.submit(read)
 
 
-def test_a_batch_to_a_pipe_goes_in_pieces_of_whole_lines(tmp_path: Path) -> None:
+def test_a_batch_to_a_pipe_goes_in_pieces_of_whole_lines(tmp_path: Path, monkeypatch: Any) -> None:
     fifo = tmp_path / "out.fifo"
     os.mkfifo(fifo)
     long_line = b'{"n":100,"pad":"' + b"y" * 10_000 + b'"}\n'  # longer than PIPE_BUF: written alone
     data, count = batch(0, 100)
     data += long_line + b"".join(numbered(101, 5))
+    sink = Sink(Destination(str(fifo)))
+    writes: list[bytes] = []
+    real_write = os.write
+
+    def recorded(fd: int, chunk: Any) -> int:
+        if fd == sink.fd:
+            writes.append(bytes(chunk))
+        return real_write(fd, chunk)
+
     with ThreadPoolExecutor(1) as executor:
         received = read_all_in_a_thread(fifo, executor)
-        sink = Sink(Destination(str(fifo)))
+        monkeypatch.setattr(writer.os, "write", recorded)
         sink.write(data, count + 6)
+        monkeypatch.undo()
         assert sink.written_lines == 106
         sink.close()
         assert received.result(timeout=10) == data
+    # Pieces the kernel never interleaves with another writer's: at most PIPE_BUF bytes, whole
+    # lines; the long line alone, in as many writes as the pipe takes it.
+    assert b"".join(writes) == data
+    long_start = data.index(long_line)
+    ends = [sum(map(len, writes[: i + 1])) for i in range(len(writes))]
+    for size, end in zip(map(len, writes), ends, strict=True):
+        inside_long_line = long_start < end <= long_start + len(long_line)
+        assert inside_long_line or (size <= select.PIPE_BUF and data[end - 1 : end] == b"\n")
+    assert long_start in [0, *ends] and long_start + len(long_line) in ends
+
+
+def test_batches_cut_by_a_full_pipe_reach_the_same_writing_process_whole(tmp_path: Path, run: Any) -> None:
+    fifo = tmp_path / "slow.fifo"
+    os.mkfifo(fifo)
+    # ~3.6 MB in batches of ~310 KB: the 1 MiB pipe fills, and the batch that meets its end goes
+    # in part (the rest when the pipe has room again).
+    lines = [f'{{"n":{i},"pad":"{"z" * 1200}"}}\n' for i in range(3000)]
+
+    async def scenario() -> LogPipe:
+        pipe = LogPipe(Destination(str(fifo)), buffer=10_000, flush_interval=0.01)
+        pipe.start()
+        cut = False
+        for line in lines:  # the writing process waits for a reader: the pipe fills, batches wait
+            pipe.lines.put(line)
+            cut = cut or bool(pipe.partial)
+        pipe.flush()
+        assert cut and pipe.backlog_lines > 0 and pipe.overflowed == 0
+        assert pipe.process is not None
+        child = pipe.process.child
+        with ThreadPoolExecutor(1) as executor:
+            received = read_all_in_a_thread(fifo, executor)
+            try:
+                await async_wait_until(lambda: (pipe.flush(), pipe.written)[1] == len(lines))
+                assert await pipe.stop(5.0) == 0
+            finally:  # (a process left writing would keep the reader waiting)
+                child.kill()
+            assert received.result(timeout=10).decode() == "".join(lines)
+        return pipe
+
+    pipe = run(scenario())
+    assert (pipe.written, pipe.dropped) == (3000, 0)
 
 
 def test_a_pipe_closed_inside_a_batch_counts_the_lines_of_the_pieces_that_went(tmp_path: Path) -> None:

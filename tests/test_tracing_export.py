@@ -524,19 +524,3 @@ def test_export_settings_default_and_header_names_are_lowercased() -> None:
     assert (export.batch.max_queue_size, export.batch.max_export_batch_size) == (2048, 512)
     plain = yaml.safe_dump({"routes": [{"path": "/x", "target": "http://a:1"}]})
     assert load_config(text=plain, environ={}).tracing.export is None  # off unless configured
-
-
-def test_an_export_lets_the_event_loop_take_the_interpreter_lock_back_within_its_interval() -> None:
-    # The export thread runs Python; with the default 5 ms switch interval every request that
-    # came during an export waited behind it (bench/run: p99 12-18 ms with 1 % traced).
-    from apigate.config.tracing import ExportConfig
-    from apigate.observe.otlp import GIL_SWITCH_INTERVAL, SpanPipeline
-
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(0.005)
-    pipeline = SpanPipeline(ExportConfig(endpoint=f"http://127.0.0.1:{free_port()}/v1/traces"))
-    try:
-        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL)
-    finally:
-        pipeline.close()
-        sys.setswitchinterval(before)

@@ -10,9 +10,8 @@ processor's own thread, never from the event loop.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping, Sequence
-from typing import Final, Literal
+from typing import Literal
 
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
@@ -29,11 +28,6 @@ Kind = Literal["server", "client"]
 _KINDS = {"server": SpanKind.SERVER, "client": SpanKind.CLIENT}
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSET = Status(StatusCode.UNSET)
-# How long the export thread may hold the interpreter lock while the event loop waits for it.
-# Python's default, 5 ms, put every request that arrived during an export behind it: with 1 %
-# of requests traced, p99 went from ~1.8 ms to 12-18 ms in bench/run; at 0.5 ms it was 4.7 ms and
-# at 0.2 ms 3.5 ms, requests/s the same. Set for the process once an export is configured.
-GIL_SWITCH_INTERVAL: Final = 0.0002
 
 
 class CountingExporter(SpanExporter):
@@ -67,7 +61,6 @@ class SpanPipeline:
 
     def __init__(self, settings: ExportConfig) -> None:
         batch = settings.batch
-        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL))
         exporter = OTLPSpanExporter(
             endpoint=settings.endpoint, headers=dict(settings.headers), timeout=settings.timeout
         )

@@ -104,8 +104,10 @@ class LineBuffer:
         lines = self.lines
         lines.append(line)
         if len(lines) >= self.batch:
-            self.send(lines)
-            lines.clear()
+            try:
+                self.send(lines)
+            finally:  # (sent or failed, the lines are not sent twice)
+                lines.clear()
 
     def take(self) -> list[str]:
         lines = self.lines[:]

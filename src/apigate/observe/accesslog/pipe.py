@@ -132,9 +132,12 @@ class LogPipe:
 
     # -- the pipe ---------------------------------------------------------------------------------
     def _send(self, lines: list[str]) -> None:
-        """Queue ``lines`` as one batch after what is waiting (up to ``limit`` lines wait; the rest
-        are dropped and counted) and write what the pipe has room for."""
-        if self.backlog_lines + len(lines) > self.limit:
+        """Queue ``lines`` as one batch after what is waiting (up to ``limit`` lines wait, or one
+        batch whatever its size; the rest are dropped and counted) and write what the pipe has room
+        for."""
+        if self.backlog and self._running():
+            self._drain()  # (the pipe may have room that the loop has not been told of yet)
+        if self.backlog and self.backlog_lines + len(lines) > self.limit:
             self.overflowed += len(lines)
         elif lines:
             self.backlog.append(("".join(lines).encode(), len(lines)))

@@ -254,8 +254,10 @@ def main(status_fd: int, described: str) -> None:
             view = view[: bytes(view[:got]).rfind(b"\n") + 1]
             whole = view.tobytes().count(b"\n")
         error = ""
+        sink.written_lines = 0
         try:
-            sink.write(view, whole)
+            if whole:
+                sink.write(view, whole)
         except OSError as exc:
             sink.close()  # opened again for the next batch
             error = str(exc)
