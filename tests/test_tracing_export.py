@@ -6,11 +6,14 @@ and a config that asks for export says what to install."""
 
 from __future__ import annotations
 
+import array
+import fcntl
 import os
 import re
 import signal
 import subprocess
 import sys
+import termios
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -287,6 +290,157 @@ def test_a_reload_turns_export_on_and_off(
         assert gateway.stop() == 0
     traces = {span.trace_id for span in receiver.snapshot()}
     assert quiet not in traces and unexported not in traces
+
+
+# -- the exporting process ----------------------------------------------------------------------------
+def exporting_processes(gateway: GatewayProcess) -> list[int]:
+    """The pids of the gateway's exporting processes (named apigate-spans), from /proc."""
+    assert gateway.proc is not None
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # (it ended meanwhile)
+            pid = int(entry.name)
+            parents[pid] = int(stat.rpartition(")")[2].split()[1])
+            names[pid] = stat[stat.index("(") + 1 : stat.rindex(")")]
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == gateway.proc.pid:
+                return True
+        return False
+
+    return [pid for pid, name in names.items() if name == "apigate-spans" and descends(pid)]
+
+
+def counters(gateway: GatewayProcess) -> dict[str, int]:
+    """The node's counters, asked for in an unsampled trace (the request makes no span)."""
+    unsampled = [("traceparent", f"00-{new_trace_id()}-{CLIENT_SPAN}-00")]
+    found: dict[str, int] = orjson.loads(request(gateway.port, "GET", "/metrics", headers=unsampled).body)[
+        "counters"
+    ]
+    return found
+
+
+def settled(gateway: GatewayProcess, spans: int) -> dict[str, int]:
+    """The counters once every one of ``spans`` spans was counted exported, failed or dropped."""
+
+    def counted() -> int:
+        found = counters(gateway)
+        return found["trace_spans_exported"] + found["trace_spans_failed"] + found["trace_spans_dropped"]
+
+    seconds_until(lambda: counted() >= spans, 20.0)
+    found = counters(gateway)
+    assert counted() == spans, found
+    return found
+
+
+@pytest.fixture
+def own_gateway(tmp_path: Path, receiver: OtlpReceiver, upstream: UpstreamServer) -> Iterator[GatewayProcess]:
+    """A gateway tracing every request, whose small span queue fills fast."""
+    export = {
+        **export_config(receiver),
+        "batch": {"schedule_delay": "50ms", "max_queue_size": 16, "max_export_batch_size": 8},
+    }
+    config = {
+        "tracing": {"sample_ratio": 1.0, "export": export},
+        "metrics": {"enabled": True},
+        "routes": [{"path": "/echo/*", "target": upstream.url}],
+    }
+    gateway = GatewayProcess(tmp_path, config).start()
+    yield gateway
+    gateway.stop()
+
+
+def test_spans_are_encoded_by_a_process_of_the_workers_own(
+    gateway: GatewayProcess, receiver: OtlpReceiver
+) -> None:
+    marker(gateway, receiver)
+    assert len(exporting_processes(gateway)) == 1
+
+
+def until_exported(gateway: GatewayProcess, receiver: OtlpReceiver) -> int:
+    """Send sampled requests until the spans of one arrive (earlier ones may be dropped while
+    the queue is full or no exporting process runs); how many were sent."""
+    sent: list[str] = []
+
+    def exported(spans: list[ReceivedSpan]) -> bool:
+        sent.append(ids_of(send(gateway, "/echo/again").header("traceresponse"))[0])
+        return any(span.trace_id in sent for span in spans)
+
+    receiver.wait_for(exported)
+    return len(sent)
+
+
+def unread_bytes(pid: int) -> int:
+    """What waits in the pipe that is ``pid``'s standard input (opened again through /proc)."""
+    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        found = array.array("i", [0])
+        fcntl.ioctl(fd, termios.FIONREAD, found)
+        return found[0]
+    finally:
+        os.close(fd)
+
+
+def stopped_exporting_process(gateway: GatewayProcess, receiver: OtlpReceiver) -> int:
+    """The pid of the gateway's exporting process, stopped (SIGSTOP) once it exported a trace."""
+    marker(gateway, receiver)
+    [process] = exporting_processes(gateway)
+    os.kill(process, signal.SIGSTOP)  # what it is sent now waits in its pipe, unread
+    return process
+
+
+def test_an_exporting_process_that_ends_is_replaced_and_what_it_held_is_counted_dropped(
+    own_gateway: GatewayProcess, receiver: OtlpReceiver
+) -> None:
+    process = stopped_exporting_process(own_gateway, receiver)
+    held = [ids_of(send(own_gateway, f"/echo/held-{n}").header("traceresponse"))[0] for n in range(3)]
+    seconds_until(lambda: unread_bytes(process) > 0, 10.0)
+    os.kill(process, signal.SIGKILL)  # with at least one span that it never read
+    requests = 1 + len(held) + until_exported(own_gateway, receiver)
+    assert exporting_processes(own_gateway) not in ([], [process])
+    # Every span is accounted for: exported, or counted dropped (those the ended process held,
+    # and those that came while no process ran).
+    found = settled(own_gateway, 2 * requests)
+    assert found["trace_spans_dropped"] >= 1 and found["trace_spans_failed"] == 0
+    exported = sum(span.trace_id in held for span in receiver.snapshot())
+    assert exported <= 2 * len(held) - 1
+
+
+def test_a_stalled_exporting_process_costs_spans_never_requests(
+    own_gateway: GatewayProcess, receiver: OtlpReceiver
+) -> None:
+    process = stopped_exporting_process(own_gateway, receiver)
+    try:
+        # 2,000 spans: more than the pipe, the frame being written and the queue of 16 hold.
+        statuses = {send(own_gateway, f"/echo/stalled-{n}").status for n in range(1000)}
+        assert statuses == {200}
+        assert counters(own_gateway)["trace_spans_dropped"] > 0
+    finally:
+        os.kill(process, signal.SIGCONT)
+    requests = 1 + 1000 + until_exported(own_gateway, receiver)
+    found = settled(own_gateway, 2 * requests)
+    assert found["trace_spans_exported"] >= 4 and found["trace_spans_failed"] == 0
+
+
+def test_a_worker_stops_even_when_its_exporting_process_does_not_read(
+    own_gateway: GatewayProcess, receiver: OtlpReceiver
+) -> None:
+    process = stopped_exporting_process(own_gateway, receiver)
+    for n in range(300):  # the pipe fills: the sending thread waits in a write
+        send(own_gateway, f"/echo/stuck-{n}")
+    started = time.monotonic()
+    assert own_gateway.stop() == 0
+    assert time.monotonic() - started < 30.0
+    assert (
+        not Path(f"/proc/{process}").exists() or "Z" in Path(f"/proc/{process}/stat").read_text().split()[2]
+    )
 
 
 # -- webhook deliveries -------------------------------------------------------------------------------

@@ -10,14 +10,16 @@ offset taken when the observer is made. Attributes follow the OpenTelemetry HTTP
 conventions; the query string is never recorded (it may carry an API key).
 
 The hook costs an unsampled exchange one attribute check; a sampled one a few dicts and a queue
-append: the SDK's batch processor sends from its own thread. A delivery attempt of a webhook is
-a span too (webhooks/tracing.py says whose trace it joins).
+append: the spans go to an exporting process of the worker's, which runs the SDK
+(spanprocess.py). A delivery attempt of a webhook is a span too (webhooks/tracing.py says whose
+trace it joins).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -25,6 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from apigate.engine.tracing import TraceIds
+from apigate.observe.spanprocess import SpanProcess
 from apigate.webhooks.tracing import AttemptTrace, attempt_trace
 
 if TYPE_CHECKING:
@@ -34,7 +37,6 @@ if TYPE_CHECKING:
     from apigate.config.tracing import ExportConfig
     from apigate.engine.exchange import Exchange
     from apigate.observe.base import FinishHook
-    from apigate.observe.otlp import SpanPipeline
     from apigate.services import Services
     from apigate.store.roles.webhooks import DeliveryClaim
     from apigate.webhooks.destinations.base import Result
@@ -57,8 +59,8 @@ class SpanExport:
     ) -> None:
         self.offset_ns = wall_ns() - int(monotonic() * 1e9)
         self.settings: ExportConfig | None = None
-        self.pipeline: SpanPipeline | None = None
-        self.pipelines: list[SpanPipeline] = []  # every one made, for counts that never go back
+        self.pipeline: SpanProcess | None = None
+        self.pipelines: list[SpanProcess] = []  # every one made, for counts that never go back
         self.delivery_ids = TraceIds()  # span ids and sampling of webhook delivery attempts
 
     # -- the Observer --------------------------------------------------------------------------------
@@ -67,12 +69,13 @@ class SpanExport:
         self.delivery_ids.ratio = tracing.sample_ratio
         if tracing.export != self.settings:
             old = self.pipeline
-            self.pipeline = _open(tracing.export) if tracing.export is not None else None
+            self.pipeline = SpanProcess(tracing.export) if tracing.export is not None else None
             if self.pipeline is not None:
                 self.pipelines.append(self.pipeline)
             self.settings = tracing.export
-            if old is not None:  # its queued spans go out from a thread of its own
-                threading.Thread(target=old.close, name="apigate-spans-close", daemon=True).start()
+            if old is not None:  # its queued spans go out, waited for by a thread of its own
+                closing = functools.partial(old.close, old.settings.timeout + STOP_TIMEOUT)
+                threading.Thread(target=closing, name="apigate-spans-close", daemon=True).start()
         return None if self.pipeline is None else self.finished
 
     async def start(self, config: GatewayConfig, services: Services) -> None:
@@ -184,12 +187,6 @@ class SpanExport:
         pipeline.emit(f"deliver {claim.destination}", "client", ids, True, times, attributes, error)
 
 
-def _open(settings: ExportConfig) -> SpanPipeline:
-    from apigate.observe.otlp import SpanPipeline
-
-    return SpanPipeline(settings)
-
-
 def _failure(exchange: Exchange) -> str | None:
     """Why the gateway ended the exchange itself (connect_failed, total_timeout, client_closed...),
     else why the last upstream attempt gave no response that was passed on."""
@@ -201,27 +198,26 @@ def _failure(exchange: Exchange) -> str | None:
     return None
 
 
-async def _closed_within(pipeline: SpanPipeline, timeout: float) -> bool:
-    """Close ``pipeline`` in a thread of its own (a daemon: a collector that does not answer cannot
-    hold the worker's exit) and wait up to ``timeout`` for it."""
+async def _closed_within(pipeline: SpanProcess, timeout: float) -> bool:
+    """Close ``pipeline`` in a thread of its own, its exporting process killed after ``timeout``."""
     loop = asyncio.get_running_loop()
-    closed = loop.create_future()
+    closed: asyncio.Future[bool] = loop.create_future()
 
     def close() -> None:
+        ended = False
         try:
-            pipeline.close()
+            ended = pipeline.close(timeout)
         finally:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
-                loop.call_soon_threadsafe(_settle, closed)
+                loop.call_soon_threadsafe(_settle, closed, ended)
 
     threading.Thread(target=close, name="apigate-spans-close", daemon=True).start()
     try:
-        await asyncio.wait_for(closed, timeout)
+        return await asyncio.wait_for(closed, timeout + 2.0)
     except TimeoutError:
         return False
-    return True
 
 
-def _settle(future: asyncio.Future[None]) -> None:
+def _settle(future: asyncio.Future[bool], ended: bool) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(ended)
