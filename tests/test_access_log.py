@@ -11,6 +11,7 @@ import json
 import os
 import random
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -702,6 +703,29 @@ def test_sampling_writes_every_error_and_a_ratio_of_successes() -> None:
     failed.failure = "aborted"  # a response cut short is an error whatever its status
     maker(failed)
     assert len(lines) == successes + 601
+
+
+def test_the_writing_process_is_left_to_its_worker_by_stop_signals(
+    start_gateway: Callable[..., GatewayProcess], upstream: UpstreamServer, tmp_path: Path
+) -> None:
+    """A stop signal to the whole process group (systemd, Ctrl-C) reaches the writing process too:
+    it must not end before its worker sent it the last lines."""
+    log_path = tmp_path / "access.log"
+    gateway = start_gateway(
+        {
+            "access_log": {"output": str(log_path), "flush_interval": FAST_FLUSH},
+            "routes": [{"path": "/api/*", "target": upstream.url}],
+        }
+    )
+    assert get(gateway, "/api/echo", "first").status == 200
+    wait_until(lambda: last_is(log_path, "first"))
+    [writer_pid] = gateway.helpers("apigate-log")
+    os.kill(writer_pid, signal.SIGTERM)
+    os.kill(writer_pid, signal.SIGINT)
+    assert get(gateway, "/api/echo", "second").status == 200
+    wait_until(lambda: last_is(log_path, "second"))  # (it ran since: the signals were delivered)
+    assert gateway.helpers("apigate-log") == [writer_pid]
+    assert [line["request_id"] for line in read_lines(log_path)] == ["first", "second"]
 
 
 def test_sample_zero_writes_only_errors_from_a_gateway(

@@ -248,8 +248,9 @@ def test_exported_spans_are_counted(gateway: GatewayProcess, receiver: OtlpRecei
     assert counters["trace_spans_failed"] == counters["trace_spans_dropped"] == 0
 
 
+@pytest.mark.parametrize("stop", ["worker", "process group"])
 def test_spans_queued_at_stop_are_sent_before_the_worker_exits(
-    receiver: OtlpReceiver, upstream: UpstreamServer, tmp_path: Path
+    receiver: OtlpReceiver, upstream: UpstreamServer, tmp_path: Path, stop: str
 ) -> None:
     export = {**export_config(receiver), "batch": {"schedule_delay": "5m"}}  # no send on its own
     config = {
@@ -259,6 +260,9 @@ def test_spans_queued_at_stop_are_sent_before_the_worker_exits(
     gateway = GatewayProcess(tmp_path, config).start()
     try:
         trace_id = ids_of(send(gateway, "/echo/last").header("traceresponse"))[0]
+        if stop == "process group":  # the exporting process gets the signal too, and sends
+            seconds_until(lambda: gateway.helpers("apigate-spans") != [], 10.0)
+            gateway.signal_group(signal.SIGTERM)
     finally:
         assert gateway.stop() == 0
     assert set(receiver.trace(trace_id, 2, limit=0.0)) == {"server", "client"}
@@ -293,31 +297,6 @@ def test_a_reload_turns_export_on_and_off(
 
 
 # -- the exporting process ----------------------------------------------------------------------------
-def exporting_processes(gateway: GatewayProcess) -> list[int]:
-    """The pids of the gateway's exporting processes (named apigate-spans), from /proc."""
-    assert gateway.proc is not None
-    parents: dict[int, int] = {}
-    names: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue  # (it ended meanwhile)
-            pid = int(entry.name)
-            parents[pid] = int(stat.rpartition(")")[2].split()[1])
-            names[pid] = stat[stat.index("(") + 1 : stat.rindex(")")]
-
-    def descends(pid: int) -> bool:
-        while pid > 1:
-            pid = parents.get(pid, 0)
-            if pid == gateway.proc.pid:
-                return True
-        return False
-
-    return [pid for pid, name in names.items() if name == "apigate-spans" and descends(pid)]
-
-
 def counters(gateway: GatewayProcess) -> dict[str, int]:
     """The node's counters, asked for in an unsampled trace (the request makes no span)."""
     unsampled = [("traceparent", f"00-{new_trace_id()}-{CLIENT_SPAN}-00")]
@@ -361,7 +340,7 @@ def test_spans_are_encoded_by_a_process_of_the_workers_own(
     gateway: GatewayProcess, receiver: OtlpReceiver
 ) -> None:
     marker(gateway, receiver)
-    assert len(exporting_processes(gateway)) == 1
+    assert len(gateway.helpers("apigate-spans")) == 1
 
 
 def until_exported(gateway: GatewayProcess, receiver: OtlpReceiver) -> int:
@@ -391,7 +370,7 @@ def unread_bytes(pid: int) -> int:
 def stopped_exporting_process(gateway: GatewayProcess, receiver: OtlpReceiver) -> int:
     """The pid of the gateway's exporting process, stopped (SIGSTOP) once it exported a trace."""
     marker(gateway, receiver)
-    [process] = exporting_processes(gateway)
+    [process] = gateway.helpers("apigate-spans")
     os.kill(process, signal.SIGSTOP)  # what it is sent now waits in its pipe, unread
     return process
 
@@ -404,13 +383,24 @@ def test_an_exporting_process_that_ends_is_replaced_and_what_it_held_is_counted_
     seconds_until(lambda: unread_bytes(process) > 0, 10.0)
     os.kill(process, signal.SIGKILL)  # with at least one span that it never read
     requests = 1 + len(held) + until_exported(own_gateway, receiver)
-    assert exporting_processes(own_gateway) not in ([], [process])
+    assert own_gateway.helpers("apigate-spans") not in ([], [process])
     # Every span is accounted for: exported, or counted dropped (those the ended process held,
     # and those that came while no process ran).
     found = settled(own_gateway, 2 * requests)
     assert found["trace_spans_dropped"] >= 1 and found["trace_spans_failed"] == 0
     exported = sum(span.trace_id in held for span in receiver.snapshot())
     assert exported <= 2 * len(held) - 1
+
+
+def test_the_exporting_process_is_left_to_its_worker_by_stop_signals(
+    own_gateway: GatewayProcess, receiver: OtlpReceiver
+) -> None:
+    marker(own_gateway, receiver)
+    [process] = own_gateway.helpers("apigate-spans")
+    os.kill(process, signal.SIGTERM)
+    os.kill(process, signal.SIGINT)
+    until_exported(own_gateway, receiver)  # (it ran since: the signals were delivered)
+    assert own_gateway.helpers("apigate-spans") == [process]
 
 
 def test_a_stalled_exporting_process_costs_spans_never_requests(

@@ -68,7 +68,11 @@ class GatewayProcess:
         if self.workers:
             args += ["--workers", str(self.workers)]
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        # In a session of its own, as a service manager starts it: a signal to its process group
+        # (signal_group) reaches it and its helpers, not the tests.
+        self.proc = subprocess.Popen(
+            args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         try:
             wait_for_port(self.port, self.proc)
         except Exception as exc:
@@ -83,6 +87,38 @@ class GatewayProcess:
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
+
+    def helpers(self, name: str) -> list[int]:
+        """The pids of the processes under this gateway named ``name`` in ps (/proc/<pid>/comm):
+        apigate-log (an access log's writing process), apigate-spans (span export)."""
+        assert self.proc is not None
+        parents: dict[int, int] = {}
+        named: list[int] = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue  # (it ended meanwhile)
+                pid = int(entry.name)
+                parents[pid] = int(stat.rpartition(")")[2].split()[1])
+                if stat[stat.index("(") + 1 : stat.rindex(")")] == name:
+                    named.append(pid)
+
+        def under_gateway(pid: int) -> bool:
+            while pid > 1:
+                pid = parents.get(pid, 0)
+                if self.proc is not None and pid == self.proc.pid:
+                    return True
+            return False
+
+        return [pid for pid in named if under_gateway(pid)]
+
+    def signal_group(self, sig: int) -> None:
+        """``sig`` to every process of the gateway at once, as systemd stops a service
+        (KillMode=control-group) and a terminal sends Ctrl-C."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, sig)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

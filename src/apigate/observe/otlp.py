@@ -180,8 +180,8 @@ def _read_frame(source: BinaryIO) -> bytes | None:
 
 
 if __name__ == "__main__":
-    # A Ctrl-C or a stop signal to the gateway's process group is the worker's to act on: this
-    # process ends when the worker closes its input (or exits), after sending what it holds.
+    # A stop signal to the gateway's whole process group (systemd's default, a Ctrl-C) is the
+    # worker's to act on: this process ends once its input ends, having sent what it holds.
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, signal.SIG_IGN)
     with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:  # (Linux: named in ps)

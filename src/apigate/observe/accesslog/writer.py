@@ -19,6 +19,7 @@ import json
 import os
 import re
 import select
+import signal
 import stat
 import struct
 import sys
@@ -282,4 +283,10 @@ def _read_into(view: memoryview) -> int:
 
 
 if __name__ == "__main__":
+    # A stop signal to the gateway's whole process group (systemd's default, a Ctrl-C) is the
+    # worker's to act on: this process ends once its input ends, having written what it was sent.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.SIG_IGN)
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:  # (Linux: named in ps)
+        comm.write("apigate-log")
     main(int(sys.argv[1]), sys.argv[2])
