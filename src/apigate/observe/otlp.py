@@ -34,7 +34,7 @@ from apigate import __version__
 from apigate.config.tracing import ExportConfig
 from apigate.observe.spanprocess import FRAME_HEADER, MOST_FRAME_BYTES
 
-REPORT_EVERY: Final = 0.2  # seconds between reports of changed counts to the worker
+REPORT_EVERY: Final = 1.0  # seconds between reports of changed counts to the worker
 
 _KINDS = {"server": SpanKind.SERVER, "client": SpanKind.CLIENT}
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)

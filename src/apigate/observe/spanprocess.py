@@ -33,8 +33,8 @@ log = logging.getLogger("apigate.tracing")
 
 FRAME_HEADER: Final = struct.Struct("<I")  # the frame's payload length
 MOST_FRAME_BYTES: Final = 256 << 20
-SEND_EVERY: Final = 0.05  # seconds the sending thread waits for more spans (the SDK batches again)
-SEND_AT: Final = 256  # queued spans that wake the sending thread at once
+SEND_EVERY: Final = 0.5  # seconds between frames (each wake of the thread takes the GIL from the loop)
+SEND_AT: Final = 1024  # queued spans that wake the sending thread sooner
 WAIT_RESPAWN: Final = 1.0  # seconds between starts of an exporting process that keeps ending
 COMMAND: Final = (sys.executable, "-m", "apigate.observe.otlp")
 
