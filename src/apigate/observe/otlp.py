@@ -188,8 +188,8 @@ if __name__ == "__main__":
     with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:  # (Linux: named in ps)
         comm.write("apigate-spans")
     # Idle scheduling class (Linux): woken by its worker's frames, it was put on the worker's
-    # core and preempted it, costing more requests than its CPU time (bench/run's tracing-1%:
-    # 0.82 of plain's requests/s with the default class, 0.94 with this one). Under CPU
+    # core and preempted it, costing more requests than its CPU time (tracing-1% in alternating
+    # wrk runs: 0.82 of plain's requests/s with the default class, 0.94 with this one). Under CPU
     # saturation spans wait for idle time, and past the queue are dropped and counted.
     with contextlib.suppress(AttributeError, OSError):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
