@@ -41,8 +41,9 @@ async def _create(name: str) -> None:
 async def _drop(name: str) -> None:
     admin = await _admin()
     try:
-        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        # FORCE (PostgreSQL 13+) ends the database's sessions and waits for them: a backend told to
+        # end by pg_terminate_backend may still be attached when a plain DROP runs.
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
 
