@@ -34,7 +34,7 @@ log = logging.getLogger("apigate.tracing")
 FRAME_HEADER: Final = struct.Struct("<I")  # the frame's payload length
 MOST_FRAME_BYTES: Final = 256 << 20
 SEND_EVERY: Final = 0.5  # seconds between frames (each wake of the thread takes the GIL from the loop)
-SEND_AT: Final = 1024  # queued spans that wake the sending thread sooner
+SEND_AT: Final = 1024  # queued spans that wake the sending thread sooner (half a smaller queue)
 WAIT_RESPAWN: Final = 1.0  # seconds between starts of an exporting process that keeps ending
 COMMAND: Final = (sys.executable, "-m", "apigate.observe.otlp")
 
@@ -49,6 +49,7 @@ class SpanProcess:
         self.settings = settings
         self.command = command
         self.capacity = settings.batch.max_queue_size
+        self.send_at = max(1, min(SEND_AT, self.capacity // 2))  # (a small queue is not left to fill)
         self.queue: deque[tuple[Any, ...]] = deque()
         self.wake = threading.Event()
         self.closing = False
@@ -80,7 +81,7 @@ class SpanProcess:
         trace_id, span_id, parent_id = ids
         hex_ids = (trace_id.decode(), span_id.decode(), parent_id.decode() if parent_id else None)
         queue.append((name, kind, hex_ids, remote_parent, times, attributes, error))
-        if len(queue) == SEND_AT:
+        if len(queue) == self.send_at:
             self.wake.set()
 
     def counts(self) -> tuple[int, int, int]:
