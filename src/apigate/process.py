@@ -35,7 +35,7 @@ from apigate.engine.server import Gateway
 from apigate.node.link import WorkerLink
 from apigate.node.runtime import NodeRuntime
 from apigate.observe.accesslog import AccessLog
-from apigate.observe.base import Observer
+from apigate.observe.base import Observer, SampledHook
 from apigate.observe.events import EventFeed
 from apigate.observe.tracing import SpanExport
 from apigate.observe.usage import UsageObserver
@@ -206,10 +206,14 @@ class Runtime:
 
     def apply(self, config: GatewayConfig) -> None:
         """Compile ``config`` and serve it; raises (and keeps the running plan) if compiling fails."""
-        hooks = [hook for observer in self.observers if (hook := observer.apply(config)) is not None]
+        applied = [hook for observer in self.observers if (hook := observer.apply(config)) is not None]
+        hooks = [hook for hook in applied if not isinstance(hook, SampledHook)]
+        sampled = [hook.hook for hook in applied if isinstance(hook, SampledHook)]
         gateway = self.gateway
         states, meters = gateway.target_states, gateway.meters
-        plan = compile_plan(config, gateway.pools, self.services, states, self.discovered, hooks, meters)
+        plan = compile_plan(
+            config, gateway.pools, self.services, states, self.discovered, hooks, meters, sampled
+        )
         gateway.apply(plan)
         self.config = config
         if config is not self._reported:  # once per config loaded, not again when it is re-applied

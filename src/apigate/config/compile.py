@@ -174,13 +174,15 @@ def compile_plan(
     discovered: Mapping[str, Sequence[tuple[str, int]]] | None = None,
     finish_hooks: Sequence[LogHook] = (),
     meters: Meters | None = None,
+    sampled_hooks: Sequence[LogHook] = (),
 ) -> Plan:
     """The Plan for ``config``: upstream targets get their pools from ``pools`` and their health
     and circuits from ``states`` (both kept across reloads), policies get ``services``. An upstream
     whose targets come from a service or DNS takes them, as (url, weight), from ``discovered``
     (none known yet: no target, and its requests are answered 503). ``finish_hooks`` see every
-    finished exchange (the process's observers). Routes and targets count into ``meters`` (kept
-    across reloads) unless ``metrics.enabled`` is off."""
+    finished exchange, ``sampled_hooks`` those whose trace is sampled (the process's observers).
+    Routes and targets count into ``meters`` (kept across reloads) unless ``metrics.enabled`` is
+    off."""
     states = states if states is not None else TargetStates()
     groups: dict[str, UpstreamGroup] = {}
     for name, upstream in config.upstreams.items():
@@ -277,6 +279,7 @@ def compile_plan(
         inactive=inactive,
         upstreams=all_groups,
         finish_hooks=tuple(finish_hooks),
+        sampled_hooks=tuple(sampled_hooks),
         unrouted=unrouted,
         trace_sample_ratio=config.tracing.sample_ratio,
     )

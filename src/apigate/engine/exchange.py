@@ -37,7 +37,7 @@ from apigate.httpspec import IDEMPOTENT_METHODS
 
 if TYPE_CHECKING:
     from apigate.engine.client import ClientConnection
-    from apigate.engine.plan import CompiledRoute, Plan, Target, UpstreamGroup
+    from apigate.engine.plan import CompiledRoute, LogHook, Plan, Target, UpstreamGroup
 
 log = logging.getLogger("apigate")
 # A Final is a C static when compiled: each clock read skips a lookup in the module's globals.
@@ -1321,17 +1321,19 @@ class Exchange:
         if target is not None:
             target.state.in_flight -= 1
         if route is not None and route.log_hooks:
-            for hook in route.log_hooks:
-                try:
-                    hook(self)
-                except Exception:
-                    self.client.gateway.log_exception("log hook failed", self)
-        for hook in self.plan.finish_hooks:
+            self._run_log_hooks(route.log_hooks, "log hook failed")
+        plan = self.plan
+        self._run_log_hooks(plan.finish_hooks, "finish hook failed")
+        if self.sampled and plan.sampled_hooks:
+            self._run_log_hooks(plan.sampled_hooks, "finish hook failed")
+        self.client.exchange_finished(self)
+
+    def _run_log_hooks(self, hooks: tuple[LogHook, ...], failed: str) -> None:
+        for hook in hooks:
             try:
                 hook(self)
             except Exception:
-                self.client.gateway.log_exception("finish hook failed", self)
-        self.client.exchange_finished(self)
+                self.client.gateway.log_exception(failed, self)
 
 
 def finish_filters(filters: list[Any], data: bytes) -> bytes:

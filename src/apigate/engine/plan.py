@@ -229,5 +229,6 @@ class Plan:
     # Called for every finished exchange, routed or not (access log, usage, events, spans): the
     # process builds them from the config; the engine knows only that they take the exchange.
     finish_hooks: tuple[LogHook, ...] = ()
+    sampled_hooks: tuple[LogHook, ...] = ()  # called only for the exchanges whose trace is sampled
     unrouted: RouteMeter | None = None  # what counts requests no route matched (None: metrics off)
     trace_sample_ratio: float = 0.0  # of new traces, the share marked sampled (engine/tracing.py)

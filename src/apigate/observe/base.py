@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -13,13 +14,23 @@ if TYPE_CHECKING:
 FinishHook = Callable[["Exchange"], None]
 
 
+@dataclass(frozen=True)
+class SampledHook:
+    """A hook for the finished exchanges whose trace is sampled (span export): the engine reads
+    the flag itself, so the others cost no call (with 1 % sampled, a call of a Python hook for
+    every request cost about as much as the spans of the sampled ones)."""
+
+    hook: FinishHook
+
+
 class Observer(Protocol):
     """Lives as long as the worker: a reload calls ``apply`` again, it never rebuilds the observer
     (a log file, a writer thread or an unsent batch is kept)."""
 
-    def apply(self, config: GatewayConfig) -> FinishHook | None:
-        """Take ``config``; the hook the engine calls for every finished exchange, or None when
-        this observer is off. Runs on the event loop: the hook must not block or await."""
+    def apply(self, config: GatewayConfig) -> FinishHook | SampledHook | None:
+        """Take ``config``; the hook the engine calls for every finished exchange (or, wrapped in
+        ``SampledHook``, for the sampled ones), or None when this observer is off. Runs on the
+        event loop: the hook must not block or await."""
 
     async def start(self, config: GatewayConfig, services: Services) -> None:
         """Start what runs in the background (a writer, a flush timer); ``services`` opens the

@@ -9,8 +9,8 @@ Both are built after the exchange finished from its monotonic times, moved to th
 offset taken when the observer is made. Attributes follow the OpenTelemetry HTTP semantic
 conventions; the query string is never recorded (it may carry an API key).
 
-The hook costs an unsampled exchange one attribute check; a sampled one a few dicts and a queue
-append: the spans go to an exporting process of the worker's, which runs the SDK
+The hook is called for sampled exchanges only (the engine reads the flag: ``SampledHook``); it
+costs a few dicts and a queue append: the spans go to an exporting process of the worker's, which runs the SDK
 (spanprocess.py). A delivery attempt of a webhook is a span too (webhooks/tracing.py says whose
 trace it joins).
 """
@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 from apigate.engine.tracing import TraceIds
+from apigate.observe.base import SampledHook
 from apigate.observe.spanprocess import SpanProcess
 from apigate.webhooks.tracing import AttemptTrace, attempt_trace
 
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
     from apigate.config.models import GatewayConfig
     from apigate.config.tracing import ExportConfig
     from apigate.engine.exchange import Exchange
-    from apigate.observe.base import FinishHook
     from apigate.services import Services
     from apigate.store.roles.webhooks import DeliveryClaim
     from apigate.webhooks.destinations.base import Result
@@ -64,7 +64,7 @@ class SpanExport:
         self.delivery_ids = TraceIds()  # span ids and sampling of webhook delivery attempts
 
     # -- the Observer --------------------------------------------------------------------------------
-    def apply(self, config: GatewayConfig) -> FinishHook | None:
+    def apply(self, config: GatewayConfig) -> SampledHook | None:
         tracing = config.tracing
         self.delivery_ids.ratio = tracing.sample_ratio
         if tracing.export != self.settings:
@@ -76,7 +76,7 @@ class SpanExport:
             if old is not None:  # its queued spans go out, waited for by a thread of its own
                 closing = functools.partial(old.close, old.settings.timeout + STOP_TIMEOUT)
                 threading.Thread(target=closing, name="apigate-spans-close", daemon=True).start()
-        return None if self.pipeline is None else self.finished
+        return None if self.pipeline is None else SampledHook(self.export_exchange)
 
     async def start(self, config: GatewayConfig, services: Services) -> None:
         services.trace_deliveries(self)
@@ -96,10 +96,6 @@ class SpanExport:
         return dict(zip(COUNT_NAMES, totals, strict=True))
 
     # -- exchanges -----------------------------------------------------------------------------------
-    def finished(self, exchange: Exchange) -> None:
-        if exchange.sampled:
-            self.export_exchange(exchange)
-
     def export_exchange(self, exchange: Exchange) -> None:
         pipeline = self.pipeline
         if pipeline is None:
