@@ -1,8 +1,7 @@
-"""Span export over OTLP/HTTP (``tracing.export``, the ``otel`` extra) from a real gateway process
-to a real receiver: the exported ids are the ones the client and the upstream were told, parents
-link up, attributes follow the HTTP semantic conventions, unsampled requests export nothing, and
-webhook deliveries are spans of the sender's trace. Without the extra nothing of the SDK loads,
-and a config that asks for export says what to install."""
+"""Span export over OTLP/HTTP (``tracing.export``) from a real gateway process to a real receiver:
+the exported ids are the ones the client and the upstream were told, parents link up, attributes
+follow the HTTP semantic conventions, unsampled requests export nothing, and webhook deliveries
+are spans of the sender's trace. Export needs nothing of the OpenTelemetry SDK."""
 
 from __future__ import annotations
 
@@ -500,11 +499,11 @@ def _span_where(receiver: OtlpReceiver, matches: Callable[[ReceivedSpan], bool])
     return next(span for span in found if matches(span))
 
 
-# -- without the extra --------------------------------------------------------------------------------
-# Makes the SDK, the exporter and the protobuf types unimportable (as when `apigate[otel]` is not
-# installed) and notes each attempt to import them in the file $OTEL_IMPORT_ATTEMPTS names, with
-# the module that tried. Other libraries may try on their own (redis-py looks for the SDK's
-# metrics), so what counts is that no module of apigate does.
+# -- without the OpenTelemetry SDK ----------------------------------------------------------------------
+# Makes the SDK, the exporter and the protobuf types unimportable (as when they are not installed)
+# and notes each attempt to import them in the file $OTEL_IMPORT_ATTEMPTS names, with the module
+# that tried. Other libraries may try on their own (redis-py looks for the SDK's metrics), so what
+# counts is that no module of apigate does.
 BLOCKER = textwrap.dedent(
     """
     import os
@@ -530,13 +529,18 @@ BLOCKER = textwrap.dedent(
 
 
 @pytest.fixture
-def without_extra(tmp_path: Path) -> dict[str, str]:
-    """The environment of a process in which the ``otel`` extra is not installed."""
+def without_sdk(tmp_path: Path) -> dict[str, str]:
+    """The environment of a process in which the OpenTelemetry SDK is not installed."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(BLOCKER)
     path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
-    return {"PYTHONPATH": path, "OTEL_IMPORT_ATTEMPTS": str(tmp_path / "attempts.txt")}
+    environ = {"PYTHONPATH": path, "OTEL_IMPORT_ATTEMPTS": str(tmp_path / "attempts.txt")}
+    blocked = subprocess.run(
+        [sys.executable, "-c", "import opentelemetry.sdk"], env={**os.environ, **environ}, capture_output=True
+    )
+    assert blocked.returncode != 0  # the blocker is in force
+    return environ
 
 
 def attempts_by_apigate(environ: dict[str, str]) -> list[str]:
@@ -546,24 +550,27 @@ def attempts_by_apigate(environ: dict[str, str]) -> list[str]:
     return [line for line in lines if line.split()[0].startswith("apigate")]
 
 
-def test_without_the_extra_the_gateway_serves_and_never_reaches_for_the_sdk(
-    without_extra: dict[str, str], upstream: UpstreamServer, tmp_path: Path
+def test_spans_are_exported_without_the_sdk(
+    without_sdk: dict[str, str], receiver: OtlpReceiver, upstream: UpstreamServer, tmp_path: Path
 ) -> None:
     config = {
-        "tracing": {"sample_ratio": 1.0},
+        "tracing": {"sample_ratio": 1.0, "export": {"endpoint": receiver.endpoint, "service_name": "no-sdk"}},
         "routes": [{"path": "/echo/*", "target": upstream.url}],
     }
-    gateway = GatewayProcess(tmp_path, config, env=without_extra).start()
+    gateway = GatewayProcess(tmp_path, config, env=without_sdk).start()
     try:
-        response = send(gateway, "/echo/plain")
-        assert response.status == 200 and ids_of(response.header("traceresponse"))[2] == "01"
+        trace_id = ids_of(send(gateway, "/echo/plain").header("traceresponse"))[0]
+        spans = receiver.trace(trace_id, 2)
+        assert (
+            spans["server"].service_name == "no-sdk"
+            and spans["client"].parent_span_id == spans["server"].span_id
+        )
     finally:
         assert gateway.stop() == 0
-    assert Path(without_extra["OTEL_IMPORT_ATTEMPTS"]).exists()  # the blocker was in force
-    assert attempts_by_apigate(without_extra) == [], gateway.output()
+    assert attempts_by_apigate(without_sdk) == [], gateway.output()
 
 
-def test_every_module_but_the_exporters_own_imports_without_the_sdk(without_extra: dict[str, str]) -> None:
+def test_every_module_imports_without_the_sdk(without_sdk: dict[str, str]) -> None:
     script = textwrap.dedent(
         """
         import importlib, pkgutil
@@ -571,7 +578,7 @@ def test_every_module_but_the_exporters_own_imports_without_the_sdk(without_extr
 
         names = [m.name for m in pkgutil.walk_packages(apigate.__path__, "apigate.")]
         for name in names:
-            if name not in ("apigate.__main__", "apigate.observe.otlp"):
+            if name != "apigate.__main__":
                 importlib.import_module(name)
         print(len(names))
         """
@@ -581,44 +588,11 @@ def test_every_module_but_the_exporters_own_imports_without_the_sdk(without_extr
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, **without_extra},
+        env={**os.environ, **without_sdk},
     )
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) > 150  # every module was walked
-    assert attempts_by_apigate(without_extra) == []
-    # The exporter's own module is the one that needs the extra.
-    done = subprocess.run(
-        [sys.executable, "-c", "import apigate.observe.otlp"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, **without_extra},
-    )
-    assert done.returncode != 0 and attempts_by_apigate(without_extra)
-
-
-def test_export_without_the_extra_is_refused_naming_what_to_install(
-    without_extra: dict[str, str], tmp_path: Path
-) -> None:
-    config_path = tmp_path / "apigate.yaml"
-    config = {
-        "listen": f"127.0.0.1:{free_port()}",
-        "tracing": {"export": {"endpoint": "http://127.0.0.1:4318/v1/traces"}},
-        "routes": [{"path": "/x", "target": "http://127.0.0.1:9"}],
-    }
-    config_path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, **without_extra}
-    for command, code in (("check", 1), ("run", 2)):
-        done = subprocess.run(
-            [sys.executable, "-m", "apigate", command, "-c", str(config_path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=env,
-        )
-        assert done.returncode == code, done.stdout + done.stderr
-        output = done.stdout + done.stderr
-        assert "tracing.export" in output and "pip install 'apigate[otel]'" in output, output
+    assert attempts_by_apigate(without_sdk) == []
 
 
 # -- the config ---------------------------------------------------------------------------------------

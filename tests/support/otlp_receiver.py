@@ -80,6 +80,8 @@ class OtlpReceiver(ThreadedServer):
         self.spans: list[ReceivedSpan] = []
         self.headers: list[dict[str, str]] = []
         self.lock = threading.Lock()
+        self.refusals: list[tuple[int, str | None]] = []  # (status, Retry-After) for the next POSTs
+        self.posts = 0
 
     @property
     def endpoint(self) -> str:
@@ -91,6 +93,17 @@ class OtlpReceiver(ThreadedServer):
         class Handler(JsonHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                with receiver.lock:
+                    receiver.posts += 1
+                    refusal = receiver.refusals.pop(0) if receiver.refusals else None
+                if refusal is not None:
+                    status, retry_after = refusal
+                    self.send_response(status)
+                    if retry_after is not None:
+                        self.send_header("retry-after", retry_after)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
                 if self.headers.get("content-encoding") == "gzip":
                     body = gzip.decompress(body)
                 if self.path != "/v1/traces" or self.headers.get("content-type") != "application/x-protobuf":
@@ -109,6 +122,11 @@ class OtlpReceiver(ThreadedServer):
 
         self.listen(Handler)
         return self
+
+    def refuse(self, status: int, retry_after: str | None = None, times: int = 1) -> None:
+        """Answer the next ``times`` export requests with ``status`` (and a Retry-After)."""
+        with self.lock:
+            self.refusals += [(status, retry_after)] * times
 
     def snapshot(self) -> list[ReceivedSpan]:
         with self.lock:

@@ -1,9 +1,8 @@
 """The ``tracing:`` section: W3C trace context is always propagated; this sets how many new
-traces are marked sampled and, with the ``otel`` extra, where their spans are exported."""
+traces are marked sampled and where their spans are exported."""
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
@@ -12,23 +11,10 @@ from apigate.config.headernames import HEADER_NAME
 from apigate.config.units import Duration
 from apigate.config.validators import Strict, check_http_url
 
-# What ``pip install 'apigate[otel]'`` brings: looked up, not imported, while the config is read.
-OTEL_MODULES = ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
-OTEL_MISSING = "needs the OpenTelemetry SDK and OTLP exporter: pip install 'apigate[otel]'"
-
-
-def otel_installed() -> bool:
-    for name in OTEL_MODULES:
-        try:
-            if importlib.util.find_spec(name) is None:
-                return False
-        except ImportError:  # a parent package is missing
-            return False
-    return True
-
 
 class BatchConfig(Strict):
-    """The SDK's batching: spans wait in a bounded queue and go in batches from its own thread."""
+    """Batching as the OpenTelemetry SDK's batch span processor does it: spans wait in a bounded
+    queue and go in batches (observe/otlp.py)."""
 
     max_queue_size: int = Field(
         default=2048, ge=1, le=1_000_000, description="spans waiting to be sent; more are dropped and counted"
@@ -83,10 +69,3 @@ class TracingConfig(Strict):
     export: ExportConfig | None = Field(
         default=None, description="send sampled spans to an OpenTelemetry collector (off when absent)"
     )
-
-    @field_validator("export")
-    @classmethod
-    def _check_installed(cls, export: ExportConfig | None) -> ExportConfig | None:
-        if export is not None and not otel_installed():
-            raise ValueError(OTEL_MISSING)
-        return export

@@ -1,8 +1,7 @@
 """The worker's end of span export: finished spans wait in a bounded queue, and a thread sends
-them in frames to the exporting process (otlp.py, run as a program), which builds, batches,
-encodes and sends them with the OpenTelemetry SDK. In the worker, a span costs a tuple and a
-queue append on the loop and a share of one ``orjson.dumps`` on the sending thread: no SDK code
-runs there and nothing of it is imported.
+them in frames to the exporting process (otlp.py, run as a program), which encodes, batches
+and sends them. In the worker, a span costs a tuple and a queue append on the loop and a share
+of one ``orjson.dumps`` on the sending thread.
 
 A frame is a 4-byte length and a JSON list of spans. When the exporting process cannot keep up,
 the queue fills and further spans are dropped and counted; when it ends, the spans it had not

@@ -1,5 +1,4 @@
-"""Spans of sampled exchanges and webhook deliveries, exported over OTLP/HTTP (``tracing.export``;
-the SDK comes with the ``otel`` extra and is imported only once export is configured).
+"""Spans of sampled exchanges and webhook deliveries, exported over OTLP/HTTP (``tracing.export``).
 
 A sampled exchange becomes a SERVER span, whose id is the one named to the client in
 ``traceresponse`` and whose parent is the client's span when it sent a traceparent, and, when
@@ -10,9 +9,9 @@ offset taken when the observer is made. Attributes follow the OpenTelemetry HTTP
 conventions; the query string is never recorded (it may carry an API key).
 
 The hook is called for sampled exchanges only (the engine reads the flag: ``SampledHook``); it
-costs a few dicts and a queue append: the spans go to an exporting process of the worker's, which runs the SDK
-(spanprocess.py). A delivery attempt of a webhook is a span too (webhooks/tracing.py says whose
-trace it joins).
+costs a few dicts and a queue append: the spans go to an exporting process of the worker's
+(spanprocess.py), which encodes and sends them (otlp.py). A delivery attempt of a webhook is a
+span too (webhooks/tracing.py says whose trace it joins).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def attempt_trace(headers: Sequence[tuple[str, str]], ids: TraceIds) -> AttemptT
 
 
 class DeliverySpans(Protocol):
-    """What traces delivery attempts (observe/tracing.py, with the ``otel`` extra)."""
+    """What traces delivery attempts (observe/tracing.py)."""
 
     def begin(self, claim: DeliveryClaim) -> AttemptTrace | None:
         """The attempt's trace; None while export is off."""
