@@ -5,6 +5,9 @@ is retried as the OTLP specification says; batches, the queue's bound and the co
 from __future__ import annotations
 
 import io
+import re
+import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -185,3 +188,42 @@ def test_batches_the_queue_bound_and_the_counts(receiver: OtlpReceiver) -> None:
     assert sent == [2, 2, 1]
     assert (exporter.exported, exporter.failed, exporter.dropped) == (3, 2, 2)
     assert report.getvalue().splitlines()[-1] == b"3 2 2"
+
+
+def test_a_kept_alive_connection_the_collector_closed_is_replaced_at_once() -> None:
+    """A collector that closes an idle kept-alive connection: the next batch goes on a new one,
+    without a backoff."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    requests: list[bytes] = []
+    closed = threading.Event()
+
+    def serve() -> None:
+        for _ in range(2):  # each connection answers one request, then is closed without a word
+            conn, _ = listener.accept()
+            with conn:
+                received = b""
+                while b"\r\n\r\n" not in received:
+                    received += conn.recv(65536)
+                head, _, body = received.partition(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+                while len(body) < length:
+                    body += conn.recv(65536)
+                requests.append(body)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            closed.set()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    clock = Clock()
+    collector = Collector(
+        settings(f"http://127.0.0.1:{listener.getsockname()[1]}/v1/traces"), {}, clock.sleep, clock
+    )
+    try:
+        assert collector.send(b"first") and collector.connection is not None  # kept alive
+        assert closed.wait(10.0)  # the collector closed it
+        assert collector.send(b"second")
+        assert requests == [b"first", b"second"] and clock.slept == []
+    finally:
+        collector.close()
+        listener.close()
+        server.join(5)

@@ -87,10 +87,13 @@ class Collector:
         deadline = self.clock() + self.timeout
         backoff = FIRST_BACKOFF
         while True:
+            reused = self.connection is not None
             try:
                 status, retry_after = self._post(body, max(0.001, deadline - self.clock()))
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
+                if reused:  # closed by the collector while idle (keep-alive): a new one, at once
+                    continue
                 status, retry_after, why = None, None, f"{type(exc).__name__}: {exc}"
             else:
                 if 200 <= status < 300:
