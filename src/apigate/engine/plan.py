@@ -226,8 +226,9 @@ class Plan:
     # Shorthands not active, by route: (shorthand, why and what the route does meanwhile).
     inactive: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     upstreams: tuple[UpstreamGroup, ...] = ()  # every upstream group, named or a route's target
-    # Called for every finished exchange, routed or not (access log, usage, events, spans): the
-    # process builds them from the config; the engine knows only that they take the exchange.
+    # Called for every finished exchange, routed or not (access log, usage, events), and for the
+    # sampled ones (spans): the process builds them from the config; the engine knows only that
+    # they take the exchange.
     finish_hooks: tuple[LogHook, ...] = ()
     sampled_hooks: tuple[LogHook, ...] = ()  # called only for the exchanges whose trace is sampled
     unrouted: RouteMeter | None = None  # what counts requests no route matched (None: metrics off)

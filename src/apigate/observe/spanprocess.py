@@ -18,14 +18,12 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import IO, TYPE_CHECKING, Any, Final, Literal
 
 import orjson
 
 if TYPE_CHECKING:
-    from opentelemetry.util.types import AttributeValue
-
     from apigate.config.tracing import ExportConfig
 
 log = logging.getLogger("apigate.tracing")
@@ -38,6 +36,8 @@ WAIT_RESPAWN: Final = 1.0  # seconds between starts of an exporting process that
 COMMAND: Final = (sys.executable, "-m", "apigate.observe.otlp")
 
 Kind = Literal["server", "client"]
+# A span attribute's value, as OTLP's AnyValue holds it (otlpwire.py encodes these).
+AttributeValue = str | bool | int | float | Sequence[str]
 
 
 class SpanProcess:

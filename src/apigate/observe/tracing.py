@@ -27,12 +27,10 @@ from typing import TYPE_CHECKING, Final
 
 from apigate.engine.tracing import TraceIds
 from apigate.observe.base import SampledHook
-from apigate.observe.spanprocess import SpanProcess
+from apigate.observe.spanprocess import AttributeValue, SpanProcess
 from apigate.webhooks.tracing import AttemptTrace, attempt_trace
 
 if TYPE_CHECKING:
-    from opentelemetry.util.types import AttributeValue
-
     from apigate.config.models import GatewayConfig
     from apigate.config.tracing import ExportConfig
     from apigate.engine.exchange import Exchange
