@@ -4,7 +4,8 @@ The engine is plain, fully annotated Python; mypyc turns the classes of these mo
 extension types with native attribute access, which measured about 1.35x the proxy's
 requests/s (docs/benchmarks.md); the policies' per-request paths (``policies/*/hotpath.py``, kept
 free of pydantic) are compiled with them. Cython compiles the head reader (engine/heads.py, typed by
-its .pxd), a byte loop that is only worth running as C. The Python sources stay the reference:
+its .pxd), a byte loop that is only worth running as C, and the access log's batch of lines
+(observe/accesslog/render.py, whose .pxd holds the C). The Python sources stay the reference:
 editable installs (development) and ``APIGATE_PURE=1`` skip compiling, so an edited .py is
 never shadowed by a stale build, and a build that cannot compile falls back to the
 pure-Python engine. Compiling happens inside build_ext only, so metadata steps stay fast.
@@ -52,7 +53,7 @@ COMPILED = [
     "src/apigate/policies/transform/jsonsplice.py",
     "src/apigate/state/calls.py",
 ]
-COMPILED_BY_CYTHON = ["src/apigate/engine/heads.py"]
+COMPILED_BY_CYTHON = ["src/apigate/engine/heads.py", "src/apigate/observe/accesslog/render.py"]
 
 
 def compile_with_mypyc() -> list:
@@ -71,8 +72,8 @@ def compile_with_cython() -> list:
         from Cython.Build import cythonize
 
         return cythonize(COMPILED_BY_CYTHON, compiler_directives={"language_level": 3}, quiet=True)
-    except (ImportError, Exception) as exc:  # llhttp then reads every head
-        print(f"apigate: the head reader stays Python ({type(exc).__name__}: {exc})", file=sys.stderr)
+    except (ImportError, Exception) as exc:  # llhttp then reads every head, Python makes log lines
+        print(f"apigate: the head reader and the log lines stay Python ({type(exc).__name__}: {exc})", file=sys.stderr)
         return []
 
 

@@ -33,6 +33,7 @@ from apigate.observe.accesslog import AccessLog, writer
 from apigate.observe.accesslog.hotpath import LineBuffer
 from apigate.observe.accesslog.lines import REDACTED, LineMaker
 from apigate.observe.accesslog.pipe import WAIT_RESPAWN, LogPipe
+from apigate.observe.accesslog.render import RECORD_SIZE
 from apigate.observe.accesslog.writer import Destination, Sink
 from tests.support.errors_helpers import ClosedPort, Response, request, wait_until
 from tests.support.exchanges import request_exchange
@@ -340,7 +341,7 @@ def test_the_backlog_stays_bounded_and_drops_are_counted_while_the_output_blocks
         pipe.start()
         began = time.monotonic()
         for _ in range(5000):
-            pipe.lines.put(line)
+            pipe.lines.put(premade(line))
             pipe.flush()
             assert pipe.backlog_lines <= 100
         assert time.monotonic() - began < 2.0  # put and flush never wait for the output
@@ -367,7 +368,7 @@ def test_a_failing_output_loses_lines_counted_and_keeps_its_error(run: Any) -> N
         pipe = LogPipe(Destination("/dev/full"), buffer=1000, flush_interval=0.01)
         pipe.start()
         for _ in range(10):
-            pipe.lines.put('{"a":1}\n')
+            pipe.lines.put(premade('{"a":1}\n'))
         pipe.flush()
         await async_wait_until(lambda: (pipe.flush(), pipe.lost)[1] == 10)
         assert pipe.error is not None and os.strerror(errno.ENOSPC) in pipe.error
@@ -385,7 +386,7 @@ def test_stop_writes_what_is_buffered(tmp_path: Path, run: Any) -> None:
         pipe = LogPipe(Destination(str(path)), buffer=10_000, flush_interval=60.0)
         pipe.start()
         for i in range(500):
-            pipe.lines.put(f'{{"n":{i}}}\n')
+            pipe.lines.put(premade(f'{{"n":{i}}}\n'))
         assert await pipe.stop(5.0) == 0
         return pipe
 
@@ -400,7 +401,7 @@ def test_a_killed_writing_process_is_replaced_and_its_lines_counted(tmp_path: Pa
     async def scenario() -> LogPipe:
         pipe = LogPipe(Destination(str(path)), buffer=10_000, flush_interval=60.0)
         pipe.start()
-        pipe.lines.put('{"n":1}\n')
+        pipe.lines.put(premade('{"n":1}\n'))
         pipe.flush()
         await async_wait_until(lambda: (pipe.flush(), pipe.written)[1] == 1)
         first = pipe.process
@@ -408,7 +409,7 @@ def test_a_killed_writing_process_is_replaced_and_its_lines_counted(tmp_path: Pa
         first.child.kill()
         await asyncio.to_thread(first.child.wait)
         await asyncio.sleep(WAIT_RESPAWN)  # (a process that ended is replaced at most once a second)
-        pipe.lines.put('{"n":2}\n')
+        pipe.lines.put(premade('{"n":2}\n'))
         pipe.flush()
         await async_wait_until(lambda: (pipe.flush(), pipe.written)[1] == 2)
         assert pipe.process is not first
@@ -612,7 +613,7 @@ def test_batches_cut_by_a_full_pipe_reach_the_same_writing_process_whole(tmp_pat
         pipe.start()
         cut = False
         for line in lines:  # the writing process waits for a reader: the pipe fills, batches wait
-            pipe.lines.put(line)
+            pipe.lines.put(premade(line))
             cut = cut or bool(pipe.partial)
         pipe.flush()
         assert cut and pipe.backlog_lines > 0 and pipe.overflowed == 0
@@ -676,7 +677,29 @@ def config_of(**access_log: Any) -> Any:
 
 def into(lines: list[str]) -> LineBuffer:
     """A buffer that hands each line to ``lines`` at once."""
-    return LineBuffer(1, lines.extend)
+    return LineBuffer(1, lambda data, _count: lines.extend(data.decode().splitlines(keepends=True)))
+
+
+def premade(line: str) -> tuple[Any, ...]:
+    """A record whose line is ``line`` (its ``choose`` gives it): the pipe's tests send lines of
+    their own sizes and contents."""
+    values: list[Any] = [None] * RECORD_SIZE
+    values[:13] = (
+        False,
+        lambda _whole: line.encode(),
+        time.monotonic(),
+        0,
+        b"r",
+        b"r",
+        "ip",
+        "GET",
+        "/",
+        200,
+        0,
+        0,
+        1,
+    )
+    return tuple(values)
 
 
 def finished(

@@ -111,14 +111,12 @@ def millis(seconds: float) -> float:
 def one_line(exchange: Any, **access_log: Any) -> dict[str, Any]:
     """The line a LineMaker with ``access_log`` settings writes for ``exchange``, parsed."""
     config = load_config(text=orjson.dumps({"access_log": access_log}).decode()).access_log
-    lines: list[str] = []
-    LineMaker(config, LineBuffer(1, lines.extend))(exchange)
-    assert len(lines) == 1
-    line = lines[0]
+    sent: list[bytes] = []
+    LineMaker(config, LineBuffer(1, lambda data, count: sent.append(data)))(exchange)
+    [line] = sent
     # One line: a newline inside a value would let a request forge lines of its own.
-    assert line.endswith("\n") and line.count("\n") == 1 and "\r" not in line
-    sent = line.encode("utf-8")  # strict, as the pipe sends a batch: no lone surrogate is left
-    parsed: dict[str, Any] = json.loads(sent.decode("utf-8"))  # valid JSON
+    assert line.endswith(b"\n") and line.count(b"\n") == 1 and b"\r" not in line
+    parsed: dict[str, Any] = json.loads(line.decode("utf-8"))  # valid JSON and UTF-8 (strict)
     return parsed
 
 

@@ -116,7 +116,11 @@ def test_compiled_head_reader_agrees_with_llhttp() -> None:
 def test_compiled_policy_hot_paths_pass_the_policy_tests() -> None:
     """The compiled hot paths of headers and transform, cors, security-headers, jwt, key-auth, the
     limits (hybrid counters too), quotas, compression and the cache answer as their sources do."""
-    env = {**os.environ, "PYTHONPATH": f"{compiled_build()}{os.pathsep}{ROOT}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{compiled_build()}{os.pathsep}{ROOT}",
+        "APIGATE_EXPECT_COMPILED": "1",
+    }
     where = "import apigate.policies.jwt.hotpath as m; print(m.__file__)"
     compiled = subprocess.run([sys.executable, "-c", where], env=env, capture_output=True, text=True)
     assert compiled.stdout.strip().endswith(".so"), compiled.stdout + compiled.stderr[-3000:]
@@ -151,8 +155,10 @@ def test_compiled_policy_hot_paths_pass_the_policy_tests() -> None:
         # Responses replaced by a response hook, and copies of a request sent for no client.
         "tests/test_response_replace.py",
         "tests/test_policy_compression.py",
-        # The access log's lines made by its compiled hook: any value, escaped or kept as it is.
+        # The access log's records read by its compiled hook and their lines made in C: any value,
+        # escaped or kept as it is, the same bytes as the Python reference.
         "tests/test_access_log_lines.py",
+        "tests/test_access_log_render.py",
         # The cache: fresh hits answered by its compiled hooks (hotpath.py), answers made from the
         # store (304 and 204 without a length), its body filter, and the access log's field.
         "tests/test_policy_cache.py",

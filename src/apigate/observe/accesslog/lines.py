@@ -1,8 +1,8 @@
 """An exchange as one JSON line: the fields, the sampling of successes, and what is never written.
 
-The settings and the redaction rules live here; the per-request work (reading the exchange,
-filling the line's dict, ``orjson.dumps``, handing the line to the writer's buffer) is
-hotpath.py's, compiled.
+The settings and the redaction rules live here; the per-request work (reading the exchange into a
+record for the writer's buffer) is hotpath.py's, compiled, and the lines are made from the
+records a batch at a time (render.py).
 Credentials never reach a line: no header is written unless listed, and a listed header named
 like a secret is redacted; the query is dropped unless kept, and then the values of parameters
 named like a secret (or shaped like a JWT) are redacted; so is a JWT in the path.
@@ -19,7 +19,7 @@ from urllib.parse import unquote_to_bytes
 import orjson
 
 from apigate.config.accesslog import CREDENTIAL_HEADERS, FIELDS, SECRET_NAME_PARTS, AccessLogConfig
-from apigate.observe.accesslog.hotpath import LineBuffer, Lines
+from apigate.observe.accesslog.hotpath import LineBuffer, Lines, lines_of
 
 if TYPE_CHECKING:
     from apigate.engine.exchange import Exchange
@@ -50,6 +50,7 @@ class LineMaker:
         self.sample = config.sample
         self.keep_query = config.query == "keep"
         self.headers = config.headers
+        self.fields = config.fields
         self.name_parts = (*SECRET_NAME_PARTS, *config.redact_params)
         self.exact_params = frozenset(name.lower() for name in secret_params)
         exact_headers = (
@@ -65,7 +66,7 @@ class LineMaker:
             buffer,
             self.sample,
             chance,
-            None if config.fields == FIELDS else config.fields,
+            None if config.fields == FIELDS else self.choose,
             self.keep_query,
             self.redact_query,
             _redact_path,
@@ -79,8 +80,17 @@ class LineMaker:
 
     def record(self, exchange: Exchange) -> dict[str, Any]:
         """The line's fields, in their order."""
-        record: dict[str, Any] = orjson.loads(self.lines.line(exchange))
+        record: dict[str, Any] = orjson.loads(lines_of([self.lines.record(exchange)]))
         return record
+
+    def choose(self, line: bytes) -> bytes:
+        """The line of the chosen fields, in their order, from the line of all of them (a choice
+        of fields is rarer than the default and may cost more; one way of making lines)."""
+        whole = orjson.loads(line)
+        chosen = {name: whole[name] for name in self.fields if name in whole}
+        if self.headers:
+            chosen["headers"] = whole["headers"]
+        return orjson.dumps(chosen, option=orjson.OPT_APPEND_NEWLINE)
 
     def request_headers(self, headers: list[tuple[bytes, bytes]]) -> dict[str, str | None]:
         """The listed request headers (first value each), credentials redacted."""

@@ -85,7 +85,7 @@ class LogPipe:
     @property
     def unwritten(self) -> int:
         """Lines handed over and not yet written or lost."""
-        waiting = len(self.lines.lines) + self.backlog_lines
+        waiting = len(self.lines) + self.backlog_lines
         return waiting + sum(process.in_flight for process in self._processes())
 
     def start(self) -> None:
@@ -102,9 +102,9 @@ class LogPipe:
             self.ended_written += process.written
             self.ended_lost += process.lost + process.in_flight
             self.retired.remove(process)
-        lines = self.lines.take()
-        if lines or self.backlog or self.partial:
-            self._send(lines)
+        lines, count = self.lines.take()
+        if count or self.backlog or self.partial:
+            self._send(lines, count)
 
     async def stop(self, timeout: float) -> int:
         """Send what is left and wait up to ``timeout`` for the writing processes to write it and
@@ -131,17 +131,17 @@ class LogPipe:
         return self.process is not None and self.process.running()
 
     # -- the pipe ---------------------------------------------------------------------------------
-    def _send(self, lines: list[str]) -> None:
-        """Queue ``lines`` as one batch after what is waiting (up to ``limit`` lines wait, or one
-        batch whatever its size; the rest are dropped and counted) and write what the pipe has room
-        for."""
+    def _send(self, lines: bytes, count: int) -> None:
+        """Queue ``lines`` (``count`` of them) as one batch after what is waiting (up to ``limit``
+        lines wait, or one batch whatever its size; the rest are dropped and counted) and write
+        what the pipe has room for."""
         if self.backlog and self._running():
             self._drain()  # (the pipe may have room that the loop has not been told of yet)
-        if self.backlog and self.backlog_lines + len(lines) > self.limit:
-            self.overflowed += len(lines)
-        elif lines:
-            self.backlog.append(("".join(lines).encode(), len(lines)))
-            self.backlog_lines += len(lines)
+        if self.backlog and self.backlog_lines + count > self.limit:
+            self.overflowed += count
+        elif count:
+            self.backlog.append((lines, count))
+            self.backlog_lines += count
         if not self.started:
             return
         if not self._running():
