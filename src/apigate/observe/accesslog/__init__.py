@@ -1,8 +1,9 @@
 """The access log: one JSON line per finished exchange (``access_log:`` in the config).
 
 ``AccessLog`` is the Observer: ``apply`` gives the engine a ``LineMaker`` (lines.py) for the
-config, whose compiled hook (hotpath.py) puts each line in the ``LogPipe``'s buffer (pipe.py);
-batches go through a pipe to a writing process (writer.py) that writes them. The pipe outlives
+config, whose compiled hook (hotpath.py) puts each exchange's record in the ``LogPipe``'s buffer
+(pipe.py); a batch's lines are made in one call (render.py) and go through a pipe to a writing
+process (writer.py) that writes them. The pipe outlives
 reloads; a reload to another output starts another writing process. ``dropped`` and
 ``written`` count lines since the worker started; while lines are being dropped, a warning says
 how many, at most every ``WARN_EVERY`` seconds.
