@@ -147,8 +147,11 @@ def cli(env: Env, *args: str) -> Any:
     return apigate_json(env.cwd, env.store_url, *args)
 
 
-def all_workers(env: Env, key: str, status: int, tries: int = 8) -> bool:
-    """``tries`` requests on new connections (spread over both workers) all answer ``status``."""
+def all_workers(env: Env, key: str, status: int, tries: int = 32) -> bool:
+    """``tries`` requests on new connections all answer ``status``. The kernel spreads new
+    connections over the two workers by a hash: 8 tries all went to one worker once in ~128
+    runs (and the other, not yet told of the key, failed the next request); 32 leave that at
+    one in ~2 billion."""
     return all(call(env, key=key).status == status for _ in range(tries))
 
 
