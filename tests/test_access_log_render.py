@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from apigate.config.accesslog import FIELDS
 from apigate.observe.accesslog import render as render_module
-from apigate.observe.accesslog.hotpath import json_text
+from apigate.observe.accesslog.hotpath import UNPRINTABLE, json_text
 from apigate.observe.accesslog.render import RECORD_SIZE, render, render_in_python
 
 TEXT = st.text(max_size=30)
@@ -153,3 +153,20 @@ def test_chosen_fields_are_made_by_the_records_choose() -> None:
 def test_a_record_that_is_not_one_is_refused(broken: Any) -> None:
     with pytest.raises((TypeError, ValueError)):
         render([broken], OFFSET, json_text)
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+def test_a_value_without_text_costs_its_field_not_the_batch() -> None:
+    good = (False, None, NOW, 0, b"r", b"r", "ip", "GET", "/", 200, 0, 0, 1, *[None] * 12)
+    bad = (*good[:16], Unprintable(), *good[17:])  # a plugin's consumer that cannot be printed
+    deep: list[Any] = []
+    for _ in range(100_000):
+        deep = [deep]
+    deeper = (*good[:22], deep, *good[23:])  # tried, nested past the recursion limit
+    lines = [json.loads(line) for line in render([good, bad, deeper, good], OFFSET, json_text).splitlines()]
+    assert len(lines) == 4 and lines[0] == {**lines[3], "time": lines[0]["time"]}
+    assert lines[1]["consumer"] == lines[2]["tried"] == json.loads(UNPRINTABLE)

@@ -22,6 +22,7 @@ from apigate.engine.plan import Target
 from apigate.observe.accesslog.render import render
 
 _MOST_ADDRESSES: Final = 4096
+UNPRINTABLE: Final = b'"[unprintable]"'  # a value that has no JSON text
 
 
 class LineBuffer:
@@ -178,8 +179,12 @@ class Lines:
 
 
 def json_text(value: object) -> bytes:
-    """Any value as JSON text (a plugin's value of another type as its text, not an error)."""
+    """Any value as JSON text (a plugin's value of another type as its text, not an error). It
+    never raises: the lines of a batch are made together, and one value must not lose them all."""
     try:
         return orjson.dumps(value, default=str)
     except orjson.JSONEncodeError:  # a lone surrogate (from a JWT claim): escaped, not refused
-        return json.dumps(value, default=str).encode()
+        try:
+            return json.dumps(value, default=str).encode()
+        except Exception:  # a plugin's value whose str() fails, or nested past the recursion limit
+            return UNPRINTABLE
